@@ -1,0 +1,47 @@
+# sdserve: `make run` (install, start, generate one image, stop) and `make test`.
+# Everything lives in .venv/ at the repo root.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU machines pin torch to a CPU wheel; machines with an NVIDIA driver take pyproject's range.
+CONSTRAINTS ?= $(if $(shell command -v nvidia-smi),,constraints-cpu.txt)
+PROMPT ?= a red circle on a blue background
+OUT    ?= out/sdserve.png
+GRPC_PORT ?= 9000
+
+.PHONY: install run serve test lint protos clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(BIN)/.installed  ## create .venv and install sdserve with its dev tools
+
+$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "python venv support is missing; installing Debian's python3-venv"; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
+	@touch $@
+
+run: install  ## start the services, generate one image into $(OUT), stop the services
+	@PROMPT='$(PROMPT)' OUT='$(OUT)' GRPC_PORT='$(GRPC_PORT)' BIN='$(BIN)' bash deploy/run-local.sh
+
+serve: install  ## run `sdserve serve` in the foreground (Ctrl-C stops it)
+	$(BIN)/sdserve serve --grpc-port $(GRPC_PORT)
+
+test: install  ## lint, then run every test (starts its own Ray on free ports)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+protos: install  ## regenerate services/sdserve/v1 from protos/
+	$(BIN)/python protos/generate.py
+
+clean:  ## remove .venv and outputs
+	rm -rf $(VENV) out .pytest_cache

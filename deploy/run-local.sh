@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# `make run`: start `sdserve serve` on the default model, generate one image, stop cleanly.
+set -euo pipefail
+BIN=${BIN:-.venv/bin}
+GRPC_PORT=${GRPC_PORT:-9000}
+PROMPT=${PROMPT:-a red circle on a blue background}
+OUT=${OUT:-out/sdserve.png}
+LOG=${LOG:-out/sdserve-serve.log}
+mkdir -p "$(dirname "$OUT")" "$(dirname "$LOG")"
+
+echo "==> starting sdserve (log: $LOG); the first start creates the default model"
+"$BIN/sdserve" serve --grpc-port "$GRPC_PORT" >"$LOG" 2>&1 &
+server=$!
+stop() {
+  if kill -0 "$server" 2>/dev/null; then
+    echo "==> stopping sdserve"
+    kill -INT "$server"
+    wait "$server" || true
+  fi
+}
+trap stop EXIT
+
+for _ in $(seq 1 600); do
+  grep -q "sdserve is serving" "$LOG" && break
+  if ! kill -0 "$server" 2>/dev/null; then
+    echo "sdserve serve exited before it was ready; the end of $LOG:" >&2
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+grep -q "sdserve is serving" "$LOG" || { echo "sdserve did not start in 5 minutes" >&2; exit 1; }
+
+echo "==> generating: $PROMPT"
+"$BIN/sdserve" generate "$PROMPT" --server "127.0.0.1:$GRPC_PORT" -o "$OUT"
+echo "==> your image is at $(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")"

@@ -1,0 +1,190 @@
+"""The `sdserve` command: serve | generate | make-tiny-model.
+
+`generate` imports only grpc and the generated messages, so it starts fast; it does no
+validation of its own: what the server answers is what the user sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+EXIT_RPC_ERROR = 2
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from sdserve.config import load_config
+    from sdserve.server import serve_forever
+
+    config = load_config(
+        args.config,
+        overrides={
+            ("model", "path"): args.model,
+            ("server", "grpc_port"): args.grpc_port,
+            ("server", "http_port"): args.http_port,
+            ("server", "ray_address"): args.address,
+            ("server", "host"): args.host,
+        },
+    )
+    serve_forever(config)
+    return 0
+
+
+def _output_paths(output: str | None, seeds: list[int]) -> list[Path]:
+    if output is None:
+        return [Path(f"sdserve-{seed}.png") for seed in seeds]
+    path = Path(output)
+    if len(seeds) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(seeds))]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    request = diffusion_pb2.GenerateRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler or "",
+    )
+    for field in ("width", "height", "steps", "seed", "num_images"):
+        if getattr(args, field) is not None:
+            setattr(request, field, getattr(args, field))
+    if args.guidance is not None:
+        request.guidance_scale = args.guidance
+
+    started = time.perf_counter()
+    with grpc.insecure_channel(args.server) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        try:
+            reply = stub.Generate(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_RPC_ERROR
+    elapsed = time.perf_counter() - started
+
+    paths = _output_paths(args.output, [image.seed for image in reply.images])
+    for image, path in zip(reply.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.png)
+        print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+    p, t = reply.parameters, reply.timings
+    print(
+        f"{p.steps} steps of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
+        f"(text {t.text_encoder_s:.2f}s, denoise {t.denoiser_s:.2f}s, vae {t.vae_decoder_s:.2f}s)"
+    )
+    return 0
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from sdserve.pipeline.tiny import make_tiny_model
+
+    started = time.perf_counter()
+    out = make_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote a tiny random-weight model to {out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdserve",
+        description="Stable Diffusion as Ray Serve microservices behind a gRPC API.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="start Ray and the sdserve application, serve until Ctrl-C",
+        description="Start (or join) a Ray cluster, deploy the TextEncoder, Denoiser, VaeDecoder "
+        "and Pipeline deployments, and serve DiffusionService over gRPC until SIGINT/SIGTERM.",
+    )
+    serve.add_argument(
+        "--model",
+        metavar="DIR",
+        help="diffusers-format model folder "
+        "(default: the built-in model, created in the cache on first use)",
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, metavar="PORT", help="public gRPC port (default 9000)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="port of Serve's HTTP proxy, unused by sdserve (default 8000)",
+    )
+    serve.add_argument("--host", help="address of the local Ray node (default 127.0.0.1)")
+    serve.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join an existing Ray cluster (ray://HOST:10001 or auto) instead of "
+        "starting a local one",
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="YAML config file (see deploy/sdserve.yaml)"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate images through a running server",
+        description="Call DiffusionService.Generate and write the images as PNGs. Unset options "
+        "take the server's defaults. On a gRPC error, print CODE: message and exit with 2.",
+    )
+    gen.add_argument("prompt", help="what the image should show")
+    gen.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)")
+    gen.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="PNG to write; with several images, FILE-0.png, FILE-1.png, ... "
+        "(default: sdserve-SEED.png)",
+    )
+    gen.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to avoid")
+    gen.add_argument("--seed", type=int, help="seed of the first image (default: random)")
+    gen.add_argument("--steps", type=int, help="denoising steps")
+    gen.add_argument(
+        "--scheduler", metavar="NAME", help="ddpm, ddim, pndm, euler, euler_ancestral or dpmpp_2m"
+    )
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale")
+    gen.add_argument("--num-images", type=int, metavar="K", help="images to generate (default 1)")
+    gen.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="RPC deadline in seconds (default %(default)s)",
+    )
+    gen.set_defaults(func=_cmd_generate)
+
+    tiny = sub.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-weight model (for tests)",
+        description="Write a tiny random-weight Stable Diffusion in the diffusers folder layout. "
+        "The same seed gives the same weights.",
+    )
+    tiny.add_argument("dir", help="folder to create (must not exist, or be empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default %(default)s)")
+    tiny.set_defaults(func=_cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

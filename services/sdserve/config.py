@@ -1,0 +1,206 @@
+"""The one configuration tree of sdserve, and the only module that reads environment variables.
+
+A config comes from, in order of precedence: command-line flags, a YAML file (`--config`), the
+environment variables listed in `ENV_VARS`, then the defaults below. Every deployment receives the
+whole tree as a plain dict (`SdserveConfig.model_dump()`) and validates it again on its side.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
+"""Sampler names the API accepts (see sdserve.pipeline.schedulers)."""
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sdserve"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: str | None = None
+    """A diffusers-format model folder. None: the built-in default model, created on first use
+    in `cache_dir`."""
+
+    cache_dir: str = Field(default_factory=lambda: str(_default_cache_dir()))
+    """Where the built-in default model is written."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weights' dtype. auto: float16 on CUDA, float32 on CPU."""
+
+
+class LimitsConfig(_Strict):
+    """Bounds that requests are validated against (INVALID_ARGUMENT when out of bounds)."""
+
+    max_prompt_chars: int = Field(1000, ge=1)
+    """Longest prompt or negative prompt, in characters."""
+
+    min_size: int = Field(8, ge=8)
+    """Smallest width or height, in pixels."""
+
+    max_size: int = Field(2048, ge=8)
+    """Largest width or height, in pixels."""
+
+    max_pixels: int = Field(1024 * 1024, ge=64)
+    """Largest width * height."""
+
+    max_steps: int = Field(150, ge=1)
+    """Most denoising steps per request."""
+
+    max_num_images: int = Field(8, ge=1)
+    """Most images per request."""
+
+
+class DefaultsConfig(_Strict):
+    """Values used for request fields the client leaves unset."""
+
+    steps: int = Field(25, ge=1)
+    """Denoising steps."""
+
+    guidance_scale: float = Field(7.5, ge=0)
+    """Classifier-free guidance scale."""
+
+    scheduler: Literal[SCHEDULER_NAMES] = "dpmpp_2m"  # type: ignore[valid-type]
+    """Sampler."""
+
+
+class StageConfig(_Strict):
+    """Placement and scale of one Ray Serve deployment."""
+
+    num_replicas: int = Field(1, ge=1)
+    """Replicas of this deployment."""
+
+    num_cpus: float = Field(0.0, ge=0)
+    """Logical CPUs reserved per replica."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs (fractions allowed) reserved per replica. Set it on GPU clusters, leave 0 on CPU."""
+
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica, e.g. {"gpu_node": 0.01} to pin a stage to a node type."""
+
+    max_ongoing_requests: int = Field(16, ge=1)
+    """Requests one replica accepts at once before Serve queues them at the caller."""
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        """The `ray_actor_options` of this stage's deployment."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+class StagesConfig(_Strict):
+    """One entry per deployment."""
+
+    ingress: StageConfig = StageConfig(num_replicas=1, max_ongoing_requests=256)
+    """The `Pipeline` deployment that serves DiffusionService and orchestrates the stages."""
+
+    text_encoder: StageConfig = StageConfig()
+    """The `TextEncoder` deployment (tokenizer + CLIP)."""
+
+    denoiser: StageConfig = StageConfig(num_cpus=1.0)
+    """The `Denoiser` deployment (U-Net and the denoising loop)."""
+
+    vae_decoder: StageConfig = StageConfig()
+    """The `VaeDecoder` deployment (VAE decoder + PNG encoding)."""
+
+
+class ServerConfig(_Strict):
+    """The Ray cluster and the public endpoint."""
+
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    """Port of Ray Serve's gRPC proxy, which serves DiffusionService."""
+
+    http_port: int = Field(8000, ge=0, le=65535)
+    """Port of Serve's HTTP proxy. sdserve serves nothing over HTTP, but Serve always starts one."""
+
+    host: str = "127.0.0.1"
+    """Address the local Ray node binds to (`sdserve serve` without `--address`)."""
+
+    ray_address: str | None = None
+    """An existing Ray cluster to join (`ray://host:10001` or `auto`). None: start a local one."""
+
+    stage_transport: Literal["grpc", "actor"] = "grpc"
+    """How the ingress calls the stages: Ray Serve's gRPC transport (`_by_reference=False`,
+    faster for tensors, see DESIGN.md) or Ray actor calls."""
+
+    app_name: str = "sdserve"
+    """Name of the Serve application."""
+
+
+class SdserveConfig(_Strict):
+    """The whole configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SdserveConfig:
+        if self.limits.min_size > self.limits.max_size:
+            raise ValueError("limits.min_size is larger than limits.max_size")
+        if self.defaults.steps > self.limits.max_steps:
+            raise ValueError("defaults.steps is larger than limits.max_steps")
+        return self
+
+
+ENV_VARS = {
+    "SDSERVE_MODEL": ("model", "path"),
+    "SDSERVE_CACHE_DIR": ("model", "cache_dir"),
+    "SDSERVE_DEVICE": ("model", "device"),
+    "SDSERVE_GRPC_PORT": ("server", "grpc_port"),
+    "SDSERVE_HTTP_PORT": ("server", "http_port"),
+    "SDSERVE_RAY_ADDRESS": ("server", "ray_address"),
+    "SDSERVE_STAGE_TRANSPORT": ("server", "stage_transport"),
+}
+"""Environment variables and the config field each one sets."""
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None,
+    overrides: dict[tuple[str, ...], Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> SdserveConfig:
+    """Builds the config from a YAML file, the environment and explicit overrides.
+
+    Args:
+        file: a YAML file holding (part of) the tree, or None.
+        overrides: {("server", "grpc_port"): 9001, ...}; None values are ignored, so unset CLI
+            flags can be passed as they are.
+        environ: the environment to read (default: os.environ).
+    """
+    tree: dict[str, Any] = {}
+    if file is not None:
+        tree = yaml.safe_load(Path(file).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{file}: expected a mapping at the top level")
+    environ = os.environ if environ is None else environ
+    for name, path in ENV_VARS.items():
+        if environ.get(name):
+            _set(tree, path, environ[name])
+    for path, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, path, value)
+    return SdserveConfig.model_validate(tree)

@@ -1,0 +1,50 @@
+"""The application graph, built in one place.
+
+    gRPC client -> Serve gRPC proxy -> Pipeline -> TextEncoder, Denoiser, VaeDecoder
+
+`build_app(config)` is what `sdserve serve` runs. `app_builder` is the import path for Ray's own
+tools: `serve run deploy/serve_config.yaml` / `serve deploy` pass the config tree as `args`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from sdserve.config import SdserveConfig, StageConfig
+from sdserve.deployments.denoiser import DenoiserDeployment
+from sdserve.deployments.ingress import PipelineIngress
+from sdserve.deployments.text_encoder import TextEncoderDeployment
+from sdserve.deployments.vae_decoder import VaeDecoderDeployment
+
+GRPC_SERVICER_FUNCTIONS = [
+    "sdserve.v1.diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+"""What Serve's gRPC proxy must register (`grpc_options.grpc_servicer_functions`)."""
+
+
+def _options(stage: StageConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": stage.num_replicas,
+        "ray_actor_options": stage.ray_actor_options(),
+        "max_ongoing_requests": stage.max_ongoing_requests,
+    }
+
+
+def build_app(config: SdserveConfig) -> Application:
+    """Binds the four deployments with their per-stage placement from `config.stages`."""
+    tree = config.model_dump()
+    stages = config.stages
+    text_encoder = TextEncoderDeployment.options(**_options(stages.text_encoder)).bind(tree)
+    denoiser = DenoiserDeployment.options(**_options(stages.denoiser)).bind(tree)
+    vae_decoder = VaeDecoderDeployment.options(**_options(stages.vae_decoder)).bind(tree)
+    return PipelineIngress.options(**_options(stages.ingress)).bind(
+        text_encoder, denoiser, vae_decoder, tree
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / `serve deploy`: `args` is (part of) the config tree."""
+    return build_app(SdserveConfig.model_validate(args or {}))

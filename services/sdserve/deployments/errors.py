@@ -1,0 +1,58 @@
+"""The one error interceptor: exceptions -> gRPC status codes.
+
+Ray Serve's gRPC proxy takes no server interceptors, so every public RPC method of the ingress
+is wrapped with `@grpc_errors(ResponseType)`. It sets the status on Serve's `grpc_context` and
+returns an empty response, which the proxy turns into the client's error status.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from sdserve.errors import SdserveError
+
+logger = logging.getLogger(__name__)
+
+
+def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message a client sees for `exc`."""
+    if isinstance(exc, SdserveError):
+        return grpc.StatusCode[exc.code], str(exc)
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is at capacity; retry later"
+    if isinstance(exc, DeploymentUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, f"a stage is unavailable: {exc}"
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error ({type(exc).__name__}); look for request {request_id} in the server logs",
+    )
+
+
+def grpc_errors(response_type: type) -> Callable:
+    """Decorates an async RPC method `(self, request, grpc_context)` of the ingress."""
+
+    def decorate(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+        @functools.wraps(method)
+        async def wrapper(self, request, grpc_context):
+            try:
+                return await method(self, request, grpc_context)
+            except Exception as exc:  # every error becomes a status; the server keeps serving
+                request_id = getattr(self, "current_request_id", lambda: "")()
+                code, message = status_for(exc, request_id)
+                if code == grpc.StatusCode.INTERNAL:
+                    logger.exception("request %s failed", request_id)
+                else:
+                    logger.info("request %s: %s %s", request_id, code.name, message)
+                grpc_context.set_code(code)
+                grpc_context.set_details(message)
+                return response_type()
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,150 @@
+"""The Pipeline deployment: serves DiffusionService (and grpc.health.v1.Health) through Ray
+Serve's gRPC proxy, validates requests and runs text encoder -> denoiser -> VAE decoder.
+
+It never touches a tensor: embeddings and latents pass through it as serialized stage messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from sdserve.config import SdserveConfig
+from sdserve.deployments.errors import grpc_errors
+from sdserve.errors import NotFound
+from sdserve.types import GenerateParams
+from sdserve.v1 import diffusion_pb2, stages_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
+
+
+@serve.deployment(name="Pipeline")
+class PipelineIngress:
+    def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        denoiser: DeploymentHandle,
+        vae_decoder: DeploymentHandle,
+        config: dict,
+    ):
+        self.config = SdserveConfig.model_validate(config)
+        # _by_reference=False: Serve's gRPC transport, straight to the replica (see DESIGN.md).
+        by_reference = self.config.server.stage_transport == "actor"
+        self._text = text_encoder.options(_by_reference=by_reference)
+        self._denoiser = denoiser.options(_by_reference=by_reference)
+        self._vae = vae_decoder.options(_by_reference=by_reference)
+        self._info: stages_pb2.DenoiserInfo | None = None
+        self._model_name = self.config.model.path or "sdserve-default"
+
+    def current_request_id(self) -> str:
+        """Serve's id of the request being handled; it is in Serve's access logs too."""
+        try:
+            return serve.context._get_serve_request_context().request_id or ""
+        except Exception:  # outside a request
+            return ""
+
+    async def _denoiser_info(self) -> stages_pb2.DenoiserInfo:
+        if self._info is None:
+            reply = await self._denoiser.Info.remote(b"")
+            self._info = stages_pb2.DenoiserInfo.FromString(reply)
+        return self._info
+
+    @grpc_errors(diffusion_pb2.GenerateResponse)
+    async def Generate(
+        self, request: diffusion_pb2.GenerateRequest, grpc_context
+    ) -> diffusion_pb2.GenerateResponse:
+        """DiffusionService.Generate."""
+        started = time.perf_counter()
+        request_id = self.current_request_id() or uuid.uuid4().hex
+        info = await self._denoiser_info()
+        params = GenerateParams.from_pb(
+            request,
+            limits=self.config.limits,
+            defaults=self.config.defaults,
+            native_size=(info.native_width, info.native_height),
+        )
+        logger.info(
+            "request %s: %dx%d, %d steps of %s, guidance %g, %d image(s), seed %d",
+            request_id, params.width, params.height, params.steps, params.scheduler,
+            params.guidance_scale, params.num_images, params.seed,
+        )  # fmt: skip
+
+        # 1. Encode the prompt (and the negative prompt when guidance is on).
+        t = time.perf_counter()
+        encoded = stages_pb2.EncodeTextResponse.FromString(
+            await self._text.Encode.remote(
+                stages_pb2.EncodeTextRequest(
+                    request_id=request_id,
+                    prompt=params.prompt,
+                    negative_prompt=params.negative_prompt,
+                    with_uncond=params.guided,
+                ).SerializeToString()
+            )
+        )
+        text_s = time.perf_counter() - t
+
+        # 2. Denoise: the whole loop runs in one Denoiser call.
+        t = time.perf_counter()
+        denoise = stages_pb2.DenoiseRequest(
+            request_id=request_id,
+            cond=encoded.cond,
+            width=params.width,
+            height=params.height,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            scheduler=params.scheduler,
+            seeds=params.seeds,
+        )
+        if encoded.HasField("uncond"):
+            denoise.uncond.CopyFrom(encoded.uncond)
+        denoised = stages_pb2.DenoiseResponse.FromString(
+            await self._denoiser.Denoise.remote(denoise.SerializeToString())
+        )
+        denoise_s = time.perf_counter() - t
+
+        # 3. Decode the latents to PNGs, each carrying its generation parameters.
+        t = time.perf_counter()
+        decoded = stages_pb2.DecodeResponse.FromString(
+            await self._vae.Decode.remote(
+                stages_pb2.DecodeRequest(
+                    request_id=request_id,
+                    latents=denoised.latents,
+                    parameters=[params.png_parameters(s, self._model_name) for s in params.seeds],
+                ).SerializeToString()
+            )
+        )
+        vae_s = time.perf_counter() - t
+
+        total_s = time.perf_counter() - started
+        logger.info(
+            "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
+            request_id, total_s, text_s, denoise_s, vae_s,
+        )  # fmt: skip
+        return diffusion_pb2.GenerateResponse(
+            images=[
+                diffusion_pb2.Image(png=png, seed=seed, width=params.width, height=params.height)
+                for png, seed in zip(decoded.png, params.seeds, strict=True)
+            ],
+            timings=diffusion_pb2.StageTimings(
+                text_encoder_s=text_s, denoiser_s=denoise_s, vae_decoder_s=vae_s, total_s=total_s
+            ),
+            request_id=request_id,
+            parameters=params.resolved_pb(),
+        )
+
+    @grpc_errors(health_pb2.HealthCheckResponse)
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context
+    ) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1.Health/Check: SERVING once the Denoiser answers."""
+        if request.service not in ("", SERVICE_NAME):
+            raise NotFound(f"unknown service {request.service!r}")
+        await self._denoiser_info()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)

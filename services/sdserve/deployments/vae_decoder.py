@@ -1,0 +1,22 @@
+"""The VaeDecoder deployment: DecodeRequest -> DecodeResponse (PNGs)."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from sdserve.deployments._common import load_stage
+from sdserve.pipeline.vae import VaeDecoder
+from sdserve.types import tensor_from_pb
+from sdserve.v1 import stages_pb2
+
+
+@serve.deployment(name="VaeDecoder")
+class VaeDecoderDeployment:
+    def __init__(self, config: dict):
+        self.decoder = load_stage(VaeDecoder, config)
+
+    def Decode(self, request: bytes) -> bytes:
+        """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
+        req = stages_pb2.DecodeRequest.FromString(request)
+        pngs = self.decoder.decode_png(tensor_from_pb(req.latents), list(req.parameters))
+        return stages_pb2.DecodeResponse(png=pngs).SerializeToString()

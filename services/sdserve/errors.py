@@ -1,0 +1,48 @@
+"""Errors that reach clients. Each names the gRPC status code it maps to.
+
+Code anywhere below the edges raises these; the one error interceptor
+(`sdserve.deployments.grpc_errors`) turns them into gRPC statuses. This module imports no grpc,
+so the pipeline layer can raise them too.
+"""
+
+from __future__ import annotations
+
+
+class SdserveError(Exception):
+    """Base class. `code` is the name of a `grpc.StatusCode` member."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(SdserveError):
+    """A request field is invalid; the message starts with the field's name."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Unavailable(SdserveError):
+    """A dependency (a stage, Redis) cannot be reached right now; retrying may work."""
+
+    code = "UNAVAILABLE"
+
+
+class ResourceExhausted(SdserveError):
+    """A queue or quota is full."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class ModelFolderError(SdserveError, ValueError):
+    """A model folder is missing something a stage needs."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class NotFound(SdserveError):
+    """The named thing (a job, a health-checked service) does not exist."""
+
+    code = "NOT_FOUND"

@@ -1,0 +1,194 @@
+"""The denoiser stage: the U-Net and the denoising loop.
+
+The loop mirrors `StableDiffusionPipeline.__call__` in diffusers (phases 4-7), with one change of
+shape: every image is a `Sample` with its own scheduler instance, its own seeded CPU generator and
+its own guidance, and one U-Net forward (`unet_step`) covers all running samples, each at its own
+timestep. An image therefore does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from sdserve.pipeline import models
+from sdserve.pipeline.schedulers import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sample:
+    """One image being denoised.
+
+    Attributes:
+        cond: prompt embeddings, shape (1, seq_len, hidden).
+        uncond: negative-prompt embeddings of the same shape, or None without guidance.
+        guidance_scale: CFG scale; used only when `uncond` is set.
+        scheduler: this image's own scheduler instance, timesteps already set.
+        generator: this image's own CPU generator (initial noise, ancestral samplers' noise).
+        latents: shape (1, latent_channels, height // f, width // f).
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    guidance_scale: float
+    scheduler: object
+    generator: torch.Generator
+    latents: torch.Tensor
+    step_kwargs: dict = field(default_factory=dict)
+    index: int = 0
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+
+def make_sample(
+    *,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float,
+    scheduler_name: str,
+    scheduler_config: dict,
+    steps: int,
+    seed: int,
+    latent_shape: tuple[int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Sample:
+    """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
+    (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed."""
+    scheduler = make_scheduler(scheduler_name, scheduler_config)
+    scheduler.set_timesteps(steps, device=device)
+    generator = torch.Generator("cpu").manual_seed(seed % 2**64)
+    latents = randn_tensor((1, *latent_shape), generator=generator, device=device, dtype=dtype)
+    latents = latents * scheduler.init_noise_sigma
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    step_kwargs: dict = {}
+    if "eta" in accepted:
+        step_kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        step_kwargs["generator"] = generator
+    return Sample(
+        cond=cond,
+        uncond=uncond if guidance_scale > 1 else None,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        generator=generator,
+        latents=latents,
+        step_kwargs=step_kwargs,
+    )
+
+
+@torch.inference_mode()
+def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
+    """Advances every sample by one step with a single U-Net forward.
+
+    The batch is [uncond halves of the guided samples..., cond halves of all samples...], and the
+    timestep tensor has one entry per row, so samples at different steps share the forward.
+    All samples must have the same latent shape.
+    """
+    guided = [s for s in samples if s.uncond is not None]
+    t = [s.timesteps[s.index] for s in samples]
+    t_of = dict(zip(map(id, samples), t, strict=True))
+    scaled = {id(s): s.scheduler.scale_model_input(s.latents, t_of[id(s)]) for s in samples}
+
+    rows = guided + list(samples)
+    x = torch.cat([scaled[id(s)] for s in rows])
+    timesteps = torch.stack([t_of[id(s)].float() for s in rows]).to(x.device)
+    context = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
+    eps = unet(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+    eps_uncond = {id(s): eps[i : i + 1] for i, s in enumerate(guided)}
+    for i, sample in enumerate(samples):
+        eps_text = eps[len(guided) + i : len(guided) + i + 1]
+        noise_pred = eps_text
+        if sample.uncond is not None:
+            u = eps_uncond[id(sample)]
+            noise_pred = u + sample.guidance_scale * (eps_text - u)  # classifier-free guidance
+        sample.latents = sample.scheduler.step(
+            noise_pred, t_of[id(sample)], sample.latents, **sample.step_kwargs, return_dict=False
+        )[0]
+        sample.index += 1
+
+
+class Denoiser:
+    """Loads `unet/` and `scheduler/` (and reads `vae/config.json` for the latent scale)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+        root = models.check_model_dir(model_dir, ("unet", "scheduler"))
+        self.device = models.resolve_device(device)
+        self.dtype = models.resolve_dtype(dtype, self.device)
+        self.unet = models.load_unet(root, self.device, self.dtype)
+        self.scheduler_config = models.load_scheduler_config(root)
+        self.vae_scale_factor = models.vae_scale_factor(models.read_config(root, "vae"))
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        self.native_size = (w * self.vae_scale_factor, h * self.vae_scale_factor)
+        """(width, height) in pixels the model was trained at."""
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        return (self.unet.config.in_channels, height // f, width // f)
+
+    def denoise(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        scheduler: str,
+        seeds: Sequence[int],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Runs the whole denoising loop for one request.
+
+        Args:
+            cond: prompt embeddings, shape (1, seq_len, hidden).
+            uncond: negative-prompt embeddings, or None when guidance_scale <= 1.
+            seeds: one per image; image i starts from its own `Generator().manual_seed(seeds[i])`.
+            on_step: called with (steps done, steps in all) after every U-Net forward.
+
+        Returns:
+            Final latents, shape (len(seeds), latent_channels, height // f, width // f).
+        """
+        guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        cond = cond.to(self.device, self.dtype)
+        uncond = uncond.to(self.device, self.dtype) if (guided and uncond is not None) else None
+        if guided and uncond is None:
+            raise ValueError("guidance_scale > 1 needs the negative-prompt embeddings")
+        samples = [
+            make_sample(
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=guidance_scale,
+                scheduler_name=scheduler,
+                scheduler_config=self.scheduler_config,
+                steps=steps,
+                seed=seed,
+                latent_shape=self.latent_shape(width, height),
+                device=self.device,
+                dtype=self.dtype,
+            )
+            for seed in seeds
+        ]
+        total = len(samples[0].timesteps)
+        while not samples[0].done:
+            unet_step(self.unet, samples)
+            if on_step is not None:
+                on_step(samples[0].index, total)
+        return torch.cat([s.latents for s in samples])

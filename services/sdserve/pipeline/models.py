@@ -1,0 +1,159 @@
+"""Loading the parts of a diffusers-format Stable Diffusion folder, each on its own.
+
+The layout SD 1.x/2.x ship (and `sdserve make-tiny-model` writes):
+
+    model_index.json
+    tokenizer/      vocab.json + merges.txt (or tokenizer.json)
+    text_encoder/   config.json + model.safetensors
+    unet/           config.json + diffusion_pytorch_model.safetensors
+    vae/            config.json + diffusion_pytorch_model.safetensors
+    scheduler/      scheduler_config.json
+
+Each stage loads only its own part. Nothing is fetched from a hub: every loader gets a local path
+and `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdserve.errors import ModelFolderError
+
+PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # part -> alternatives, each a tuple of files that must all exist
+    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "text_encoder": (
+        ("config.json", "model.safetensors"),
+        ("config.json", "model.fp16.safetensors"),
+    ),
+    "unet": (
+        ("config.json", "diffusion_pytorch_model.safetensors"),
+        ("config.json", "diffusion_pytorch_model.fp16.safetensors"),
+    ),
+    "vae": (
+        ("config.json", "diffusion_pytorch_model.safetensors"),
+        ("config.json", "diffusion_pytorch_model.fp16.safetensors"),
+    ),
+    "scheduler": (("scheduler_config.json",),),
+}
+"""What each part of a model folder needs, as alternatives of file sets."""
+
+
+def check_model_dir(path: str | Path, parts: tuple[str, ...]) -> Path:
+    """Checks that `path` is a diffusers model folder holding `parts`; returns it resolved.
+
+    Raises:
+        ModelFolderError: naming the folder and every missing file.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder {root} does not exist or is not a folder")
+    missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+    for part in parts:
+        alternatives = PARTS[part]
+        if any(all((root / part / f).is_file() for f in files) for files in alternatives):
+            continue
+        first = alternatives[0]
+        missing += [f"{part}/{f}" for f in first if not (root / part / f).is_file()]
+    if missing:
+        raise ModelFolderError(
+            f"{root} is not a valid diffusers model folder: missing {', '.join(missing)}"
+        )
+    return root.resolve()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto: CUDA when this process sees a GPU, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: float16 on CUDA, float32 on CPU (fp16 matmuls on CPU are slow and inexact)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _variant(root: Path, part: str, weights: str) -> str | None:
+    """Loads the fp16 variant only when it is the only weights file present."""
+    if (root / part / weights).is_file():
+        return None
+    return "fp16"
+
+
+def load_tokenizer(root: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+
+
+def load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel.from_pretrained(
+        root / "text_encoder",
+        dtype=dtype,
+        local_files_only=True,
+        variant=_variant(root, "text_encoder", "model.safetensors"),
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_unet(root: Path, device: torch.device, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel.from_pretrained(
+        root / "unet",
+        torch_dtype=dtype,
+        local_files_only=True,
+        variant=_variant(root, "unet", "diffusion_pytorch_model.safetensors"),
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(root: Path, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL.from_pretrained(
+        root / "vae",
+        torch_dtype=dtype,
+        local_files_only=True,
+        variant=_variant(root, "vae", "diffusion_pytorch_model.safetensors"),
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler_config(root: Path) -> dict[str, Any]:
+    """The folder's scheduler config (the `scheduler/scheduler_config.json` mapping)."""
+    return json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+
+
+def vae_scale_factor(vae_config: dict[str, Any]) -> int:
+    """Pixels per latent cell along each side: 2 ** (number of VAE blocks - 1), 8 for SD."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def read_config(root: Path, part: str) -> dict[str, Any]:
+    """A part's config.json, without loading weights."""
+    path = root / part / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{root} is not a valid diffusers model folder: missing {part}/config.json"
+        )
+    return json.loads(path.read_text())
+
+
+def resolve_model_dir(path: str | None, cache_dir: str) -> Path:
+    """`path` when given; otherwise the built-in default model, created in `cache_dir` on first
+    use (deterministically, so every replica on every node gets the same weights)."""
+    if path:
+        return Path(path).expanduser()
+    from sdserve.pipeline.tiny import ensure_default_model
+
+    return ensure_default_model(cache_dir)

@@ -1,0 +1,169 @@
+"""A tiny random-weight Stable Diffusion in the SD 1.x folder layout.
+
+The parts have SD 1.5's architecture at a fraction of its width (see `TINY_*` below): a CLIP text
+encoder, a UNet2DConditionModel with cross-attention down/up blocks, an AutoencoderKL with four
+blocks (so latents are 8x smaller per side, as in SD), a CLIP BPE tokenizer and SD 1.5's PNDM
+scheduler config. `diffusers.StableDiffusionPipeline.from_pretrained(folder)` loads it. It makes
+noise, not pictures, but it exercises every code path in a few milliseconds per step on a CPU.
+The same seed gives byte-identical weight files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = "tiny-v1"
+"""Bump when the architecture below changes, so cached default models are rebuilt."""
+
+TINY_TEXT_ENCODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+)
+TINY_UNET = dict(
+    sample_size=8,  # 8x8 latents -> 64x64 pixels
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler",
+    _diffusers_version="0.6.0",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    clip_sample=False,
+    trained_betas=None,
+)
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """A CLIP BPE vocabulary of the 256 byte symbols (plain and word-final), used with no merges.
+
+    Every text tokenizes (one token per character), which is all a random-weight model needs.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def _write_tokenizer(out: Path) -> dict[str, int]:
+    from transformers import CLIPTokenizer
+
+    vocab = _byte_level_vocab()
+    # model_max_length: a hand-made CLIPTokenizer needs it given explicitly.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer.save_pretrained(out)
+    return {
+        "vocab_size": len(vocab),
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Writes the tiny model to `out_dir` (which must not exist yet, or be empty).
+
+    The folder is built in a temporary sibling and renamed into place, so concurrent callers
+    (several replicas creating the default model) never see a half-written folder.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        token_ids = _write_tokenizer(tmp / "tokenizer")
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer", local_files_only=True)
+
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER, **token_ids))
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(**TINY_VAE)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # SD 1.5's scheduler config verbatim (it carries keys PNDM ignores but DDIM reads).
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(SD15_SCHEDULER, indent=2) + "\n"
+        )
+        (tmp / "README.md").write_text(
+            f"# sdserve {TINY_VERSION} (seed {seed})\n\n"
+            "Random weights in Stable Diffusion 1.x's architecture, made by "
+            f"`sdserve make-tiny-model DIR --seed {seed}`. It generates noise; it is for tests.\n"
+        )
+        if out.exists():
+            if any(out.iterdir()):
+                raise FileExistsError(f"{out} exists and is not empty")
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_default_model(cache_dir: str | Path) -> Path:
+    """The built-in default model's folder under `cache_dir`, created on first use."""
+    out = Path(cache_dir).expanduser() / "models" / TINY_VERSION
+    if (out / "model_index.json").is_file():
+        return out
+    try:
+        return make_tiny_model(out, seed=0)
+    except (FileExistsError, OSError):
+        if (out / "model_index.json").is_file():  # another process won the race
+            return out
+        raise

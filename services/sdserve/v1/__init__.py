@@ -1,0 +1,1 @@
+"""Generated protobuf code for sdserve.v1 (see protos/generate.py)."""

@@ -1,0 +1,25 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random-weight model (seed 0), written once per session."""
+    from sdserve.pipeline.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(tiny_model):
+    """diffusers' own StableDiffusionPipeline on the tiny model: the peer oracle."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

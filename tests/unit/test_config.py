@@ -1,0 +1,61 @@
+"""The config tree, and deploy/serve_config.yaml against Ray's own schema."""
+
+import pydantic
+import pytest
+import yaml
+from helpers import REPO_ROOT
+
+from sdserve.config import SdserveConfig, load_config
+
+
+def test_defaults():
+    config = SdserveConfig()
+    assert config.server.grpc_port == 9000
+    assert config.limits.max_steps == 150
+    assert config.stages.denoiser.ray_actor_options() == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+def test_file_env_and_flags_in_order_of_precedence(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("server: {grpc_port: 9100}\nlimits: {max_steps: 50}\n")
+    assert load_config(file, environ={}).server.grpc_port == 9100
+    env = {"SDSERVE_GRPC_PORT": "9200"}
+    assert load_config(file, environ=env).server.grpc_port == 9200
+    config = load_config(file, {("server", "grpc_port"): 9300, ("model", "path"): None}, env)
+    assert config.server.grpc_port == 9300
+    assert config.limits.max_steps == 50
+    assert config.model.path is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "server: {grpc_prot: 1}",
+        "limits: {max_steps: 0}",
+        "defaults: {scheduler: lms}",
+        "defaults: {steps: 200}",
+    ],
+)
+def test_invalid_config_is_rejected(tmp_path, text):
+    file = tmp_path / "c.yaml"
+    file.write_text(text)
+    with pytest.raises(pydantic.ValidationError):
+        load_config(file, environ={})
+
+
+def test_serve_config_is_valid_for_ray_and_for_sdserve():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO_ROOT / "deploy" / "serve_config.yaml").read_text())
+    schema = (
+        ServeDeploySchema.model_validate(raw)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(raw)
+    )
+    (app,) = schema.applications
+    assert app.import_path == "sdserve.deployments.app:app_builder"
+    config = SdserveConfig.model_validate(app.args)
+    assert config.stages.denoiser.num_replicas >= 1
+    from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS
+
+    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS

@@ -29,6 +29,7 @@ def start_ray(config: SdserveConfig) -> None:
         ray.init(address=config.server.ray_address, logging_level=logging.WARNING)
         return
     ray.init(
+        address="local",  # always a new instance, never a cluster found in /tmp/ray
         _node_ip_address=config.server.host,
         include_dashboard=False,
         logging_level=logging.WARNING,
@@ -94,16 +95,17 @@ def serve_forever(config: SdserveConfig) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
     target = f"{config.server.host}:{config.server.grpc_port}"
     try:
         start_ray(config)
-        if stop.is_set():
-            return
+        # After ray.init, which installs its own SIGTERM handler in the driver.
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
         logger.info("deploying the sdserve application (model: %s)", config.model.path or "default")
         deploy(config)
         wait_healthy(target)
+        if stop.is_set():
+            return
         print(f"sdserve is serving DiffusionService on {target} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass

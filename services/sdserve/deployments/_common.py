@@ -9,7 +9,8 @@ from sdserve.config import SdserveConfig
 from sdserve.pipeline.models import resolve_model_dir
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
+# Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
+logger = logging.getLogger("ray.serve")
 
 
 def load_stage(stage_cls: type[T], config: dict) -> T:

@@ -15,7 +15,8 @@ import grpc
 
 from sdserve.errors import SdserveError
 
-logger = logging.getLogger(__name__)
+# Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
+logger = logging.getLogger("ray.serve")
 
 
 def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:

@@ -20,7 +20,8 @@ from sdserve.errors import NotFound
 from sdserve.types import GenerateParams
 from sdserve.v1 import diffusion_pb2, stages_pb2
 
-logger = logging.getLogger(__name__)
+# Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
+logger = logging.getLogger("ray.serve")
 
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 

@@ -41,6 +41,10 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights' dtype. auto: float16 on CUDA, float32 on CPU."""
 
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU threads for torch in each stage replica. None: what Ray gives the replica
+    (OMP_NUM_THREADS = its num_cpus, 1 when num_cpus is 0)."""
+
 
 class LimitsConfig(_Strict):
     """Bounds that requests are validated against (INVALID_ARGUMENT when out of bounds)."""
@@ -75,6 +79,18 @@ class DefaultsConfig(_Strict):
 
     scheduler: Literal[SCHEDULER_NAMES] = "dpmpp_2m"  # type: ignore[valid-type]
     """Sampler."""
+
+
+class EngineConfig(_Strict):
+    """The Denoiser engine (one per Denoiser replica)."""
+
+    batching: Literal["step", "request"] = "step"
+    """step: continuous batching, requests join and leave the running batch between U-Net
+    steps. request: whole requests are batched (as Ray Serve's @serve.batch does); for
+    comparison."""
+
+    max_batch_size: int = Field(16, ge=1)
+    """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
 
 
 class StageConfig(_Strict):
@@ -148,6 +164,7 @@ class SdserveConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 

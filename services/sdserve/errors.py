@@ -46,3 +46,15 @@ class NotFound(SdserveError):
     """The named thing (a job, a health-checked service) does not exist."""
 
     code = "NOT_FOUND"
+
+
+class DeadlineExceeded(SdserveError):
+    """A request was dropped because it was cancelled or ran past its deadline."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Internal(SdserveError):
+    """A bug or an unexpected failure; the message says where to look."""
+
+    code = "INTERNAL"

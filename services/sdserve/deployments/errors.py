@@ -8,8 +8,9 @@ returns an empty response, which the proxy turns into the client's error status.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -38,20 +39,35 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
 def grpc_errors(response_type: type) -> Callable:
     """Decorates an async RPC method `(self, request, grpc_context)` of the ingress."""
 
-    def decorate(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    def decorate(method: Callable) -> Callable:
+        def _fail(self, exc: Exception, grpc_context) -> None:
+            request_id = getattr(self, "current_request_id", lambda: "")()
+            code, message = status_for(exc, request_id)
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("request %s failed", request_id)
+            else:
+                logger.info("request %s: %s %s", request_id, code.name, message)
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+
+        if inspect.isasyncgenfunction(method):  # server-streaming RPC
+
+            @functools.wraps(method)
+            async def stream_wrapper(self, request, grpc_context):
+                try:
+                    async for item in method(self, request, grpc_context):
+                        yield item
+                except Exception as exc:  # every error becomes a status; the server keeps serving
+                    _fail(self, exc, grpc_context)
+
+            return stream_wrapper
+
         @functools.wraps(method)
         async def wrapper(self, request, grpc_context):
             try:
                 return await method(self, request, grpc_context)
             except Exception as exc:  # every error becomes a status; the server keeps serving
-                request_id = getattr(self, "current_request_id", lambda: "")()
-                code, message = status_for(exc, request_id)
-                if code == grpc.StatusCode.INTERNAL:
-                    logger.exception("request %s failed", request_id)
-                else:
-                    logger.info("request %s: %s %s", request_id, code.name, message)
-                grpc_context.set_code(code)
-                grpc_context.set_details(message)
+                _fail(self, exc, grpc_context)
                 return response_type()
 
         return wrapper

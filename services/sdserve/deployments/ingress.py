@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -16,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sdserve.config import SdserveConfig
 from sdserve.deployments.errors import grpc_errors
-from sdserve.errors import NotFound
+from sdserve.errors import Internal, NotFound
 from sdserve.types import GenerateParams
 from sdserve.v1 import diffusion_pb2, stages_pb2
 
@@ -40,6 +41,7 @@ class PipelineIngress:
         by_reference = self.config.server.stage_transport == "actor"
         self._text = text_encoder.options(_by_reference=by_reference)
         self._denoiser = denoiser.options(_by_reference=by_reference)
+        self._denoiser_stream = self._denoiser.options(stream=True)
         self._vae = vae_decoder.options(_by_reference=by_reference)
         self._info: stages_pb2.DenoiserInfo | None = None
         self._model_name = self.config.model.path or "sdserve-default"
@@ -62,6 +64,23 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> diffusion_pb2.GenerateResponse:
         """DiffusionService.Generate."""
+        async for event in self._run(request, stream=False):
+            if event.HasField("result"):
+                return event.result
+        raise Internal("the pipeline ended without a result")
+
+    @grpc_errors(diffusion_pb2.GenerateEvent)
+    async def GenerateStream(
+        self, request: diffusion_pb2.GenerateRequest, grpc_context
+    ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
+        """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
+        async for event in self._run(request, stream=True):
+            yield event
+
+    async def _run(
+        self, request: diffusion_pb2.GenerateRequest, *, stream: bool
+    ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
+        """The one pipeline path. Without `stream` it yields only the final `result` event."""
         started = time.perf_counter()
         request_id = self.current_request_id() or uuid.uuid4().hex
         info = await self._denoiser_info()
@@ -91,7 +110,7 @@ class PipelineIngress:
         )
         text_s = time.perf_counter() - t
 
-        # 2. Denoise: the whole loop runs in one Denoiser call.
+        # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
         denoise = stages_pb2.DenoiseRequest(
             request_id=request_id,
@@ -102,12 +121,42 @@ class PipelineIngress:
             guidance_scale=params.guidance_scale,
             scheduler=params.scheduler,
             seeds=params.seeds,
+            preview_every=request.preview_every if stream else 0,
         )
         if encoded.HasField("uncond"):
             denoise.uncond.CopyFrom(encoded.uncond)
-        denoised = stages_pb2.DenoiseResponse.FromString(
-            await self._denoiser.Denoise.remote(denoise.SerializeToString())
-        )
+        if not stream:
+            reply = await self._denoiser.Denoise.remote(denoise.SerializeToString())
+            latents = stages_pb2.DenoiseResponse.FromString(reply).latents
+        else:
+            latents = None
+            events = self._denoiser_stream.DenoiseStream.remote(denoise.SerializeToString())
+            async for raw in events:
+                event = stages_pb2.DenoiseEvent.FromString(raw)
+                kind = event.WhichOneof("event")
+                if kind == "queued":
+                    yield diffusion_pb2.GenerateEvent(
+                        queued=diffusion_pb2.Queued(
+                            position=event.queued.position, request_id=request_id
+                        )
+                    )
+                elif kind == "step":
+                    step = event.step
+                    yield diffusion_pb2.GenerateEvent(
+                        progress=diffusion_pb2.Progress(
+                            step=step.step,
+                            total=step.total,
+                            elapsed_s=time.perf_counter() - started,
+                        )
+                    )
+                    if step.preview_png:
+                        yield diffusion_pb2.GenerateEvent(
+                            preview=diffusion_pb2.Preview(step=step.step, png=step.preview_png)
+                        )
+                elif kind == "done":
+                    latents = event.done.latents
+            if latents is None:
+                raise Internal("the Denoiser's stream ended without latents")
         denoise_s = time.perf_counter() - t
 
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
@@ -116,7 +165,7 @@ class PipelineIngress:
             await self._vae.Decode.remote(
                 stages_pb2.DecodeRequest(
                     request_id=request_id,
-                    latents=denoised.latents,
+                    latents=latents,
                     parameters=[params.png_parameters(s, self._model_name) for s in params.seeds],
                 ).SerializeToString()
             )
@@ -128,16 +177,23 @@ class PipelineIngress:
             "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
             request_id, total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
-        return diffusion_pb2.GenerateResponse(
-            images=[
-                diffusion_pb2.Image(png=png, seed=seed, width=params.width, height=params.height)
-                for png, seed in zip(decoded.png, params.seeds, strict=True)
-            ],
-            timings=diffusion_pb2.StageTimings(
-                text_encoder_s=text_s, denoiser_s=denoise_s, vae_decoder_s=vae_s, total_s=total_s
-            ),
-            request_id=request_id,
-            parameters=params.resolved_pb(),
+        yield diffusion_pb2.GenerateEvent(
+            result=diffusion_pb2.GenerateResponse(
+                images=[
+                    diffusion_pb2.Image(
+                        png=png, seed=seed, width=params.width, height=params.height
+                    )
+                    for png, seed in zip(decoded.png, params.seeds, strict=True)
+                ],
+                timings=diffusion_pb2.StageTimings(
+                    text_encoder_s=text_s,
+                    denoiser_s=denoise_s,
+                    vae_decoder_s=vae_s,
+                    total_s=total_s,
+                ),
+                request_id=request_id,
+                parameters=params.resolved_pb(),
+            )
         )
 
     @grpc_errors(health_pb2.HealthCheckResponse)

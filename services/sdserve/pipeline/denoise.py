@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,34 @@ def make_sample(
     )
 
 
+@dataclass(eq=False)
+class DenoiseJob:
+    """One request: a list of images (samples) that share a prompt and settings."""
+
+    request_id: str
+    samples: list[Sample]
+    on_event: Callable[[object], None] = lambda event: None
+    """Receives the engine's events (sdserve.pipeline.engine)."""
+    deadline: float | None = None
+    """time.monotonic() value after which the request is dropped."""
+    preview_every: int = 0
+    """Attach latents to every M-th Step event (0: never)."""
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.samples[0].latents.shape)
+
+    @property
+    def total(self) -> int:
+        return len(self.samples[0].timesteps)
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.samples)
+
+
 @torch.inference_mode()
 def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
     """Advances every sample by one step with a single U-Net forward.
@@ -166,11 +195,44 @@ class Denoiser:
         Returns:
             Final latents, shape (len(seeds), latent_channels, height // f, width // f).
         """
+        job = self.make_job(
+            "solo",
+            cond,
+            uncond,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            seeds=seeds,
+        )
+        while not job.done:
+            unet_step(self.unet, job.samples)
+            if on_step is not None:
+                on_step(job.samples[0].index, job.total)
+        return torch.cat([s.latents for s in job.samples])
+
+    def make_job(
+        self,
+        request_id: str,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        scheduler: str,
+        seeds: Sequence[int],
+        **job_kwargs,
+    ) -> DenoiseJob:
+        """Prepares a request's images (timesteps, initial noise, step kwargs) as diffusers
+        does; `job_kwargs` go to `DenoiseJob` (on_event, deadline, preview_every)."""
         guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-        cond = cond.to(self.device, self.dtype)
-        uncond = uncond.to(self.device, self.dtype) if (guided and uncond is not None) else None
         if guided and uncond is None:
             raise ValueError("guidance_scale > 1 needs the negative-prompt embeddings")
+        cond = cond.to(self.device, self.dtype)
+        uncond = uncond.to(self.device, self.dtype) if guided else None
         samples = [
             make_sample(
                 cond=cond,
@@ -186,9 +248,4 @@ class Denoiser:
             )
             for seed in seeds
         ]
-        total = len(samples[0].timesteps)
-        while not samples[0].done:
-            unet_step(self.unet, samples)
-            if on_step is not None:
-                on_step(samples[0].index, total)
-        return torch.cat([s.latents for s in samples])
+        return DenoiseJob(request_id=request_id, samples=samples, **job_kwargs)

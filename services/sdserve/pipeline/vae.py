@@ -60,3 +60,24 @@ def to_png(pixels: np.ndarray, parameters: str = "") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=info, compress_level=4)
     return buf.getvalue()
+
+
+# SD 1.x latent channels -> RGB, a least-squares fit used by ComfyUI and others for previews.
+LATENT_RGB_FACTORS = torch.tensor(
+    [
+        [0.3512, 0.2297, 0.3227],
+        [0.3250, 0.4974, 0.2350],
+        [-0.2829, 0.1762, 0.2721],
+        [-0.2120, -0.2616, -0.7177],
+    ]
+)
+
+
+def preview_pixels(latents: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """A cheap RGB approximation of latents, without the VAE: a fixed linear map per latent
+    cell, upsampled to (height, width). Returns uint8 of shape (batch, height, width, 3)."""
+    latents = latents.detach().float().cpu()
+    rgb = torch.einsum("bchw,cr->brhw", latents[:, :4], LATENT_RGB_FACTORS)
+    rgb = torch.nn.functional.interpolate(rgb, size=(height, width), mode="bilinear")
+    rgb = ((rgb + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return (rgb * 255).round().astype("uint8")

@@ -38,6 +38,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
     NUM_IMAGES_FIELD_NUMBER: _builtins.int
+    PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -68,6 +69,8 @@ class GenerateRequest(_message.Message):
     """
     num_images: _builtins.int
     """Number of images, 1..`limits.max_num_images`. Unset: 1."""
+    preview_every: _builtins.int
+    """GenerateStream only: send a preview image every M denoising steps (0: none)."""
     def __init__(
         self,
         *,
@@ -80,10 +83,11 @@ class GenerateRequest(_message.Message):
         seed: _builtins.int | None = ...,
         scheduler: _builtins.str = ...,
         num_images: _builtins.int | None = ...,
+        preview_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -111,6 +115,134 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateEvent(_message.Message):
+    """One event of GenerateStream. Exactly one field is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queued(self) -> Global___Queued:
+        """The request waits for a slot in the Denoiser's running batch; sent first."""
+
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """A denoising step finished."""
+
+    @_builtins.property
+    def preview(self) -> Global___Preview:
+        """Approximate images of the current latents (every `preview_every` steps)."""
+
+    @_builtins.property
+    def result(self) -> Global___GenerateResponse:
+        """The final images; sent last."""
+
+    def __init__(
+        self,
+        *,
+        queued: Global___Queued | None = ...,
+        progress: Global___Progress | None = ...,
+        preview: Global___Preview | None = ...,
+        result: Global___GenerateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "preview", b"preview", "progress", b"progress", "queued", b"queued", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "preview", b"preview", "progress", b"progress", "queued", b"queued", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "progress", "preview", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GenerateEvent: _TypeAlias = GenerateEvent  # noqa: Y015
+
+@_typing.final
+class Queued(_message.Message):
+    """The request is queued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Requests ahead of this one in its Denoiser replica's queue."""
+    request_id: _builtins.str
+    """The server's id for this request."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Queued: _TypeAlias = Queued  # noqa: Y015
+
+@_typing.final
+class Progress(_message.Message):
+    """Denoising progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Steps done, 1..total."""
+    total: _builtins.int
+    """Steps in all."""
+    elapsed_s: _builtins.float
+    """Seconds since the request reached the server."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        total: _builtins.int = ...,
+        elapsed_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_s", b"elapsed_s", "step", b"step", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class Preview(_message.Message):
+    """A cheap preview: the latents mapped to RGB by a fixed linear map, without the VAE."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step it shows."""
+    @_builtins.property
+    def png(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """One PNG per image, at the requested size (blurry by design)."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        png: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["png", b"png", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Preview: _TypeAlias = Preview  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):

@@ -40,6 +40,11 @@ class DiffusionServiceStub:
                 request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/sdserve.v1.DiffusionService/GenerateStream',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateEvent.FromString,
+                _registered_method=True)
 
 
 class DiffusionServiceServicer:
@@ -55,6 +60,16 @@ class DiffusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """Generates like Generate and streams progress, in order: `queued` (once), `progress` (once
+        per denoising step, with `preview` images every `preview_every` steps), then `result`.
+        Cancelling the call, or passing its deadline, frees the request's batch slot at the next
+        denoising step; its images are never decoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +77,11 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +112,33 @@ class DiffusionService:
             '/sdserve.v1.DiffusionService/Generate',
             sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
             sdserve_dot_v1_dot_diffusion__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/GenerateStream',
+            sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class DiffusionServiceStub:
     Errors: INVALID_ARGUMENT (the message names the field), UNAVAILABLE (a stage is down),
     INTERNAL (a bug; the message says which request id to look for in the logs).
     """
+    GenerateStream: _grpc.UnaryStreamMultiCallable[_diffusion_pb2.GenerateRequest, _diffusion_pb2.GenerateEvent]
+    """Generates like Generate and streams progress, in order: `queued` (once), `progress` (once
+    per denoising step, with `preview` images every `preview_every` steps), then `result`.
+    Cancelling the call, or passing its deadline, frees the request's batch slot at the next
+    denoising step; its images are never decoded.
+    """
 
 @_typing.type_check_only
 class DiffusionServiceAsyncStub(DiffusionServiceStub):
@@ -53,6 +59,12 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
     """Generates `num_images` images for one prompt and returns them as PNGs.
     Errors: INVALID_ARGUMENT (the message names the field), UNAVAILABLE (a stage is down),
     INTERNAL (a bug; the message says which request id to look for in the logs).
+    """
+    GenerateStream: _aio.UnaryStreamMultiCallable[_diffusion_pb2.GenerateRequest, _diffusion_pb2.GenerateEvent]  # type: ignore[assignment]
+    """Generates like Generate and streams progress, in order: `queued` (once), `progress` (once
+    per denoising step, with `preview` images every `preview_every` steps), then `result`.
+    Cancelling the call, or passing its deadline, frees the request's batch slot at the next
+    denoising step; its images are never decoded.
     """
 
 class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -67,6 +79,18 @@ class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Generates `num_images` images for one prompt and returns them as PNGs.
         Errors: INVALID_ARGUMENT (the message names the field), UNAVAILABLE (a stage is down),
         INTERNAL (a bug; the message says which request id to look for in the logs).
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateStream(
+        self,
+        request: _diffusion_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_diffusion_pb2.GenerateEvent], _abc.AsyncIterator[_diffusion_pb2.GenerateEvent]]:
+        """Generates like Generate and streams progress, in order: `queued` (once), `progress` (once
+        per denoising step, with `preview` images every `preview_every` steps), then `result`.
+        Cancelling the call, or passing its deadline, frees the request's batch slot at the next
+        denoising step; its images are never decoded.
         """
 
 def add_DiffusionServiceServicer_to_server(servicer: DiffusionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -136,6 +136,8 @@ class DenoiseRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
     SEEDS_FIELD_NUMBER: _builtins.int
+    PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -148,6 +150,10 @@ class DenoiseRequest(_message.Message):
     """Classifier-free guidance scale; <= 1 means no guidance."""
     scheduler: _builtins.str
     """Scheduler name (see GenerateRequest.scheduler)."""
+    preview_every: _builtins.int
+    """DenoiseStream only: attach a preview image to every M-th step event (0: none)."""
+    timeout_s: _builtins.float
+    """Seconds the request may wait and run in all; past it the request is dropped (0: no limit)."""
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings from the text encoder, shape [1, max_length, hidden]."""
@@ -172,10 +178,12 @@ class DenoiseRequest(_message.Message):
         guidance_scale: _builtins.float = ...,
         scheduler: _builtins.str = ...,
         seeds: _abc.Iterable[_builtins.int] | None = ...,
+        preview_every: _builtins.int = ...,
+        timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "uncond", b"uncond"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "preview_every", b"preview_every", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,6 +214,167 @@ class DenoiseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DenoiseResponse: _TypeAlias = DenoiseResponse  # noqa: Y015
+
+@_typing.final
+class DenoiseEvent(_message.Message):
+    """One event of DenoiserStage.DenoiseStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queued(self) -> Global___DenoiseQueued:
+        """The request is queued; sent first."""
+
+    @_builtins.property
+    def step(self) -> Global___DenoiseStep:
+        """A denoising step finished; sent once per step, in order."""
+
+    @_builtins.property
+    def done(self) -> Global___DenoiseResponse:
+        """The final latents; sent last."""
+
+    def __init__(
+        self,
+        *,
+        queued: Global___DenoiseQueued | None = ...,
+        step: Global___DenoiseStep | None = ...,
+        done: Global___DenoiseResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "queued", b"queued", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "queued", b"queued", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "step", "done"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___DenoiseEvent: _TypeAlias = DenoiseEvent  # noqa: Y015
+
+@_typing.final
+class DenoiseQueued(_message.Message):
+    """The request entered the Denoiser's queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Requests waiting ahead of this one in this replica (0: admitted at the next step)."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenoiseQueued: _TypeAlias = DenoiseQueued  # noqa: Y015
+
+@_typing.final
+class DenoiseStep(_message.Message):
+    """Progress of one request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    PREVIEW_PNG_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Steps done, 1..total."""
+    total: _builtins.int
+    """Steps in all (U-Net evaluations of this request's scheduler)."""
+    elapsed_s: _builtins.float
+    """Seconds since the Denoiser received the request."""
+    @_builtins.property
+    def preview_png(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """A cheap RGB approximation of the current latents (no VAE call), PNG; only every
+        `preview_every` steps.
+        """
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        total: _builtins.int = ...,
+        elapsed_s: _builtins.float = ...,
+        preview_png: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_s", b"elapsed_s", "preview_png", b"preview_png", "step", b"step", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenoiseStep: _TypeAlias = DenoiseStep  # noqa: Y015
+
+@_typing.final
+class DenoiserStatsRequest(_message.Message):
+    """Input of DenoiserStage.Stats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenoiserStatsRequest: _TypeAlias = DenoiserStatsRequest  # noqa: Y015
+
+@_typing.final
+class DenoiserStats(_message.Message):
+    """Counters of one Denoiser replica's engine since it started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAITING_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    UNET_STEPS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_SEEN_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    waiting: _builtins.int
+    """Requests waiting for a batch slot now."""
+    running: _builtins.int
+    """Requests in the running batch now."""
+    unet_steps: _builtins.int
+    """U-Net forwards run."""
+    finished: _builtins.int
+    """Requests finished."""
+    cancelled: _builtins.int
+    """Requests dropped because they were cancelled or passed their deadline."""
+    max_batch_size_seen: _builtins.int
+    """Largest number of images one forward covered."""
+    strategy: _builtins.str
+    """"step" (continuous batching) or "request" (whole-request batching)."""
+    def __init__(
+        self,
+        *,
+        waiting: _builtins.int = ...,
+        running: _builtins.int = ...,
+        unet_steps: _builtins.int = ...,
+        finished: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        max_batch_size_seen: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "finished", b"finished", "max_batch_size_seen", b"max_batch_size_seen", "running", b"running", "strategy", b"strategy", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenoiserStats: _TypeAlias = DenoiserStats  # noqa: Y015
 
 @_typing.final
 class DenoiserInfoRequest(_message.Message):

@@ -116,6 +116,16 @@ class DenoiserStageStub:
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiseRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_stages__pb2.DenoiseResponse.FromString,
                 _registered_method=True)
+        self.DenoiseStream = channel.unary_stream(
+                '/sdserve.v1.DenoiserStage/DenoiseStream',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiseRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.DenoiseEvent.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/sdserve.v1.DenoiserStage/Stats',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiserStatsRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.DenoiserStats.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/sdserve.v1.DenoiserStage/Info',
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiserInfoRequest.SerializeToString,
@@ -128,7 +138,22 @@ class DenoiserStageServicer:
     """
 
     def Denoise(self, request, context):
-        """Returns the final latents of every image.
+        """Returns the final latents of every image. The request joins the replica's running batch
+        (step-level batching); cancelling the call frees its slot at the next step boundary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenoiseStream(self, request, context):
+        """Like Denoise, with progress: queued, one event per step, then the final latents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Returns the engine's counters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +173,16 @@ def add_DenoiserStageServicer_to_server(servicer, server):
                     servicer.Denoise,
                     request_deserializer=sdserve_dot_v1_dot_stages__pb2.DenoiseRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiseResponse.SerializeToString,
+            ),
+            'DenoiseStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.DenoiseStream,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.DenoiseRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiseEvent.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.DenoiserStatsRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.DenoiserStats.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -183,6 +218,60 @@ class DenoiserStage:
             '/sdserve.v1.DenoiserStage/Denoise',
             sdserve_dot_v1_dot_stages__pb2.DenoiseRequest.SerializeToString,
             sdserve_dot_v1_dot_stages__pb2.DenoiseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenoiseStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdserve.v1.DenoiserStage/DenoiseStream',
+            sdserve_dot_v1_dot_stages__pb2.DenoiseRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.DenoiseEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DenoiserStage/Stats',
+            sdserve_dot_v1_dot_stages__pb2.DenoiserStatsRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.DenoiserStats.FromString,
             options,
             channel_credentials,
             insecure,

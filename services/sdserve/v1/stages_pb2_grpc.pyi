@@ -72,7 +72,13 @@ class DenoiserStageStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DenoiserStageAsyncStub: ...
     Denoise: _grpc.UnaryUnaryMultiCallable[_stages_pb2.DenoiseRequest, _stages_pb2.DenoiseResponse]
-    """Returns the final latents of every image."""
+    """Returns the final latents of every image. The request joins the replica's running batch
+    (step-level batching); cancelling the call frees its slot at the next step boundary.
+    """
+    DenoiseStream: _grpc.UnaryStreamMultiCallable[_stages_pb2.DenoiseRequest, _stages_pb2.DenoiseEvent]
+    """Like Denoise, with progress: queued, one event per step, then the final latents."""
+    Stats: _grpc.UnaryUnaryMultiCallable[_stages_pb2.DenoiserStatsRequest, _stages_pb2.DenoiserStats]
+    """Returns the engine's counters."""
     Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.DenoiserInfoRequest, _stages_pb2.DenoiserInfo]
     """Returns facts about the loaded model."""
 
@@ -82,7 +88,13 @@ class DenoiserStageAsyncStub(DenoiserStageStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Denoise: _aio.UnaryUnaryMultiCallable[_stages_pb2.DenoiseRequest, _stages_pb2.DenoiseResponse]  # type: ignore[assignment]
-    """Returns the final latents of every image."""
+    """Returns the final latents of every image. The request joins the replica's running batch
+    (step-level batching); cancelling the call frees its slot at the next step boundary.
+    """
+    DenoiseStream: _aio.UnaryStreamMultiCallable[_stages_pb2.DenoiseRequest, _stages_pb2.DenoiseEvent]  # type: ignore[assignment]
+    """Like Denoise, with progress: queued, one event per step, then the final latents."""
+    Stats: _aio.UnaryUnaryMultiCallable[_stages_pb2.DenoiserStatsRequest, _stages_pb2.DenoiserStats]  # type: ignore[assignment]
+    """Returns the engine's counters."""
     Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.DenoiserInfoRequest, _stages_pb2.DenoiserInfo]  # type: ignore[assignment]
     """Returns facts about the loaded model."""
 
@@ -95,7 +107,25 @@ class DenoiserStageServicer(metaclass=_abc_1.ABCMeta):
         request: _stages_pb2.DenoiseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_stages_pb2.DenoiseResponse, _abc.Awaitable[_stages_pb2.DenoiseResponse]]:
-        """Returns the final latents of every image."""
+        """Returns the final latents of every image. The request joins the replica's running batch
+        (step-level batching); cancelling the call frees its slot at the next step boundary.
+        """
+
+    @_abc_1.abstractmethod
+    def DenoiseStream(
+        self,
+        request: _stages_pb2.DenoiseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_stages_pb2.DenoiseEvent], _abc.AsyncIterator[_stages_pb2.DenoiseEvent]]:
+        """Like Denoise, with progress: queued, one event per step, then the final latents."""
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _stages_pb2.DenoiserStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.DenoiserStats, _abc.Awaitable[_stages_pb2.DenoiserStats]]:
+        """Returns the engine's counters."""
 
     @_abc_1.abstractmethod
     def Info(

@@ -1,0 +1,275 @@
+"""The Denoiser engine: step-level (continuous) batching of diffusion requests.
+
+One engine runs per Denoiser replica, on its own thread. At every step boundary it
+
+1. drops cancelled requests and requests past their deadline (they are never decoded);
+2. admits waiting requests into the running batch, up to `max_batch_size` images per bucket;
+3. runs ONE U-Net forward over one bucket of running images (`unet_step`): each image at its own
+   timestep, with its own scheduler, generator, step count and guidance; images with guidance
+   <= 1 add no unconditional row;
+4. reports progress, and hands finished latents back.
+
+Images whose latents differ in shape cannot share a forward; they sit in separate buckets, which
+take turns (round robin), so a rare size is not starved by a common one.
+
+`strategy="request"` batches whole requests instead, as Ray Serve's `@serve.batch` or Triton's
+dynamic batcher do: a bucket admits new requests only when its previous batch has finished. It
+exists to measure what step-level batching buys (bench/).
+
+The engine emits plain events and `StepStats`; it knows nothing of Ray, gRPC or metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sdserve.pipeline.denoise import DenoiseJob, unet_step
+
+logger = logging.getLogger(__name__)
+
+
+# Events, in the order a request sees them: Queued, Started, Step x N, then Finished, or
+# Cancelled / Failed at any point.
+@dataclass(frozen=True)
+class Queued:
+    position: int
+    """Requests waiting ahead of this one (0: next to be admitted)."""
+
+
+@dataclass(frozen=True)
+class Started:
+    wait_s: float
+    """Seconds between submission and admission into the running batch."""
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    """Steps done (1..total)."""
+    total: int
+    elapsed_s: float
+    """Seconds since submission."""
+    latents: torch.Tensor | None = None
+    """Current latents (num_images, C, h, w), only on the request's preview steps."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    latents: torch.Tensor
+    """Final latents, shape (num_images, C, h, w)."""
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Event = Queued | Started | Step | Finished | Cancelled | Failed
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one U-Net forward did (for metrics and tests)."""
+
+    request_ids: tuple[str, ...]
+    """Requests with images in this forward."""
+    batch_size: int
+    """Images in the forward."""
+    rows: int
+    """U-Net batch rows (images plus unconditional rows for guided images)."""
+    latent_shape: tuple[int, ...]
+    waiting: int
+    """Requests still waiting after admission."""
+    running: int
+    """Requests in the running batch (all buckets)."""
+    duration_s: float
+
+
+class DenoiseEngine:
+    """Continuous batching over a U-Net. Thread-safe `submit` / `cancel`; `step()` does one
+    iteration (tests drive it directly); `start()` runs iterations on a background thread."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        *,
+        max_batch_size: int = 16,
+        strategy: str = "step",
+        on_stats: Callable[[StepStats], None] | None = None,
+    ):
+        if strategy not in ("step", "request"):
+            raise ValueError(f"unknown batching strategy {strategy!r}")
+        self.unet = unet
+        self.max_batch_size = max_batch_size
+        self.strategy = strategy
+        self.on_stats = on_stats
+        self._lock = threading.Condition()
+        self._waiting: deque[DenoiseJob] = deque()
+        self._running: dict[tuple[int, ...], list[DenoiseJob]] = {}
+        self._turns: deque[tuple[int, ...]] = deque()  # round robin over buckets
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- called from any thread ---------------------------------------------------------------
+    def submit(self, job: DenoiseJob) -> None:
+        with self._lock:
+            position = len(self._waiting)
+            self._waiting.append(job)
+            self._lock.notify()
+        job.on_event(Queued(position=position))
+
+    def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
+        """Marks a request cancelled; it leaves the batch at the next step boundary."""
+        with self._lock:
+            for job in self._jobs():
+                if job.request_id == request_id and job.cancelled is None:
+                    job.cancelled = reason
+            self._lock.notify()
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting requests, running requests)."""
+        with self._lock:
+            return len(self._waiting), sum(len(jobs) for jobs in self._running.values())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _jobs(self):
+        yield from self._waiting
+        for jobs in self._running.values():
+            yield from jobs
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug in the loop itself: keep the replica alive, log it
+                logger.exception("denoise engine iteration failed")
+                time.sleep(0.1)
+
+    def _drop_cancelled(self, now: float) -> list[DenoiseJob]:
+        dropped = []
+        for job in list(self._jobs()):
+            if job.cancelled is None and job.deadline is not None and now > job.deadline:
+                job.cancelled = "deadline exceeded"
+            if job.cancelled is not None:
+                dropped.append(job)
+        for job in dropped:
+            if job in self._waiting:
+                self._waiting.remove(job)
+            else:
+                self._running[job.shape].remove(job)
+        return dropped
+
+    def _admit(self, now: float) -> list[DenoiseJob]:
+        """Moves waiting jobs into their buckets, FIFO within a bucket."""
+        admitted = []
+        blocked: set[tuple[int, ...]] = set()
+        for job in list(self._waiting):
+            shape = job.shape
+            if shape in blocked:
+                continue  # keep arrival order within a bucket
+            bucket = self._running.setdefault(shape, [])
+            images = sum(len(j.samples) for j in bucket)
+            if self.strategy == "request" and bucket and not any(j in admitted for j in bucket):
+                blocked.add(shape)  # whole-request batching: wait for the batch to finish
+                continue
+            if bucket and images + len(job.samples) > self.max_batch_size:
+                blocked.add(shape)
+                continue
+            bucket.append(job)
+            if shape not in self._turns:
+                self._turns.append(shape)
+            self._waiting.remove(job)
+            admitted.append(job)
+        for shape in [s for s, jobs in self._running.items() if not jobs]:
+            del self._running[shape]
+            self._turns.remove(shape)
+        return admitted
+
+    def step(self) -> StepStats | None:
+        """One iteration: drop cancelled, admit, one U-Net forward on the next bucket."""
+        now = time.monotonic()
+        with self._lock:
+            dropped = self._drop_cancelled(now)
+            admitted = self._admit(now)
+            if self._turns:
+                shape = self._turns[0]
+                self._turns.rotate(-1)
+                jobs = list(self._running[shape])
+            else:
+                jobs = []
+            waiting = len(self._waiting)
+            running = sum(len(j) for j in self._running.values())
+        for job in dropped:
+            job.on_event(Cancelled(reason=job.cancelled or "cancelled"))
+        for job in admitted:
+            job.on_event(Started(wait_s=now - job.submitted_at))
+        if not jobs:
+            return None
+
+        samples = [s for job in jobs for s in job.samples if not s.done]
+        started = time.perf_counter()
+        try:
+            unet_step(self.unet, samples)
+        except Exception as exc:
+            logger.exception("U-Net step failed for %s", [j.request_id for j in jobs])
+            with self._lock:
+                for job in jobs:
+                    self._running[shape].remove(job)
+            for job in jobs:
+                job.on_event(Failed(error=exc))
+            return None
+        stats = StepStats(
+            request_ids=tuple(j.request_id for j in jobs),
+            batch_size=len(samples),
+            rows=len(samples) + sum(s.uncond is not None for s in samples),
+            latent_shape=shape,
+            waiting=waiting,
+            running=running,
+            duration_s=time.perf_counter() - started,
+        )
+
+        finished = [job for job in jobs if job.done]
+        if finished:
+            with self._lock:
+                for job in finished:
+                    self._running[shape].remove(job)
+        elapsed = time.monotonic()
+        for job in jobs:
+            k = job.samples[0].index
+            preview = job.preview_every and (k % job.preview_every == 0 or k == job.total)
+            latents = torch.cat([s.latents for s in job.samples]) if preview else None
+            job.on_event(Step(step=k, total=job.total, elapsed_s=elapsed - job.submitted_at,
+                              latents=latents))  # fmt: skip
+        for job in finished:
+            job.on_event(Finished(latents=torch.cat([s.latents for s in job.samples])))
+        if self.on_stats is not None:
+            self.on_stats(stats)
+        return stats

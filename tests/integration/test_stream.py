@@ -1,0 +1,113 @@
+"""GenerateStream, cancellation and deadlines through the real stack."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdserve.v1 import diffusion_pb2, stages_pb2
+
+pytestmark = pytest.mark.integration
+
+
+def _denoiser_stats(server) -> stages_pb2.DenoiserStats:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Denoiser", app_name=server.config.server.app_name)
+    return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
+
+
+def _wait_until(predicate, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_stream_events_are_complete_and_ordered(stub):
+    request = diffusion_pb2.GenerateRequest(
+        prompt="a red circle", steps=6, seed=9, scheduler="ddim", preview_every=2
+    )
+    events = list(stub.GenerateStream(request, timeout=60))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "queued" and events[0].queued.request_id
+    assert kinds[-1] == "result" and kinds.count("result") == 1
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [(p.step, p.total) for p in progress] == [(k, 6) for k in range(1, 7)]
+    assert all(a.elapsed_s <= b.elapsed_s for a, b in zip(progress, progress[1:], strict=False))
+    previews = [(i, e.preview) for i, e in enumerate(events) if e.HasField("preview")]
+    assert [p.step for _, p in previews] == [2, 4, 6]
+    for i, preview in previews:  # each preview follows its step's progress event
+        assert events[i - 1].progress.step == preview.step
+        assert Image.open(io.BytesIO(preview.png[0])).size == (64, 64)
+    unary = stub.Generate(request, timeout=60)
+    streamed = events[-1].result
+    assert [im.seed for im in streamed.images] == [9]
+    a = np.asarray(Image.open(io.BytesIO(streamed.images[0].png)))
+    b = np.asarray(Image.open(io.BytesIO(unary.images[0].png)))
+    assert np.array_equal(a, b)
+
+
+def test_client_cancel_frees_the_batch_slot(server, stub):
+    before = _denoiser_stats(server)
+    request = diffusion_pb2.GenerateRequest(
+        prompt="a long one", steps=150, seed=1, width=128, height=128
+    )
+    call = stub.GenerateStream(request, timeout=120)
+    steps_seen = 0
+    for event in call:
+        if event.HasField("progress"):
+            steps_seen = event.progress.step
+            if steps_seen >= 2:
+                break
+    call.cancel()
+    after = _wait_until(
+        lambda: (s := _denoiser_stats(server)).cancelled > before.cancelled and s.running == 0 and s
+    )
+    assert after.finished == before.finished  # it never finished, so it was never decoded
+    assert after.unet_steps - before.unet_steps < 150
+
+
+def test_deadline_frees_the_batch_slot(server, stub):
+    before = _denoiser_stats(server)
+    request = diffusion_pb2.GenerateRequest(
+        prompt="too slow", steps=150, seed=2, width=128, height=128
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request, timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = _wait_until(
+        lambda: (s := _denoiser_stats(server)).cancelled > before.cancelled and s.running == 0 and s
+    )
+    assert after.finished == before.finished
+
+
+def test_concurrent_requests_share_u_net_steps(server, stub):
+    before = _denoiser_stats(server)
+    replies, errors = [], []
+
+    def call(seed):
+        try:
+            request = diffusion_pb2.GenerateRequest(prompt="a crowd", steps=20, seed=seed)
+            replies.append(stub.Generate(request, timeout=120))
+        except grpc.RpcError as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(replies) == 6
+    after = _denoiser_stats(server)
+    assert after.max_batch_size_seen >= 2
+    assert after.unet_steps - before.unet_steps < 6 * 20  # steps were shared

@@ -1,4 +1,4 @@
-"""The `sdserve` command: serve | generate | make-tiny-model.
+"""The `sdserve` command: serve | generate | loadtest | make-tiny-model.
 
 `generate` imports only grpc and the generated messages, so it starts fast; it does no
 validation of its own: what the server answers is what the user sees.
@@ -42,6 +42,27 @@ def _output_paths(output: str | None, seeds: list[int]) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(seeds))]
 
 
+def _follow(call, quiet: bool = False):
+    """Consumes a GenerateStream call, drawing a progress bar; returns its GenerateResponse."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc="queued", unit="step", disable=True if quiet else None, leave=False)
+    try:
+        for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "queued":
+                bar.set_description(f"queued (position {event.queued.position})")
+            elif kind == "progress":
+                bar.total = event.progress.total
+                bar.set_description("denoising")
+                bar.update(event.progress.step - bar.n)
+            elif kind == "result":
+                return event.result
+    finally:
+        bar.close()
+    raise RuntimeError("the server ended the stream without a result")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -61,11 +82,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with grpc.insecure_channel(args.server) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        call = stub.GenerateStream(request, timeout=args.timeout)
         try:
-            reply = stub.Generate(request, timeout=args.timeout)
+            reply = _follow(call, quiet=args.quiet)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return EXIT_RPC_ERROR
+        except KeyboardInterrupt:
+            call.cancel()  # frees the request's batch slot on the server
+            print("cancelled", file=sys.stderr)
+            return 130
     elapsed = time.perf_counter() - started
 
     paths = _output_paths(args.output, [image.seed for image in reply.images])
@@ -79,6 +105,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"(text {t.text_encoder_s:.2f}s, denoise {t.denoiser_s:.2f}s, vae {t.vae_decoder_s:.2f}s)"
     )
     return 0
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from sdserve import loadtest
+
+    return loadtest.main(args)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -163,7 +195,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="RPC deadline in seconds (default %(default)s)",
     )
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_generate)
+
+    load = sub.add_parser(
+        "loadtest",
+        help="send bounded gRPC load to a server and report images/s and latency",
+        description="Closed loop (--concurrency C) or open loop (--rate R, Poisson arrivals) "
+        "against DiffusionService.Generate, bounded by --requests and/or --duration (default: "
+        "50 requests). Request options take comma-separated lists, which make a mix.",
+    )
+    load.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)")
+    loop = load.add_mutually_exclusive_group()
+    loop.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="C",
+        help="closed loop with C clients (default %(default)s)",
+    )
+    loop.add_argument("--rate", type=float, metavar="R", help="open loop, R requests/s on average")
+    load.add_argument("--requests", type=int, metavar="N", help="stop after N requests")
+    load.add_argument("--duration", type=float, metavar="S", help="stop issuing after S seconds")
+    load.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a mix)"
+    )
+    load.add_argument("--steps", metavar="N[,N...]", help="denoising steps")
+    load.add_argument("--scheduler", metavar="NAME[,NAME...]", help="sampler(s)")
+    load.add_argument("--width", metavar="W[,W...]", help="width(s) in pixels")
+    load.add_argument("--height", metavar="H[,H...]", help="height(s) in pixels")
+    load.add_argument("--guidance", metavar="G[,G...]", help="guidance scale(s)")
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="per-request deadline (default %(default)s)",
+    )
+    load.add_argument("--out", metavar="FILE.json", help="write the full report (every request)")
+    load.add_argument("-q", "--quiet", action="store_true", help="no live progress line")
+    load.set_defaults(func=_cmd_loadtest)
 
     tiny = sub.add_parser(
         "make-tiny-model",

@@ -1,0 +1,261 @@
+"""`sdserve loadtest`: closed- or open-loop gRPC load against DiffusionService.Generate.
+
+- Closed loop (`--concurrency C`): C clients, each sends its next request when the last one ends.
+- Open loop (`--rate R`): requests arrive as a Poisson process of R per second, whatever the
+  server does (at most `--max-in-flight` outstanding; arrivals past that count as errors).
+
+Every run is bounded by `--requests N` and/or `--duration S`. Request options take
+comma-separated lists, which make a mix: request i uses element i mod len of each list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import grpc
+
+from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+
+@dataclass(frozen=True)
+class Mix:
+    """The request options; each list cycles independently."""
+
+    prompts: tuple[str, ...] = ("a red circle on a blue background",)
+    steps: tuple[int | None, ...] = (None,)
+    schedulers: tuple[str, ...] = ("",)
+    widths: tuple[int | None, ...] = (None,)
+    heights: tuple[int | None, ...] = (None,)
+    guidances: tuple[float | None, ...] = (None,)
+
+    def request(self, i: int) -> diffusion_pb2.GenerateRequest:
+        def pick(options):
+            return options[i % len(options)]
+
+        request = diffusion_pb2.GenerateRequest(
+            prompt=pick(self.prompts), scheduler=pick(self.schedulers), seed=i
+        )
+        optional = {
+            "steps": self.steps,
+            "width": self.widths,
+            "height": self.heights,
+            "guidance_scale": self.guidances,
+        }
+        for name, options in optional.items():
+            value = pick(options)
+            if value is not None:
+                setattr(request, name, value)
+        return request
+
+
+@dataclass
+class Record:
+    index: int
+    start_s: float
+    """Seconds after the run started."""
+    latency_s: float
+    code: str
+    images: int
+
+
+@dataclass
+class Report:
+    mode: str
+    concurrency: int | None
+    rate: float | None
+    wall_s: float = 0.0
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[Record]:
+        return [r for r in self.records if r.code == "OK"]
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile (0..100) of successful requests, nearest-rank."""
+        latencies = sorted(r.latency_s for r in self.ok)
+        if not latencies:
+            return float("nan")
+        rank = max(1, min(len(latencies), round(q / 100 * len(latencies) + 0.5)))
+        return latencies[rank - 1]
+
+    def summary(self) -> dict:
+        images = sum(r.images for r in self.ok)
+        errors = Counter(r.code for r in self.records if r.code != "OK")
+        return {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "requests": len(self.records),
+            "ok": len(self.ok),
+            "images": images,
+            "wall_s": self.wall_s,
+            "images_per_s": images / self.wall_s if self.wall_s else 0.0,
+            "p50_s": self.percentile(50),
+            "p90_s": self.percentile(90),
+            "p99_s": self.percentile(99),
+            "mean_s": (sum(r.latency_s for r in self.ok) / len(self.ok)) if self.ok else None,
+            "errors": dict(errors),
+        }
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "records": [asdict(r) for r in self.records]}
+
+
+async def run_loadtest(
+    target: str,
+    *,
+    mix: Mix = Mix(),
+    concurrency: int | None = None,
+    rate: float | None = None,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    timeout_s: float = 600.0,
+    max_in_flight: int = 1000,
+    seed: int = 0,
+    on_progress: Callable[[Report, int], None] | None = None,
+) -> Report:
+    """Runs one bounded load test and returns every request's record."""
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+    if requests is None and duration_s is None:
+        raise ValueError("give requests and/or duration_s: every run is bounded")
+    report = Report(mode="closed" if concurrency else "open", concurrency=concurrency, rate=rate)
+    started = time.perf_counter()
+    stop_at = started + duration_s if duration_s is not None else float("inf")
+    issued = 0
+    in_flight = 0
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+
+        async def one(i: int) -> None:
+            nonlocal in_flight
+            in_flight += 1
+            t0 = time.perf_counter()
+            try:
+                reply = await stub.Generate(mix.request(i), timeout=timeout_s)
+                code, images = "OK", len(reply.images)
+            except grpc.aio.AioRpcError as exc:
+                code, images = exc.code().name, 0
+            finally:
+                in_flight -= 1
+            report.records.append(Record(i, t0 - started, time.perf_counter() - t0, code, images))
+
+        def take() -> int | None:
+            nonlocal issued
+            if time.perf_counter() >= stop_at or (requests is not None and issued >= requests):
+                return None
+            issued += 1
+            return issued - 1
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                if on_progress is not None:
+                    report.wall_s = time.perf_counter() - started
+                    on_progress(report, in_flight)
+
+        ticker = asyncio.create_task(progress())
+        try:
+            if concurrency:
+
+                async def client() -> None:
+                    while (i := take()) is not None:
+                        await one(i)
+
+                await asyncio.gather(*(client() for _ in range(concurrency)))
+            else:
+                rng = random.Random(seed)
+                tasks = []
+                next_at = time.perf_counter()
+                while (i := take()) is not None:
+                    next_at += rng.expovariate(rate)
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                    if in_flight >= max_in_flight:
+                        report.records.append(
+                            Record(i, next_at - started, 0.0, "CLIENT_OVERLOAD", 0)
+                        )
+                        continue
+                    tasks.append(asyncio.create_task(one(i)))
+                await asyncio.gather(*tasks)
+        finally:
+            ticker.cancel()
+    report.wall_s = time.perf_counter() - started
+    report.records.sort(key=lambda r: r.index)
+    return report
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"requests   {summary['requests']} ({summary['ok']} ok) in {summary['wall_s']:.1f}s",
+        f"images/s   {summary['images_per_s']:.2f}",
+        f"latency    p50 {summary['p50_s']:.3f}s   p90 {summary['p90_s']:.3f}s   "
+        f"p99 {summary['p99_s']:.3f}s",
+    ]
+    errors = summary["errors"]
+    lines.append(
+        "errors     " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none")
+    )
+    return "\n".join(lines)
+
+
+def progress_line(report: Report, in_flight: int) -> None:
+    """The live line on stderr."""
+    done = len(report.records)
+    errors = sum(r.code != "OK" for r in report.records)
+    images = sum(r.images for r in report.records)
+    rate = images / report.wall_s if report.wall_s else 0.0
+    sys.stderr.write(
+        f"\r{report.wall_s:6.1f}s  done {done}  errors {errors}  in flight {in_flight}  "
+        f"{rate:.2f} img/s   "
+    )
+    sys.stderr.flush()
+
+
+def _split(text: str | None, cast) -> tuple:
+    if text is None:
+        return (None,)
+    return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+
+
+def main(args) -> int:
+    """`sdserve loadtest` (argparse Namespace from sdserve.cli)."""
+    mix = Mix(
+        prompts=tuple(args.prompt) if args.prompt else Mix().prompts,
+        steps=_split(args.steps, int),
+        schedulers=_split(args.scheduler, str) if args.scheduler else ("",),
+        widths=_split(args.width, int),
+        heights=_split(args.height, int),
+        guidances=_split(args.guidance, float),
+    )
+    requests, duration = args.requests, args.duration
+    if requests is None and duration is None:
+        requests = 50
+    report = asyncio.run(
+        run_loadtest(
+            args.server,
+            mix=mix,
+            concurrency=None if args.rate else args.concurrency,
+            rate=args.rate,
+            requests=requests,
+            duration_s=duration,
+            timeout_s=args.timeout,
+            on_progress=None if args.quiet else progress_line,
+        )
+    )
+    if not args.quiet:
+        sys.stderr.write("\n")
+    summary = report.summary()
+    print(format_summary(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+        print(f"full report: {args.out}")
+    return 0 if summary["ok"] else 1

@@ -1,0 +1,48 @@
+"""`sdserve loadtest` against the session's server (bounded, 127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _loadtest(server, *args, tmp_path):
+    out = tmp_path / "report.json"
+    exe = Path(sys.executable).with_name("sdserve")
+    run = subprocess.run(
+        [str(exe), "loadtest", "--server", server.target, "--out", str(out), *args],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    return run, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_closed_loop_with_a_mix(server, tmp_path):
+    run, report = _loadtest(
+        server, "--concurrency", "4", "--requests", "8", "--steps", "4,6",
+        "--scheduler", "ddim,euler_ancestral", "--width", "64,32", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = report["summary"]
+    assert summary["requests"] == summary["ok"] == summary["images"] == 8
+    assert summary["errors"] == {}
+    assert 0 < summary["p50_s"] <= summary["p90_s"] <= summary["p99_s"]
+    assert "images/s" in run.stdout and "p99" in run.stdout
+    assert sorted(r["index"] for r in report["records"]) == list(range(8))
+
+
+def test_open_loop_is_bounded_and_counts_errors_by_code(server, tmp_path):
+    run, report = _loadtest(
+        server, "--rate", "20", "--duration", "2", "--requests", "6", "--steps", "2",
+        "--width", "64,60", tmp_path=tmp_path,
+    )  # fmt: skip
+    summary = report["summary"]
+    assert summary["mode"] == "open"
+    assert summary["requests"] == 6
+    assert summary["ok"] == 3 and summary["errors"] == {"INVALID_ARGUMENT": 3}
+    assert "INVALID_ARGUMENT 3" in run.stdout

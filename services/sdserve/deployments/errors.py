@@ -2,7 +2,8 @@
 
 Ray Serve's gRPC proxy takes no server interceptors, so every public RPC method of the ingress
 is wrapped with `@grpc_errors(ResponseType)`. It sets the status on Serve's `grpc_context` and
-returns an empty response, which the proxy turns into the client's error status.
+returns an empty response (unary) or raises `StatusSet` (streaming), which the proxy turns into
+the client's error status.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from sdserve.errors import SdserveError
 
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
 logger = logging.getLogger("ray.serve")
+
+
+class StatusSet(Exception):
+    """Raised after the status was set on the grpc_context (streaming RPCs only)."""
 
 
 def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
@@ -59,6 +64,8 @@ def grpc_errors(response_type: type) -> Callable:
                         yield item
                 except Exception as exc:  # every error becomes a status; the server keeps serving
                     _fail(self, exc, grpc_context)
+                    # A stream must raise for Serve's proxy to send the status set above.
+                    raise StatusSet(grpc_context.details()) from exc
 
             return stream_wrapper
 

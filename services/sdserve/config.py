@@ -41,10 +41,6 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights' dtype. auto: float16 on CUDA, float32 on CPU."""
 
-    torch_threads: int | None = Field(None, ge=1)
-    """CPU threads for torch in each stage replica. None: what Ray gives the replica
-    (OMP_NUM_THREADS = its num_cpus, 1 when num_cpus is 0)."""
-
 
 class LimitsConfig(_Strict):
     """Bounds that requests are validated against (INVALID_ARGUMENT when out of bounds)."""
@@ -107,6 +103,10 @@ class StageConfig(_Strict):
 
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per replica, e.g. {"gpu_node": 0.01} to pin a stage to a node type."""
+
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU threads for torch in each replica. None: what Ray sets (OMP_NUM_THREADS = the
+    replica's num_cpus, 1 when num_cpus is 0)."""
 
     max_ongoing_requests: int = Field(16, ge=1)
     """Requests one replica accepts at once before Serve queues them at the caller."""

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -82,7 +83,7 @@ class Report:
         latencies = sorted(r.latency_s for r in self.ok)
         if not latencies:
             return float("nan")
-        rank = max(1, min(len(latencies), round(q / 100 * len(latencies) + 0.5)))
+        rank = max(1, min(len(latencies), math.ceil(q / 100 * len(latencies))))
         return latencies[rank - 1]
 
     def summary(self) -> dict:
@@ -108,20 +109,24 @@ class Report:
         return {"summary": self.summary(), "records": [asdict(r) for r in self.records]}
 
 
-async def run_loadtest(
-    target: str,
+Sender = Callable[[diffusion_pb2.GenerateRequest], Awaitable[int]]
+"""Sends one request and returns the number of images; raises grpc.aio.AioRpcError on errors."""
+
+
+async def drive(
+    send: Sender,
     *,
     mix: Mix = Mix(),
     concurrency: int | None = None,
     rate: float | None = None,
     requests: int | None = None,
     duration_s: float | None = None,
-    timeout_s: float = 600.0,
     max_in_flight: int = 1000,
     seed: int = 0,
     on_progress: Callable[[Report, int], None] | None = None,
 ) -> Report:
-    """Runs one bounded load test and returns every request's record."""
+    """Runs one bounded load against `send` and returns every request's record. bench/ drives
+    an in-process diffusers pipeline with it, so both sides are measured the same way."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
     if requests is None and duration_s is None:
@@ -132,64 +137,69 @@ async def run_loadtest(
     issued = 0
     in_flight = 0
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-
-        async def one(i: int) -> None:
-            nonlocal in_flight
-            in_flight += 1
-            t0 = time.perf_counter()
-            try:
-                reply = await stub.Generate(mix.request(i), timeout=timeout_s)
-                code, images = "OK", len(reply.images)
-            except grpc.aio.AioRpcError as exc:
-                code, images = exc.code().name, 0
-            finally:
-                in_flight -= 1
-            report.records.append(Record(i, t0 - started, time.perf_counter() - t0, code, images))
-
-        def take() -> int | None:
-            nonlocal issued
-            if time.perf_counter() >= stop_at or (requests is not None and issued >= requests):
-                return None
-            issued += 1
-            return issued - 1
-
-        async def progress() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                if on_progress is not None:
-                    report.wall_s = time.perf_counter() - started
-                    on_progress(report, in_flight)
-
-        ticker = asyncio.create_task(progress())
+    async def one(i: int) -> None:
+        nonlocal in_flight
+        in_flight += 1
+        t0 = time.perf_counter()
         try:
-            if concurrency:
-
-                async def client() -> None:
-                    while (i := take()) is not None:
-                        await one(i)
-
-                await asyncio.gather(*(client() for _ in range(concurrency)))
-            else:
-                rng = random.Random(seed)
-                tasks = []
-                next_at = time.perf_counter()
-                while (i := take()) is not None:
-                    next_at += rng.expovariate(rate)
-                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                    if in_flight >= max_in_flight:
-                        report.records.append(
-                            Record(i, next_at - started, 0.0, "CLIENT_OVERLOAD", 0)
-                        )
-                        continue
-                    tasks.append(asyncio.create_task(one(i)))
-                await asyncio.gather(*tasks)
+            code, images = "OK", await send(mix.request(i))
+        except grpc.aio.AioRpcError as exc:
+            code, images = exc.code().name, 0
         finally:
-            ticker.cancel()
+            in_flight -= 1
+        report.records.append(Record(i, t0 - started, time.perf_counter() - t0, code, images))
+
+    def take() -> int | None:
+        nonlocal issued
+        if time.perf_counter() >= stop_at or (requests is not None and issued >= requests):
+            return None
+        issued += 1
+        return issued - 1
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if on_progress is not None:
+                report.wall_s = time.perf_counter() - started
+                on_progress(report, in_flight)
+
+    ticker = asyncio.create_task(progress())
+    try:
+        if concurrency:
+
+            async def client() -> None:
+                while (i := take()) is not None:
+                    await one(i)
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        else:
+            rng = random.Random(seed)
+            tasks = []
+            next_at = time.perf_counter()
+            while (i := take()) is not None:
+                next_at += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                if in_flight >= max_in_flight:
+                    report.records.append(Record(i, next_at - started, 0.0, "CLIENT_OVERLOAD", 0))
+                    continue
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+    finally:
+        ticker.cancel()
     report.wall_s = time.perf_counter() - started
     report.records.sort(key=lambda r: r.index)
     return report
+
+
+async def run_loadtest(target: str, *, timeout_s: float = 600.0, **kwargs) -> Report:
+    """`drive` against DiffusionService.Generate at `target` (keyword arguments as `drive`)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+
+        async def send(request: diffusion_pb2.GenerateRequest) -> int:
+            return len((await stub.Generate(request, timeout=timeout_s)).images)
+
+        return await drive(send, **kwargs)
 
 
 def format_summary(summary: dict) -> str:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from sdserve.config import SdserveConfig
-from sdserve.deployments._common import load_stage
+from sdserve.deployments._common import TorchThread, load_stage
 from sdserve.errors import DeadlineExceeded, Internal
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.denoise import Denoiser
@@ -29,7 +29,8 @@ from sdserve.v1 import stages_pb2
 class DenoiserDeployment:
     def __init__(self, config: dict):
         engine_config = SdserveConfig.model_validate(config).engine
-        self.denoiser = load_stage(Denoiser, config)
+        self.torch = TorchThread("denoiser")
+        self.denoiser = self.torch.call(load_stage, Denoiser, config, "denoiser")
         self.counters = stages_pb2.DenoiserStats(strategy=engine_config.batching)
         self.engine = eng.DenoiseEngine(
             self.denoiser.unet,
@@ -37,7 +38,7 @@ class DenoiserDeployment:
             strategy=engine_config.batching,
             on_stats=self._on_stats,
         )
-        self.engine.start()
+        self.engine.start(self.torch.executor)  # the engine loop owns the torch thread
 
     def __del__(self):
         self.engine.stop(timeout_s=1)
@@ -45,6 +46,7 @@ class DenoiserDeployment:
     # -- engine thread callbacks ----------------------------------------------------------------
     def _on_stats(self, stats: eng.StepStats) -> None:
         self.counters.unet_steps += 1
+        self.counters.unet_seconds += stats.duration_s
         self.counters.max_batch_size_seen = max(self.counters.max_batch_size_seen, stats.batch_size)
 
     def _count(self, event: eng.Event) -> None:
@@ -54,14 +56,18 @@ class DenoiserDeployment:
             self.counters.cancelled += 1
 
     # -- bridging ------------------------------------------------------------------------------
-    async def _events(self, req: stages_pb2.DenoiseRequest) -> AsyncIterator[eng.Event]:
-        """Submits the request to the engine and yields its events until it ends."""
+    async def _events(
+        self, req: stages_pb2.DenoiseRequest, progress: bool = True
+    ) -> AsyncIterator[eng.Event]:
+        """Submits the request to the engine and yields its events until it ends; without
+        `progress`, only the final one (no per-step wake-ups of this event loop)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[eng.Event] = asyncio.Queue()
 
         def on_event(event: eng.Event) -> None:  # engine thread
             self._count(event)
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            if progress or not isinstance(event, eng.Queued | eng.Started | eng.Step):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
         job = self.denoiser.make_job(
             f"{req.request_id or 'anonymous'}/{uuid.uuid4().hex[:8]}",
@@ -100,7 +106,7 @@ class DenoiserDeployment:
     async def Denoise(self, request: bytes) -> bytes:
         """Serialized `DenoiseRequest` -> serialized `DenoiseResponse`."""
         req = stages_pb2.DenoiseRequest.FromString(request)
-        async for event in self._events(req):
+        async for event in self._events(req, progress=False):
             if isinstance(event, eng.Finished):
                 return stages_pb2.DenoiseResponse(
                     latents=tensor_to_pb(event.latents)

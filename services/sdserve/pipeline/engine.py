@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,7 @@ class DenoiseEngine:
         self._waiting: deque[DenoiseJob] = deque()
         self._running: dict[tuple[int, ...], list[DenoiseJob]] = {}
         self._turns: deque[tuple[int, ...]] = deque()  # round robin over buckets
-        self._thread: threading.Thread | None = None
+        self._done: threading.Thread | Future | None = None
         self._stopping = False
 
     # -- called from any thread ---------------------------------------------------------------
@@ -143,16 +144,24 @@ class DenoiseEngine:
         with self._lock:
             return len(self._waiting), sum(len(jobs) for jobs in self._running.values())
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
-        self._thread.start()
+    def start(self, executor: Executor | None = None) -> None:
+        """Runs the loop on a new thread, or on `executor` (the thread that loaded the model:
+        torch is fastest when one thread does all of a process's compute)."""
+        if executor is not None:
+            self._done = executor.submit(self._loop)
+        else:
+            thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
+            thread.start()
+            self._done = thread
 
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        if isinstance(self._done, threading.Thread):
+            self._done.join(timeout_s)
+        elif self._done is not None:
+            self._done.result(timeout_s)
 
     # -- the engine thread --------------------------------------------------------------------
     def _jobs(self):

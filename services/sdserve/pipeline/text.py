@@ -23,9 +23,21 @@ class TextEncoder:
         root = models.check_model_dir(model_dir, ("tokenizer", "text_encoder"))
         self.device = models.resolve_device(device)
         self.dtype = models.resolve_dtype(dtype, self.device)
-        self.tokenizer = models.load_tokenizer(root)
-        self.model = models.load_text_encoder(root, self.device, self.dtype)
-        self._use_mask = bool(getattr(self.model.config, "use_attention_mask", False))
+        self._set_parts(
+            models.load_tokenizer(root), models.load_text_encoder(root, self.device, self.dtype)
+        )
+
+    @classmethod
+    def from_parts(cls, tokenizer, model) -> TextEncoder:
+        """Wraps an already-loaded tokenizer and CLIPTextModel (benchmarks build them in memory)."""
+        encoder = cls.__new__(cls)
+        encoder.device, encoder.dtype = model.device, model.dtype
+        encoder._set_parts(tokenizer, model)
+        return encoder
+
+    def _set_parts(self, tokenizer, model) -> None:
+        self.tokenizer, self.model = tokenizer, model
+        self._use_mask = bool(getattr(model.config, "use_attention_mask", False))
 
     @torch.inference_mode()
     def _embed(self, text: str) -> torch.Tensor:

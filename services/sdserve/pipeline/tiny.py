@@ -54,6 +54,40 @@ TINY_VAE = dict(
     sample_size=64,
     scaling_factor=0.18215,
 )
+# Stable Diffusion 1.5's own architecture (random weights, for benchmarks). Parameter counts:
+# U-Net 859.52 M, VAE 83.65 M, text encoder 123.06 M.
+SD15_TEXT_ENCODER = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    vocab_size=49408,
+)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
 SD15_SCHEDULER = dict(
     _class_name="PNDMScheduler",
     _diffusers_version="0.6.0",

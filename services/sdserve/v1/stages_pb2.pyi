@@ -343,6 +343,7 @@ class DenoiserStats(_message.Message):
     CANCELLED_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_SEEN_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    UNET_SECONDS_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -357,6 +358,8 @@ class DenoiserStats(_message.Message):
     """Largest number of images one forward covered."""
     strategy: _builtins.str
     """"step" (continuous batching) or "request" (whole-request batching)."""
+    unet_seconds: _builtins.float
+    """Seconds spent in U-Net steps (forward, guidance and scheduler updates)."""
     def __init__(
         self,
         *,
@@ -367,10 +370,11 @@ class DenoiserStats(_message.Message):
         cancelled: _builtins.int = ...,
         max_batch_size_seen: _builtins.int = ...,
         strategy: _builtins.str = ...,
+        unet_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "finished", b"finished", "max_batch_size_seen", b"max_batch_size_seen", "running", b"running", "strategy", b"strategy", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "finished", b"finished", "max_batch_size_seen", b"max_batch_size_seen", "running", b"running", "strategy", b"strategy", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,253 @@
+"""Step-level batching against request-level batching and plain diffusers, side by side.
+
+    .venv/bin/python bench/bench_batching.py [--out bench/results/batching.json] [--quick]
+
+In one run, on one machine, with the tiny model at 128x128 and 20 steps (sized so that one
+diffusers request takes 0.3-1 s on 2 CPU cores), it measures:
+
+  ceiling  the compute-only gain of batching: 16 requests through the in-process engine
+           (per-request schedulers, per-sample timesteps, one U-Net forward per step) against
+           16 sequential diffusers calls. No Ray, no gRPC.
+  (a)      diffusers' StableDiffusionPipeline serving requests one at a time, in-process;
+  (b)      sdserve over gRPC with request-level batching (engine.batching=request);
+  (c)      sdserve over gRPC with step-level batching (engine.batching=step);
+
+each at closed-loop concurrency 1, 4 and 16, and open-loop Poisson arrivals at 70% of (b)'s
+peak images/s. It prints ratios (the machine is shared and noisy; absolute times are not the
+claim) and writes every number to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from sdserve.config import SdserveConfig
+from sdserve.loadtest import Mix, Report, drive, run_loadtest
+from sdserve.pipeline.denoise import Denoiser
+from sdserve.pipeline.engine import DenoiseEngine
+from sdserve.pipeline.text import TextEncoder
+from sdserve.pipeline.tiny import make_tiny_model
+from sdserve.pipeline.vae import VaeDecoder
+
+SIZE, STEPS, SCHEDULER, GUIDANCE = 128, 20, "ddim", 7.5
+PROMPTS = tuple(f"a {c} {s} on a {b} background" for c, s, b in [
+    ("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "triangle", "black"),
+    ("purple", "circle", "orange"),
+])  # fmt: skip
+MIX = Mix(prompts=PROMPTS, steps=(STEPS,), schedulers=(SCHEDULER,), widths=(SIZE,),
+          heights=(SIZE,), guidances=(GUIDANCE,))  # fmt: skip
+
+
+def diffusers_pipe(model: Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(
+        json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_call(pipe, request) -> int:
+    pipe(request.prompt, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+         width=request.width, height=request.height,
+         generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")  # fmt: skip
+    return 1
+
+
+def measure_ceiling(model: Path, pipe, n: int = 16, repeats: int = 3) -> dict:
+    """16 sequential diffusers calls vs the same 16 requests batched by the engine in-process."""
+    text, denoiser, vae = TextEncoder(model), Denoiser(model), VaeDecoder(model)
+    requests = [MIX.request(i) for i in range(n)]
+
+    def sequential():
+        for r in requests:
+            diffusers_call(pipe, r)
+
+    def batched():
+        engine = DenoiseEngine(denoiser.unet, max_batch_size=n)
+        jobs = []
+        for r in requests:
+            cond, uncond = text.encode(r.prompt, "", with_uncond=True)
+            job = denoiser.make_job(str(r.seed), cond, uncond, width=SIZE, height=SIZE,
+                                    steps=STEPS, guidance_scale=GUIDANCE, scheduler=SCHEDULER,
+                                    seeds=[r.seed])  # fmt: skip
+            engine.submit(job)
+            jobs.append(job)
+        while engine.counts() != (0, 0):
+            engine.step()
+        for job in jobs:  # decode one request at a time, as diffusers does
+            vae.decode(torch.cat([s.latents for s in job.samples]))
+
+    seq, bat = [], []
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both
+        t = time.perf_counter()
+        sequential()
+        seq.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        batched()
+        bat.append(time.perf_counter() - t)
+    ratios = [s / b for s, b in zip(seq, bat, strict=True)]
+    return {"sequential_s": seq, "batched_s": bat, "ratios": ratios,
+            "ceiling": statistics.median(ratios)}  # fmt: skip
+
+
+async def diffusers_load(torch_thread, pipe, **load) -> Report:
+    """(a): one worker runs diffusers calls one at a time; the clients queue for it."""
+    loop = asyncio.get_running_loop()
+
+    async def send(request) -> int:
+        return await loop.run_in_executor(torch_thread, diffusers_call, pipe, request)
+
+    return await drive(send, mix=MIX, **load)
+
+
+def loads(quick: bool) -> list[tuple[str, dict]]:
+    scale = 1 if quick else 2
+    return [
+        ("c1", dict(concurrency=1, requests=4 * scale)),
+        ("c4", dict(concurrency=4, requests=8 * scale)),
+        ("c16", dict(concurrency=16, requests=16 * scale + 16)),
+    ]
+
+
+def run_loads(name: str, run_one, points: list[tuple[str, dict]]) -> dict:
+    results = {}
+    for label, load in points:
+        r = results[label] = run_one(**load).summary()
+        print(f"  {name} {label:>6}: {r['images_per_s']:.2f} img/s, p50 {r['p50_s']:.3f}s, "
+              f"p99 {r['p99_s']:.3f}s", flush=True)  # fmt: skip
+    return results
+
+
+def open_load(rate: float, quick: bool) -> list[tuple[str, dict]]:
+    return [("open70", dict(rate=rate, requests=30 if quick else 120, duration_s=300))]
+
+
+def sdserve_config(model: Path, batching: str, grpc_port: int, http_port: int) -> SdserveConfig:
+    return SdserveConfig.model_validate({
+        "model": {"path": str(model)},
+        "engine": {"batching": batching, "max_batch_size": 16},
+        "server": {"grpc_port": grpc_port, "http_port": http_port},
+        # the Denoiser holds the cores; the other stages ride along (num_cpus 0)
+        "stages": {"denoiser": {"num_cpus": float(os.cpu_count() or 1)}},
+    })  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench/results/batching.json", help="JSON report")
+    parser.add_argument("--quick", action="store_true", help="fewer requests per load point")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    # Every in-process torch call runs on this one thread (see deployments/_common.py).
+    torch_thread = ThreadPoolExecutor(max_workers=1)
+
+    def on_torch(fn, *args):
+        return torch_thread.submit(fn, *args).result()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(Path(tmp) / "tiny", seed=0)
+        on_torch(torch.set_num_threads, os.cpu_count() or 1)
+        pipe = on_torch(diffusers_pipe, model)
+        for i in range(2):  # warm-up
+            on_torch(diffusers_call, pipe, MIX.request(i))
+        t = time.perf_counter()
+        for i in range(3):
+            on_torch(diffusers_call, pipe, MIX.request(i))
+        one = (time.perf_counter() - t) / 3
+        print(f"one diffusers request ({SIZE}x{SIZE}, {STEPS} steps): {one:.3f}s", flush=True)
+
+        print("ceiling (in-process, compute only) ...", flush=True)
+        ceiling = on_torch(measure_ceiling, model, pipe)
+        runs = ", ".join(f"{r:.2f}" for r in ceiling["ratios"])
+        print(f"  16 sequential diffusers / 16 engine-batched: {ceiling['ceiling']:.2f}x "
+              f"(runs: {runs})", flush=True)  # fmt: skip
+
+        from sdserve import server as sdserve_server
+
+        def run_diffusers(**load):
+            return asyncio.run(diffusers_load(torch_thread, pipe, **load))
+
+        results: dict[str, dict] = {}
+        print("(a) diffusers, in-process, one request at a time ...", flush=True)
+        results["a"] = run_loads("a", run_diffusers, loads(args.quick))
+        open_rate = None
+        for name, batching in (("b", "request"), ("c", "step")):
+            config = sdserve_config(model, batching, free_port(), free_port())
+            sdserve_server.start_ray(config)
+            sdserve_server.deploy(config)
+            target = f"127.0.0.1:{config.server.grpc_port}"
+            sdserve_server.wait_healthy(target)
+
+            def run_sdserve(target=target, **load):
+                return asyncio.run(run_loadtest(target, mix=MIX, **load))
+
+            run_sdserve(concurrency=2, requests=4)  # warm-up
+            print(f"({name}) sdserve, {batching}-level batching ...", flush=True)
+            results[name] = run_loads(name, run_sdserve, loads(args.quick))
+            if name == "b":
+                open_rate = 0.7 * max(r["images_per_s"] for r in results["b"].values())
+            results[name].update(run_loads(name, run_sdserve, open_load(open_rate, args.quick)))
+            sdserve_server.shutdown()
+        print(f"(a) open loop at {open_rate:.2f} requests/s ...", flush=True)
+        results["a"].update(run_loads("a", run_diffusers, open_load(open_rate, args.quick)))
+        torch_thread.shutdown()
+
+    a, b, c = results["a"], results["b"], results["c"]
+    ratios = {
+        "c/a images/s at concurrency 16": c["c16"]["images_per_s"] / a["c16"]["images_per_s"],
+        "(c/a) / ceiling": (c["c16"]["images_per_s"] / a["c16"]["images_per_s"])
+        / ceiling["ceiling"],
+        "c/b images/s at concurrency 16": c["c16"]["images_per_s"] / b["c16"]["images_per_s"],
+        "c/b p99 latency at 70% load": c["open70"]["p99_s"] / b["open70"]["p99_s"],
+        "c/a p50 latency at concurrency 1": c["c1"]["p50_s"] / a["c1"]["p50_s"],
+    }
+    print()
+    print(f"{'load':<8}" + "".join(f"{s + ' img/s':>12}{s + ' p50':>10}{s + ' p99':>10}"
+                                   for s in ("a", "b", "c")))  # fmt: skip
+    for label in ("c1", "c4", "c16", "open70"):
+        row = f"{label:<8}"
+        for system in (a, b, c):
+            r = system[label]
+            row += f"{r['images_per_s']:>12.2f}{r['p50_s']:>10.3f}{r['p99_s']:>10.3f}"
+        print(row)
+    print(f"\nceiling (compute only): {ceiling['ceiling']:.2f}x")
+    for name, value in ratios.items():
+        print(f"{name:<36} {value:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "setup": {"size": SIZE, "steps": STEPS, "scheduler": SCHEDULER, "guidance": GUIDANCE,
+                  "one_diffusers_request_s": one, "cpus": os.cpu_count(),
+                  "torch": torch.__version__},
+        "ceiling": ceiling, "results": results, "ratios": ratios,
+    }, indent=2))  # fmt: skip
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ It never touches a tensor: embeddings and latents pass through it as serialized 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -25,6 +26,20 @@ from sdserve.v1 import diffusion_pb2, stages_pb2
 logger = logging.getLogger("ray.serve")
 
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
+
+
+@contextlib.contextmanager
+def cancel_on_exit(response):
+    """Cancels a stage call when the block is left early (the client cancelled, or its deadline
+    passed). Serve's own propagation of a cancelled request to its child calls is best effort;
+    measured here, it missed about half the streaming Denoiser calls."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if not finished:
+            response.cancel()
 
 
 @serve.deployment(name="Pipeline")
@@ -126,35 +141,37 @@ class PipelineIngress:
         if encoded.HasField("uncond"):
             denoise.uncond.CopyFrom(encoded.uncond)
         if not stream:
-            reply = await self._denoiser.Denoise.remote(denoise.SerializeToString())
-            latents = stages_pb2.DenoiseResponse.FromString(reply).latents
+            call = self._denoiser.Denoise.remote(denoise.SerializeToString())
+            with cancel_on_exit(call):
+                latents = stages_pb2.DenoiseResponse.FromString(await call).latents
         else:
             latents = None
             events = self._denoiser_stream.DenoiseStream.remote(denoise.SerializeToString())
-            async for raw in events:
-                event = stages_pb2.DenoiseEvent.FromString(raw)
-                kind = event.WhichOneof("event")
-                if kind == "queued":
-                    yield diffusion_pb2.GenerateEvent(
-                        queued=diffusion_pb2.Queued(
-                            position=event.queued.position, request_id=request_id
-                        )
-                    )
-                elif kind == "step":
-                    step = event.step
-                    yield diffusion_pb2.GenerateEvent(
-                        progress=diffusion_pb2.Progress(
-                            step=step.step,
-                            total=step.total,
-                            elapsed_s=time.perf_counter() - started,
-                        )
-                    )
-                    if step.preview_png:
+            with cancel_on_exit(events):
+                async for raw in events:
+                    event = stages_pb2.DenoiseEvent.FromString(raw)
+                    kind = event.WhichOneof("event")
+                    if kind == "queued":
                         yield diffusion_pb2.GenerateEvent(
-                            preview=diffusion_pb2.Preview(step=step.step, png=step.preview_png)
+                            queued=diffusion_pb2.Queued(
+                                position=event.queued.position, request_id=request_id
+                            )
                         )
-                elif kind == "done":
-                    latents = event.done.latents
+                    elif kind == "step":
+                        step = event.step
+                        yield diffusion_pb2.GenerateEvent(
+                            progress=diffusion_pb2.Progress(
+                                step=step.step,
+                                total=step.total,
+                                elapsed_s=time.perf_counter() - started,
+                            )
+                        )
+                        if step.preview_png:
+                            yield diffusion_pb2.GenerateEvent(
+                                preview=diffusion_pb2.Preview(step=step.step, png=step.preview_png)
+                            )
+                    elif kind == "done":
+                        latents = event.done.latents
             if latents is None:
                 raise Internal("the Denoiser's stream ended without latents")
         denoise_s = time.perf_counter() - t

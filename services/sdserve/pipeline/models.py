@@ -105,28 +105,26 @@ def load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
+def _load_diffusers_part(model_cls, root: Path, part: str, device, dtype):
+    model = model_cls.from_pretrained(
+        root / part,
+        torch_dtype=dtype,
+        local_files_only=True,
+        variant=_variant(root, part, "diffusion_pytorch_model.safetensors"),
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_unet(root: Path, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
-    model = UNet2DConditionModel.from_pretrained(
-        root / "unet",
-        torch_dtype=dtype,
-        local_files_only=True,
-        variant=_variant(root, "unet", "diffusion_pytorch_model.safetensors"),
-    )
-    return model.to(device).eval().requires_grad_(False)
+    return _load_diffusers_part(UNet2DConditionModel, root, "unet", device, dtype)
 
 
 def load_vae(root: Path, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
-    model = AutoencoderKL.from_pretrained(
-        root / "vae",
-        torch_dtype=dtype,
-        local_files_only=True,
-        variant=_variant(root, "vae", "diffusion_pytorch_model.safetensors"),
-    )
-    return model.to(device).eval().requires_grad_(False)
+    return _load_diffusers_part(AutoencoderKL, root, "vae", device, dtype)
 
 
 def load_scheduler_config(root: Path) -> dict[str, Any]:

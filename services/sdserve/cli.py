@@ -117,7 +117,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from sdserve.pipeline.tiny import make_tiny_model
 
     started = time.perf_counter()
-    out = make_tiny_model(args.dir, seed=args.seed)
+    out = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
     print(f"wrote a tiny random-weight model to {out} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("dir", help="folder to create (must not exist, or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default %(default)s)")
+    tiny.add_argument(
+        "--arch",
+        default="tiny",
+        choices=["tiny", "tiny-sd15-layout"],
+        help="U-Net layout: tiny (2 levels, default) or SD 1.5's 4-level layout at a narrow width",
+    )
     tiny.set_defaults(func=_cmd_make_tiny_model)
     return parser
 

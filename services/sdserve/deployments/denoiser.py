@@ -40,7 +40,7 @@ class DenoiserDeployment:
         )
         self.engine.start(self.torch.executor)  # the engine loop owns the torch thread
 
-    def __del__(self):
+    def __del__(self):  # Serve is removing the replica
         self.engine.stop(timeout_s=1)
 
     # -- engine thread callbacks ----------------------------------------------------------------

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -161,7 +161,7 @@ class DenoiseEngine:
         if isinstance(self._done, threading.Thread):
             self._done.join(timeout_s)
         elif self._done is not None:
-            self._done.result(timeout_s)
+            wait([self._done], timeout_s)
 
     # -- the engine thread --------------------------------------------------------------------
     def _jobs(self):

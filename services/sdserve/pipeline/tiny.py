@@ -42,6 +42,15 @@ TINY_UNET = dict(
     attention_head_dim=8,
     norm_num_groups=32,
 )
+TINY_UNET_SD15_LAYOUT = dict(
+    TINY_UNET,
+    # SD 1.5's block structure (4 levels, 2 layers per block, cross-attention in the first 3)
+    # at a narrow width: per-forward overhead dominates on a CPU, as on a GPU at SD sizes.
+    layers_per_block=2,
+    block_out_channels=(32, 64, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -130,7 +139,11 @@ def _write_tokenizer(out: Path) -> dict[str, int]:
     }
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+ARCHS = {"tiny": TINY_UNET, "tiny-sd15-layout": TINY_UNET_SD15_LAYOUT}
+"""U-Net presets of make_tiny_model; the text encoder and VAE are the same for both."""
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
     """Writes the tiny model to `out_dir` (which must not exist yet, or be empty).
 
     The folder is built in a temporary sibling and renamed into place, so concurrent callers
@@ -156,7 +169,7 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER, **token_ids))
         torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(**TINY_UNET)
+        unet = UNet2DConditionModel(**ARCHS[arch])
         torch.manual_seed(seed + 2)
         vae = AutoencoderKL(**TINY_VAE)
         pipe = StableDiffusionPipeline(
@@ -175,9 +188,10 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
             json.dumps(SD15_SCHEDULER, indent=2) + "\n"
         )
         (tmp / "README.md").write_text(
-            f"# sdserve {TINY_VERSION} (seed {seed})\n\n"
+            f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
             "Random weights in Stable Diffusion 1.x's architecture, made by "
-            f"`sdserve make-tiny-model DIR --seed {seed}`. It generates noise; it is for tests.\n"
+            f"`sdserve make-tiny-model DIR --seed {seed} --arch {arch}`. It generates noise; it "
+            "is for tests and benchmarks.\n"
         )
         if out.exists():
             if any(out.iterdir()):

@@ -59,3 +59,10 @@ def test_serve_config_is_valid_for_ray_and_for_sdserve():
     from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS
 
     assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+
+
+def test_example_config_file_is_valid_and_matches_the_defaults():
+    config = load_config(REPO_ROOT / "deploy" / "sdserve.yaml", environ={})
+    assert config.model_dump(exclude={"model": {"cache_dir"}}) == SdserveConfig().model_dump(
+        exclude={"model": {"cache_dir"}}
+    )

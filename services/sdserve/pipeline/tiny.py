@@ -11,12 +11,15 @@ The same seed gives byte-identical weight files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-v1"
 """Bump when the architecture below changes, so cached default models are rebuilt."""
@@ -209,6 +212,7 @@ def ensure_default_model(cache_dir: str | Path) -> Path:
     out = Path(cache_dir).expanduser() / "models" / TINY_VERSION
     if (out / "model_index.json").is_file():
         return out
+    logger.info("creating the built-in default model in %s", out)
     try:
         return make_tiny_model(out, seed=0)
     except (FileExistsError, OSError):

@@ -101,6 +101,11 @@ def serve_forever(config: SdserveConfig) -> None:
         # After ray.init, which installs its own SIGTERM handler in the driver.
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
+        if config.model.path is None:
+            # Create the default model once here rather than in every replica at once.
+            from sdserve.pipeline.tiny import ensure_default_model
+
+            ensure_default_model(config.model.cache_dir)
         logger.info("deploying the sdserve application (model: %s)", config.model.path or "default")
         deploy(config)
         wait_healthy(target)

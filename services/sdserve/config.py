@@ -14,8 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
-"""Sampler names the API accepts (see sdserve.pipeline.schedulers)."""
+from sdserve.constants import SCHEDULER_NAMES
 
 
 def _default_cache_dir() -> Path:

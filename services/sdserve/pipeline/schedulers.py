@@ -18,7 +18,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from sdserve.config import SCHEDULER_NAMES
+from sdserve.constants import SCHEDULER_NAMES
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,  # Ho et al. 2020: ancestral, needs many steps

@@ -66,3 +66,30 @@ def diffusers_image(
         output_type="np",
     ).images[0]
     return (out * 255).round().astype(np.uint8)
+
+
+def solo_latents(
+    text,
+    denoiser,
+    *,
+    prompt="a red circle",
+    negative_prompt="",
+    seeds=(0,),
+    steps=6,
+    guidance=7.5,
+    scheduler="ddim",
+    width=64,
+    height=64,
+):
+    """One request through TextEncoder + Denoiser.denoise (no engine): the reference result."""
+    cond, uncond = text.encode(prompt, negative_prompt, with_uncond=guidance > 1)
+    return denoiser.denoise(
+        cond,
+        uncond,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        seeds=list(seeds),
+    )

@@ -24,18 +24,6 @@ class InvalidArgument(SdserveError):
         self.field = field
 
 
-class Unavailable(SdserveError):
-    """A dependency (a stage, Redis) cannot be reached right now; retrying may work."""
-
-    code = "UNAVAILABLE"
-
-
-class ResourceExhausted(SdserveError):
-    """A queue or quota is full."""
-
-    code = "RESOURCE_EXHAUSTED"
-
-
 class ModelFolderError(SdserveError, ValueError):
     """A model folder is missing something a stage needs."""
 

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import solo_latents
 
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import (
@@ -73,29 +74,9 @@ def _job(
     return job, recorder
 
 
-def _solo(
-    parts,
-    *,
-    prompt="a red circle",
-    seeds=(0,),
-    steps=6,
-    guidance=7.5,
-    scheduler="ddim",
-    width=64,
-    height=64,
-):
+def _solo(parts, **kwargs):
     text, denoiser, _ = parts
-    cond, uncond = text.encode(prompt, "", with_uncond=guidance > 1)
-    return denoiser.denoise(
-        cond,
-        uncond,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=guidance,
-        scheduler=scheduler,
-        seeds=list(seeds),
-    )
+    return solo_latents(text, denoiser, **kwargs)
 
 
 def _run(engine, limit=1000):

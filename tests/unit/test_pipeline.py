@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import diffusers_image
+from helpers import diffusers_image, solo_latents
 
 from sdserve.config import SCHEDULER_NAMES
 from sdserve.pipeline.denoise import Denoiser
@@ -16,22 +16,9 @@ def stages(tiny_model):
     return TextEncoder(tiny_model), Denoiser(tiny_model), VaeDecoder(tiny_model)
 
 
-def _generate(
-    stages, *, prompt, negative_prompt="", steps, guidance, width, height, seeds, scheduler
-):
+def _generate(stages, **kwargs):
     text, denoiser, vae = stages
-    cond, uncond = text.encode(prompt, negative_prompt, with_uncond=guidance > 1)
-    latents = denoiser.denoise(
-        cond,
-        uncond,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=guidance,
-        scheduler=scheduler,
-        seeds=seeds,
-    )
-    return vae.decode(latents)
+    return vae.decode(solo_latents(text, denoiser, **kwargs))
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)

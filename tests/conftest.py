@@ -23,3 +23,13 @@ def diffusers_pipe(tiny_model):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server of the test session's own on a free port (append-only file on)."""
+    from helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

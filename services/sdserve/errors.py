@@ -22,6 +22,7 @@ class InvalidArgument(SdserveError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 class ModelFolderError(SdserveError, ValueError):
@@ -46,3 +47,15 @@ class Internal(SdserveError):
     """A bug or an unexpected failure; the message says where to look."""
 
     code = "INTERNAL"
+
+
+class ResourceExhausted(SdserveError):
+    """A queue or limit is full; retrying later can succeed."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(SdserveError):
+    """Something the call needs (Redis, a stage) does not answer; retrying later can succeed."""
+
+    code = "UNAVAILABLE"

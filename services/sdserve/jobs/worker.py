@@ -1,0 +1,224 @@
+"""The job worker loop: claims jobs from the queue and runs them, `concurrency` at a time.
+
+It knows nothing of Ray or the pipeline: it is given a `run(request, job_id, report)` coroutine
+that turns a serialized request into a serialized result and calls `report(step, total)` after
+each denoising step. The JobWorker deployment gives it the stage path that `Generate` uses; the
+tests give it runners that sleep, fail or kill their own process.
+
+Per job: start an attempt (the queue settles jobs that ended, were cancelled or used up their
+attempts), renew its lease every `lease_s / 3` while it runs, stop it when a cancel request or
+a lost lease is seen (at the next step report or renewal), then end it: the result is stored and
+the entry acknowledged in one step. A failure the request caused (INVALID_ARGUMENT...) fails the
+job at once; any other failure is retried, after the lease, up to `max_attempts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import ResponseError
+
+from sdserve.errors import SdserveError, Unavailable
+from sdserve.jobs.queue import Delivery, JobQueue
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[int, int], Awaitable[None]]
+Runner = Callable[[bytes, str, Report], Awaitable[bytes]]
+
+PERMANENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND"})
+"""Error codes a retry cannot fix: the job fails at its first attempt."""
+
+
+def consumer_name() -> str:
+    """host:pid:random, unique per worker; it is recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Backoff:
+    """Exponential backoff with jitter, for reconnecting to Redis."""
+
+    def __init__(self, base_s: float = 0.1, cap_s: float = 5.0):
+        self.base_s, self.cap_s, self.failures = base_s, cap_s, 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    async def sleep(self) -> None:
+        delay = min(self.cap_s, self.base_s * 2**self.failures)
+        self.failures += 1
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        run: Runner,
+        *,
+        consumer: str | None = None,
+        concurrency: int = 4,
+        block_ms: int = 1000,
+    ):
+        self.queue = queue
+        self.run = run
+        self.consumer = consumer or consumer_name()
+        self.concurrency = concurrency
+        self.block_ms = block_ms
+        self.counts: Counter[str] = Counter()
+        """started, succeeded, failed, retried, cancelled, lost (to another worker)."""
+        self._stopping = asyncio.Event()
+        self._redis_down_since: float | None = None
+
+    async def run_forever(self) -> None:
+        """Runs `concurrency` slots until `stop()`; each claims and runs one job at a time."""
+        logger.info(
+            "job worker %s: %d slot(s) on %s (lease %gs, at most %d attempts)",
+            self.consumer, self.concurrency, self.queue.prefix, self.queue.lease_s,
+            self.queue.max_attempts,
+        )  # fmt: skip
+        await asyncio.gather(*(self._slot() for _ in range(self.concurrency)))
+
+    def stop(self) -> None:
+        """Slots finish their current job and stop claiming (within `block_ms`)."""
+        self._stopping.set()
+
+    async def _slot(self) -> None:
+        backoff = Backoff()
+        backlog: list[Delivery] = []
+        while not self._stopping.is_set():
+            try:
+                if not backlog:
+                    backlog = await self.queue.claim(self.consumer, block_ms=self.block_ms)
+                    self._redis_back()
+                if backlog:
+                    await self._process(backlog.pop(0))
+                backoff.reset()
+            except Unavailable as exc:
+                self._redis_lost(exc)
+                await backoff.sleep()
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis came back empty: recreate the groups
+                    logger.warning("job worker %s: consumer group missing; recreating it",
+                                   self.consumer)  # fmt: skip
+                    await self._quietly(self.queue.ensure_groups())
+                else:
+                    logger.exception("job worker %s: Redis error", self.consumer)
+                await backoff.sleep()
+            except Exception:
+                logger.exception("job worker %s: unexpected error", self.consumer)
+                await backoff.sleep()
+
+    def _redis_lost(self, exc: Exception) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            logger.warning("job worker %s: %s; retrying with backoff", self.consumer, exc)
+
+    def _redis_back(self) -> None:
+        if self._redis_down_since is not None:
+            down = time.monotonic() - self._redis_down_since
+            self._redis_down_since = None
+            logger.warning("job worker %s: Redis is back after %.1fs", self.consumer, down)
+
+    @staticmethod
+    async def _quietly(coro) -> None:
+        try:
+            await coro
+        except Exception as exc:  # retried by the caller's loop
+            logger.debug("ignored: %s", exc)
+
+    async def _process(self, delivery: Delivery) -> None:
+        started = await self.queue.start(delivery, self.consumer)
+        job = delivery.job_id
+        if not started.token:
+            logger.info("job %s: not run (%s)", job, started.reason)
+            return
+        token = started.token
+        self.counts["started"] += 1
+        logger.info("job %s: attempt %d on %s", job, token, self.consumer)
+        t0 = time.perf_counter()
+        stop = asyncio.Event()
+        lost = False
+
+        def seen(answer: int) -> None:
+            nonlocal lost
+            if answer == -1:
+                lost = True
+                stop.set()
+            elif answer == 1:
+                stop.set()
+
+        async def report(step: int, total: int) -> None:
+            # Progress is best effort; the lease decides who owns the job.
+            with contextlib.suppress(Unavailable):
+                seen(await self.queue.progress(delivery, token, step, total))
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.queue.lease_s / 3)
+                with contextlib.suppress(Unavailable):
+                    seen(await self.queue.renew(delivery, self.consumer, token))
+
+        run = asyncio.create_task(self.run(started.request, job, report))
+        renewing = asyncio.create_task(renew())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finished = run in done
+        finally:  # also when this worker is shut down: the lease then runs out, and another
+            renewing.cancel()  # worker takes the job over
+            stopped.cancel()
+            if not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+
+        if lost:
+            self.counts["lost"] += 1
+            logger.warning("job %s: attempt %d lost its lease to another worker", job, token)
+            return
+        if not finished:  # a cancel request stopped it
+            await self._end(delivery, token, "CANCELLED", error="cancelled by CancelJob")
+            self.counts["cancelled"] += 1
+            logger.info("job %s: cancelled after %.2fs", job, time.perf_counter() - t0)
+            return
+        exc = run.exception()
+        if exc is None:
+            await self._end(delivery, token, "SUCCEEDED", result=run.result())
+            self.counts["succeeded"] += 1
+            logger.info("job %s: succeeded in %.2fs", job, time.perf_counter() - t0)
+        elif isinstance(exc, SdserveError) and exc.code in PERMANENT_ERRORS:
+            await self._end(delivery, token, "FAILED", error=f"{exc.code}: {exc}")
+            self.counts["failed"] += 1
+            logger.info("job %s: failed: %s", job, exc)
+        else:
+            error = f"attempt {token}: {type(exc).__name__}: {exc}"
+            await self._end(delivery, token, "RETRY", error=error)
+            self.counts["retried"] += 1
+            logger.warning("job %s: %s", job, error, exc_info=exc)
+
+    async def _end(self, delivery: Delivery, token: int, outcome: str, **kw) -> None:
+        """Ends the attempt, retrying while Redis is down. If Redis stays down past the lease,
+        another worker may run the job again (at least once); this write is then refused."""
+        backoff = Backoff()
+        deadline = time.monotonic() + max(60.0, 3 * self.queue.lease_s)
+        while True:
+            try:
+                if not await self.queue.end(delivery, token, outcome, **kw):
+                    self.counts["lost"] += 1
+                    logger.warning("job %s: attempt %d had lost the job; its %s is dropped",
+                                   delivery.job_id, token, outcome)  # fmt: skip
+                return
+            except Unavailable as exc:
+                self._redis_lost(exc)
+                if time.monotonic() > deadline:
+                    raise
+                await backoff.sleep()

@@ -1,4 +1,4 @@
-"""The `sdserve` command: serve | generate | loadtest | make-tiny-model.
+"""The `sdserve` command: serve | generate | submit | job | loadtest | make-tiny-model.
 
 `generate` imports only grpc and the generated messages, so it starts fast; it does no
 validation of its own: what the server answers is what the user sees.
@@ -27,6 +27,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ("server", "http_port"): args.http_port,
             ("server", "ray_address"): args.address,
             ("server", "host"): args.host,
+            ("jobs", "redis_url"): args.redis_url,
         },
     )
     serve_forever(config)
@@ -63,10 +64,9 @@ def _follow(call, quiet: bool = False):
     raise RuntimeError("the server ended the stream without a result")
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import grpc
-
-    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+def _generate_request(args: argparse.Namespace):
+    """The GenerateRequest that `generate`'s and `submit`'s options describe."""
+    from sdserve.v1 import diffusion_pb2
 
     request = diffusion_pb2.GenerateRequest(
         prompt=args.prompt,
@@ -78,6 +78,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             setattr(request, field, getattr(args, field))
     if args.guidance is not None:
         request.guidance_scale = args.guidance
+    return request
+
+
+def _write_images(reply, output: str | None) -> None:
+    paths = _output_paths(output, [image.seed for image in reply.images])
+    for image, path in zip(reply.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.png)
+        print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from sdserve.v1 import diffusion_pb2_grpc
+
+    request = _generate_request(args)
 
     started = time.perf_counter()
     with grpc.insecure_channel(args.server) as channel:
@@ -94,17 +111,97 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             return 130
     elapsed = time.perf_counter() - started
 
-    paths = _output_paths(args.output, [image.seed for image in reply.images])
-    for image, path in zip(reply.images, paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image.png)
-        print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+    _write_images(reply, args.output)
     p, t = reply.parameters, reply.timings
     print(
         f"{p.steps} steps of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
         f"(text {t.text_encoder_s:.2f}s, denoise {t.denoiser_s:.2f}s, vae {t.vae_decoder_s:.2f}s)"
     )
     return 0
+
+
+def _rpc_error(exc) -> int:
+    print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+    return EXIT_RPC_ERROR
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import grpc
+
+    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    submit = diffusion_pb2.SubmitJobRequest(
+        request=_generate_request(args),
+        idempotency_key=args.idempotency_key or "",
+        priority=diffusion_pb2.JobPriority.Value(f"JOB_PRIORITY_{args.priority.upper()}"),
+    )
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            reply = diffusion_pb2_grpc.DiffusionServiceStub(channel).SubmitJob(
+                submit, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    print(reply.job_id)
+    if not reply.created:
+        print("(an existing job: same idempotency key)", file=sys.stderr)
+    return 0
+
+
+def _describe_job(job) -> str:
+    from sdserve.v1 import diffusion_pb2
+
+    state = diffusion_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+    parts = [f"{job.job_id}: {state}"]
+    if state == "RUNNING":
+        parts.append(f"step {job.step}/{job.total_steps}")
+    parts.append(f"attempts {job.attempts}")
+    if job.created_at:
+        ends = job.finished_at or time.time()
+        parts.append(f"{ends - job.created_at:.1f}s since submitted")
+    if job.cancel_requested and state == "RUNNING":
+        parts.append("cancel requested")
+    line = ", ".join(parts)
+    return f"{line}\n  error: {job.error}" if job.error else line
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    request = diffusion_pb2.GetJobRequest(job_id=args.job_id)
+    with grpc.insecure_channel(args.server) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        try:
+            if args.cancel:
+                job = stub.CancelJob(request, timeout=30)
+            elif not args.wait:
+                job = stub.GetJob(request, timeout=30)
+            else:
+                call = stub.WatchJob(request, timeout=args.timeout)
+                bar = tqdm(desc="queued", unit="step", disable=True if args.quiet else None,
+                           leave=False)  # fmt: skip
+                try:
+                    for job in call:
+                        state = diffusion_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+                        bar.set_description(state.lower())
+                        if job.total_steps:
+                            bar.total = job.total_steps
+                        bar.update(job.step - bar.n)
+                except KeyboardInterrupt:
+                    call.cancel()  # stops watching; the job goes on (cancel it with --cancel)
+                    print(f"stopped watching; the job goes on: {args.job_id}", file=sys.stderr)
+                    return 130
+                finally:
+                    bar.close()
+        except grpc.RpcError as exc:
+            return _rpc_error(exc)
+    print(_describe_job(job))
+    if job.HasField("result") and (args.wait or args.output):
+        _write_images(job.result, args.output)
+    return 0 if job.state != diffusion_pb2.JOB_STATE_FAILED else 1
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
@@ -120,6 +217,38 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     out = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
     print(f"wrote a tiny random-weight model to {out} in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one generation (generate and submit)."""
+    parser.add_argument("prompt", help="what the image should show")
+    parser.add_argument(
+        "--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)"
+    )
+    parser.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to avoid")
+    parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
+    parser.add_argument("--steps", type=int, help="denoising steps")
+    parser.add_argument(
+        "--scheduler", metavar="NAME", help="ddpm, ddim, pndm, euler, euler_ancestral or dpmpp_2m"
+    )
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument(
+        "--guidance", type=float, metavar="G", help="classifier-free guidance scale"
+    )
+    parser.add_argument(
+        "--num-images", type=int, metavar="K", help="images to generate (default 1)"
+    )
+
+
+def _add_output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="PNG to write; with several images, FILE-0.png, FILE-1.png, ... "
+        "(default: sdserve-SEED.png)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         "starting a local one",
     )
     serve.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="Redis for the job queue: redis://[:PASSWORD@]HOST:PORT/DB or rediss:// for TLS "
+        "(default redis://127.0.0.1:6379/0). Without it Generate still serves; the job RPCs "
+        "answer UNAVAILABLE",
+    )
+    serve.add_argument(
         "--config", metavar="FILE", help="YAML config file (see deploy/sdserve.yaml)"
     )
     serve.set_defaults(func=_cmd_serve)
@@ -169,25 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call DiffusionService.Generate and write the images as PNGs. Unset options "
         "take the server's defaults. On a gRPC error, print CODE: message and exit with 2.",
     )
-    gen.add_argument("prompt", help="what the image should show")
-    gen.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)")
-    gen.add_argument(
-        "-o",
-        "--output",
-        metavar="FILE",
-        help="PNG to write; with several images, FILE-0.png, FILE-1.png, ... "
-        "(default: sdserve-SEED.png)",
-    )
-    gen.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to avoid")
-    gen.add_argument("--seed", type=int, help="seed of the first image (default: random)")
-    gen.add_argument("--steps", type=int, help="denoising steps")
-    gen.add_argument(
-        "--scheduler", metavar="NAME", help="ddpm, ddim, pndm, euler, euler_ancestral or dpmpp_2m"
-    )
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
-    gen.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
-    gen.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale")
-    gen.add_argument("--num-images", type=int, metavar="K", help="images to generate (default 1)")
+    _add_request_options(gen)
+    _add_output_option(gen)
     gen.add_argument(
         "--timeout",
         type=float,
@@ -197,6 +316,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_generate)
+
+    submit = sub.add_parser(
+        "submit",
+        help="queue an asynchronous job and print its id",
+        description="Call DiffusionService.SubmitJob: the job is kept in Redis and runs on a "
+        "JobWorker, even if the server restarts. Follow it with `sdserve job ID --wait`.",
+    )
+    _add_request_options(submit)
+    submit.add_argument(
+        "--priority",
+        default="normal",
+        choices=["high", "normal", "low"],
+        help="workers take higher priorities first (default %(default)s)",
+    )
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="submitting again with the same key returns the first job instead of a new one",
+    )
+    submit.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="RPC deadline (default 30)"
+    )
+    submit.set_defaults(func=_cmd_submit)
+
+    job = sub.add_parser(
+        "job",
+        help="show, wait for or cancel an asynchronous job",
+        description="Show a job's state (GetJob); with --wait follow it with a progress bar "
+        "(WatchJob) and write its images; with --cancel cancel it (CancelJob). Exit status: 0, "
+        "or 1 when the job FAILED, 2 on a gRPC error.",
+    )
+    job.add_argument("job_id", metavar="ID", help="the id `sdserve submit` printed")
+    job.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)")
+    what = job.add_mutually_exclusive_group()
+    what.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    what.add_argument("--cancel", action="store_true", help="cancel the job")
+    _add_output_option(job)
+    job.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="how long --wait waits (default %(default)s)",
+    )
+    job.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    job.set_defaults(func=_cmd_job)
 
     load = sub.add_parser(
         "loadtest",

@@ -91,8 +91,9 @@ class EngineConfig(_Strict):
 class StageConfig(_Strict):
     """Placement and scale of one Ray Serve deployment."""
 
-    num_replicas: int = Field(1, ge=1)
-    """Replicas of this deployment."""
+    num_replicas: int = Field(1, ge=0)
+    """Replicas of this deployment. 0 only for `job_worker` (a node that serves the API and
+    runs no jobs)."""
 
     num_cpus: float = Field(0.0, ge=0)
     """Logical CPUs reserved per replica."""
@@ -133,6 +134,44 @@ class StagesConfig(_Strict):
     vae_decoder: StageConfig = StageConfig()
     """The `VaeDecoder` deployment (VAE decoder + PNG encoding)."""
 
+    job_worker: StageConfig = StageConfig()
+    """The `JobWorker` deployment: each replica runs `jobs.concurrency` queued jobs at a time
+    through the same stages as Generate."""
+
+    @model_validator(mode="after")
+    def _check(self) -> StagesConfig:
+        for name in ("ingress", "text_encoder", "denoiser", "vae_decoder"):
+            if getattr(self, name).num_replicas < 1:
+                raise ValueError(f"stages.{name}.num_replicas must be at least 1")
+        return self
+
+
+class JobsConfig(_Strict):
+    """The asynchronous job queue (SubmitJob/GetJob/WatchJob/CancelJob) on Redis."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the queue: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... for TLS, or
+    unix:///path/redis.sock. Run it with appendonly on, or a Redis restart loses queued jobs."""
+
+    key_prefix: str = "sdserve:"
+    """Prefix of every key sdserve writes (several deployments can share one Redis)."""
+
+    result_ttl_s: int = Field(24 * 3600, ge=1)
+    """How long an ended job, its images and its idempotency key are kept."""
+
+    max_queue_length: int = Field(10_000, ge=1)
+    """Most jobs waiting or running; SubmitJob answers RESOURCE_EXHAUSTED beyond it."""
+
+    max_attempts: int = Field(3, ge=1)
+    """Starts of one job before it is FAILED (a worker died or a stage failed each time)."""
+
+    lease_s: float = Field(30.0, gt=0)
+    """A running job whose worker has not renewed its lease for this long is taken over by
+    another worker. Workers renew every lease_s / 3."""
+
+    concurrency: int = Field(4, ge=1)
+    """Jobs each JobWorker replica runs at once (they batch together in the Denoiser)."""
+
 
 class ServerConfig(_Strict):
     """The Ray cluster and the public endpoint."""
@@ -166,6 +205,7 @@ class SdserveConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> SdserveConfig:
@@ -184,6 +224,7 @@ ENV_VARS = {
     "SDSERVE_HTTP_PORT": ("server", "http_port"),
     "SDSERVE_RAY_ADDRESS": ("server", "ray_address"),
     "SDSERVE_STAGE_TRANSPORT": ("server", "stage_transport"),
+    "SDSERVE_REDIS_URL": ("jobs", "redis_url"),
 }
 """Environment variables and the config field each one sets."""
 

@@ -18,6 +18,8 @@ from sdserve.v1 import diffusion_pb2, stages_pb2
 if TYPE_CHECKING:
     import torch
 
+    from sdserve.jobs.queue import JobRecord
+
 SEED_SPACE = 2**64
 
 
@@ -157,6 +159,46 @@ class GenerateParams:
         fields.append("Generator: sdserve")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+_PRIORITY_NAMES = {
+    diffusion_pb2.JOB_PRIORITY_UNSPECIFIED: "normal",
+    diffusion_pb2.JOB_PRIORITY_HIGH: "high",
+    diffusion_pb2.JOB_PRIORITY_NORMAL: "normal",
+    diffusion_pb2.JOB_PRIORITY_LOW: "low",
+}
+_PRIORITY_VALUES = {"high": diffusion_pb2.JOB_PRIORITY_HIGH,
+                    "normal": diffusion_pb2.JOB_PRIORITY_NORMAL,
+                    "low": diffusion_pb2.JOB_PRIORITY_LOW}  # fmt: skip
+
+
+def job_priority_name(priority: int) -> str:
+    """The queue's name for a JobPriority value. Raises InvalidArgument for unknown values."""
+    try:
+        return _PRIORITY_NAMES[priority]
+    except KeyError:
+        raise InvalidArgument("priority", f"unknown value {priority}") from None
+
+
+def job_to_pb(record: JobRecord) -> diffusion_pb2.Job:
+    """A job record as the public `Job` message (with its images when `record.result` is set)."""
+    job = diffusion_pb2.Job(
+        job_id=record.job_id,
+        state=diffusion_pb2.JobState.Value(f"JOB_STATE_{record.state.value}"),
+        priority=_PRIORITY_VALUES.get(record.priority, diffusion_pb2.JOB_PRIORITY_NORMAL),
+        step=record.step,
+        total_steps=record.total_steps,
+        attempts=record.attempts,
+        error=record.error,
+        created_at=record.created_at,
+        started_at=record.started_at or 0.0,
+        finished_at=record.finished_at or 0.0,
+        cancel_requested=record.cancel_requested,
+        worker=record.worker,
+    )
+    if record.result is not None:
+        job.result.ParseFromString(record.result)
+    return job
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> stages_pb2.Tensor:

@@ -8,7 +8,14 @@ import grpc
 import pytest
 from helpers import free_port
 
-from sdserve.config import ModelConfig, SdserveConfig, ServerConfig
+from sdserve.config import (
+    JobsConfig,
+    ModelConfig,
+    SdserveConfig,
+    ServerConfig,
+    StageConfig,
+    StagesConfig,
+)
 
 
 @dataclass
@@ -18,13 +25,17 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tmp_path_factory):
-    """sdserve on the tiny model, on free ports of 127.0.0.1 (Ray's GCS port is free too)."""
+def server(tiny_model, tmp_path_factory, redis_server):
+    """sdserve on the tiny model, on free ports of 127.0.0.1 (Ray's GCS port is free too), with
+    its job queue on the session's own redis-server and two JobWorker replicas."""
     from sdserve import server as sdserve_server
 
     config = SdserveConfig(
         model=ModelConfig(path=str(tiny_model), cache_dir=str(tmp_path_factory.mktemp("cache"))),
         server=ServerConfig(grpc_port=free_port(), http_port=free_port()),
+        stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
+        # A short lease, so that taking over a killed worker's job is quick.
+        jobs=JobsConfig(redis_url=redis_server.url, lease_s=2.0, concurrency=4),
     )
     sdserve_server.start_ray(config)
     try:

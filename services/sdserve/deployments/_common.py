@@ -37,7 +37,7 @@ class TorchThread:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def _show_pipeline_logs() -> None:
+def show_pipeline_logs() -> None:
     """Sends the pure pipeline layer's log lines (logger "sdserve") to the replica's stderr,
     which Ray keeps in the worker's log file and forwards to the driver's console."""
     root = logging.getLogger("sdserve")
@@ -51,7 +51,7 @@ def _show_pipeline_logs() -> None:
 def load_stage(stage_cls: type[T], config: dict, stage: str) -> T:
     """Builds a pipeline stage (TextEncoder, Denoiser, VaeDecoder) from the config tree;
     `stage` names its entry in `config.stages`. Call it on the replica's TorchThread."""
-    _show_pipeline_logs()
+    show_pipeline_logs()
     tree = SdserveConfig.model_validate(config)
     model = tree.model
     threads = getattr(tree.stages, stage).torch_threads

@@ -1,6 +1,7 @@
 """The application graph, built in one place.
 
     gRPC client -> Serve gRPC proxy -> Pipeline -> TextEncoder, Denoiser, VaeDecoder
+                                          |  (jobs) -> Redis -> JobWorker -> the same three
 
 `build_app(config)` is what `sdserve serve` runs. `app_builder` is the import path for Ray's own
 tools: `serve run deploy/serve_config.yaml` / `serve deploy` pass the config tree as `args`.
@@ -15,6 +16,7 @@ from ray.serve import Application
 from sdserve.config import SdserveConfig, StageConfig
 from sdserve.deployments.denoiser import DenoiserDeployment
 from sdserve.deployments.ingress import PipelineIngress
+from sdserve.deployments.job_worker import JobWorkerDeployment
 from sdserve.deployments.text_encoder import TextEncoderDeployment
 from sdserve.deployments.vae_decoder import VaeDecoderDeployment
 
@@ -34,14 +36,19 @@ def _options(stage: StageConfig) -> dict[str, Any]:
 
 
 def build_app(config: SdserveConfig) -> Application:
-    """Binds the four deployments with their per-stage placement from `config.stages`."""
+    """Binds the five deployments with their per-stage placement from `config.stages`."""
     tree = config.model_dump()
     stages = config.stages
     text_encoder = TextEncoderDeployment.options(**_options(stages.text_encoder)).bind(tree)
     denoiser = DenoiserDeployment.options(**_options(stages.denoiser)).bind(tree)
     vae_decoder = VaeDecoderDeployment.options(**_options(stages.vae_decoder)).bind(tree)
+    job_worker = None
+    if stages.job_worker.num_replicas:
+        job_worker = JobWorkerDeployment.options(**_options(stages.job_worker)).bind(
+            text_encoder, denoiser, vae_decoder, tree
+        )
     return PipelineIngress.options(**_options(stages.ingress)).bind(
-        text_encoder, denoiser, vae_decoder, tree
+        text_encoder, denoiser, vae_decoder, job_worker, tree
     )
 
 

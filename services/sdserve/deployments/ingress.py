@@ -1,15 +1,11 @@
 """The Pipeline deployment: serves DiffusionService (and grpc.health.v1.Health) through Ray
-Serve's gRPC proxy, validates requests and runs text encoder -> denoiser -> VAE decoder.
-
-It never touches a tensor: embeddings and latents pass through it as serialized stage messages.
+Serve's gRPC proxy. Generate/GenerateStream run the stage path; the job RPCs talk to the Redis
+job queue, and JobWorker replicas run the jobs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from grpc_health.v1 import health_pb2
@@ -18,28 +14,18 @@ from ray.serve.handle import DeploymentHandle
 
 from sdserve.config import SdserveConfig
 from sdserve.deployments.errors import grpc_errors
-from sdserve.errors import Internal, NotFound
-from sdserve.types import GenerateParams
-from sdserve.v1 import diffusion_pb2, stages_pb2
+from sdserve.deployments.stage_path import StagePath
+from sdserve.errors import Internal, InvalidArgument, NotFound
+from sdserve.jobs.queue import JobQueue
+from sdserve.types import job_priority_name, job_to_pb
+from sdserve.v1 import diffusion_pb2
 
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
 logger = logging.getLogger("ray.serve")
 
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
-
-
-@contextlib.contextmanager
-def cancel_on_exit(response):
-    """Cancels a stage call when the block is left early (the client cancelled, or its deadline
-    passed). Serve's own propagation of a cancelled request to its child calls is best effort;
-    measured here, it missed about half the streaming Denoiser calls."""
-    finished = False
-    try:
-        yield
-        finished = True
-    finally:
-        if not finished:
-            response.cancel()
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+MAX_JOB_ID_CHARS = 64
 
 
 @serve.deployment(name="Pipeline")
@@ -49,17 +35,15 @@ class PipelineIngress:
         text_encoder: DeploymentHandle,
         denoiser: DeploymentHandle,
         vae_decoder: DeploymentHandle,
+        job_worker: DeploymentHandle | None,
         config: dict,
     ):
         self.config = SdserveConfig.model_validate(config)
-        # _by_reference=False: Serve's gRPC transport, straight to the replica (see DESIGN.md).
-        by_reference = self.config.server.stage_transport == "actor"
-        self._text = text_encoder.options(_by_reference=by_reference)
-        self._denoiser = denoiser.options(_by_reference=by_reference)
-        self._denoiser_stream = self._denoiser.options(stream=True)
-        self._vae = vae_decoder.options(_by_reference=by_reference)
-        self._info: stages_pb2.DenoiserInfo | None = None
-        self._model_name = self.config.model.path or "sdserve-default"
+        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config)
+        # Bound so that Serve deploys the JobWorker; jobs reach it through Redis, not calls.
+        self._job_worker = job_worker
+        # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
+        self._jobs = JobQueue.from_config(self.config.jobs)
 
     def current_request_id(self) -> str:
         """Serve's id of the request being handled; it is in Serve's access logs too."""
@@ -68,18 +52,14 @@ class PipelineIngress:
         except Exception:  # outside a request
             return ""
 
-    async def _denoiser_info(self) -> stages_pb2.DenoiserInfo:
-        if self._info is None:
-            reply = await self._denoiser.Info.remote(b"")
-            self._info = stages_pb2.DenoiserInfo.FromString(reply)
-        return self._info
-
     @grpc_errors(diffusion_pb2.GenerateResponse)
     async def Generate(
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> diffusion_pb2.GenerateResponse:
         """DiffusionService.Generate."""
-        async for event in self._run(request, stream=False):
+        async for event in self._path.run(
+            request, stream=False, request_id=self.current_request_id()
+        ):
             if event.HasField("result"):
                 return event.result
         raise Internal("the pipeline ended without a result")
@@ -89,129 +69,65 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
         """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
-        async for event in self._run(request, stream=True):
+        async for event in self._path.run(
+            request, stream=True, request_id=self.current_request_id()
+        ):
             yield event
 
-    async def _run(
-        self, request: diffusion_pb2.GenerateRequest, *, stream: bool
-    ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
-        """The one pipeline path. Without `stream` it yields only the final `result` event."""
-        started = time.perf_counter()
-        request_id = self.current_request_id() or uuid.uuid4().hex
-        info = await self._denoiser_info()
-        params = GenerateParams.from_pb(
-            request,
-            limits=self.config.limits,
-            defaults=self.config.defaults,
-            native_size=(info.native_width, info.native_height),
+    @grpc_errors(diffusion_pb2.SubmitJobResponse)
+    async def SubmitJob(
+        self, request: diffusion_pb2.SubmitJobRequest, grpc_context
+    ) -> diffusion_pb2.SubmitJobResponse:
+        """DiffusionService.SubmitJob: validate, fix the seed, queue."""
+        if not request.HasField("request"):
+            raise InvalidArgument("request", "is required")
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+            raise InvalidArgument(
+                "idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+            )
+        priority = job_priority_name(request.priority)
+        try:
+            params = await self._path.validate(request.request)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"request.{exc.field}", exc.reason) from None
+        job = diffusion_pb2.GenerateRequest()
+        job.CopyFrom(request.request)
+        job.seed = params.seed  # a job that runs twice makes the same images
+        job.ClearField("preview_every")
+        job_id, created = await self._jobs.submit(
+            job.SerializeToString(),
+            total_steps=params.steps,
+            priority=priority,
+            idempotency_key=request.idempotency_key or None,
         )
         logger.info(
-            "request %s: %dx%d, %d steps of %s, guidance %g, %d image(s), seed %d",
-            request_id, params.width, params.height, params.steps, params.scheduler,
-            params.guidance_scale, params.num_images, params.seed,
+            "job %s %s (%s priority, %d steps)",
+            job_id, "queued" if created else "exists for that idempotency key", priority,
+            params.steps,
         )  # fmt: skip
+        return diffusion_pb2.SubmitJobResponse(job_id=job_id, created=created)
 
-        # 1. Encode the prompt (and the negative prompt when guidance is on).
-        t = time.perf_counter()
-        encoded = stages_pb2.EncodeTextResponse.FromString(
-            await self._text.Encode.remote(
-                stages_pb2.EncodeTextRequest(
-                    request_id=request_id,
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt,
-                    with_uncond=params.guided,
-                ).SerializeToString()
-            )
-        )
-        text_s = time.perf_counter() - t
+    @grpc_errors(diffusion_pb2.Job)
+    async def GetJob(self, request: diffusion_pb2.GetJobRequest, grpc_context) -> diffusion_pb2.Job:
+        """DiffusionService.GetJob."""
+        return job_to_pb(await self._jobs.get(_job_id(request)))
 
-        # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
-        t = time.perf_counter()
-        denoise = stages_pb2.DenoiseRequest(
-            request_id=request_id,
-            cond=encoded.cond,
-            width=params.width,
-            height=params.height,
-            steps=params.steps,
-            guidance_scale=params.guidance_scale,
-            scheduler=params.scheduler,
-            seeds=params.seeds,
-            preview_every=request.preview_every if stream else 0,
-        )
-        if encoded.HasField("uncond"):
-            denoise.uncond.CopyFrom(encoded.uncond)
-        if not stream:
-            call = self._denoiser.Denoise.remote(denoise.SerializeToString())
-            with cancel_on_exit(call):
-                latents = stages_pb2.DenoiseResponse.FromString(await call).latents
-        else:
-            latents = None
-            events = self._denoiser_stream.DenoiseStream.remote(denoise.SerializeToString())
-            with cancel_on_exit(events):
-                async for raw in events:
-                    event = stages_pb2.DenoiseEvent.FromString(raw)
-                    kind = event.WhichOneof("event")
-                    if kind == "queued":
-                        yield diffusion_pb2.GenerateEvent(
-                            queued=diffusion_pb2.Queued(
-                                position=event.queued.position, request_id=request_id
-                            )
-                        )
-                    elif kind == "step":
-                        step = event.step
-                        yield diffusion_pb2.GenerateEvent(
-                            progress=diffusion_pb2.Progress(
-                                step=step.step,
-                                total=step.total,
-                                elapsed_s=time.perf_counter() - started,
-                            )
-                        )
-                        if step.preview_png:
-                            yield diffusion_pb2.GenerateEvent(
-                                preview=diffusion_pb2.Preview(step=step.step, png=step.preview_png)
-                            )
-                    elif kind == "done":
-                        latents = event.done.latents
-            if latents is None:
-                raise Internal("the Denoiser's stream ended without latents")
-        denoise_s = time.perf_counter() - t
+    @grpc_errors(diffusion_pb2.Job)
+    async def WatchJob(
+        self, request: diffusion_pb2.GetJobRequest, grpc_context
+    ) -> AsyncIterator[diffusion_pb2.Job]:
+        """DiffusionService.WatchJob: every change until the job ends."""
+        async for record in self._jobs.watch(_job_id(request)):
+            yield job_to_pb(record)
 
-        # 3. Decode the latents to PNGs, each carrying its generation parameters.
-        t = time.perf_counter()
-        decoded = stages_pb2.DecodeResponse.FromString(
-            await self._vae.Decode.remote(
-                stages_pb2.DecodeRequest(
-                    request_id=request_id,
-                    latents=latents,
-                    parameters=[params.png_parameters(s, self._model_name) for s in params.seeds],
-                ).SerializeToString()
-            )
-        )
-        vae_s = time.perf_counter() - t
-
-        total_s = time.perf_counter() - started
-        logger.info(
-            "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
-            request_id, total_s, text_s, denoise_s, vae_s,
-        )  # fmt: skip
-        yield diffusion_pb2.GenerateEvent(
-            result=diffusion_pb2.GenerateResponse(
-                images=[
-                    diffusion_pb2.Image(
-                        png=png, seed=seed, width=params.width, height=params.height
-                    )
-                    for png, seed in zip(decoded.png, params.seeds, strict=True)
-                ],
-                timings=diffusion_pb2.StageTimings(
-                    text_encoder_s=text_s,
-                    denoiser_s=denoise_s,
-                    vae_decoder_s=vae_s,
-                    total_s=total_s,
-                ),
-                request_id=request_id,
-                parameters=params.resolved_pb(),
-            )
-        )
+    @grpc_errors(diffusion_pb2.Job)
+    async def CancelJob(
+        self, request: diffusion_pb2.GetJobRequest, grpc_context
+    ) -> diffusion_pb2.Job:
+        """DiffusionService.CancelJob."""
+        record = await self._jobs.cancel(_job_id(request))
+        logger.info("job %s: cancel requested, now %s", record.job_id, record.state.value)
+        return job_to_pb(record)
 
     @grpc_errors(health_pb2.HealthCheckResponse)
     async def Check(
@@ -220,5 +136,13 @@ class PipelineIngress:
         """grpc.health.v1.Health/Check: SERVING once the Denoiser answers."""
         if request.service not in ("", SERVICE_NAME):
             raise NotFound(f"unknown service {request.service!r}")
-        await self._denoiser_info()
+        await self._path.denoiser_info()
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def _job_id(request: diffusion_pb2.GetJobRequest) -> str:
+    if not request.job_id:
+        raise InvalidArgument("job_id", "is required")
+    if len(request.job_id) > MAX_JOB_ID_CHARS:
+        raise InvalidArgument("job_id", f"is longer than {MAX_JOB_ID_CHARS} characters")
+    return request.job_id

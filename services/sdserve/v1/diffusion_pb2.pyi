@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,226 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobPriority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobPriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPriority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_PRIORITY_UNSPECIFIED: _JobPriority.ValueType  # 0
+    """Unset: NORMAL."""
+    JOB_PRIORITY_HIGH: _JobPriority.ValueType  # 1
+    """Before every NORMAL and LOW job."""
+    JOB_PRIORITY_NORMAL: _JobPriority.ValueType  # 2
+    """The default."""
+    JOB_PRIORITY_LOW: _JobPriority.ValueType  # 3
+    """After every HIGH and NORMAL job."""
+
+class JobPriority(_JobPriority, metaclass=_JobPriorityEnumTypeWrapper):
+    """How soon a job runs. Workers take the highest priority waiting job first."""
+
+JOB_PRIORITY_UNSPECIFIED: JobPriority.ValueType  # 0
+"""Unset: NORMAL."""
+JOB_PRIORITY_HIGH: JobPriority.ValueType  # 1
+"""Before every NORMAL and LOW job."""
+JOB_PRIORITY_NORMAL: JobPriority.ValueType  # 2
+"""The default."""
+JOB_PRIORITY_LOW: JobPriority.ValueType  # 3
+"""After every HIGH and NORMAL job."""
+Global___JobPriority: _TypeAlias = JobPriority  # noqa: Y015
+
+class _JobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
+    """Never sent."""
+    JOB_STATE_QUEUED: _JobState.ValueType  # 1
+    """Waiting for a worker (also between a failed attempt and the next)."""
+    JOB_STATE_RUNNING: _JobState.ValueType  # 2
+    """A worker runs it; `step` of `total_steps` are done."""
+    JOB_STATE_SUCCEEDED: _JobState.ValueType  # 3
+    """Done; `result` holds the images."""
+    JOB_STATE_FAILED: _JobState.ValueType  # 4
+    """Given up; `error` says why."""
+    JOB_STATE_CANCELLED: _JobState.ValueType  # 5
+    """Cancelled by CancelJob."""
+
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
+    """Where a job is in its life. SUCCEEDED, FAILED and CANCELLED are final."""
+
+JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
+"""Never sent."""
+JOB_STATE_QUEUED: JobState.ValueType  # 1
+"""Waiting for a worker (also between a failed attempt and the next)."""
+JOB_STATE_RUNNING: JobState.ValueType  # 2
+"""A worker runs it; `step` of `total_steps` are done."""
+JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
+"""Done; `result` holds the images."""
+JOB_STATE_FAILED: JobState.ValueType  # 4
+"""Given up; `error` says why."""
+JOB_STATE_CANCELLED: JobState.ValueType  # 5
+"""Cancelled by CancelJob."""
+Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+@_typing.final
+class SubmitJobRequest(_message.Message):
+    """A job to queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Optional. Submitting again with the same key (within `jobs.result_ttl_s`) returns the
+    first job's id and queues nothing, so a client can retry SubmitJob safely.
+    """
+    priority: Global___JobPriority.ValueType
+    """How soon it runs. Unset: NORMAL."""
+    @_builtins.property
+    def request(self) -> Global___GenerateRequest:
+        """What to generate; validated as in Generate. An unset seed is drawn now, so a job that runs
+        again (after a worker died) makes the same images.
+        """
+
+    def __init__(
+        self,
+        *,
+        request: Global___GenerateRequest | None = ...,
+        idempotency_key: _builtins.str = ...,
+        priority: Global___JobPriority.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "priority", b"priority", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobRequest: _TypeAlias = SubmitJobRequest  # noqa: Y015
+
+@_typing.final
+class SubmitJobResponse(_message.Message):
+    """The queued job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id, for GetJob, WatchJob and CancelJob."""
+    created: _builtins.bool
+    """False when `idempotency_key` named an existing job, whose id this is."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobResponse: _TypeAlias = SubmitJobResponse  # noqa: Y015
+
+@_typing.final
+class GetJobRequest(_message.Message):
+    """Names a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The id SubmitJob returned."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    """A job as the server knows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Its id."""
+    state: Global___JobState.ValueType
+    """Where it is."""
+    priority: Global___JobPriority.ValueType
+    """Its priority."""
+    step: _builtins.int
+    """Denoising steps done in the current attempt (RUNNING), or when it ended."""
+    total_steps: _builtins.int
+    """Denoising steps in all."""
+    attempts: _builtins.int
+    """Times a worker started it; above 1 when a worker died or a stage failed mid-job."""
+    error: _builtins.str
+    """Why it FAILED, or why the last attempt did not finish."""
+    created_at: _builtins.float
+    """When it was submitted (seconds since the Unix epoch)."""
+    started_at: _builtins.float
+    """When its current or last attempt started; 0 if it never started."""
+    finished_at: _builtins.float
+    """When it ended; 0 if it has not."""
+    cancel_requested: _builtins.bool
+    """CancelJob was called and the job has not stopped yet."""
+    worker: _builtins.str
+    """The worker running it, or that ran its last attempt: "host:pid:id"."""
+    @_builtins.property
+    def result(self) -> Global___GenerateResponse:
+        """The images; set once SUCCEEDED (in WatchJob, in its last message only)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
+        priority: Global___JobPriority.ValueType = ...,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        error: _builtins.str = ...,
+        created_at: _builtins.float = ...,
+        started_at: _builtins.float = ...,
+        finished_at: _builtins.float = ...,
+        cancel_requested: _builtins.bool = ...,
+        result: Global___GenerateResponse | None = ...,
+        worker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "priority", b"priority", "result", b"result", "started_at", b"started_at", "state", b"state", "step", b"step", "total_steps", b"total_steps", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):

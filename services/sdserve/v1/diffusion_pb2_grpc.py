@@ -45,6 +45,26 @@ class DiffusionServiceStub:
                 request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/sdserve.v1.DiffusionService/SubmitJob',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/sdserve.v1.DiffusionService/GetJob',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/sdserve.v1.DiffusionService/WatchJob',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/sdserve.v1.DiffusionService/CancelJob',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class DiffusionServiceServicer:
@@ -70,6 +90,40 @@ class DiffusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Queues a generation as an asynchronous job and returns its id at once. Jobs live in Redis:
+        they survive restarts of the server and of Redis (with appendonly on), and run at least
+        once. Errors: INVALID_ARGUMENT (the request is validated before it is queued),
+        RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (Redis does not answer; no job exists).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """A job's state, and its images once it has succeeded. NOT_FOUND for an unknown job id, or
+        one whose result has expired (`jobs.result_ttl_s`, 24 h by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Streams the job as it changes (state changes and one message per denoising step) until it
+        ends; the last message has the images when it succeeded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
+        denoising step and is never decoded. An ended job is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +136,26 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_diffusion__pb2.GenerateEvent.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.SubmitJobRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +213,114 @@ class DiffusionService:
             '/sdserve.v1.DiffusionService/GenerateStream',
             sdserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
             sdserve_dot_v1_dot_diffusion__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/SubmitJob',
+            sdserve_dot_v1_dot_diffusion__pb2.SubmitJobRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/GetJob',
+            sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/WatchJob',
+            sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/CancelJob',
+            sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,24 @@ class DiffusionServiceStub:
     Cancelling the call, or passing its deadline, frees the request's batch slot at the next
     denoising step; its images are never decoded.
     """
+    SubmitJob: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.SubmitJobRequest, _diffusion_pb2.SubmitJobResponse]
+    """Queues a generation as an asynchronous job and returns its id at once. Jobs live in Redis:
+    they survive restarts of the server and of Redis (with appendonly on), and run at least
+    once. Errors: INVALID_ARGUMENT (the request is validated before it is queued),
+    RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (Redis does not answer; no job exists).
+    """
+    GetJob: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.GetJobRequest, _diffusion_pb2.Job]
+    """A job's state, and its images once it has succeeded. NOT_FOUND for an unknown job id, or
+    one whose result has expired (`jobs.result_ttl_s`, 24 h by default).
+    """
+    WatchJob: _grpc.UnaryStreamMultiCallable[_diffusion_pb2.GetJobRequest, _diffusion_pb2.Job]
+    """Streams the job as it changes (state changes and one message per denoising step) until it
+    ends; the last message has the images when it succeeded.
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.GetJobRequest, _diffusion_pb2.Job]
+    """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
+    denoising step and is never decoded. An ended job is returned unchanged.
+    """
 
 @_typing.type_check_only
 class DiffusionServiceAsyncStub(DiffusionServiceStub):
@@ -65,6 +83,24 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
     per denoising step, with `preview` images every `preview_every` steps), then `result`.
     Cancelling the call, or passing its deadline, frees the request's batch slot at the next
     denoising step; its images are never decoded.
+    """
+    SubmitJob: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.SubmitJobRequest, _diffusion_pb2.SubmitJobResponse]  # type: ignore[assignment]
+    """Queues a generation as an asynchronous job and returns its id at once. Jobs live in Redis:
+    they survive restarts of the server and of Redis (with appendonly on), and run at least
+    once. Errors: INVALID_ARGUMENT (the request is validated before it is queued),
+    RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (Redis does not answer; no job exists).
+    """
+    GetJob: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.GetJobRequest, _diffusion_pb2.Job]  # type: ignore[assignment]
+    """A job's state, and its images once it has succeeded. NOT_FOUND for an unknown job id, or
+    one whose result has expired (`jobs.result_ttl_s`, 24 h by default).
+    """
+    WatchJob: _aio.UnaryStreamMultiCallable[_diffusion_pb2.GetJobRequest, _diffusion_pb2.Job]  # type: ignore[assignment]
+    """Streams the job as it changes (state changes and one message per denoising step) until it
+    ends; the last message has the images when it succeeded.
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.GetJobRequest, _diffusion_pb2.Job]  # type: ignore[assignment]
+    """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
+    denoising step and is never decoded. An ended job is returned unchanged.
     """
 
 class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -91,6 +127,48 @@ class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
         per denoising step, with `preview` images every `preview_every` steps), then `result`.
         Cancelling the call, or passing its deadline, frees the request's batch slot at the next
         denoising step; its images are never decoded.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitJob(
+        self,
+        request: _diffusion_pb2.SubmitJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.SubmitJobResponse, _abc.Awaitable[_diffusion_pb2.SubmitJobResponse]]:
+        """Queues a generation as an asynchronous job and returns its id at once. Jobs live in Redis:
+        they survive restarts of the server and of Redis (with appendonly on), and run at least
+        once. Errors: INVALID_ARGUMENT (the request is validated before it is queued),
+        RESOURCE_EXHAUSTED (the queue is full), UNAVAILABLE (Redis does not answer; no job exists).
+        """
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _diffusion_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.Job, _abc.Awaitable[_diffusion_pb2.Job]]:
+        """A job's state, and its images once it has succeeded. NOT_FOUND for an unknown job id, or
+        one whose result has expired (`jobs.result_ttl_s`, 24 h by default).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _diffusion_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_diffusion_pb2.Job], _abc.AsyncIterator[_diffusion_pb2.Job]]:
+        """Streams the job as it changes (state changes and one message per denoising step) until it
+        ends; the last message has the images when it succeeded.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _diffusion_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.Job, _abc.Awaitable[_diffusion_pb2.Job]]:
+        """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
+        denoising step and is never decoded. An ended job is returned unchanged.
         """
 
 def add_DiffusionServiceServicer_to_server(servicer: DiffusionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,73 @@
+"""The JobWorker deployment: runs queued jobs from Redis through the same stage path as
+Generate, so jobs and synchronous requests batch together in the Denoiser.
+
+Each replica is one consumer of the queue's consumer group, running `jobs.concurrency` jobs at
+once (sdserve.jobs.worker has the delivery logic). It needs no CPU of its own: it only awaits
+the stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from sdserve.config import SdserveConfig
+from sdserve.deployments._common import show_pipeline_logs
+from sdserve.deployments.stage_path import StagePath
+from sdserve.errors import Internal
+from sdserve.jobs.queue import JobQueue
+from sdserve.jobs.worker import Report, Worker
+from sdserve.v1 import diffusion_pb2
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="JobWorker")
+class JobWorkerDeployment:
+    async def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        denoiser: DeploymentHandle,
+        vae_decoder: DeploymentHandle,
+        config: dict,
+    ):
+        show_pipeline_logs()  # sdserve.jobs' log lines: one per job started and ended
+        self.config = SdserveConfig.model_validate(config)
+        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config)
+        self._queue = JobQueue.from_config(self.config.jobs)
+        self._worker = Worker(self._queue, self._run, concurrency=self.config.jobs.concurrency)
+        # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
+        self._task = asyncio.get_running_loop().create_task(self._worker.run_forever())
+
+    async def _run(self, request: bytes, job_id: str, report: Report) -> bytes:
+        """One job: GenerateRequest bytes in, GenerateResponse bytes out, a report per step."""
+        generate = diffusion_pb2.GenerateRequest.FromString(request)
+        async for event in self._path.run(generate, stream=True, request_id=f"job-{job_id}"):
+            if event.HasField("progress"):
+                await report(event.progress.step, event.progress.total)
+            elif event.HasField("result"):
+                return event.result.SerializeToString()
+        raise Internal("the pipeline ended without a result")
+
+    async def Stats(self, _: bytes = b"") -> bytes:
+        """This replica's consumer name and job counters, as JSON."""
+        return json.dumps(
+            {"consumer": self._worker.consumer, "counts": dict(self._worker.counts)}
+        ).encode()
+
+    async def check_health(self) -> None:
+        """Serve restarts the replica if its worker loop ever stops."""
+        if self._task.done():
+            raise RuntimeError(f"the job worker loop stopped: {self._task!r}")
+
+    async def __del__(self) -> None:
+        # Running jobs are abandoned here; their leases run out and another worker (or this
+        # deployment's next replica) takes them over.
+        self._worker.stop()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._queue.close()

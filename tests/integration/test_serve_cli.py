@@ -1,20 +1,28 @@
-"""`sdserve serve` as a user runs it: foreground, healthy, then a clean stop on SIGTERM."""
+"""`sdserve serve` as a user runs it: foreground, healthy, then a clean stop on SIGTERM/SIGINT;
+and the job queue across a restart of the whole process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import free_port
 
+from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
 pytestmark = pytest.mark.integration
+
+QUICK = dict(prompt="a job", width=32, height=32, steps=2, guidance_scale=1.0, scheduler="ddim")
 
 
 def _wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float) -> list[str]:
@@ -32,30 +40,171 @@ def _wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float) -> list[
     raise AssertionError(f"{text!r} never printed; output:\n{''.join(lines[-40:])}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_runs_in_foreground_and_stops_cleanly(tiny_model, tmp_path, sig):
-    grpc_port = free_port()
+def _start(tiny_model, tmp_path, grpc_port, *extra: str) -> subprocess.Popen:
+    """`sdserve serve` in its own session (so that a test can kill all of it), once serving."""
     exe = Path(sys.executable).with_name("sdserve")
     proc = subprocess.Popen(
         [str(exe), "serve", "--model", str(tiny_model), "--grpc-port", str(grpc_port),
-         "--http-port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--http-port", str(free_port()), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "SDSERVE_CACHE_DIR": str(tmp_path)},
     )  # fmt: skip
+    _wait_for_line(proc, f"serving DiffusionService on 127.0.0.1:{grpc_port}", 180)
+    return proc
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    proc.send_signal(sig)
+    lines = _wait_for_line(proc, "sdserve stopped", 90)
+    assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: sdserve, its Ray GCS and raylet, every replica."""
+    for _ in range(20):
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # Fields 3 and 6 of /proc/PID/stat: the state (Z: dead, not yet reaped), the session.
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    raise AssertionError(f"processes of session {sid} survive SIGKILL: {pids}")
+
+
+def _config(tmp_path, **jobs) -> str:
+    path = tmp_path / "sdserve.yaml"
+    stages = jobs.pop("stages", {})
+    path.write_text(yaml.safe_dump({"jobs": jobs, "stages": stages}))
+    return str(path)
+
+
+def test_serve_without_redis_serves_generate_and_stops_on_sigterm(tiny_model, tmp_path):
+    """No Redis at --redis-url: Generate serves, the job RPCs answer UNAVAILABLE saying how to
+    start one; SIGTERM stops everything."""
+    grpc_port = free_port()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proc = _start(tiny_model, tmp_path, grpc_port, "--redis-url", dead)
     try:
-        _wait_for_line(proc, f"serving DiffusionService on 127.0.0.1:{grpc_port}", 180)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=30
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        proc.send_signal(sig)
-        lines = _wait_for_line(proc, "sdserve stopped", 90)
-        assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            assert stub.Generate(diffusion_pb2.GenerateRequest(**QUICK), timeout=60).images
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SubmitJob(
+                    diffusion_pb2.SubmitJobRequest(request=diffusion_pb2.GenerateRequest(**QUICK)),
+                    timeout=30,
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "redis-server" in err.value.details() and dead in err.value.details()
+        _stop(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _kill_session(proc.pid)
+    _assert_stopped(grpc_port)
+
+
+def test_api_only_server_with_a_full_queue_and_sigint(tiny_model, tmp_path, redis_server):
+    """No JobWorker (stages.job_worker.num_replicas: 0), a queue cap of 2: the third SubmitJob
+    answers RESOURCE_EXHAUSTED, and no third job exists. SIGINT stops everything."""
+    grpc_port = free_port()
+    config = _config(
+        tmp_path,
+        redis_url=redis_server.url,
+        key_prefix=f"cap{uuid.uuid4().hex[:6]}:",
+        max_queue_length=2,
+        stages={"job_worker": {"num_replicas": 0}},
+    )
+    proc = _start(tiny_model, tmp_path, grpc_port, "--config", config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            submit = diffusion_pb2.SubmitJobRequest(request=diffusion_pb2.GenerateRequest(**QUICK))
+            ids = [stub.SubmitJob(submit, timeout=30).job_id for _ in range(2)]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SubmitJob(submit, timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_queue_length = 2" in err.value.details()
+            time.sleep(1.0)  # no worker: they stay queued
+            for job_id in ids:
+                job = stub.GetJob(diffusion_pb2.GetJobRequest(job_id=job_id), timeout=30)
+                assert job.state == diffusion_pb2.JOB_STATE_QUEUED
+        _stop(proc, signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            _kill_session(proc.pid)
+    _assert_stopped(grpc_port)
+
+
+def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_server):
+    """SIGKILL sdserve and all of its Ray processes with jobs running and queued; start it
+    again: every job completes, the interrupted ones at their second attempt."""
+    config = _config(
+        tmp_path,
+        redis_url=redis_server.url,
+        key_prefix=f"restart{uuid.uuid4().hex[:6]}:",
+        lease_s=2.0,
+        concurrency=2,
+    )
+    grpc_port = free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    proc = _start(tiny_model, tmp_path, grpc_port, "--config", config)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            long = diffusion_pb2.GenerateRequest(**{**QUICK, "steps": 100, "width": 64})
+            ids = [
+                stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long), timeout=30).job_id
+                for _ in range(5)
+            ]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                jobs = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30)
+                        for j in ids]  # fmt: skip
+                running = [j for j in jobs if j.state == diffusion_pb2.JOB_STATE_RUNNING]
+                if len(running) == 2 and all(j.step >= 1 for j in running):
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"jobs never ran: {jobs}")
+        _kill_session(proc.pid)
+        proc.wait(timeout=30)
+
+        proc = _start(tiny_model, tmp_path, grpc_port, "--config", config)
+        with grpc.insecure_channel(target) as channel:
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                jobs = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30)
+                        for j in ids]  # fmt: skip
+                if all(j.state == diffusion_pb2.JOB_STATE_SUCCEEDED for j in jobs):
+                    break
+                assert not any(j.state == diffusion_pb2.JOB_STATE_FAILED for j in jobs), jobs
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"jobs did not complete after the restart: {jobs}")
+        attempts = sorted(j.attempts for j in jobs)
+        interrupted = {j.job_id for j in running}
+        assert all(j.attempts == 2 for j in jobs if j.job_id in interrupted), jobs
+        assert attempts.count(1) == 3, attempts
+        _stop(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            _kill_session(proc.pid)
+
+
+def _assert_stopped(grpc_port: int) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         with pytest.raises(grpc.RpcError) as err:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)

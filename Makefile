@@ -9,8 +9,9 @@ CONSTRAINTS ?= $(if $(shell command -v nvidia-smi),,constraints-cpu.txt)
 PROMPT ?= a red circle on a blue background
 OUT    ?= out/sdserve.png
 GRPC_PORT ?= 9000
+REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run serve test lint protos clean help
+.PHONY: install redis run serve test lint protos clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -26,13 +27,17 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	@touch $@
 
-run: install  ## start the services, generate one image into $(OUT), stop the services
-	@PROMPT='$(PROMPT)' OUT='$(OUT)' GRPC_PORT='$(GRPC_PORT)' BIN='$(BIN)' bash deploy/run-local.sh
+redis: install  ## start a local redis-server for the job queue if none answers at $(REDIS_URL)
+	@BIN='$(BIN)' bash deploy/ensure-redis.sh '$(REDIS_URL)'
 
-serve: install  ## run `sdserve serve` in the foreground (Ctrl-C stops it)
-	$(BIN)/sdserve serve --grpc-port $(GRPC_PORT)
+run: install redis  ## start the services, generate one image into $(OUT) (and one as a job), stop
+	@PROMPT='$(PROMPT)' OUT='$(OUT)' GRPC_PORT='$(GRPC_PORT)' REDIS_URL='$(REDIS_URL)' BIN='$(BIN)' bash deploy/run-local.sh
 
-test: install  ## lint, then run every test (starts its own Ray on free ports)
+serve: install redis  ## run `sdserve serve` in the foreground (Ctrl-C stops it)
+	$(BIN)/sdserve serve --grpc-port $(GRPC_PORT) --redis-url '$(REDIS_URL)'
+
+test: install  ## lint, then run every test (starts its own Ray and redis-servers on free ports)
+	@bash deploy/ensure-redis.sh --installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

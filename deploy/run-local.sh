@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# `make run`: start `sdserve serve` on the default model, generate one image, stop cleanly.
+# `make run`: start `sdserve serve` on the default model, generate one image, run one as an
+# asynchronous job through Redis, stop cleanly.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 GRPC_PORT=${GRPC_PORT:-9000}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 PROMPT=${PROMPT:-a red circle on a blue background}
 OUT=${OUT:-out/sdserve.png}
 LOG=${LOG:-out/sdserve-serve.log}
 mkdir -p "$(dirname "$OUT")" "$(dirname "$LOG")"
 
 echo "==> starting sdserve (log: $LOG); the first start creates the default model"
-"$BIN/sdserve" serve --grpc-port "$GRPC_PORT" >"$LOG" 2>&1 &
+"$BIN/sdserve" serve --grpc-port "$GRPC_PORT" --redis-url "$REDIS_URL" >"$LOG" 2>&1 &
 server=$!
 stop() {
   if kill -0 "$server" 2>/dev/null; then
@@ -34,3 +36,9 @@ grep -q "sdserve is serving" "$LOG" || { echo "sdserve did not start in 5 minute
 echo "==> generating: $PROMPT"
 "$BIN/sdserve" generate "$PROMPT" --server "127.0.0.1:$GRPC_PORT" -o "$OUT"
 echo "==> your image is at $(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")"
+
+JOB_OUT="${OUT%.png}-job.png"
+echo "==> the same prompt as an asynchronous job (kept in Redis until it is done)"
+job=$("$BIN/sdserve" submit "$PROMPT" --server "127.0.0.1:$GRPC_PORT")
+echo "    job id: $job"
+"$BIN/sdserve" job "$job" --wait --server "127.0.0.1:$GRPC_PORT" -o "$JOB_OUT"

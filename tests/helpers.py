@@ -9,6 +9,32 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def sdserve_cli(*args: str, timeout: float = 120):
+    """Runs the installed `sdserve` command (the console script beside this interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("sdserve")
+    return subprocess.run(
+        [str(exe), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def denoiser_stats(app_name: str):
+    """The Denoiser replica's engine counters (stages_pb2.DenoiserStats), from the driver."""
+    from ray import serve
+
+    from sdserve.v1 import stages_pb2
+
+    handle = serve.get_deployment_handle("Denoiser", app_name=app_name)
+    return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -102,18 +128,52 @@ class RedisServer:
     after `kill()`: how production runs it for the job queue (docker-compose.yml does the same).
     """
 
-    def __init__(self, dir: Path, *, appendonly: bool = True, password: str | None = None):
+    def __init__(
+        self,
+        dir: Path,
+        *,
+        appendonly: bool = True,
+        password: str | None = None,
+        tls: bool = False,
+    ):
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.appendonly = appendonly
         self.password = password
+        self.tls = tls
         self.proc = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.dir / 'ca.crt'}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _make_certificates(self) -> list[str]:
+        """A CA and a certificate for 127.0.0.1 that it signed (openssl), as server flags."""
+        import subprocess
+
+        d = self.dir
+        for args in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", d / "ca.key", "-out", d / "ca.crt"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", d / "redis.key", "-out", d / "redis.csr"],
+            ["x509", "-req", "-in", d / "redis.csr", "-CA", d / "ca.crt", "-CAkey", d / "ca.key",
+             "-CAcreateserial", "-days", "2", "-out", d / "redis.crt",
+             "-extfile", self._write(d / "san.ext", "subjectAltName=IP:127.0.0.1\n")],
+        ):  # fmt: skip
+            subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+        return ["--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(d / "redis.crt"), "--tls-key-file", str(d / "redis.key"),
+                "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no"]  # fmt: skip
+
+    @staticmethod
+    def _write(path: Path, text: str) -> Path:
+        path.write_text(text)
+        return path
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         import shutil
@@ -125,6 +185,8 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--protected-mode", "no"]  # fmt: skip
+        if self.tls:
+            args += self._make_certificates()
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.password:
@@ -135,6 +197,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    if self.tls:  # accepting connections is all a plain socket can see
+                        return self
                     s.sendall(b"PING\r\n")
                     if s.recv(64):  # +PONG, or -NOAUTH with a password: it is up either way
                         return self

@@ -156,9 +156,10 @@ def _describe_job(job) -> str:
     if state == "RUNNING":
         parts.append(f"step {job.step}/{job.total_steps}")
     parts.append(f"attempts {job.attempts}")
-    if job.created_at:
-        ends = job.finished_at or time.time()
-        parts.append(f"{ends - job.created_at:.1f}s since submitted")
+    if job.finished_at:
+        parts.append(f"took {job.finished_at - job.created_at:.1f}s from submission")
+    elif job.created_at:
+        parts.append(f"submitted {time.time() - job.created_at:.1f}s ago")
     if job.cancel_requested and state == "RUNNING":
         parts.append("cancel requested")
     line = ", ".join(parts)

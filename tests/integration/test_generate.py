@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from helpers import diffusers_image
+from helpers import diffusers_image, sdserve_cli
 from PIL import Image
 
 from sdserve.v1 import diffusion_pb2
@@ -21,18 +17,6 @@ pytestmark = pytest.mark.integration
 
 def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-
-
-def _sdserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Runs the installed `sdserve` command (the console script beside this interpreter)."""
-    exe = Path(sys.executable).with_name("sdserve")
-    return subprocess.run(
-        [str(exe), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "euler", "dpmpp_2m"])
@@ -47,7 +31,7 @@ def test_cli_image_equals_diffusers(server, tiny_model, diffusers_pipe, tmp_path
         seed=1234,
     )
     out = tmp_path / "out.png"
-    run = _sdserve(
+    run = sdserve_cli(
         "generate",
         inputs["prompt"],
         "--server",
@@ -162,7 +146,7 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(stub):
 
 
 def test_cli_prints_the_grpc_error_and_exits_2(server, tmp_path):
-    run = _sdserve(
+    run = sdserve_cli(
         "generate",
         "a cat",
         "--server",
@@ -180,6 +164,6 @@ def test_cli_prints_the_grpc_error_and_exits_2(server, tmp_path):
 def test_cli_unreachable_server_is_unavailable(tmp_path):
     from helpers import free_port
 
-    run = _sdserve("generate", "a cat", "--server", f"127.0.0.1:{free_port()}", "--timeout", "5")
+    run = sdserve_cli("generate", "a cat", "--server", f"127.0.0.1:{free_port()}", "--timeout", "5")
     assert run.returncode == 2
     assert run.stderr.split(":")[0] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")

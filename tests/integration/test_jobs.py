@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from helpers import denoiser_stats, sdserve_cli
 
 from sdserve.v1 import diffusion_pb2
 
@@ -230,3 +231,58 @@ def test_redis_restart_keeps_queued_jobs(stub, redis_server):
     assert {j.state for j in jobs.values()} == {diffusion_pb2.JOB_STATE_SUCCEEDED}
     after = _submit(stub).job_id
     assert _wait(stub, [after])[after].state == diffusion_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_cli_submit_and_wait_for_a_job(server, stub, tmp_path):
+    """`sdserve submit` prints the id; `sdserve job ID --wait -o FILE` writes the images."""
+    opts = ["--server", server.target, "--seed", "9", "--steps", "2", "--width", "32",
+            "--height", "32", "--guidance", "1", "--scheduler", "ddim"]  # fmt: skip
+    submit = sdserve_cli("submit", "a job", *opts, "--priority", "high")
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip()
+    out = tmp_path / "job.png"
+    wait = sdserve_cli("job", job_id, "--server", server.target, "--wait", "-q", "-o", str(out))
+    assert wait.returncode == 0, wait.stderr
+    assert f"{job_id}: SUCCEEDED" in wait.stdout
+    direct = stub.Generate(diffusion_pb2.GenerateRequest(**{**QUICK, "seed": 9}), timeout=60)
+    assert out.read_bytes() == direct.images[0].png
+    assert _get(stub, job_id).priority == diffusion_pb2.JOB_PRIORITY_HIGH
+
+    again = sdserve_cli("submit", "a job", *opts, "--idempotency-key", f"cli-{job_id}")
+    same = sdserve_cli("submit", "a job", *opts, "--idempotency-key", f"cli-{job_id}")
+    assert again.stdout == same.stdout and "existing job" in same.stderr
+
+    missing = sdserve_cli("job", "nope", "--server", server.target)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("NOT_FOUND: job_id: ")
+
+
+def test_a_job_longer_than_the_lease_runs_once(stub, server):
+    """The worker renews its 2 s lease while a job of several seconds runs: nobody takes it
+    over, so it starts once (one RUNNING event at step 0) and ends at attempt 1."""
+    started = time.monotonic()
+    job_id = _submit(stub, steps=150, width=192, height=192).job_id
+    job = _wait(stub, [job_id])[job_id]
+    took = time.monotonic() - started
+    assert took > 1.5 * server.config.jobs.lease_s, f"the job took only {took:.1f}s"
+    assert job.state == diffusion_pb2.JOB_STATE_SUCCEEDED and job.attempts == 1
+    assert _events(server, job_id).count(("RUNNING", 0)) == 1
+
+
+def test_jobs_and_generate_share_the_denoisers_batch(stub, server):
+    """A Generate call made while a job runs joins the job in the same U-Net forwards: over the
+    call, the Denoiser runs about one forward per step of the call, not one per step of each."""
+    job_id = _submit(stub, steps=150, width=64, height=64).job_id
+    _wait_running(stub, job_id, min_step=2)
+    before = denoiser_stats(server.config.server.app_name)
+    steps = 30
+    stub.Generate(diffusion_pb2.GenerateRequest(**{**QUICK, "steps": steps, "width": 64,
+                                                   "height": 64}), timeout=60)  # fmt: skip
+    after = denoiser_stats(server.config.server.app_name)
+    assert _get(stub, job_id).state == diffusion_pb2.JOB_STATE_RUNNING, "the job ended too soon"
+    forwards = after.unet_steps - before.unet_steps
+    # Alone in turn, the two would take 2 * steps forwards; text and VAE time adds a few.
+    assert steps <= forwards <= steps + 10, forwards
+    assert after.max_batch_size_seen >= 2
+    stub.CancelJob(diffusion_pb2.GetJobRequest(job_id=job_id), timeout=30)
+    assert _wait(stub, [job_id])[job_id].state == diffusion_pb2.JOB_STATE_CANCELLED

@@ -16,7 +16,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import free_port
+from helpers import RedisServer, free_port
 
 from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 
@@ -87,48 +87,25 @@ def _config(tmp_path, **jobs) -> str:
     return str(path)
 
 
-def test_serve_without_redis_serves_generate_and_stops_on_sigterm(tiny_model, tmp_path):
-    """No Redis at --redis-url: Generate serves, the job RPCs answer UNAVAILABLE saying how to
-    start one; SIGTERM stops everything."""
-    grpc_port = free_port()
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    proc = _start(tiny_model, tmp_path, grpc_port, "--redis-url", dead)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=30
-            )
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-            assert stub.Generate(diffusion_pb2.GenerateRequest(**QUICK), timeout=60).images
-            with pytest.raises(grpc.RpcError) as err:
-                stub.SubmitJob(
-                    diffusion_pb2.SubmitJobRequest(request=diffusion_pb2.GenerateRequest(**QUICK)),
-                    timeout=30,
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "redis-server" in err.value.details() and dead in err.value.details()
-        _stop(proc, signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            _kill_session(proc.pid)
-    _assert_stopped(grpc_port)
-
-
-def test_api_only_server_with_a_full_queue_and_sigint(tiny_model, tmp_path, redis_server):
-    """No JobWorker (stages.job_worker.num_replicas: 0), a queue cap of 2: the third SubmitJob
-    answers RESOURCE_EXHAUSTED, and no third job exists. SIGINT stops everything."""
+def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tmp_path):
+    """No JobWorker here (stages.job_worker.num_replicas: 0) and a queue cap of 2: the third
+    SubmitJob answers RESOURCE_EXHAUSTED and creates nothing. With Redis gone, Generate still
+    serves and the job RPCs answer UNAVAILABLE saying how to start one. SIGINT stops it all."""
+    redis = RedisServer(tmp_path / "redis").start()
     grpc_port = free_port()
     config = _config(
         tmp_path,
-        redis_url=redis_server.url,
-        key_prefix=f"cap{uuid.uuid4().hex[:6]}:",
+        redis_url=redis.url,
         max_queue_length=2,
         stages={"job_worker": {"num_replicas": 0}},
     )
     proc = _start(tiny_model, tmp_path, grpc_port, "--config", config)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             submit = diffusion_pb2.SubmitJobRequest(request=diffusion_pb2.GenerateRequest(**QUICK))
             ids = [stub.SubmitJob(submit, timeout=30).job_id for _ in range(2)]
@@ -140,10 +117,18 @@ def test_api_only_server_with_a_full_queue_and_sigint(tiny_model, tmp_path, redi
             for job_id in ids:
                 job = stub.GetJob(diffusion_pb2.GetJobRequest(job_id=job_id), timeout=30)
                 assert job.state == diffusion_pb2.JOB_STATE_QUEUED
+
+            redis.stop()
+            assert stub.Generate(diffusion_pb2.GenerateRequest(**QUICK), timeout=60).images
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SubmitJob(submit, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "redis-server" in err.value.details() and redis.url in err.value.details()
         _stop(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             _kill_session(proc.pid)
+        redis.stop()
     _assert_stopped(grpc_port)
 
 

@@ -9,18 +9,12 @@ import time
 import grpc
 import numpy as np
 import pytest
+from helpers import denoiser_stats
 from PIL import Image
 
 from sdserve.v1 import diffusion_pb2, stages_pb2
 
 pytestmark = pytest.mark.integration
-
-
-def _denoiser_stats(server) -> stages_pb2.DenoiserStats:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("Denoiser", app_name=server.config.server.app_name)
-    return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
 
 
 def _wait_until(predicate, timeout_s=20.0):
@@ -62,7 +56,9 @@ def _freed(server, before, timeout_s=8.0) -> stages_pb2.DenoiserStats | None:
     try:
         return _wait_until(
             lambda: (
-                (s := _denoiser_stats(server)).cancelled > before.cancelled and s.running == 0 and s
+                (s := denoiser_stats(server.config.server.app_name)).cancelled > before.cancelled
+                and s.running == 0
+                and s
             ),
             timeout_s,
         )
@@ -78,7 +74,7 @@ def test_cancelled_denoiser_call_leaves_the_batch(server):
     from sdserve.types import tensor_to_pb
 
     handle = serve.get_deployment_handle("Denoiser", app_name=server.config.server.app_name)
-    before = _denoiser_stats(server)
+    before = denoiser_stats(server.config.server.app_name)
     request = stages_pb2.DenoiseRequest(
         request_id="handle-cancel", cond=tensor_to_pb(torch.zeros(1, 77, 32)), width=128,
         height=128, steps=150, guidance_scale=1.0, scheduler="ddim", seeds=[0],
@@ -106,7 +102,7 @@ ATTEMPTS = 3
 
 def test_client_cancel_frees_the_batch_slot(server, stub):
     for attempt in range(ATTEMPTS):
-        before = _denoiser_stats(server)
+        before = denoiser_stats(server.config.server.app_name)
         request = diffusion_pb2.GenerateRequest(
             prompt="a long one", steps=150, seed=attempt, width=128, height=128
         )
@@ -116,7 +112,7 @@ def test_client_cancel_frees_the_batch_slot(server, stub):
                 break
         call.cancel()
         after = _freed(server, before)
-        _wait_until(lambda: _denoiser_stats(server).running == 0, 30)
+        _wait_until(lambda: denoiser_stats(server.config.server.app_name).running == 0, 30)
         if after is not None:
             assert after.finished == before.finished  # it never finished: never decoded
             return
@@ -125,7 +121,7 @@ def test_client_cancel_frees_the_batch_slot(server, stub):
 
 def test_deadline_frees_the_batch_slot(server, stub):
     for attempt in range(ATTEMPTS):
-        before = _denoiser_stats(server)
+        before = denoiser_stats(server.config.server.app_name)
         request = diffusion_pb2.GenerateRequest(
             prompt="too slow", steps=150, seed=attempt, width=128, height=128
         )
@@ -133,7 +129,7 @@ def test_deadline_frees_the_batch_slot(server, stub):
             stub.Generate(request, timeout=1.0)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         after = _freed(server, before)
-        _wait_until(lambda: _denoiser_stats(server).running == 0, 30)
+        _wait_until(lambda: denoiser_stats(server.config.server.app_name).running == 0, 30)
         if after is not None:
             assert after.finished == before.finished
             return
@@ -141,7 +137,7 @@ def test_deadline_frees_the_batch_slot(server, stub):
 
 
 def test_concurrent_requests_share_u_net_steps(server, stub):
-    before = _denoiser_stats(server)
+    before = denoiser_stats(server.config.server.app_name)
     replies, errors = [], []
 
     def call(seed):
@@ -157,6 +153,6 @@ def test_concurrent_requests_share_u_net_steps(server, stub):
     for t in threads:
         t.join()
     assert not errors and len(replies) == 6
-    after = _denoiser_stats(server)
+    after = denoiser_stats(server.config.server.app_name)
     assert after.max_batch_size_seen >= 2
     assert after.unet_steps - before.unet_steps < 6 * 20  # steps were shared

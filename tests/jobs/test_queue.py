@@ -198,6 +198,30 @@ def test_password_in_url(tmp_path):
         server.stop()
 
 
+def test_tls_url(tmp_path):
+    """A rediss:// URL (TLS, the server's CA given in the URL) carries the whole job cycle; a
+    plain redis:// URL to the same TLS port is refused with Unavailable."""
+    server = RedisServer(tmp_path / "redis", tls=True).start()
+
+    async def main():
+        queue = _queue(server.url)
+        job_id, _ = await queue.submit(b"over tls", total_steps=3)
+        async with _running(Worker(queue, _echo, block_ms=100)):
+            record = await wait_for(queue, job_id, 10)
+        assert record.state is JobState.SUCCEEDED and record.result == b"done:over tls"
+        await queue.close()
+
+        plain = _queue(f"redis://127.0.0.1:{server.port}/0")
+        with pytest.raises(Unavailable):
+            await plain.submit(b"x", total_steps=1)
+        await plain.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+
+
 def test_ttls_set_when_job_ends(redis_server):
     """An ended job's job/result/events/idem keys expire within result_ttl_s; a QUEUED job's
     hash never expires."""

@@ -36,8 +36,8 @@ run: install redis  ## start the services, generate one image into $(OUT) (and o
 serve: install redis  ## run `sdserve serve` in the foreground (Ctrl-C stops it)
 	$(BIN)/sdserve serve --grpc-port $(GRPC_PORT) --redis-url '$(REDIS_URL)'
 
-test: install  ## lint, then run every test (starts its own Ray and redis-servers on free ports)
-	@bash deploy/ensure-redis.sh --installed
+test: install  ## lint, then run every test (starts its own Ray, Redis and Prometheus on free ports)
+	@bash deploy/install-tools.sh redis-server prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -1,26 +1,10 @@
 #!/usr/bin/env bash
-# Makes sure a Redis answers for the job queue.
-#   deploy/ensure-redis.sh --installed   only install redis-server if it is missing (the tests
-#                                        start their own servers on free ports)
-#   deploy/ensure-redis.sh [URL]         also start a local one if nothing answers at URL
-#                                        (default redis://127.0.0.1:6379/0), with its
-#                                        append-only file in out/redis/
+# Makes sure a Redis answers for the job queue: when nothing answers at URL (default
+# redis://127.0.0.1:6379/0) and it is local, starts redis-server there (installing Debian's
+# package if it is missing), with its append-only file in out/redis/.
+#   deploy/ensure-redis.sh [URL]
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
-
-install_redis() {
-  command -v redis-server >/dev/null && return
-  echo "==> redis-server is missing; installing Debian's redis-server package"
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
-}
-
-if [ "${1:-}" = "--installed" ]; then
-  install_redis
-  exit 0
-fi
 
 URL=${1:-redis://127.0.0.1:6379/0}
 ping() { "$BIN/python" -c 'import sys, redis; redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1).ping()' "$URL" 2>/dev/null; }
@@ -33,7 +17,7 @@ case "$host" in
   127.0.0.1|localhost) ;;
   *) echo "no Redis answers at $URL, and it is not local: start it there" >&2; exit 1 ;;
 esac
-install_redis
+bash "$(dirname "$0")/install-tools.sh" redis-server
 mkdir -p out/redis
 echo "==> starting redis-server on $host:$port (append-only file in out/redis/; stop it with: redis-cli -p $port shutdown)"
 redis-server --port "$port" --bind "$host" --dir "$PWD/out/redis" --appendonly yes \

@@ -35,6 +35,18 @@ def denoiser_stats(app_name: str):
     return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
 
 
+DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "sdserve.json"
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name the Grafana dashboard's queries use."""
+    import re
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {name for e in exprs for name in re.findall(r"\b((?:sdserve|ray)_[a-z0-9_]+)\b", e)}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -28,6 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ("server", "ray_address"): args.address,
             ("server", "host"): args.host,
             ("jobs", "redis_url"): args.redis_url,
+            ("metrics", "export_port"): args.metrics_port,
         },
     )
     serve_forever(config)
@@ -294,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis for the job queue: redis://[:PASSWORD@]HOST:PORT/DB or rediss:// for TLS "
         "(default redis://127.0.0.1:6379/0). Without it Generate still serves; the job RPCs "
         "answer UNAVAILABLE",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="port of the local Ray node's Prometheus endpoint, with sdserve's and Ray Serve's "
+        "metrics (default 8080; start-up prints the URL to scrape)",
     )
     serve.add_argument(
         "--config", metavar="FILE", help="YAML config file (see deploy/sdserve.yaml)"

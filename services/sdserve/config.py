@@ -196,6 +196,20 @@ class ServerConfig(_Strict):
     """Name of the Serve application."""
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics (services/sdserve/metrics.py lists them)."""
+
+    enabled: bool = True
+    """Record sdserve's metrics. Ray Serve's own metrics are exported either way."""
+
+    export_port: int = Field(8080, ge=1, le=65535)
+    """Port of the local Ray node's Prometheus endpoint (`sdserve serve` without `--address`;
+    nodes of an existing cluster use their `ray start --metrics-export-port`)."""
+
+    report_interval_s: float = Field(5.0, ge=1.0)
+    """How often replicas push their metrics to the node's endpoint (local Ray only)."""
+
+
 class SdserveConfig(_Strict):
     """The whole configuration."""
 
@@ -206,6 +220,7 @@ class SdserveConfig(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> SdserveConfig:
@@ -225,6 +240,7 @@ ENV_VARS = {
     "SDSERVE_RAY_ADDRESS": ("server", "ray_address"),
     "SDSERVE_STAGE_TRANSPORT": ("server", "stage_transport"),
     "SDSERVE_REDIS_URL": ("jobs", "redis_url"),
+    "SDSERVE_METRICS_PORT": ("metrics", "export_port"),
 }
 """Environment variables and the config field each one sets."""
 

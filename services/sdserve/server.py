@@ -34,7 +34,20 @@ def start_ray(config: SdserveConfig) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         configure_logging=True,
+        _metrics_export_port=config.metrics.export_port,
+        _system_config={"metrics_report_interval_ms": int(config.metrics.report_interval_s * 1000)},
     )
+
+
+def metrics_urls() -> list[str]:
+    """The Prometheus endpoint of every node of the Ray cluster this process is connected to."""
+    import ray
+
+    return [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    ]
 
 
 def deploy(config: SdserveConfig) -> None:
@@ -111,6 +124,8 @@ def serve_forever(config: SdserveConfig) -> None:
         wait_healthy(target)
         if stop.is_set():
             return
+        for url in metrics_urls():
+            print(f"metrics for Prometheus: {url}", flush=True)
         print(f"sdserve is serving DiffusionService on {target} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass

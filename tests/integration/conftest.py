@@ -10,6 +10,7 @@ from helpers import free_port
 
 from sdserve.config import (
     JobsConfig,
+    MetricsConfig,
     ModelConfig,
     SdserveConfig,
     ServerConfig,
@@ -36,6 +37,8 @@ def server(tiny_model, tmp_path_factory, redis_server):
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick.
         jobs=JobsConfig(redis_url=redis_server.url, lease_s=2.0, concurrency=4),
+        # Replicas push their metrics every second, so that the Prometheus test is quick.
+        metrics=MetricsConfig(export_port=free_port(), report_interval_s=1.0),
     )
     sdserve_server.start_ray(config)
     try:

@@ -446,13 +446,15 @@ def test_persistent_error_fails_after_max_attempts(redis_server):
     async def main():
         queue = _queue(redis_server.url, max_attempts=3)
         job_id, _ = await queue.submit(b"x", total_steps=1)
-        async with _running(Worker(queue, runner, block_ms=100)):
+        worker = Worker(queue, runner, block_ms=100)
+        async with _running(worker):
             record = await wait_for(queue, job_id, 15)
             await asyncio.sleep(2 * LEASE_S)  # a 4th attempt would have started by now
         assert record.state is JobState.FAILED
         assert record.attempts == 3
         assert "boom 3" in record.error
         assert "RuntimeError" in record.error
+        assert worker.counts["dead_lettered"] == 1 and worker.counts["retried"] == 2
         assert sum((await queue.queue_lengths()).values()) == 0
         await queue.close()
 

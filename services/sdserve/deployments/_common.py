@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from sdserve.config import SdserveConfig
+from sdserve.metrics import Metrics
 from sdserve.pipeline.models import resolve_model_dir
 
 T = TypeVar("T")
@@ -48,10 +51,13 @@ def show_pipeline_logs() -> None:
         root.setLevel(logging.INFO)
 
 
-def load_stage(stage_cls: type[T], config: dict, stage: str) -> T:
+def load_stage(stage_cls: type[T], config: dict, stage: str, metrics: Metrics) -> T:
     """Builds a pipeline stage (TextEncoder, Denoiser, VaeDecoder) from the config tree;
-    `stage` names its entry in `config.stages`. Call it on the replica's TorchThread."""
+    `stage` names its entry in `config.stages`. Call it on the replica's TorchThread.
+
+    Records the load time, and on CUDA starts reporting the replica's GPU memory."""
     show_pipeline_logs()
+    started = time.perf_counter()
     tree = SdserveConfig.model_validate(config)
     model = tree.model
     threads = getattr(tree.stages, stage).torch_threads
@@ -61,5 +67,24 @@ def load_stage(stage_cls: type[T], config: dict, stage: str) -> T:
         torch.set_num_threads(threads)
     path = resolve_model_dir(model.path, model.cache_dir)
     loaded = stage_cls(path, model.device, model.dtype)
-    logger.info("%s loaded %s on %s", stage_cls.__name__, path, getattr(loaded, "device", "?"))
+    seconds = time.perf_counter() - started
+    metrics.model_load_seconds.set(seconds, tags={"stage": stage})
+    device = getattr(loaded, "device", None)
+    logger.info("%s loaded %s on %s in %.1fs", stage_cls.__name__, path, device, seconds)
+    if device is not None and getattr(device, "type", "") == "cuda" and metrics.enabled:
+        _report_gpu_memory(metrics, stage, device)
     return loaded
+
+
+def _report_gpu_memory(metrics: Metrics, stage: str, device, every_s: float = 5.0) -> None:
+    """A daemon thread that sets sdserve_gpu_memory_bytes every `every_s` seconds."""
+    import torch
+
+    def loop() -> None:
+        while True:
+            for kind, value in (("allocated", torch.cuda.memory_allocated(device)),
+                                ("reserved", torch.cuda.memory_reserved(device))):  # fmt: skip
+                metrics.gpu_memory_bytes.set(value, tags={"stage": stage, "kind": kind})
+            time.sleep(every_s)
+
+    threading.Thread(target=loop, name=f"{stage}-gpu-memory", daemon=True).start()

@@ -18,6 +18,7 @@ from ray import serve
 from sdserve.config import SdserveConfig
 from sdserve.deployments._common import TorchThread, load_stage
 from sdserve.errors import DeadlineExceeded, Internal
+from sdserve.metrics import Metrics
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.vae import preview_pixels, to_png
@@ -28,9 +29,11 @@ from sdserve.v1 import stages_pb2
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
     def __init__(self, config: dict):
-        engine_config = SdserveConfig.model_validate(config).engine
+        tree = SdserveConfig.model_validate(config)
+        engine_config = tree.engine
+        self.metrics = Metrics(tree.metrics.enabled)
         self.torch = TorchThread("denoiser")
-        self.denoiser = self.torch.call(load_stage, Denoiser, config, "denoiser")
+        self.denoiser = self.torch.call(load_stage, Denoiser, config, "denoiser", self.metrics)
         self.counters = stages_pb2.DenoiserStats(strategy=engine_config.batching)
         self.engine = eng.DenoiseEngine(
             self.denoiser.unet,
@@ -48,8 +51,20 @@ class DenoiserDeployment:
         self.counters.unet_steps += 1
         self.counters.unet_seconds += stats.duration_s
         self.counters.max_batch_size_seen = max(self.counters.max_batch_size_seen, stats.batch_size)
+        m = self.metrics
+        m.denoiser_batch_size.observe(stats.batch_size)
+        m.unet_step_seconds.observe(stats.duration_s)
+        m.denoising_steps.inc(stats.batch_size)
+        m.denoiser_waiting_requests.set(stats.waiting)
+        m.denoiser_running_requests.set(stats.running)
 
     def _count(self, event: eng.Event) -> None:
+        if isinstance(event, eng.Started):
+            self.metrics.queue_wait_seconds.observe(event.wait_s)
+        elif isinstance(event, eng.Finished | eng.Cancelled | eng.Failed):
+            waiting, running = self.engine.counts()  # so that an idle engine reads 0
+            self.metrics.denoiser_waiting_requests.set(waiting)
+            self.metrics.denoiser_running_requests.set(running)
         if isinstance(event, eng.Finished):
             self.counters.finished += 1
         elif isinstance(event, eng.Cancelled):

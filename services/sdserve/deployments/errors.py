@@ -1,9 +1,11 @@
-"""The one error interceptor: exceptions -> gRPC status codes.
+"""The one error interceptor: exceptions -> gRPC status codes, and the per-RPC metrics.
 
 Ray Serve's gRPC proxy takes no server interceptors, so every public RPC method of the ingress
 is wrapped with `@grpc_errors(ResponseType)`. It sets the status on Serve's `grpc_context` and
 returns an empty response (unary) or raises `StatusSet` (streaming), which the proxy turns into
-the client's error status.
+the client's error status. It counts every call by method and final status code
+(`sdserve_requests_total`) and times it (`sdserve_request_latency_seconds`), using the
+`metrics` attribute of the deployment it decorates.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -45,7 +48,17 @@ def grpc_errors(response_type: type) -> Callable:
     """Decorates an async RPC method `(self, request, grpc_context)` of the ingress."""
 
     def decorate(method: Callable) -> Callable:
-        def _fail(self, exc: Exception, grpc_context) -> None:
+        rpc = method.__name__
+
+        def _record(self, code: grpc.StatusCode, started: float) -> None:
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.requests.inc(tags={"rpc": rpc, "code": code.name})
+                metrics.request_latency_seconds.observe(
+                    time.perf_counter() - started, tags={"rpc": rpc}
+                )
+
+        def _fail(self, exc: BaseException, grpc_context) -> grpc.StatusCode:
             request_id = getattr(self, "current_request_id", lambda: "")()
             code, message = status_for(exc, request_id)
             if code == grpc.StatusCode.INTERNAL:
@@ -54,28 +67,40 @@ def grpc_errors(response_type: type) -> Callable:
                 logger.info("request %s: %s %s", request_id, code.name, message)
             grpc_context.set_code(code)
             grpc_context.set_details(message)
+            return code
 
         if inspect.isasyncgenfunction(method):  # server-streaming RPC
 
             @functools.wraps(method)
             async def stream_wrapper(self, request, grpc_context):
+                started = time.perf_counter()
+                code = grpc.StatusCode.CANCELLED  # unless it ends otherwise
                 try:
                     async for item in method(self, request, grpc_context):
                         yield item
+                    code = grpc.StatusCode.OK
                 except Exception as exc:  # every error becomes a status; the server keeps serving
-                    _fail(self, exc, grpc_context)
+                    code = _fail(self, exc, grpc_context)
                     # A stream must raise for Serve's proxy to send the status set above.
                     raise StatusSet(grpc_context.details()) from exc
+                finally:
+                    _record(self, code, started)
 
             return stream_wrapper
 
         @functools.wraps(method)
         async def wrapper(self, request, grpc_context):
+            started = time.perf_counter()
+            code = grpc.StatusCode.CANCELLED  # unless it ends otherwise
             try:
-                return await method(self, request, grpc_context)
+                reply = await method(self, request, grpc_context)
+                code = grpc.StatusCode.OK
+                return reply
             except Exception as exc:  # every error becomes a status; the server keeps serving
-                _fail(self, exc, grpc_context)
+                code = _fail(self, exc, grpc_context)
                 return response_type()
+            finally:
+                _record(self, code, started)
 
         return wrapper
 

@@ -5,6 +5,7 @@ job queue, and JobWorker replicas run the jobs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -15,8 +16,9 @@ from ray.serve.handle import DeploymentHandle
 from sdserve.config import SdserveConfig
 from sdserve.deployments.errors import grpc_errors
 from sdserve.deployments.stage_path import StagePath
-from sdserve.errors import Internal, InvalidArgument, NotFound
+from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
 from sdserve.jobs.queue import JobQueue
+from sdserve.metrics import Metrics
 from sdserve.types import job_priority_name, job_to_pb
 from sdserve.v1 import diffusion_pb2
 
@@ -30,7 +32,7 @@ MAX_JOB_ID_CHARS = 64
 
 @serve.deployment(name="Pipeline")
 class PipelineIngress:
-    def __init__(
+    async def __init__(
         self,
         text_encoder: DeploymentHandle,
         denoiser: DeploymentHandle,
@@ -39,11 +41,28 @@ class PipelineIngress:
         config: dict,
     ):
         self.config = SdserveConfig.model_validate(config)
-        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config)
+        self.metrics = Metrics(self.config.metrics.enabled)  # grpc_errors records into it
+        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config, self.metrics)
         # Bound so that Serve deploys the JobWorker; jobs reach it through Redis, not calls.
         self._job_worker = job_worker
         # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
         self._jobs = JobQueue.from_config(self.config.jobs)
+        self._poller = None
+        if self.metrics.enabled:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_queue())
+
+    async def _poll_queue(self, every_s: float = 5.0) -> None:
+        """Exports the queue depth per priority, and whether Redis answers."""
+        while True:
+            try:
+                for priority, n in (await self._jobs.queue_lengths()).items():
+                    self.metrics.jobs_in_queue.set(n, tags={"priority": priority})
+                self.metrics.redis_up.set(1)
+            except Unavailable:
+                self.metrics.redis_up.set(0)
+            except Exception:  # a metric must never take the ingress down
+                logger.exception("polling the job queue's length failed")
+            await asyncio.sleep(every_s)
 
     def current_request_id(self) -> str:
         """Serve's id of the request being handled; it is in Serve's access logs too."""

@@ -21,6 +21,7 @@ from sdserve.deployments.stage_path import StagePath
 from sdserve.errors import Internal
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.worker import Report, Worker
+from sdserve.metrics import Metrics
 from sdserve.v1 import diffusion_pb2
 
 logger = logging.getLogger("ray.serve")
@@ -37,16 +38,35 @@ class JobWorkerDeployment:
     ):
         show_pipeline_logs()  # sdserve.jobs' log lines: one per job started and ended
         self.config = SdserveConfig.model_validate(config)
-        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config)
+        self.metrics = Metrics(self.config.metrics.enabled)
+        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config, self.metrics)
         self._queue = JobQueue.from_config(self.config.jobs)
-        self._worker = Worker(self._queue, self._run, concurrency=self.config.jobs.concurrency)
+        self._worker = Worker(
+            self._queue,
+            self._run,
+            concurrency=self.config.jobs.concurrency,
+            on_count=self._on_count,
+        )
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
         self._task = asyncio.get_running_loop().create_task(self._worker.run_forever())
+
+    def _on_count(self, event: str) -> None:
+        if event == "started":
+            self.metrics.job_attempts.inc()
+        elif event in ("succeeded", "failed", "cancelled"):
+            self.metrics.jobs_finished.inc(tags={"state": event.upper()})
+        if event == "dead_lettered":
+            self.metrics.jobs_dead_lettered.inc()
 
     async def _run(self, request: bytes, job_id: str, report: Report) -> bytes:
         """One job: GenerateRequest bytes in, GenerateResponse bytes out, a report per step."""
         generate = diffusion_pb2.GenerateRequest.FromString(request)
-        async for event in self._path.run(generate, stream=True, request_id=f"job-{job_id}"):
+        request_id = f"job-{job_id}"
+        # Serve passes the request id of the current context on to the stages it calls, and
+        # every replica's log lines carry it: one job can be followed across replicas. (This
+        # task is the worker's own, so the context set here is the job's alone.)
+        serve.context._set_request_context(request_id=request_id)
+        async for event in self._path.run(generate, stream=True, request_id=request_id):
             if event.HasField("progress"):
                 await report(event.progress.step, event.progress.total)
             elif event.HasField("result"):

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sdserve.config import SdserveConfig
 from sdserve.errors import Internal
+from sdserve.metrics import Metrics
 from sdserve.types import GenerateParams
 from sdserve.v1 import diffusion_pb2, stages_pb2
 
@@ -47,8 +48,10 @@ class StagePath:
         denoiser: DeploymentHandle,
         vae_decoder: DeploymentHandle,
         config: SdserveConfig,
+        metrics: Metrics,
     ):
         self.config = config
+        self.metrics = metrics
         # _by_reference=False: Serve's gRPC transport, straight to the replica (see DESIGN.md).
         by_reference = config.server.stage_transport == "actor"
         self._text = text_encoder.options(_by_reference=by_reference)
@@ -168,6 +171,10 @@ class StagePath:
         vae_s = time.perf_counter() - t
 
         total_s = time.perf_counter() - started
+        for stage, seconds in (("text_encoder", text_s), ("denoiser", denoise_s),
+                               ("vae_decoder", vae_s)):  # fmt: skip
+            self.metrics.stage_latency_seconds.observe(seconds, tags={"stage": stage})
+        self.metrics.images_generated.inc(len(decoded.png))
         logger.info(
             "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
             request_id, total_s, text_s, denoise_s, vae_s,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ray import serve
 
+from sdserve.config import SdserveConfig
 from sdserve.deployments._common import TorchThread, load_stage
+from sdserve.metrics import Metrics
 from sdserve.pipeline.text import TextEncoder
 from sdserve.types import tensor_to_pb
 from sdserve.v1 import stages_pb2
@@ -14,7 +16,10 @@ from sdserve.v1 import stages_pb2
 class TextEncoderDeployment:
     def __init__(self, config: dict):
         self.torch = TorchThread("text-encoder")
-        self.encoder = self.torch.call(load_stage, TextEncoder, config, "text_encoder")
+        self.metrics = Metrics(SdserveConfig.model_validate(config).metrics.enabled)
+        self.encoder = self.torch.call(
+            load_stage, TextEncoder, config, "text_encoder", self.metrics
+        )
 
     def _encode(self, request: bytes) -> bytes:
         req = stages_pb2.EncodeTextRequest.FromString(request)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ray import serve
 
+from sdserve.config import SdserveConfig
 from sdserve.deployments._common import TorchThread, load_stage
+from sdserve.metrics import Metrics
 from sdserve.pipeline.vae import VaeDecoder
 from sdserve.types import tensor_from_pb
 from sdserve.v1 import stages_pb2
@@ -14,7 +16,8 @@ from sdserve.v1 import stages_pb2
 class VaeDecoderDeployment:
     def __init__(self, config: dict):
         self.torch = TorchThread("vae-decoder")
-        self.decoder = self.torch.call(load_stage, VaeDecoder, config, "vae_decoder")
+        self.metrics = Metrics(SdserveConfig.model_validate(config).metrics.enabled)
+        self.decoder = self.torch.call(load_stage, VaeDecoder, config, "vae_decoder", self.metrics)
 
     def _decode(self, request: bytes) -> bytes:
         req = stages_pb2.DecodeRequest.FromString(request)

@@ -254,20 +254,21 @@ return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested'))
 # Ends an attempt. outcome: SUCCEEDED | FAILED | CANCELLED | RETRY (a failure worth another
 # attempt: the entry stays pending, so XAUTOCLAIM hands it out again after the lease).
 # KEYS: job, events, stream, result  ARGV: group, entry, token, outcome, now, ttl, error,
-# result, max_attempts.  Returns 1 when written, 0 when the attempt no longer owned the job.
+# result, max_attempts.  Returns the job's new state, or false when the attempt no longer owned
+# the job (nothing written).
 _END = (
     _END_COMMON
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] or state ~= 'RUNNING' then
-  return 0
+  return false
 end
 local outcome = ARGV[4]
 if outcome == 'RETRY' then
   if tonumber(ARGV[3]) < tonumber(ARGV[9]) then
     redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'error', ARGV[7], 'step', 0)
     event(KEYS[2], 'QUEUED', 0)
-    return 1
+    return 'QUEUED'
   end
   outcome = 'FAILED'
 end
@@ -277,7 +278,7 @@ end
 redis.call('HSET', KEYS[1], 'state', outcome, 'error', ARGV[7], 'finished_at', ARGV[5])
 finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[6])
 event(KEYS[2], outcome, redis.call('HGET', KEYS[1], 'step'))
-return 1
+return outcome
 """
 )
 
@@ -601,12 +602,13 @@ class JobQueue:
         *,
         error: str = "",
         result: bytes = b"",
-    ) -> bool:
+    ) -> str:
         """Ends the attempt: stores the result (SUCCEEDED) and acknowledges the entry in one
         step. outcome RETRY puts the job back (after its lease) unless this was the last
-        attempt. Returns False when the attempt had lost the job (nothing was written)."""
+        attempt. Returns the job's new state (QUEUED after a retry), or "" when the attempt
+        had lost the job (nothing was written)."""
         job_id = delivery.job_id
-        written = await self._call(
+        state = await self._call(
             self._scripts["end"](
                 keys=[
                     self.key("job", job_id),
@@ -627,7 +629,7 @@ class JobQueue:
                 ],
             )  # fmt: skip
         )
-        return bool(written)
+        return state.decode() if state else ""
 
 
 async def wait_for(queue: JobQueue, job_id: str, timeout_s: float) -> JobRecord:

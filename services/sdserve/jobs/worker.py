@@ -68,6 +68,7 @@ class Worker:
         consumer: str | None = None,
         concurrency: int = 4,
         block_ms: int = 1000,
+        on_count: Callable[[str], None] | None = None,
     ):
         self.queue = queue
         self.run = run
@@ -75,7 +76,9 @@ class Worker:
         self.concurrency = concurrency
         self.block_ms = block_ms
         self.counts: Counter[str] = Counter()
-        """started, succeeded, failed, retried, cancelled, lost (to another worker)."""
+        """started, succeeded, failed, dead_lettered, retried, cancelled, lost (to another
+        worker). `on_count(name)` is called at each increment (the deployment's metrics)."""
+        self.on_count = on_count
         self._stopping = asyncio.Event()
         self._redis_down_since: float | None = None
 
@@ -129,6 +132,11 @@ class Worker:
             self._redis_down_since = None
             logger.warning("job worker %s: Redis is back after %.1fs", self.consumer, down)
 
+    def _count(self, name: str) -> None:
+        self.counts[name] += 1
+        if self.on_count is not None:
+            self.on_count(name)
+
     @staticmethod
     async def _quietly(coro) -> None:
         try:
@@ -141,9 +149,12 @@ class Worker:
         job = delivery.job_id
         if not started.token:
             logger.info("job %s: not run (%s)", job, started.reason)
+            if started.reason == "FAILED":  # it had used up its attempts
+                self._count("failed")
+                self._count("dead_lettered")
             return
         token = started.token
-        self.counts["started"] += 1
+        self._count("started")
         logger.info("job %s: attempt %d on %s", job, token, self.consumer)
         t0 = time.perf_counter()
         stop = asyncio.Event()
@@ -182,41 +193,44 @@ class Worker:
                 await asyncio.gather(run, return_exceptions=True)
 
         if lost:
-            self.counts["lost"] += 1
+            self._count("lost")
             logger.warning("job %s: attempt %d lost its lease to another worker", job, token)
             return
+        took = time.perf_counter() - t0
         if not finished:  # a cancel request stopped it
             await self._end(delivery, token, "CANCELLED", error="cancelled by CancelJob")
-            self.counts["cancelled"] += 1
-            logger.info("job %s: cancelled after %.2fs", job, time.perf_counter() - t0)
+            logger.info("job %s: cancelled after %.2fs", job, took)
             return
         exc = run.exception()
         if exc is None:
             await self._end(delivery, token, "SUCCEEDED", result=run.result())
-            self.counts["succeeded"] += 1
-            logger.info("job %s: succeeded in %.2fs", job, time.perf_counter() - t0)
+            logger.info("job %s: succeeded in %.2fs", job, took)
         elif isinstance(exc, SdserveError) and exc.code in PERMANENT_ERRORS:
             await self._end(delivery, token, "FAILED", error=f"{exc.code}: {exc}")
-            self.counts["failed"] += 1
             logger.info("job %s: failed: %s", job, exc)
         else:
             error = f"attempt {token}: {type(exc).__name__}: {exc}"
-            await self._end(delivery, token, "RETRY", error=error)
-            self.counts["retried"] += 1
-            logger.warning("job %s: %s", job, error, exc_info=exc)
+            state = await self._end(delivery, token, "RETRY", error=error)
+            logger.warning("job %s: %s (now %s)", job, error, state or "lost", exc_info=exc)
+            if state == "FAILED":  # that was its last attempt
+                self._count("dead_lettered")
 
-    async def _end(self, delivery: Delivery, token: int, outcome: str, **kw) -> None:
-        """Ends the attempt, retrying while Redis is down. If Redis stays down past the lease,
-        another worker may run the job again (at least once); this write is then refused."""
+    async def _end(self, delivery: Delivery, token: int, outcome: str, **kw) -> str:
+        """Ends the attempt, retrying while Redis is down, and counts what happened. If Redis
+        stays down past the lease, another worker may run the job again (at least once); this
+        write is then refused. Returns the job's new state ("" if the attempt lost it)."""
         backoff = Backoff()
         deadline = time.monotonic() + max(60.0, 3 * self.queue.lease_s)
         while True:
             try:
-                if not await self.queue.end(delivery, token, outcome, **kw):
-                    self.counts["lost"] += 1
+                state = await self.queue.end(delivery, token, outcome, **kw)
+                if not state:
+                    self._count("lost")
                     logger.warning("job %s: attempt %d had lost the job; its %s is dropped",
                                    delivery.job_id, token, outcome)  # fmt: skip
-                return
+                else:
+                    self._count({"QUEUED": "retried"}.get(state, state.lower()))
+                return state
             except Unavailable as exc:
                 self._redis_lost(exc)
                 if time.monotonic() > deadline:

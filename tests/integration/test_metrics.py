@@ -87,7 +87,13 @@ def prometheus(server, tmp_path_factory):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise AssertionError((work / "prometheus.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
-        yield Prometheus(url)
+        prom = Prometheus(url)
+        # Until its first scrape, Prometheus has no series at all: wait for it, or a "before"
+        # reading would be 0 rather than what earlier tests left on the counters.
+        while prom.value('max(up{job="sdserve"})') != 1:
+            assert time.monotonic() < deadline + 30, (work / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield prom
     finally:
         proc.terminate()
         proc.wait(timeout=30)

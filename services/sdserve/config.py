@@ -88,6 +88,23 @@ class EngineConfig(_Strict):
     """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of one deployment, on its ongoing requests per replica. For the
+    Denoiser that is queued plus running work: every request waiting for or in the engine's
+    batch is an ongoing call."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    """Serve adds replicas when the average per replica is above this, removes them below."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        return self
+
+
 class StageConfig(_Strict):
     """Placement and scale of one Ray Serve deployment."""
 
@@ -110,6 +127,25 @@ class StageConfig(_Strict):
 
     max_ongoing_requests: int = Field(16, ge=1)
     """Requests one replica accepts at once before Serve queues them at the caller."""
+
+    autoscaling: AutoscalingConfig | None = None
+    """When set, Serve scales the replicas between its bounds and `num_replicas` is ignored."""
+
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    """On a scale-down or shutdown, how long a replica may finish its running requests."""
+
+    def deployment_options(self) -> dict[str, Any]:
+        """This stage's Ray Serve deployment options."""
+        options: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling is None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        return options
 
     def ray_actor_options(self) -> dict[str, Any]:
         """The `ray_actor_options` of this stage's deployment."""
@@ -194,6 +230,10 @@ class ServerConfig(_Strict):
 
     app_name: str = "sdserve"
     """Name of the Serve application."""
+
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
+    """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads
+    clients over them), or only on the head node (one public address)."""
 
 
 class MetricsConfig(_Strict):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,6 +41,29 @@ def start_ray(config: SdserveConfig) -> None:
     )
 
 
+PROMETHEUS_TARGETS = Path("/tmp/ray/prom_metrics_service_discovery.json")
+"""Where Ray's head node lists every node's metrics endpoint for Prometheus (file_sd format);
+deploy/prometheus.yml reads it."""
+
+
+def write_prometheus_targets(path: Path = PROMETHEUS_TARGETS) -> None:
+    """Writes the file Ray's dashboard would keep on a head node, for a local Ray started
+    without a dashboard. Atomic, so that Prometheus never reads half a file."""
+    import json
+
+    import ray
+
+    targets = [
+        f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": targets}]))
+    tmp.replace(path)
+
+
 def metrics_urls() -> list[str]:
     """The Prometheus endpoint of every node of the Ray cluster this process is connected to."""
     import ray
@@ -58,18 +83,56 @@ def deploy(config: SdserveConfig) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    from sdserve.deployments._common import set_draining
     from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS, build_app
 
     serve.start(
+        proxy_location=config.server.proxy_location,
         http_options=HTTPOptions(host=config.server.host, port=config.server.http_port),
         grpc_options=gRPCOptions(
             port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS
         ),
     )
+    set_draining(config.server.app_name, False)  # a flag left by an earlier run of this app
     # A route prefix registers the ingress with the proxies; gRPC ignores its value.
     serve.run(
         build_app(config), name=config.server.app_name, route_prefix=f"/{config.server.app_name}"
     )
+
+
+def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -> None:
+    """Lets running work finish before Serve shuts down (SIGTERM/Ctrl-C to `sdserve serve`).
+
+    Every Pipeline replica then refuses new Generate/SubmitJob calls (UNAVAILABLE; health
+    NOT_SERVING) and every JobWorker stops taking jobs (they watch a flag in Ray's cluster KV
+    store). Then it waits until no replica of the application has an ongoing request for
+    `quiet_polls` polls in a row, at most the longest stage `graceful_shutdown_timeout_s`.
+    Queued jobs stay in Redis; a JobWorker's own shutdown waits for its running jobs.
+    """
+    import ray
+
+    from sdserve.deployments._common import set_draining
+
+    app = config.server.app_name
+    set_draining(app, True)
+    stages = config.stages
+    timeout_s = max(getattr(stages, name).graceful_shutdown_timeout_s
+                    for name in type(stages).model_fields)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline and quiet < quiet_polls:
+        replicas = [
+            ray.get_actor(info["Name"], namespace="serve")
+            for info in ray._private.state.actors().values()
+            if info.get("State") == "ALIVE"
+            and info.get("ActorClassName", "").startswith(f"ServeReplica:{app}:")
+            and info.get("Name")
+        ]
+        ongoing = sum(ray.get([r.get_num_ongoing_requests.remote() for r in replicas]))
+        quiet = quiet + 1 if ongoing == 0 else 0
+        if ongoing:
+            logger.info("draining: %d request(s) still running", ongoing)
+        time.sleep(poll_s)
 
 
 def wait_healthy(target: str, timeout_s: float = 120.0) -> None:
@@ -109,6 +172,7 @@ def serve_forever(config: SdserveConfig) -> None:
         stop.set()
 
     target = f"{config.server.host}:{config.server.grpc_port}"
+    deployed = False
     try:
         start_ray(config)
         # After ray.init, which installs its own SIGTERM handler in the driver.
@@ -121,15 +185,27 @@ def serve_forever(config: SdserveConfig) -> None:
             ensure_default_model(config.model.cache_dir)
         logger.info("deploying the sdserve application (model: %s)", config.model.path or "default")
         deploy(config)
+        deployed = True
         wait_healthy(target)
         if stop.is_set():
             return
+        if not config.server.ray_address:
+            try:
+                write_prometheus_targets()
+            except OSError as exc:  # metrics still work; only the file for Prometheus is missing
+                logger.warning("could not write %s: %s", PROMETHEUS_TARGETS, exc)
         for url in metrics_urls():
             print(f"metrics for Prometheus: {url}", flush=True)
         print(f"sdserve is serving DiffusionService on {target} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
+        if deployed:
+            logger.info("draining: letting running requests and jobs finish")
+            try:
+                drain(config)
+            except Exception:  # a failed drain must not keep the server from stopping
+                logger.exception("draining failed; stopping anyway")
         logger.info("stopping Serve and Ray")
         shutdown()
         print("sdserve stopped", flush=True)

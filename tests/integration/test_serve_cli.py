@@ -3,6 +3,7 @@ and the job queue across a restart of the whole process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -183,10 +184,47 @@ def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_
         interrupted = {j.job_id for j in running}
         assert all(j.attempts == 2 for j in jobs if j.job_id in interrupted), jobs
         assert attempts.count(1) == 3, attempts
-        _stop(proc, signal.SIGTERM)
+
+        # Graceful drain: SIGTERM with a GenerateStream and two jobs running, one job queued.
+        with grpc.insecure_channel(target) as channel:
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            ids = [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long),
+                                  timeout=30).job_id for _ in range(3)]  # fmt: skip
+            stream = stub.GenerateStream(long, timeout=120)
+            events = iter(stream)
+            while next(events).WhichOneof("event") != "progress":
+                pass
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                states = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30).state
+                          for j in ids]  # fmt: skip
+                if states.count(diffusion_pb2.JOB_STATE_RUNNING) == 2:
+                    break
+                time.sleep(0.05)
+            assert states.count(diffusion_pb2.JOB_STATE_QUEUED) == 1, states
+            proc.send_signal(signal.SIGTERM)
+            last = [e for e in events][-1]  # the stream goes on to its result
+            assert last.WhichOneof("event") == "result" and len(last.result.images) == 1
+        lines = _wait_for_line(proc, "sdserve stopped", 120)
+        assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
+        drained = asyncio.run(_records(redis_server.url, config, ids))
+        assert sorted(r.state.value for r in drained) == ["QUEUED", "SUCCEEDED", "SUCCEEDED"]
+        assert [r.attempts for r in drained if r.state.value == "QUEUED"] == [0]
     finally:
         if proc.poll() is None:
             _kill_session(proc.pid)
+
+
+async def _records(url: str, config_file: str, ids: list[str]):
+    """The jobs as Redis holds them (the server is gone)."""
+    from sdserve.jobs.queue import JobQueue
+
+    prefix = yaml.safe_load(Path(config_file).read_text())["jobs"]["key_prefix"]
+    queue = JobQueue(url, key_prefix=prefix)
+    try:
+        return [await queue.get(job_id) for job_id in ids]
+    finally:
+        await queue.close()
 
 
 def _assert_stopped(grpc_port: int) -> None:

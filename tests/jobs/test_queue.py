@@ -656,3 +656,36 @@ def test_unknown_job_is_not_found(redis_server):
         await queue.close()
 
     asyncio.run(main())
+
+
+def test_stop_drains_running_jobs_and_leaves_queued_ones(redis_server):
+    """stop() (what a JobWorker replica does when Serve removes it) lets the running job finish
+    and store its result, takes nothing new, and leaves the queued job in Redis."""
+
+    async def slow(request, job_id, report):
+        for step in range(1, 11):
+            await asyncio.sleep(0.1)
+            await report(step, 10)
+        return b"drained:" + request
+
+    async def main():
+        queue = _queue(redis_server.url)
+        first, _ = await queue.submit(b"a", total_steps=10)
+        second, _ = await queue.submit(b"b", total_steps=10)
+        worker = Worker(queue, slow, concurrency=1, block_ms=100)
+        task = asyncio.create_task(worker.run_forever())
+
+        async def running():
+            return worker.running == 1 and (await queue.get(first)).step >= 2
+
+        await _wait_until(running, 10, "the first job to run")
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+        done = await queue.get(first)
+        assert done.state is JobState.SUCCEEDED and done.result == b"drained:a"
+        left = await queue.get(second)
+        assert left.state is JobState.QUEUED and left.attempts == 0
+        assert worker.running == 0
+        await queue.close()
+
+    asyncio.run(main())

@@ -88,3 +88,31 @@ def _report_gpu_memory(metrics: Metrics, stage: str, device, every_s: float = 5.
             time.sleep(every_s)
 
     threading.Thread(target=loop, name=f"{stage}-gpu-memory", daemon=True).start()
+
+
+def drain_key(app_name: str) -> str:
+    """The Ray cluster KV key `sdserve serve` sets before it shuts down (server.drain)."""
+    return f"sdserve/{app_name}/draining"
+
+
+def set_draining(app_name: str, draining: bool) -> None:
+    """Sets or clears the drain flag every Pipeline and JobWorker replica of the app watches."""
+    from ray.experimental import internal_kv
+
+    if draining:
+        internal_kv._internal_kv_put(drain_key(app_name), b"1", overwrite=True)
+    else:
+        internal_kv._internal_kv_del(drain_key(app_name))
+
+
+async def watch_drain(app_name: str, on_drain: Callable[[], None], every_s: float = 0.5) -> None:
+    """Calls `on_drain()` once the app's drain flag is set (a replica's background task).
+
+    Ray's cluster KV reaches every replica on every node, which a Serve handle call (one
+    replica) or a redeploy (it would restart the replicas) does not."""
+    from ray.experimental import internal_kv
+
+    key = drain_key(app_name)
+    while not await asyncio.to_thread(internal_kv._internal_kv_get, key):
+        await asyncio.sleep(every_s)
+    on_drain()

@@ -28,11 +28,7 @@ GRPC_SERVICER_FUNCTIONS = [
 
 
 def _options(stage: StageConfig) -> dict[str, Any]:
-    return {
-        "num_replicas": stage.num_replicas,
-        "ray_actor_options": stage.ray_actor_options(),
-        "max_ongoing_requests": stage.max_ongoing_requests,
-    }
+    return stage.deployment_options()
 
 
 def build_app(config: SdserveConfig) -> Application:
@@ -43,7 +39,7 @@ def build_app(config: SdserveConfig) -> Application:
     denoiser = DenoiserDeployment.options(**_options(stages.denoiser)).bind(tree)
     vae_decoder = VaeDecoderDeployment.options(**_options(stages.vae_decoder)).bind(tree)
     job_worker = None
-    if stages.job_worker.num_replicas:
+    if stages.job_worker.num_replicas or stages.job_worker.autoscaling:
         job_worker = JobWorkerDeployment.options(**_options(stages.job_worker)).bind(
             text_encoder, denoiser, vae_decoder, tree
         )

@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from sdserve.config import SdserveConfig
+from sdserve.deployments._common import watch_drain
 from sdserve.deployments.errors import grpc_errors
 from sdserve.deployments.stage_path import StagePath
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
@@ -47,6 +48,9 @@ class PipelineIngress:
         self._job_worker = job_worker
         # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
         self._jobs = JobQueue.from_config(self.config.jobs)
+        self._draining = False
+        loop = asyncio.get_running_loop()
+        self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
         self._poller = None
         if self.metrics.enabled:
             self._poller = asyncio.get_running_loop().create_task(self._poll_queue())
@@ -64,6 +68,15 @@ class PipelineIngress:
                 logger.exception("polling the job queue's length failed")
             await asyncio.sleep(every_s)
 
+    def _drain(self) -> None:
+        """`sdserve serve` is shutting down (server.drain): refuse new work from now on."""
+        self._draining = True
+        logger.info("draining: new Generate/SubmitJob calls are refused")
+
+    def _refuse_if_draining(self) -> None:
+        if self._draining:
+            raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
+
     def current_request_id(self) -> str:
         """Serve's id of the request being handled; it is in Serve's access logs too."""
         try:
@@ -76,6 +89,7 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> diffusion_pb2.GenerateResponse:
         """DiffusionService.Generate."""
+        self._refuse_if_draining()
         async for event in self._path.run(
             request, stream=False, request_id=self.current_request_id()
         ):
@@ -88,6 +102,7 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
         """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
+        self._refuse_if_draining()
         async for event in self._path.run(
             request, stream=True, request_id=self.current_request_id()
         ):
@@ -98,6 +113,7 @@ class PipelineIngress:
         self, request: diffusion_pb2.SubmitJobRequest, grpc_context
     ) -> diffusion_pb2.SubmitJobResponse:
         """DiffusionService.SubmitJob: validate, fix the seed, queue."""
+        self._refuse_if_draining()
         if not request.HasField("request"):
             raise InvalidArgument("request", "is required")
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
@@ -152,9 +168,12 @@ class PipelineIngress:
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context
     ) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: SERVING once the Denoiser answers."""
+        """grpc.health.v1.Health/Check: SERVING once the Denoiser answers, NOT_SERVING while
+        draining."""
         if request.service not in ("", SERVICE_NAME):
             raise NotFound(f"unknown service {request.service!r}")
+        if self._draining:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._path.denoiser_info()
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 

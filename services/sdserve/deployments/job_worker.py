@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from sdserve.config import SdserveConfig
-from sdserve.deployments._common import show_pipeline_logs
+from sdserve.deployments._common import show_pipeline_logs, watch_drain
 from sdserve.deployments.stage_path import StagePath
 from sdserve.errors import Internal
 from sdserve.jobs.queue import JobQueue
@@ -48,7 +48,9 @@ class JobWorkerDeployment:
             on_count=self._on_count,
         )
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
-        self._task = asyncio.get_running_loop().create_task(self._worker.run_forever())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._worker.run_forever())
+        self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
 
     def _on_count(self, event: str) -> None:
         if event == "started":
@@ -73,6 +75,12 @@ class JobWorkerDeployment:
                 return event.result.SerializeToString()
         raise Internal("the pipeline ended without a result")
 
+    def _drain(self) -> None:
+        """`sdserve serve` is shutting down (server.drain): take no new jobs; running ones
+        finish, queued ones stay in Redis."""
+        logger.info("draining: no new jobs; %d running", self._worker.running)
+        self._worker.stop()
+
     async def Stats(self, _: bytes = b"") -> bytes:
         """This replica's consumer name and job counters, as JSON."""
         return json.dumps(
@@ -85,9 +93,20 @@ class JobWorkerDeployment:
             raise RuntimeError(f"the job worker loop stopped: {self._task!r}")
 
     async def __del__(self) -> None:
-        # Running jobs are abandoned here; their leases run out and another worker (or this
-        # deployment's next replica) takes them over.
+        """Serve is removing this replica (a scale-down, or shutdown): drain. Take no new jobs,
+        let the running ones finish within most of the stage's graceful_shutdown_timeout_s,
+        then abandon the rest: their leases run out and another worker takes them over. Jobs
+        still queued stay in Redis."""
         self._worker.stop()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        drain_s = 0.8 * self.config.stages.job_worker.graceful_shutdown_timeout_s
+        running = self._worker.running
+        if running:
+            logger.info("draining: waiting up to %.0fs for %d running job(s)", drain_s, running)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=drain_s)
+        except TimeoutError:
+            logger.warning("drain time over: %d job(s) left to other workers",
+                           self._worker.running)  # fmt: skip
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         await self._queue.close()

@@ -81,6 +81,8 @@ class Worker:
         self.on_count = on_count
         self._stopping = asyncio.Event()
         self._redis_down_since: float | None = None
+        self.running = 0
+        """Jobs being run now."""
 
     async def run_forever(self) -> None:
         """Runs `concurrency` slots until `stop()`; each claims and runs one job at a time."""
@@ -92,7 +94,8 @@ class Worker:
         await asyncio.gather(*(self._slot() for _ in range(self.concurrency)))
 
     def stop(self) -> None:
-        """Slots finish their current job and stop claiming (within `block_ms`)."""
+        """Slots finish their current job and stop claiming (within `block_ms`); then
+        `run_forever` returns. Jobs still queued stay in Redis."""
         self._stopping.set()
 
     async def _slot(self) -> None:
@@ -155,6 +158,15 @@ class Worker:
             return
         token = started.token
         self._count("started")
+        self.running += 1
+        try:
+            await self._attempt(delivery, token, started.request)
+        finally:
+            self.running -= 1
+
+    async def _attempt(self, delivery: Delivery, token: int, request: bytes) -> None:
+        """Runs one attempt to its end (or until the job is cancelled or lost)."""
+        job = delivery.job_id
         logger.info("job %s: attempt %d on %s", job, token, self.consumer)
         t0 = time.perf_counter()
         stop = asyncio.Event()
@@ -179,7 +191,7 @@ class Worker:
                 with contextlib.suppress(Unavailable):
                     seen(await self.queue.renew(delivery, self.consumer, token))
 
-        run = asyncio.create_task(self.run(started.request, job, report))
+        run = asyncio.create_task(self.run(request, job, report))
         renewing = asyncio.create_task(renew())
         stopped = asyncio.create_task(stop.wait())
         try:

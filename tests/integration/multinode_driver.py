@@ -1,0 +1,150 @@
+"""The multi-node scenario of test_multinode.py, in its own process (a process joins one Ray
+cluster, and the test session's process has its own).
+
+    python multinode_driver.py MODEL_DIR REDIS_URL REPORT.json
+
+On this machine it starts a Ray cluster of three nodes: a "CPU-type" head (custom resource
+cpu_node) and two "GPU-type" workers (gpu_node). It deploys sdserve on it from config, attached
+with `server.ray_address` as `sdserve serve --address` does: one Denoiser replica per GPU-type
+node, everything else on the CPU-type node. Then it generates, queues jobs, kills one GPU-type
+node's processes, generates again and waits for every job. It writes what it saw to REPORT.json
+and the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+import grpc
+
+from sdserve.config import SdserveConfig
+from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+QUICK = dict(prompt="a red circle", width=64, height=64, steps=4, guidance_scale=7.5)
+ENDED = {diffusion_pb2.JOB_STATE_SUCCEEDED, diffusion_pb2.JOB_STATE_FAILED,
+         diffusion_pb2.JOB_STATE_CANCELLED}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replica_nodes() -> dict[str, list[str]]:
+    """Deployment name -> node ids of its live replicas (from the GCS's actor table)."""
+    import ray
+
+    nodes: dict[str, list[str]] = {}
+    for info in ray._private.state.actors().values():
+        name = info.get("ActorClassName", "")
+        if info.get("State") == "ALIVE" and name.startswith("ServeReplica:sdserve:"):
+            deployment = name.rsplit(":", 1)[1]
+            nodes.setdefault(deployment, []).append(info["Address"]["NodeID"])
+    return nodes
+
+
+def generate(stub, n: int, seed0: int) -> list[str]:
+    """n Generate calls; the status code of each."""
+    codes = []
+    for i in range(n):
+        try:
+            stub.Generate(diffusion_pb2.GenerateRequest(**QUICK, seed=seed0 + i), timeout=60)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+    return codes
+
+
+def main(model: str, redis_url: str, out: str) -> None:
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from sdserve import server
+
+    report: dict = {}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"cpu_node": 100},  # GCS: a random port
+                        "include_dashboard": False},
+    )  # fmt: skip
+    gpu_nodes = [cluster.add_node(num_cpus=2, resources={"gpu_node": 100}) for _ in range(2)]
+    report["cpu_node"] = cluster.head_node.node_id
+    report["gpu_nodes"] = [node.node_id for node in gpu_nodes]
+    on_cpu = {"resources": {"cpu_node": 1}}
+    config = SdserveConfig.model_validate({
+        "model": {"path": model},
+        "server": {"ray_address": cluster.address, "grpc_port": free_port(),
+                   "http_port": free_port(), "proxy_location": "HeadOnly"},
+        "stages": {
+            "ingress": on_cpu, "text_encoder": on_cpu, "vae_decoder": on_cpu,
+            "job_worker": on_cpu,
+            # 60 of a node's 100: one Denoiser replica per GPU-type node.
+            "denoiser": {"num_replicas": 2, "num_cpus": 1, "resources": {"gpu_node": 60}},
+        },
+        "jobs": {"redis_url": redis_url, "key_prefix": f"multinode{free_port()}:",
+                 "lease_s": 2.0},
+    })  # fmt: skip
+    target = f"127.0.0.1:{config.server.grpc_port}"
+    try:
+        server.start_ray(config)
+        server.deploy(config)
+        server.wait_healthy(target, timeout_s=180)
+        report["placement"] = replica_nodes()
+        with grpc.insecure_channel(target) as channel:
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            report["before"] = generate(stub, 4, 0)
+
+            long = diffusion_pb2.GenerateRequest(**{**QUICK, "steps": 40})
+            jobs = [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long),
+                                   timeout=30).job_id for _ in range(8)]  # fmt: skip
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                states = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30).state
+                          for j in jobs]  # fmt: skip
+                if states.count(diffusion_pb2.JOB_STATE_RUNNING) >= 2:
+                    break
+                time.sleep(0.05)
+
+            # Kill every process of the second GPU-type node (raylet, object store, workers).
+            killed = gpu_nodes[1]
+            report["killed"] = killed.node_id
+            cluster.remove_node(killed, allow_graceful=False)
+            # Wait until Serve counts one live Denoiser replica (the other cannot be placed).
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if len(replica_nodes().get("Denoiser", [])) == 1:
+                    break
+                time.sleep(0.5)
+            time.sleep(2.0)  # routers learn of the dead replica through Serve's long poll
+            report["placement_after"] = replica_nodes()
+            report["after"] = generate(stub, 6, 100)
+
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                got = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30)
+                       for j in jobs]  # fmt: skip
+                if all(j.state in ENDED for j in got):
+                    break
+                time.sleep(0.2)
+            report["jobs"] = [
+                {"state": diffusion_pb2.JobState.Name(j.state), "attempts": j.attempts,
+                 "error": j.error} for j in got
+            ]  # fmt: skip
+    finally:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+        try:
+            serve.shutdown()
+        finally:
+            import ray
+
+            ray.shutdown()
+            cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,41 @@
+"""sdserve on a three-node Ray cluster on this machine: per-stage placement from config, and a
+GPU-type node lost under load (multinode_driver.py runs the cluster in its own process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_stages_land_where_the_config_says_and_survive_losing_a_node(
+    tiny_model, redis_server, tmp_path
+):
+    report_path = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("multinode_driver.py")), str(tiny_model),
+         redis_server.url, str(report_path)],
+        capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    assert report_path.exists(), run.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert run.returncode == 0, (report, run.stderr[-3000:])
+
+    cpu, gpus = report["cpu_node"], report["gpu_nodes"]
+    placement = report["placement"]
+    # One Denoiser replica on each GPU-type node; everything else on the CPU-type node.
+    assert sorted(placement["Denoiser"]) == sorted(gpus)
+    for deployment in ("Pipeline", "TextEncoder", "VaeDecoder", "JobWorker"):
+        assert placement[deployment] == [cpu], (deployment, placement)
+    assert report["before"] == ["OK"] * 4
+
+    # One GPU-type node killed: the survivor serves every request after it, and no job is lost.
+    survivor = [node for node in gpus if node != report["killed"]]
+    assert report["placement_after"]["Denoiser"] == survivor
+    assert report["after"] == ["OK"] * 6
+    assert [j["state"] for j in report["jobs"]] == ["JOB_STATE_SUCCEEDED"] * 8, report["jobs"]

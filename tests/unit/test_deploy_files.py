@@ -1,0 +1,101 @@
+"""The scale-out files are valid for the tools that read them, and agree with each other:
+docker-compose.yml against the Compose specification's JSON schema, the KubeRay RayService's
+inline Serve config against Ray's ServeDeploySchema, and both against sdserve's config tree."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+
+import jsonschema
+import yaml
+from helpers import REPO_ROOT
+
+from sdserve.config import SdserveConfig
+from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def _compose() -> dict:
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_file_follows_the_compose_specification():
+    # check-jsonschema vendors the schema published by the compose-spec project.
+    text = importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath(
+        "compose-spec.json"
+    )
+    schema = json.loads(text.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(_compose())]
+    assert errors == []
+
+
+def test_compose_runs_the_whole_stack_with_gpu_workers():
+    services = _compose()["services"]
+    assert {"redis", "ray-head", "gpu-worker", "prometheus", "grafana"} <= services.keys()
+    assert "--appendonly" in services["redis"]["command"]
+    devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    head = " ".join(services["ray-head"]["command"])
+    worker = " ".join(services["gpu-worker"]["command"])
+    assert "ray start --head" in head and "sdserve serve --address auto" in head
+    assert '"cpu_node"' in head and '"gpu_node"' in worker
+    assert (
+        "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+        in (services["prometheus"]["volumes"])
+    )
+    assert any(v.startswith("./models:/models:ro") for v in services["ray-head"]["volumes"])
+    assert all("healthcheck" in services[name] for name in ("redis", "ray-head"))
+
+    # The config it runs places the Denoiser on the GPU workers, the rest on the head.
+    config = SdserveConfig.model_validate(
+        yaml.safe_load((DEPLOY / "compose-sdserve.yaml").read_text())
+    )
+    assert config.stages.denoiser.resources == {"gpu_node": 1}
+    assert config.stages.denoiser.autoscaling is not None
+    for name in ("ingress", "text_encoder", "vae_decoder", "job_worker"):
+        assert getattr(config.stages, name).resources == {"cpu_node": 1}
+
+
+def test_kuberay_rayservice_has_a_valid_inline_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    raw = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    assert app.import_path == "sdserve.deployments.app:app_builder"
+    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    config = SdserveConfig.model_validate(app.args)
+
+    # Every custom resource a stage asks for is one some node group offers.
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    offered = set()
+    for group in groups:
+        resources = group["rayStartParams"].get("resources")
+        if resources:
+            offered |= json.loads(json.loads(resources)).keys()
+    for name in ("ingress", "text_encoder", "denoiser", "vae_decoder", "job_worker"):
+        assert getattr(config.stages, name).resources.keys() <= offered, name
+    (gpu,) = cluster["workerGroupSpecs"]
+    (container,) = gpu["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert config.stages.denoiser.autoscaling.max_replicas <= gpu["maxReplicas"]
+
+
+def test_stage_options_reach_serve():
+    """Autoscaling replaces num_replicas; placement and drain time are passed on."""
+    stage = SdserveConfig.model_validate(
+        {"stages": {"denoiser": {"num_gpus": 1, "resources": {"gpu_node": 1},
+                                 "graceful_shutdown_timeout_s": 90,
+                                 "autoscaling": {"min_replicas": 1, "max_replicas": 4}}}}
+    ).stages.denoiser  # fmt: skip
+    options = stage.deployment_options()
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"]["resources"] == {"gpu_node": 1}
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    assert options["graceful_shutdown_timeout_s"] == 90

@@ -36,9 +36,25 @@ def start_ray(config: SdserveConfig) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         configure_logging=True,
-        _metrics_export_port=config.metrics.export_port,
+        _metrics_export_port=metrics_port(config.metrics.export_port, config.server.host),
         _system_config={"metrics_report_interval_ms": int(config.metrics.report_interval_s * 1000)},
     )
+
+
+def metrics_port(wanted: int, host: str = "127.0.0.1") -> int:
+    """`wanted` if it is free on `host`, else a free port (with a warning): a busy 8080 must
+    not keep sdserve from starting. Start-up prints the URL either way."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, wanted))
+            return wanted
+        except OSError:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    logger.warning("metrics port %d is in use; exporting metrics on port %d instead", wanted, port)
+    return port
 
 
 PROMETHEUS_TARGETS = Path("/tmp/ray/prom_metrics_service_discovery.json")

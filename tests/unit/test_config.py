@@ -66,3 +66,17 @@ def test_example_config_file_is_valid_and_matches_the_defaults():
     assert config.model_dump(exclude={"model": {"cache_dir"}}) == SdserveConfig().model_dump(
         exclude={"model": {"cache_dir"}}
     )
+
+
+def test_a_busy_metrics_port_falls_back_to_a_free_one():
+    import socket
+
+    from sdserve.server import metrics_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        other = metrics_port(taken)
+        assert other != taken
+    assert metrics_port(other) == other  # free again: kept as asked

@@ -1,4 +1,5 @@
-"""The `sdserve` command: serve | generate | submit | job | loadtest | make-tiny-model.
+"""The `sdserve` command: serve | generate | submit | job | loadtest | make-tiny-model |
+train-default-model.
 
 `generate` imports only grpc and the generated messages, so it starts fast; it does no
 validation of its own: what the server answers is what the user sees.
@@ -253,6 +254,32 @@ def _add_output_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cmd_train_default_model(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sdserve.pipeline.tiny import make_tiny_model
+    from sdserve.pipeline.train import TrainConfig, train
+
+    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         batch_size=args.batch_size)  # fmt: skip
+    started = time.perf_counter()
+    out = make_tiny_model(args.dir, seed=args.seed)
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, step: int, total: int, loss: float) -> None:
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"training the {phase}", unit="step")
+        bar = bars[phase]
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step == total:
+            bar.close()
+
+    train(out, config, progress)
+    print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdserve",
@@ -425,6 +452,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="U-Net layout: tiny (2 levels, default) or SD 1.5's 4-level layout at a narrow width",
     )
     tiny.set_defaults(func=_cmd_make_tiny_model)
+
+    train = sub.add_parser(
+        "train-default-model",
+        help="train the small default model on synthetic shapes (work in progress)",
+        description="Train the tiny architecture's VAE, then its text encoder and U-Net, on "
+        "seeded synthetic images of one colored shape on a plain background, and write a "
+        "diffusers folder with fp16 weights. Runs on the CPU; shows a progress bar and loss.",
+    )
+    train.add_argument("dir", help="folder to create (must not exist, or be empty)")
+    train.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    train.add_argument("--vae-steps", type=int, default=1500, help="(default %(default)s)")
+    train.add_argument("--unet-steps", type=int, default=6000, help="(default %(default)s)")
+    train.add_argument("--batch-size", type=int, default=32, help="(default %(default)s)")
+    train.set_defaults(func=_cmd_train_default_model)
     return parser
 
 

@@ -67,25 +67,20 @@ def write_prometheus_targets(path: Path = PROMETHEUS_TARGETS) -> None:
     without a dashboard. Atomic, so that Prometheus never reads half a file."""
     import json
 
-    import ray
 
-    targets = [
-        f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
-        for node in ray.nodes()
-        if node.get("Alive") and node.get("MetricsExportPort")
-    ]
+    targets = metrics_endpoints()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": targets}]))
     tmp.replace(path)
 
 
-def metrics_urls() -> list[str]:
-    """The Prometheus endpoint of every node of the Ray cluster this process is connected to."""
+def metrics_endpoints() -> list[str]:
+    """HOST:PORT of the Prometheus endpoint of every live node of the connected Ray cluster."""
     import ray
 
     return [
-        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
         for node in ray.nodes()
         if node.get("Alive") and node.get("MetricsExportPort")
     ]
@@ -210,8 +205,8 @@ def serve_forever(config: SdserveConfig) -> None:
                 write_prometheus_targets()
             except OSError as exc:  # metrics still work; only the file for Prometheus is missing
                 logger.warning("could not write %s: %s", PROMETHEUS_TARGETS, exc)
-        for url in metrics_urls():
-            print(f"metrics for Prometheus: {url}", flush=True)
+        for endpoint in metrics_endpoints():
+            print(f"metrics for Prometheus: http://{endpoint}/metrics", flush=True)
         print(f"sdserve is serving DiffusionService on {target} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from sdserve.config import SdserveConfig, StageConfig
+from sdserve.config import SdserveConfig
 from sdserve.deployments.denoiser import DenoiserDeployment
 from sdserve.deployments.ingress import PipelineIngress
 from sdserve.deployments.job_worker import JobWorkerDeployment
@@ -27,23 +27,21 @@ GRPC_SERVICER_FUNCTIONS = [
 """What Serve's gRPC proxy must register (`grpc_options.grpc_servicer_functions`)."""
 
 
-def _options(stage: StageConfig) -> dict[str, Any]:
-    return stage.deployment_options()
-
-
 def build_app(config: SdserveConfig) -> Application:
     """Binds the five deployments with their per-stage placement from `config.stages`."""
     tree = config.model_dump()
     stages = config.stages
-    text_encoder = TextEncoderDeployment.options(**_options(stages.text_encoder)).bind(tree)
-    denoiser = DenoiserDeployment.options(**_options(stages.denoiser)).bind(tree)
-    vae_decoder = VaeDecoderDeployment.options(**_options(stages.vae_decoder)).bind(tree)
+    text_encoder = TextEncoderDeployment.options(**stages.text_encoder.deployment_options()).bind(
+        tree
+    )
+    denoiser = DenoiserDeployment.options(**stages.denoiser.deployment_options()).bind(tree)
+    vae_decoder = VaeDecoderDeployment.options(**stages.vae_decoder.deployment_options()).bind(tree)
     job_worker = None
     if stages.job_worker.num_replicas or stages.job_worker.autoscaling:
-        job_worker = JobWorkerDeployment.options(**_options(stages.job_worker)).bind(
+        job_worker = JobWorkerDeployment.options(**stages.job_worker.deployment_options()).bind(
             text_encoder, denoiser, vae_decoder, tree
         )
-    return PipelineIngress.options(**_options(stages.ingress)).bind(
+    return PipelineIngress.options(**stages.ingress.deployment_options()).bind(
         text_encoder, denoiser, vae_decoder, job_worker, tree
     )
 

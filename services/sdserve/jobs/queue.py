@@ -143,8 +143,9 @@ def redact(url: str) -> str:
 
 
 # --- Lua scripts: one per state change, atomic on the server -------------------------------
-# A terminal write (END/START's dead letter/CANCEL) sets the TTLs and removes the stream entry.
-_END_COMMON = """
+# Helpers the scripts below share. finish(): a job ended (END, START's dead letter, CANCEL):
+# acknowledge and delete its stream entry, and start the TTLs.
+_LUA_HELPERS = """
 local function finish(job, events, stream, group, entry, ttl)
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
@@ -185,7 +186,7 @@ return {ARGV[1], 1}
 
 # KEYS: job, events, stream  ARGV: group, consumer, entry, now, max_attempts, ttl
 _START = (
-    _END_COMMON
+    _LUA_HELPERS
     + """
 if #redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then
   return {0, 'not ours'}  -- reclaimed by another worker since we read it
@@ -239,7 +240,7 @@ return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested'))
 
 # KEYS: job, events  ARGV: token, step, total. Returns like _RENEW.
 _PROGRESS = (
-    _END_COMMON
+    _LUA_HELPERS
     + """
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1]
     or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
@@ -257,7 +258,7 @@ return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested'))
 # result, max_attempts.  Returns the job's new state, or false when the attempt no longer owned
 # the job (nothing written).
 _END = (
-    _END_COMMON
+    _LUA_HELPERS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] or state ~= 'RUNNING' then
@@ -284,7 +285,7 @@ return outcome
 
 # KEYS: job, events  ARGV: group, now, ttl.  Returns the state after the call, or nil.
 _CANCEL = (
-    _END_COMMON
+    _LUA_HELPERS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or ended(state) then return state end
@@ -456,12 +457,12 @@ class JobQueue:
         """The job's record (and result once SUCCEEDED). Raises NotFound."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.key("job", job_id))
-            pipe.get(self.key("result", job_id)) if with_result else pipe.exists("")
-            fields, result = await self._call(pipe.execute())
+            if with_result:
+                pipe.get(self.key("result", job_id))
+            fields, *result = await self._call(pipe.execute())
         if not fields:
             raise NotFound(f"job_id: no job {job_id!r} (unknown, or its result expired)")
-        record = JobRecord.from_hash(job_id, fields, result if with_result else None)
-        return record
+        return JobRecord.from_hash(job_id, fields, result[0] if result else None)
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Cancels a job: a QUEUED job ends CANCELLED at once; a RUNNING one when its worker

@@ -10,7 +10,7 @@ OUT=${OUT:-out/sdserve.png}
 LOG=${LOG:-out/sdserve-serve.log}
 mkdir -p "$(dirname "$OUT")" "$(dirname "$LOG")"
 
-echo "==> starting sdserve (log: $LOG); the first start creates the default model"
+echo "==> starting sdserve on the built-in model (log: $LOG)"
 "$BIN/sdserve" serve --grpc-port "$GRPC_PORT" --redis-url "$REDIS_URL" >"$LOG" 2>&1 &
 server=$!
 stop() {
@@ -34,8 +34,10 @@ done
 grep -q "sdserve is serving" "$LOG" || { echo "sdserve did not start in 5 minutes" >&2; exit 1; }
 
 echo "==> generating: $PROMPT"
-"$BIN/sdserve" generate "$PROMPT" --server "127.0.0.1:$GRPC_PORT" -o "$OUT"
+"$BIN/sdserve" generate "$PROMPT" --seed "${SEED:-0}" --server "127.0.0.1:$GRPC_PORT" -o "$OUT"
 echo "==> your image is at $(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")"
+echo "==> does it follow the prompt? (the checker of sdserve eval-default-model)"
+"$BIN/sdserve" check-image "$OUT" "$PROMPT" || echo "    not quite: the default model is small"
 
 JOB_OUT="${OUT%.png}-job.png"
 echo "==> the same prompt as an asynchronous job (kept in Redis until it is done)"

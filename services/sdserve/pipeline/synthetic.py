@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -40,6 +41,20 @@ class Caption:
     def prompt(self) -> str:
         size = f"{self.size_word} " if self.size_word else ""
         return f"a {size}{self.color} {self.shape} on a {self.background} background"
+
+
+_PROMPT = re.compile(
+    rf"a (?:({'|'.join(SIZE_WORDS)}) )?({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) "
+    rf"on a ({'|'.join(COLORS)}) background"
+)
+
+
+def parse_prompt(prompt: str) -> Caption | None:
+    """The caption a prompt of the grammar spells, or None for any other text."""
+    match = _PROMPT.fullmatch(" ".join(prompt.lower().split()))
+    if not match or match[2] == match[4]:
+        return None
+    return Caption(color=match[2], shape=match[3], background=match[4], size_word=match[1])
 
 
 def random_caption(rng: random.Random, *, size_word_p: float = 0.5) -> Caption:

@@ -17,22 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdserve.constants import SCHEDULER_NAMES
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sdserve"
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(_Strict):
     path: str | None = None
-    """A diffusers-format model folder. None: the built-in default model, created on first use
-    in `cache_dir`."""
-
-    cache_dir: str = Field(default_factory=lambda: str(_default_cache_dir()))
-    """Where the built-in default model is written."""
+    """A diffusers-format model folder. None: the built-in default model, which ships with
+    sdserve (`sdserve/default_model/`)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""
@@ -273,7 +265,6 @@ class SdserveConfig(_Strict):
 
 ENV_VARS = {
     "SDSERVE_MODEL": ("model", "path"),
-    "SDSERVE_CACHE_DIR": ("model", "cache_dir"),
     "SDSERVE_DEVICE": ("model", "device"),
     "SDSERVE_GRPC_PORT": ("server", "grpc_port"),
     "SDSERVE_HTTP_PORT": ("server", "http_port"),

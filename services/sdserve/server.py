@@ -67,7 +67,6 @@ def write_prometheus_targets(path: Path = PROMETHEUS_TARGETS) -> None:
     without a dashboard. Atomic, so that Prometheus never reads half a file."""
     import json
 
-
     targets = metrics_endpoints()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -189,11 +188,6 @@ def serve_forever(config: SdserveConfig) -> None:
         # After ray.init, which installs its own SIGTERM handler in the driver.
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
-        if config.model.path is None:
-            # Create the default model once here rather than in every replica at once.
-            from sdserve.pipeline.tiny import ensure_default_model
-
-            ensure_default_model(config.model.cache_dir)
         logger.info("deploying the sdserve application (model: %s)", config.model.path or "default")
         deploy(config)
         deployed = True

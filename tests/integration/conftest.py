@@ -32,7 +32,7 @@ def server(tiny_model, tmp_path_factory, redis_server):
     from sdserve import server as sdserve_server
 
     config = SdserveConfig(
-        model=ModelConfig(path=str(tiny_model), cache_dir=str(tmp_path_factory.mktemp("cache"))),
+        model=ModelConfig(path=str(tiny_model)),
         server=ServerConfig(grpc_port=free_port(), http_port=free_port()),
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick.

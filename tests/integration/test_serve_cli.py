@@ -48,7 +48,7 @@ def _start(tiny_model, tmp_path, grpc_port, *extra: str) -> subprocess.Popen:
         [str(exe), "serve", "--model", str(tiny_model), "--grpc-port", str(grpc_port),
          "--http-port", str(free_port()), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "SDSERVE_CACHE_DIR": str(tmp_path)},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     _wait_for_line(proc, f"serving DiffusionService on 127.0.0.1:{grpc_port}", 180)
     return proc

@@ -7,7 +7,7 @@ import pytest
 from sdserve.errors import ModelFolderError
 from sdserve.pipeline import models
 from sdserve.pipeline.denoise import Denoiser
-from sdserve.pipeline.tiny import ensure_default_model, make_tiny_model
+from sdserve.pipeline.tiny import make_tiny_model
 
 
 def _weights(folder):
@@ -61,11 +61,13 @@ def test_not_a_folder(tmp_path):
         models.check_model_dir(tmp_path / "nope", ("unet",))
 
 
-def test_default_model_is_created_once(tmp_path):
-    first = ensure_default_model(tmp_path)
-    stamp = (first / "unet" / "config.json").stat().st_mtime_ns
-    assert ensure_default_model(tmp_path) == first
-    assert (first / "unet" / "config.json").stat().st_mtime_ns == stamp
+def test_the_default_model_ships_with_sdserve():
+    root = models.resolve_model_dir(None)
+    assert root == models.DEFAULT_MODEL_DIR
+    models.check_model_dir(root, ("tokenizer", "text_encoder", "unet", "vae", "scheduler"))
+    assert (root / "README.md").is_file()  # the model card
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
 
 
 def test_device_and_dtype_defaults():

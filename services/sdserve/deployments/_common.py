@@ -65,7 +65,7 @@ def load_stage(stage_cls: type[T], config: dict, stage: str, metrics: Metrics) -
         import torch
 
         torch.set_num_threads(threads)
-    path = resolve_model_dir(model.path, model.cache_dir)
+    path = resolve_model_dir(model.path)
     loaded = stage_cls(path, model.device, model.dtype)
     seconds = time.perf_counter() - started
     metrics.model_load_seconds.set(seconds, tags={"stage": stage})

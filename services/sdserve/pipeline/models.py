@@ -147,11 +147,11 @@ def read_config(root: Path, part: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def resolve_model_dir(path: str | None, cache_dir: str) -> Path:
-    """`path` when given; otherwise the built-in default model, created in `cache_dir` on first
-    use (deterministically, so every replica on every node gets the same weights)."""
-    if path:
-        return Path(path).expanduser()
-    from sdserve.pipeline.tiny import ensure_default_model
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+"""The built-in default model: trained by `sdserve train-default-model` on synthetic shapes, and
+shipped with sdserve (see its README.md, the model card)."""
 
-    return ensure_default_model(cache_dir)
+
+def resolve_model_dir(path: str | None) -> Path:
+    """`path` when given; otherwise the built-in default model."""
+    return Path(path).expanduser() if path else DEFAULT_MODEL_DIR

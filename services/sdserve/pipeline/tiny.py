@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-v1"
-"""Bump when the architecture below changes, so cached default models are rebuilt."""
+"""Named in the model's README; bump when the architecture below changes."""
 
 TINY_TEXT_ENCODER = dict(
     hidden_size=32,
@@ -205,17 +205,3 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def ensure_default_model(cache_dir: str | Path) -> Path:
-    """The built-in default model's folder under `cache_dir`, created on first use."""
-    out = Path(cache_dir).expanduser() / "models" / TINY_VERSION
-    if (out / "model_index.json").is_file():
-        return out
-    logger.info("creating the built-in default model in %s", out)
-    try:
-        return make_tiny_model(out, seed=0)
-    except (FileExistsError, OSError):
-        if (out / "model_index.json").is_file():  # another process won the race
-            return out
-        raise

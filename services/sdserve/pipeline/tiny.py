@@ -115,7 +115,7 @@ SD15_SCHEDULER = dict(
 )
 
 
-def _byte_level_vocab() -> dict[str, int]:
+def byte_level_vocab() -> dict[str, int]:
     """A CLIP BPE vocabulary of the 256 byte symbols (plain and word-final), used with no merges.
 
     Every text tokenizes (one token per character), which is all a random-weight model needs.
@@ -130,7 +130,7 @@ def _byte_level_vocab() -> dict[str, int]:
 def _write_tokenizer(out: Path) -> dict[str, int]:
     from transformers import CLIPTokenizer
 
-    vocab = _byte_level_vocab()
+    vocab = byte_level_vocab()
     # model_max_length: a hand-made CLIPTokenizer needs it given explicitly.
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     tokenizer.save_pretrained(out)
@@ -142,6 +142,31 @@ def _write_tokenizer(out: Path) -> dict[str, int]:
     }
 
 
+def sd_pipeline(vae, text_encoder, tokenizer, unet):
+    """A StableDiffusionPipeline of these parts, with SD 1.5's scheduler and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_sd_folder(pipe, out: Path) -> None:
+    """`pipe.save_pretrained(out)` with safetensors, keeping SD 1.5's scheduler config verbatim
+    (save_pretrained rewrites it; it carries keys PNDM ignores but DDIM reads)."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SD15_SCHEDULER, indent=2) + "\n"
+    )
+
+
 ARCHS = {"tiny": TINY_UNET, "tiny-sd15-layout": TINY_UNET_SD15_LAYOUT}
 """U-Net presets of make_tiny_model; the text encoder and VAE are the same for both."""
 
@@ -150,14 +175,9 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
     """Writes the tiny model to `out_dir` (which must not exist yet, or be empty).
 
     The folder is built in a temporary sibling and renamed into place, so concurrent callers
-    (several replicas creating the default model) never see a half-written folder.
+    never see a half-written folder.
     """
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir).expanduser()
@@ -175,21 +195,7 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
         unet = UNet2DConditionModel(**ARCHS[arch])
         torch.manual_seed(seed + 2)
         vae = AutoencoderKL(**TINY_VAE)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        # SD 1.5's scheduler config verbatim (it carries keys PNDM ignores but DDIM reads).
-        (tmp / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(SD15_SCHEDULER, indent=2) + "\n"
-        )
+        save_sd_folder(sd_pipeline(vae, text_encoder, tokenizer, unet), tmp)
         (tmp / "README.md").write_text(
             f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
             "Random weights in Stable Diffusion 1.x's architecture, made by "

@@ -21,7 +21,6 @@ fp16 safetensors weights.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import tempfile
 from collections.abc import Callable
@@ -31,9 +30,7 @@ from pathlib import Path
 import torch
 
 from sdserve.pipeline.synthetic import COLORS, SHAPES, SIZE_WORDS, dataset
-from sdserve.pipeline.tiny import SD15_SCHEDULER, _byte_level_vocab
-
-logger = logging.getLogger(__name__)
+from sdserve.pipeline.tiny import byte_level_vocab, save_sd_folder, sd_pipeline
 
 MODEL_NAME = "sdserve-shapes-64"
 
@@ -117,7 +114,7 @@ def write_word_tokenizer(out: Path) -> dict[str, int]:
     bpe.train_from_iterator(grammar_words(), trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    vocab = _byte_level_vocab()
+    vocab = byte_level_vocab()
     for token in sorted(state["vocab"], key=state["vocab"].get):
         vocab.setdefault(token, len(vocab))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
@@ -132,12 +129,7 @@ def write_word_tokenizer(out: Path) -> dict[str, int]:
 
 def new_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Writes the untrained default model (the architecture above, seeded) to `out_dir`."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -145,27 +137,18 @@ def new_model(out_dir: str | Path, seed: int = 0) -> Path:
         token_ids = write_word_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**DEFAULT_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**DEFAULT_TEXT_ENCODER, **token_ids)),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**DEFAULT_UNET),
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = sd_pipeline(
+        AutoencoderKL(**DEFAULT_VAE),
+        CLIPTextModel(CLIPTextConfig(**DEFAULT_TEXT_ENCODER, **token_ids)),
+        tokenizer,
+        UNet2DConditionModel(**DEFAULT_UNET),
     )
     _save(pipe, out)
     return out
 
 
 def _save(pipe, out: Path) -> None:
-    pipe.save_pretrained(out, safe_serialization=True)
-    # save_pretrained rewrites the scheduler's config; keep SD 1.5's verbatim (it carries keys
-    # PNDM ignores but DDIM reads).
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SD15_SCHEDULER, indent=2) + "\n"
-    )
+    save_sd_folder(pipe, out)
     name_configs(out)
 
 

@@ -259,7 +259,8 @@ def _cmd_train_default_model(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from sdserve.pipeline.train import TrainConfig, new_model, train
+    from sdserve.pipeline.recipe import TrainConfig
+    from sdserve.pipeline.train import new_model, train
 
     config = TrainConfig(seed=args.seed, samples=args.samples, vae_steps=args.vae_steps,
                          unet_steps=args.unet_steps, batch_size=args.batch_size)  # fmt: skip
@@ -544,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes a diffusers folder with fp16 weights and training.json. Runs on the CPU, "
         "with a progress bar and the loss.",
     )
-    from sdserve.pipeline.train import TrainConfig
+    from sdserve.pipeline.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS, TrainConfig
 
     defaults = TrainConfig()
     train.add_argument("dir", help="folder to create (must not exist, or be empty)")
@@ -558,8 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="U-Net batch size (default %(default)s)")  # fmt: skip
     train.set_defaults(func=_cmd_train_default_model)
-
-    from sdserve.pipeline.evaluate import DEFAULT_GUIDANCE, DEFAULT_RUNS
 
     evaluate = sub.add_parser(
         "eval-default-model",

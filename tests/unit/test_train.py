@@ -32,7 +32,8 @@ def test_a_few_training_steps_write_a_loadable_fp16_model(tmp_path):
     from safetensors import safe_open
 
     from sdserve.pipeline.models import check_model_dir, vae_scale_factor
-    from sdserve.pipeline.train import TrainConfig, new_model, train
+    from sdserve.pipeline.recipe import TrainConfig
+    from sdserve.pipeline.train import new_model, train
 
     model = new_model(tmp_path / "model", seed=0)
     before = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)

@@ -18,17 +18,8 @@ import torch
 from PIL import Image
 
 from sdserve.pipeline.adherence import ShapeClassifier, check
+from sdserve.pipeline.recipe import EVAL_SEED
 from sdserve.pipeline.synthetic import Caption, random_caption
-
-EVAL_SEED = 20_261_129
-"""Seeds the evaluation prompts and noise; training uses small seeds (0 by default)."""
-
-DEFAULT_GUIDANCE = 7.5
-"""The guidance scale the model card states (and sdserve's serving default)."""
-
-DEFAULT_RUNS = (("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 25), ("ddim", 50),
-                ("ddim", 100), ("dpmpp_2m", 20))  # fmt: skip
-"""The issue's table: DDPM at its 1000 training steps against DDIM's 10-100, and DPM-Solver++."""
 
 
 @dataclass(frozen=True)

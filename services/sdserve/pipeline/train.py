@@ -24,11 +24,12 @@ import json
 import random
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from sdserve.pipeline.recipe import TrainConfig
 from sdserve.pipeline.synthetic import COLORS, SHAPES, SIZE_WORDS, dataset
 from sdserve.pipeline.tiny import byte_level_vocab, save_sd_folder, sd_pipeline
 
@@ -70,25 +71,6 @@ DEFAULT_VAE = dict(
     sample_size=64,
     scaling_factor=1.0,  # measured after the VAE is trained
 )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 0
-    size: int = 64
-    samples: int = 16384
-    """Distinct (caption, image) pairs drawn from the synthetic grammar."""
-    vae_steps: int = 1000
-    vae_batch_size: int = 16
-    vae_lr: float = 1e-3
-    unet_steps: int = 4500
-    batch_size: int = 32
-    unet_lr: float = 1e-3
-    warmup_steps: int = 200
-    uncond_p: float = 0.1
-    """Share of prompts replaced by "" (classifier-free guidance)."""
-    snr_gamma: float = 5.0
-    ema_decay: float = 0.999
 
 
 Progress = Callable[[str, int, int, float], None]

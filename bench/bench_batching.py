@@ -44,8 +44,8 @@ from sdserve.loadtest import Mix, Report, drive, run_loadtest
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import DenoiseEngine
 from sdserve.pipeline.text import TextEncoder
-from sdserve.pipeline.tiny import make_tiny_model
 from sdserve.pipeline.vae import VaeDecoder
+from sdserve.testing.tiny import make_tiny_model
 
 ARCH_SIZES = {"tiny": 128, "tiny-sd15-layout": 64}
 """Image size per model preset, each chosen so one diffusers request of 20 steps takes 0.3-1 s

@@ -25,7 +25,7 @@ import grpc
 
 from sdserve.config import SdserveConfig
 from sdserve.loadtest import Mix, drive
-from sdserve.pipeline.tiny import make_tiny_model
+from sdserve.testing.tiny import make_tiny_model
 from sdserve.v1 import diffusion_pb2_grpc
 
 MIX = Mix(prompts=("a red circle on a blue background", "a green square"), steps=(10,),

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny random-weight model (seed 0), written once per session."""
-    from sdserve.pipeline.tiny import make_tiny_model
+    from sdserve.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

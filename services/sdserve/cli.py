@@ -214,7 +214,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from sdserve.pipeline.tiny import make_tiny_model
+    from sdserve.testing.tiny import make_tiny_model
 
     started = time.perf_counter()
     out = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
@@ -259,8 +259,8 @@ def _cmd_train_default_model(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from sdserve.pipeline.recipe import TrainConfig
-    from sdserve.pipeline.train import new_model, train
+    from sdserve.shapes.recipe import TrainConfig
+    from sdserve.shapes.train import new_model, train
 
     config = TrainConfig(seed=args.seed, samples=args.samples, vae_steps=args.vae_steps,
                          unet_steps=args.unet_steps, batch_size=args.batch_size)  # fmt: skip
@@ -307,9 +307,9 @@ def _cmd_eval_default_model(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from sdserve.pipeline.adherence import ShapeClassifier
-    from sdserve.pipeline.evaluate import eval_captions, grid, load_pipeline, measure, table
-    from sdserve.pipeline.models import DEFAULT_MODEL_DIR
+    from sdserve.constants import DEFAULT_MODEL_DIR
+    from sdserve.shapes.adherence import ShapeClassifier
+    from sdserve.shapes.evaluate import eval_captions, grid, load_pipeline, measure, table
 
     _torch_threads(args.threads)
     pipe = load_pipeline(args.model or DEFAULT_MODEL_DIR)
@@ -343,8 +343,8 @@ def _torch_threads(n: int | None) -> None:
 def _cmd_check_image(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from sdserve.pipeline.adherence import ShapeClassifier, background_color, foreground_color
-    from sdserve.pipeline.synthetic import parse_prompt
+    from sdserve.shapes.adherence import ShapeClassifier, background_color, foreground_color
+    from sdserve.shapes.synthetic import parse_prompt
 
     caption = parse_prompt(args.prompt)
     if caption is None:
@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes a diffusers folder with fp16 weights and training.json. Runs on the CPU, "
         "with a progress bar and the loss.",
     )
-    from sdserve.pipeline.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS, TrainConfig
+    from sdserve.shapes.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS, TrainConfig
 
     defaults = TrainConfig()
     train.add_argument("dir", help="folder to create (must not exist, or be empty)")

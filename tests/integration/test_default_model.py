@@ -12,8 +12,8 @@ import io
 import pytest
 from PIL import Image
 
-from sdserve.pipeline.adherence import background_color, foreground_color
-from sdserve.pipeline.synthetic import Caption
+from sdserve.shapes.adherence import background_color, foreground_color
+from sdserve.shapes.synthetic import Caption
 from sdserve.v1 import diffusion_pb2
 
 APP = "shapes"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdserve.pipeline.adherence import ShapeClassifier, check
-from sdserve.pipeline.synthetic import COLORS, SHAPES, Caption, dataset, random_caption
+from sdserve.shapes.adherence import ShapeClassifier, check
+from sdserve.shapes.synthetic import COLORS, SHAPES, Caption, dataset, random_caption
 
 
 def test_dataset_is_seeded_and_follows_the_grammar():

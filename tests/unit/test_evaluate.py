@@ -9,7 +9,7 @@ import random
 import pytest
 
 from sdserve.cli import _parse_runs, main
-from sdserve.pipeline.synthetic import Caption, parse_prompt, random_caption, render
+from sdserve.shapes.synthetic import Caption, parse_prompt, random_caption, render
 
 
 def test_parse_prompt_inverts_caption_prompt():

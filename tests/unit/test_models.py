@@ -7,7 +7,7 @@ import pytest
 from sdserve.errors import ModelFolderError
 from sdserve.pipeline import models
 from sdserve.pipeline.denoise import Denoiser
-from sdserve.pipeline.tiny import make_tiny_model
+from sdserve.testing.tiny import make_tiny_model
 
 
 def _weights(folder):
@@ -62,8 +62,10 @@ def test_not_a_folder(tmp_path):
 
 
 def test_the_default_model_ships_with_sdserve():
-    root = models.resolve_model_dir(None)
-    assert root == models.DEFAULT_MODEL_DIR
+    from sdserve.constants import DEFAULT_MODEL_DIR, resolve_model_dir
+
+    root = resolve_model_dir(None)
+    assert root == DEFAULT_MODEL_DIR
     models.check_model_dir(root, ("tokenizer", "text_encoder", "unet", "vae", "scheduler"))
     assert (root / "README.md").is_file()  # the model card
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

@@ -12,7 +12,7 @@ import torch
 def test_the_tokenizer_has_one_token_per_word_of_the_grammar(tmp_path):
     from transformers import CLIPTokenizer
 
-    from sdserve.pipeline.train import grammar_words, write_word_tokenizer
+    from sdserve.shapes.train import grammar_words, write_word_tokenizer
 
     write_word_tokenizer(tmp_path)
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path, local_files_only=True)
@@ -32,8 +32,8 @@ def test_a_few_training_steps_write_a_loadable_fp16_model(tmp_path):
     from safetensors import safe_open
 
     from sdserve.pipeline.models import check_model_dir, vae_scale_factor
-    from sdserve.pipeline.recipe import TrainConfig
-    from sdserve.pipeline.train import new_model, train
+    from sdserve.shapes.recipe import TrainConfig
+    from sdserve.shapes.train import new_model, train
 
     model = new_model(tmp_path / "model", seed=0)
     before = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from sdserve.config import SdserveConfig
+from sdserve.constants import resolve_model_dir
 from sdserve.metrics import Metrics
-from sdserve.pipeline.models import resolve_model_dir
 
 T = TypeVar("T")
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.

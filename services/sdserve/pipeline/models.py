@@ -1,4 +1,5 @@
-"""Loading the parts of a diffusers-format Stable Diffusion folder, each on its own.
+"""Loading the parts of a diffusers-format Stable Diffusion folder, each on its own (and writing
+one, for the tiny test models and the default model's training).
 
 The layout SD 1.x/2.x ship (and `sdserve make-tiny-model` writes):
 
@@ -147,11 +148,57 @@ def read_config(root: Path, part: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-"""The built-in default model: trained by `sdserve train-default-model` on synthetic shapes, and
-shipped with sdserve (see its README.md, the model card)."""
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler",
+    _diffusers_version="0.6.0",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    clip_sample=False,
+    trained_betas=None,
+)
+"""Stable Diffusion 1.5's `scheduler/scheduler_config.json`, verbatim."""
 
 
-def resolve_model_dir(path: str | None) -> Path:
-    """`path` when given; otherwise the built-in default model."""
-    return Path(path).expanduser() if path else DEFAULT_MODEL_DIR
+# --- Writing a folder (the tiny test models, the default model's training) -----------------
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """A CLIP BPE vocabulary of the 256 byte symbols (plain and word-final), used with no merges.
+
+    Every text tokenizes (one token per character), which is all a random-weight model needs.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def sd_pipeline(vae, text_encoder, tokenizer, unet):
+    """A StableDiffusionPipeline of these parts, with SD 1.5's scheduler and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_sd_folder(pipe, out: Path) -> None:
+    """`pipe.save_pretrained(out)` with safetensors, keeping SD 1.5's scheduler config verbatim
+    (save_pretrained rewrites it; it carries keys PNDM ignores but DDIM reads)."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SD15_SCHEDULER, indent=2) + "\n"
+    )

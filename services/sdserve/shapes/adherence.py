@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from sdserve.pipeline.synthetic import COLORS, SHAPES, Caption, random_caption, render
+from sdserve.shapes.synthetic import COLORS, SHAPES, Caption, random_caption, render
 
 _NAMES = sorted(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _NAMES], dtype=float)

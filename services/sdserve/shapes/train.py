@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from sdserve.pipeline.recipe import TrainConfig
-from sdserve.pipeline.synthetic import COLORS, SHAPES, SIZE_WORDS, dataset
-from sdserve.pipeline.tiny import byte_level_vocab, save_sd_folder, sd_pipeline
+from sdserve.pipeline.models import byte_level_vocab, save_sd_folder, sd_pipeline
+from sdserve.shapes.recipe import TrainConfig
+from sdserve.shapes.synthetic import COLORS, SHAPES, SIZE_WORDS, dataset
 
 MODEL_NAME = "sdserve-shapes-64"
 

@@ -1,0 +1,60 @@
+"""A tiny random-weight Stable Diffusion written as a diffusers folder (`sdserve make-tiny-model`).
+
+The parts have SD 1.x's architecture at a fraction of its width (`architectures.ARCHS`): a CLIP
+text encoder with a byte-level BPE tokenizer, a UNet2DConditionModel with cross-attention
+down/up blocks, an AutoencoderKL with four blocks (so latents are 8x smaller per side, as in SD)
+and SD 1.5's PNDM scheduler config. `diffusers.StableDiffusionPipeline.from_pretrained(folder)`
+loads it. It makes noise, not pictures, but it exercises every code path in a few milliseconds
+per step on a CPU. The same seed gives byte-identical weight files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sdserve.pipeline.models import save_sd_folder, sd_pipeline
+from sdserve.testing.architectures import random_parts
+
+logger = logging.getLogger(__name__)
+
+TINY_VERSION = "tiny-v1"
+"""Named in the model's README; bump when the architectures change."""
+
+TINY_ARCHS = ("tiny", "tiny-sd15-layout")
+"""The presets small enough to write as a test model."""
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
+    """Writes the tiny model to `out_dir` (which must not exist yet, or be empty).
+
+    The folder is built in a temporary sibling and renamed into place, so concurrent callers
+    never see a half-written folder.
+    """
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+    out = Path(out_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        parts = random_parts(arch, seed)
+        pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"])
+        save_sd_folder(pipe, tmp)
+        (tmp / "README.md").write_text(
+            f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
+            "Random weights in Stable Diffusion 1.x's architecture, made by "
+            f"`sdserve make-tiny-model DIR --seed {seed} --arch {arch}`. It generates noise; it "
+            "is for tests and benchmarks.\n"
+        )
+        if out.exists():
+            if any(out.iterdir()):
+                raise FileExistsError(f"{out} exists and is not empty")
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

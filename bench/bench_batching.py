@@ -204,7 +204,7 @@ def main() -> int:
         print(f"  16 sequential diffusers / 16 engine-batched: {ceiling['ceiling']:.2f}x "
               f"(runs: {runs})", flush=True)  # fmt: skip
 
-        from sdserve import server as sdserve_server
+        from sdserve.serve import server as sdserve_server
 
         def run_diffusers(**load):
             return asyncio.run(diffusers_load(torch_thread, pipe, **load))

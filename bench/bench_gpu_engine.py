@@ -1,20 +1,29 @@
-"""The Denoiser engine against diffusers' pipeline on a GPU, without Ray.
+"""sdserve's request path and engine against diffusers' pipeline on a GPU, without Ray.
 
     python bench/bench_gpu_engine.py [--out bench/results/gpu_engine.json]
     python bench/bench_gpu_engine.py --smoke     # tiny model, CPU, seconds: checks the script
 
-SD 1.5's architecture (services/sdserve/pipeline/tiny.py: SD15_*) with random weights, fp16,
-512x512, 25 DDIM steps, guidance 7.5. For batch sizes 1, 4, 8 and 16 it measures images/s of
-  - diffusers' StableDiffusionPipeline with B prompts in one call;
-  - sdserve's engine with B requests (each its own scheduler, generator and timestep row)
-    admitted together, plus text encoding and one VAE decode per request,
-and the U-Net's achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode on one forward).
-It needs torch, transformers and diffusers only.
+SD 1.5's architecture (sdserve.testing.architectures: `sd15`) with random weights, fp16,
+512x512, 25 DDIM steps, guidance 7.5. sdserve runs through the code that serves requests:
+`StagePath` over the `InProcessStageClient`, i.e. the TextEncoder, Denoiser (its step-level
+batching engine) and VaeDecoder services on one torch thread; only Serve's hops are missing.
+In one run it measures:
+
+  - batch B in 1, 4, 8, 16: B requests submitted at once (engine.max_batch_size = B), against
+    diffusers' StableDiffusionPipeline called with B prompts; images/s of both, and the U-Net's
+    achieved TFLOP/s inside sdserve's engine (FLOPs of one forward counted by torch's
+    FlopCounterMode);
+  - a closed loop of 32 clients (engine.max_batch_size 16, the default), images/s and
+    p50/p99 latency, against diffusers at batch 1 one request at a time.
+
+It needs torch, transformers, diffusers, pydantic, protobuf and grpcio; not Ray or Redis (the
+device machine has neither: carry diffusers and pydantic as wheels, see the device README).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -22,104 +31,155 @@ from pathlib import Path
 
 import torch
 
+from sdserve.config import SdserveConfig
+from sdserve.loadtest import Mix, drive
+from sdserve.metrics import StatsLogger
+from sdserve.orchestration.in_process import InProcessStageClient
+from sdserve.orchestration.path import StagePath
+from sdserve.pipeline.denoise import Denoiser
+from sdserve.pipeline.models import SD15_SCHEDULER, sd_pipeline, vae_scale_factor
+from sdserve.pipeline.text import TextEncoder
+from sdserve.pipeline.vae import VaeDecoder
+from sdserve.stages.denoiser import DenoiserService
+from sdserve.stages.runtime import TorchThread
+from sdserve.stages.text_encoder import TextEncoderService
+from sdserve.stages.vae_decoder import VaeDecoderService
+from sdserve.testing.architectures import random_parts
+from sdserve.types import Result
+from sdserve.v1 import diffusion_pb2
 
-def build(arch: str, device: torch.device, dtype: torch.dtype):
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
+GUIDANCE = 7.5
+
+
+class Bench:
+    """One model on one device, served two ways: sdserve's path and diffusers' pipeline."""
+
+    def __init__(self, arch: str, size: int, steps: int, device: torch.device, dtype):
+        from diffusers import DDIMScheduler
+
+        self.size, self.steps, self.device = size, steps, device
+        parts = random_parts(arch)
+        for name in ("text_encoder", "unet", "vae"):
+            parts[name].to(device, dtype)
+        self.pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                                parts["unet"])  # fmt: skip
+        self.pipe.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.thread = TorchThread("bench-torch")
+        self.stats = StatsLogger()
+        self.text = TextEncoderService(
+            TextEncoder.from_parts(parts["tokenizer"], parts["text_encoder"]), self.thread
+        )
+        self.denoiser = Denoiser.from_parts(
+            parts["unet"], SD15_SCHEDULER, vae_scale_factor(dict(parts["vae"].config))
+        )
+        self.vae = VaeDecoderService(VaeDecoder.from_parts(parts["vae"]), self.thread)
+
+    def path(self, max_batch_size: int) -> tuple[StagePath, DenoiserService]:
+        """sdserve's request path with an engine of this batch size (the parts are shared)."""
+        config = SdserveConfig.model_validate({
+            "engine": {"max_batch_size": max_batch_size},
+            "defaults": {"steps": self.steps, "scheduler": "ddim", "guidance_scale": GUIDANCE},
+        })  # fmt: skip
+        service = DenoiserService(self.denoiser, config.engine, self.stats, self.thread)
+        return StagePath(InProcessStageClient(self.text, service, self.vae), config), service
+
+    def request(self, i: int) -> diffusion_pb2.GenerateRequest:
+        return diffusion_pb2.GenerateRequest(prompt=f"a photo of object {i}", seed=i,
+                                             width=self.size, height=self.size)  # fmt: skip
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def diffusers(self, batch: int) -> float:
+        """Seconds for one pipeline call with `batch` prompts."""
+        prompts = [self.request(i).prompt for i in range(batch)]
+        generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+        self.sync()
+        t = time.perf_counter()
+        self.pipe(prompts, num_inference_steps=self.steps, guidance_scale=GUIDANCE,
+                  height=self.size, width=self.size, generator=generators,
+                  output_type="np")  # fmt: skip
+        self.sync()
+        return time.perf_counter() - t
+
+    async def sdserve(self, path: StagePath, batch: int) -> tuple[float, float]:
+        """(wall seconds, seconds inside U-Net steps) for `batch` requests submitted at once."""
+        unet_before = self.stats.denoiser.unet_seconds
+
+        async def one(i: int) -> None:
+            params = await path.validate(self.request(i))
+            async for _ in path.run(params):
+                pass
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(batch)))
+        self.sync()
+        return time.perf_counter() - t, self.stats.denoiser.unet_seconds - unet_before
+
+    async def closed_loop(self, path: StagePath, clients: int, requests: int) -> dict:
+        async def send(request: diffusion_pb2.GenerateRequest) -> int:
+            params = await path.validate(request)
+            async for event in path.run(params):
+                if isinstance(event, Result):
+                    return len(event.pngs)
+            return 0
+
+        mix = Mix(prompts=("a photo of an object",), steps=(self.steps,), schedulers=("ddim",),
+                  widths=(self.size,), heights=(self.size,), guidances=(GUIDANCE,))  # fmt: skip
+        report = await drive(send, mix=mix, concurrency=clients, requests=requests)
+        return report.summary()
+
+    def unet_flops_per_row(self) -> float:
+        """FLOPs of one U-Net forward per batch row (a CFG step at batch 1 is two rows)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        unet, h = self.pipe.unet, self.size // self.pipe.vae_scale_factor
+        x = torch.randn(2, 4, h, h, device=self.device, dtype=unet.dtype)
+        hidden = self.pipe.text_encoder.config.hidden_size
+        ctx = torch.randn(2, 77, hidden, device=self.device, dtype=unet.dtype)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            unet(x, torch.tensor([500, 500], device=self.device), encoder_hidden_states=ctx)
+        return counter.get_total_flops() / 2
+
+
+async def measure(bench: Bench, batches: list[int], clients: int, requests: int) -> dict:
+    flops_row = bench.unet_flops_per_row()
+    print(f"U-Net: {2 * flops_row / 1e9:.2f} GFLOP per CFG step at batch 1", flush=True)
+    bench.diffusers(1)  # warm-up of both
+    warm, service = bench.path(1)
+    await bench.sdserve(warm, 1)
+    service.close()
+
+    rows = []
+    for batch in batches:
+        path, service = bench.path(batch)
+        d = min(bench.diffusers(batch) for _ in range(2))
+        e, unet_s = min([await bench.sdserve(path, batch) for _ in range(2)], key=lambda r: r[0])
+        service.close()
+        tflops = flops_row * 2 * batch * bench.steps / unet_s / 1e12
+        rows.append({"batch": batch, "diffusers_img_s": batch / d, "sdserve_img_s": batch / e,
+                     "sdserve_unet_tflops": tflops, "sdserve_unet_share": unet_s / e})  # fmt: skip
+        print(
+            f"batch {batch:>2}: diffusers {batch / d:7.2f} img/s   sdserve {batch / e:7.2f} "
+            f"img/s   U-Net {tflops:7.1f} TFLOP/s, {unet_s / e:.0%} of the time",
+            flush=True,
+        )
+
+    path, service = bench.path(16)
+    loop = await bench.closed_loop(path, clients, requests)
+    service.close()
+    one = rows[0]["diffusers_img_s"]
+    print(
+        f"closed loop, {clients} clients: {loop['images_per_s']:.2f} img/s, p50 "
+        f"{loop['p50_s']:.2f}s, p99 {loop['p99_s']:.2f}s; {loop['images_per_s'] / one:.2f}x "
+        "diffusers at batch 1",
+        flush=True,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sdserve.pipeline import tiny
-
-    unet_cfg, vae_cfg, text_cfg = {
-        "sd15": (tiny.SD15_UNET, tiny.SD15_VAE, tiny.SD15_TEXT_ENCODER),
-        "tiny": (tiny.TINY_UNET, tiny.TINY_VAE, {**tiny.TINY_TEXT_ENCODER, "vocab_size": 514}),
-    }[arch]
-    vocab = tiny._byte_level_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))  # fmt: skip
-    unet = UNet2DConditionModel(**unet_cfg)
-    vae = AutoencoderKL(**vae_cfg)
-    scheduler_config = dict(tiny.SD15_SCHEDULER)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ).to(device, dtype)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, scheduler_config
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def unet_flops_per_row(pipe, size: int, device, dtype) -> float:
-    """FLOPs of one U-Net forward per batch row (a CFG step at batch 1 is two rows)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    h = size // pipe.vae_scale_factor
-    x = torch.randn(2, 4, h, h, device=device, dtype=dtype)
-    ctx = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        pipe.unet(x, torch.tensor([500, 500], device=device), encoder_hidden_states=ctx)
-    return counter.get_total_flops() / 2
-
-
-def run_diffusers(pipe, batch, size, steps, device) -> float:
-    prompts = [f"a photo of object {i}" for i in range(batch)]
-    generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
-    sync(device)
-    t = time.perf_counter()
-    pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-         generator=generators, output_type="np")  # fmt: skip
-    sync(device)
-    return time.perf_counter() - t
-
-
-def run_engine(pipe, scheduler_config, batch, size, steps, device, dtype) -> tuple[float, float]:
-    """Returns (wall seconds, seconds inside U-Net steps)."""
-    from sdserve.pipeline.denoise import DenoiseJob, make_sample
-    from sdserve.pipeline.engine import DenoiseEngine
-    from sdserve.pipeline.text import TextEncoder
-
-    encoder = TextEncoder.from_parts(pipe.tokenizer, pipe.text_encoder)
-    unet_s = 0.0
-
-    def on_stats(stats):
-        nonlocal unet_s
-        unet_s += stats.duration_s
-
-    engine = DenoiseEngine(pipe.unet, max_batch_size=batch, on_stats=on_stats)
-
-    f = pipe.vae_scale_factor
-    sync(device)
-    t = time.perf_counter()
-    jobs = []
-    for i in range(batch):
-        cond, uncond = encoder.encode(f"a photo of object {i}", "", with_uncond=True)
-        sample = make_sample(cond=cond, uncond=uncond, guidance_scale=7.5, scheduler_name="ddim",
-                             scheduler_config=scheduler_config, steps=steps, seed=i,
-                             latent_shape=(4, size // f, size // f), device=device,
-                             dtype=dtype)  # fmt: skip
-        job = DenoiseJob(request_id=str(i), samples=[sample])
-        engine.submit(job)
-        jobs.append(job)
-    while engine.counts() != (0, 0):
-        engine.step()
-    with torch.inference_mode():
-        for job in jobs:
-            latents = job.samples[0].latents / pipe.vae.config.scaling_factor
-            pipe.vae.decode(latents, return_dict=False)
-    sync(device)
-    return time.perf_counter() - t, unet_s
+    return {"unet_flops_per_row": flops_row, "rows": rows, "closed_loop": loop,
+            "closed_loop_over_diffusers_b1": loop["images_per_s"] / one}  # fmt: skip
 
 
 def main() -> int:
@@ -127,44 +187,32 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/gpu_engine.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
     parser.add_argument("--batches", default="1,4,8,16")
+    parser.add_argument("--clients", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--requests", type=int, default=96, help="closed-loop requests")
     args = parser.parse_args()
     if args.smoke:
         arch, size, steps, device, dtype = "tiny", 64, 4, torch.device("cpu"), torch.float32
+        batches, clients, requests = [1, 2], 4, 4
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke to check the script on a CPU", file=sys.stderr)
             return 2
         arch, size, steps, device, dtype = "sd15", 512, 25, torch.device("cuda"), torch.float16
-    batches = [int(b) for b in args.batches.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+        clients, requests = args.clients, args.requests
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{arch} {size}x{size}, {steps} steps, {dtype}, on {card}", flush=True)
+    print(f"{arch} {size}x{size}, {steps} DDIM steps, {dtype}, on {card}", flush=True)
 
-    pipe, scheduler_config = build(arch, device, dtype)
-    flops_row = unet_flops_per_row(pipe, size, device, dtype)
-    print(f"U-Net: {2 * flops_row / 1e9:.2f} GFLOP per CFG step at batch 1", flush=True)
-    run_diffusers(pipe, 1, size, 2, device)  # warm-up
-    run_engine(pipe, scheduler_config, 1, size, 2, device, dtype)
-
-    rows = []
-    for batch in batches:
-        d = min(run_diffusers(pipe, batch, size, steps, device) for _ in range(2))
-        e, unet_s = min(
-            (run_engine(pipe, scheduler_config, batch, size, steps, device, dtype)
-             for _ in range(2)), key=lambda r: r[0])  # fmt: skip
-        tflops = flops_row * 2 * batch * steps / unet_s / 1e12
-        rows.append({"batch": batch, "diffusers_img_s": batch / d, "engine_img_s": batch / e,
-                     "engine_unet_tflops": tflops})  # fmt: skip
-        print(f"batch {batch:>2}: diffusers {batch / d:7.2f} img/s   engine {batch / e:7.2f} img/s"
-              f"   U-Net {tflops:7.1f} TFLOP/s", flush=True)  # fmt: skip
-    base = rows[0]["diffusers_img_s"]
-    ratio = rows[-1]["engine_img_s"] / base
-    print(f"engine at batch {rows[-1]['batch']} / diffusers at batch 1: {ratio:.2f}x")
+    bench = Bench(arch, size, steps, device, dtype)
+    try:
+        result = asyncio.run(measure(bench, batches, clients, requests))
+    finally:
+        bench.thread.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"arch": arch, "size": size, "steps": steps, "device": card,
-                               "dtype": str(dtype), "unet_flops_per_row": flops_row,
-                               "rows": rows, "engine_b_max_over_diffusers_b1": ratio},
-                              indent=2))  # fmt: skip
+    setup = {"arch": arch, "size": size, "steps": steps, "device": card, "dtype": str(dtype),
+             "torch": torch.__version__}  # fmt: skip
+    out.write_text(json.dumps({"setup": setup, **result}, indent=2))
     print(f"wrote {out}")
     return 0
 

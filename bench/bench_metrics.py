@@ -65,8 +65,9 @@ def per_call_cost(calls: int = 20_000) -> dict:
         import time
 
         from sdserve.metrics import Metrics
+        from sdserve.serve.common import ray_metric
 
-        m = Metrics(enabled)
+        m = Metrics(ray_metric if enabled else None)
         calls_by_kind = {
             "histogram.observe": lambda: m.unet_step_seconds.observe(0.01),
             "counter.inc": lambda: m.denoising_steps.inc(4),
@@ -98,8 +99,8 @@ def main() -> int:
 
     from ray import serve
 
-    from sdserve import server as sdserve_server
-    from sdserve.deployments.app import build_app
+    from sdserve.serve import server as sdserve_server
+    from sdserve.serve.app import build_app
 
     ports = {"grpc_port": free_port(), "http_port": free_port()}
     target = f"127.0.0.1:{ports['grpc_port']}"

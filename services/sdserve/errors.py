@@ -1,7 +1,7 @@
 """Errors that reach clients. Each names the gRPC status code it maps to.
 
 Code anywhere below the edges raises these; the one error interceptor
-(`sdserve.deployments.grpc_errors`) turns them into gRPC statuses. This module imports no grpc,
+(`sdserve.serve.errors.grpc_errors`) turns them into gRPC statuses. This module imports no grpc,
 so the pipeline layer can raise them too.
 """
 

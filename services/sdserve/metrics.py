@@ -1,21 +1,27 @@
-"""Every sdserve metric, defined once.
+"""Every sdserve metric, defined once, and the one place that records them (`StatsLogger`).
 
-Replicas record them with `ray.serve.metrics` (which adds the deployment, replica and
-application labels); Ray exports them, beside Ray Serve's own metrics, on each node's metrics
-export port (`sdserve serve --metrics-port`, `ray start --metrics-export-port`). Ray prefixes
-custom metrics with `ray_`; deploy/prometheus.yml renames `ray_sdserve_*` back to `sdserve_*`
-when it scrapes, so dashboards and queries use the names below. Counters get Prometheus's
-`_total` suffix, histograms `_bucket`, `_count` and `_sum` (Ray computes `_sum` from bucket
-midpoints, so use the buckets for quantiles and `_count` for rates).
+Code that serves requests emits typed stats (`sdserve.stats`); a `StatsLogger` turns them into
+the series below and keeps the counters of the Stats RPCs. Replicas record the series with
+`ray.serve.metrics` (which adds the deployment, replica and application labels); Ray exports
+them, beside Ray Serve's own metrics, on each node's metrics export port (`sdserve serve
+--metrics-port`, `ray start --metrics-export-port`). Ray prefixes custom metrics with `ray_`;
+deploy/prometheus.yml renames `ray_sdserve_*` back to `sdserve_*` when it scrapes, so
+dashboards and queries use the names below. Counters get Prometheus's `_total` suffix,
+histograms `_bucket`, `_count` and `_sum` (Ray computes `_sum` from bucket midpoints, so use
+the buckets for quantiles and `_count` for rates).
 
-`Metrics(enabled=False)` records nothing (`metrics.enabled: false` in the config), which is how
-bench/bench_metrics.py measures what recording costs.
+`Metrics()` (no factory) records nothing (`metrics.enabled: false` in the config, and every
+process without Ray), which is how bench/bench_metrics.py measures what recording costs.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from sdserve import stats
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
@@ -96,30 +102,23 @@ class _Off:
     observe = set = inc
 
 
+MetricFactory = Callable[[Spec], Any]
+"""Builds the metric object of a `Spec` (something with inc / observe / set, as
+`ray.serve.metrics` has); `sdserve.serve.common.ray_metric` is the one Serve replicas use."""
+
+
 class Metrics:
     """The metrics of one process: an attribute per `Spec` (`metrics.images_generated.inc(2)`).
 
-    Build it inside the replica (metric objects do not travel between processes).
+    Build it inside the replica (metric objects do not travel between processes). Without a
+    factory it records nothing (`metrics.enabled: false`, and everything that runs without
+    Ray).
     """
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        if enabled:
-            from ray.serve import metrics as serve_metrics
-
-            kinds = {
-                "counter": serve_metrics.Counter,
-                "gauge": serve_metrics.Gauge,
-                "histogram": serve_metrics.Histogram,
-            }
+    def __init__(self, factory: MetricFactory | None = None):
+        self.enabled = factory is not None
         for spec in SPECS:
-            if not enabled:
-                setattr(self, spec.attr, _Off())
-                continue
-            kwargs: dict[str, Any] = {"description": spec.description, "tag_keys": spec.tags}
-            if spec.kind == "histogram":
-                kwargs["boundaries"] = list(spec.buckets)
-            setattr(self, spec.attr, kinds[spec.kind](spec.name, **kwargs))
+            setattr(self, spec.attr, factory(spec) if factory is not None else _Off())
 
     def __getattr__(self, name: str) -> Any:  # for type checkers: attributes are set above
         raise AttributeError(name)
@@ -128,3 +127,98 @@ class Metrics:
 def exported_names() -> set[str]:
     """Every series name sdserve exports (as Prometheus holds them)."""
     return {name for spec in SPECS for name in spec.exported_names}
+
+
+@dataclass
+class DenoiserCounters:
+    """One Denoiser's counters since it started, for its Stats RPC (`DenoiserStats`)."""
+
+    unet_steps: int = 0
+    unet_seconds: float = 0.0
+    image_steps: int = 0
+    """Images over all U-Net forwards (a forward of 4 images adds 4)."""
+    shared_steps: int = 0
+    """U-Net forwards that covered images of more than one request."""
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+
+class StatsLogger:
+    """The one place where typed stats (`sdserve.stats`) become metrics and counters.
+
+    Every emitter calls `record(stats)`; `denoiser` and `jobs` hold the counters that the
+    Denoiser's Stats RPC and the JobWorker's Stats call report.
+    """
+
+    def __init__(self, metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
+        self.denoiser = DenoiserCounters()
+        self.jobs: Counter[str] = Counter()
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            stats.StepStats: self._step,
+            stats.RequestAdmitted: self._admitted,
+            stats.RequestEnded: self._ended,
+            stats.RequestServed: self._served,
+            stats.RpcDone: self._rpc,
+            stats.JobEvent: self._job,
+            stats.QueueDepth: self._queue,
+            stats.ModelLoaded: self._loaded,
+            stats.GpuMemory: self._gpu,
+        }
+
+    def record(self, item: Any) -> None:
+        """Records one typed stat (any dataclass of `sdserve.stats`)."""
+        self._handlers[type(item)](item)
+
+    def _step(self, s: stats.StepStats) -> None:
+        c, m = self.denoiser, self.metrics
+        c.unet_steps += 1
+        c.unet_seconds += s.duration_s
+        c.image_steps += s.batch_size
+        c.shared_steps += len(s.request_ids) > 1
+        m.denoiser_batch_size.observe(s.batch_size)
+        m.unet_step_seconds.observe(s.duration_s)
+        m.denoising_steps.inc(s.batch_size)
+        m.denoiser_waiting_requests.set(s.waiting)
+        m.denoiser_running_requests.set(s.running)
+
+    def _admitted(self, s: stats.RequestAdmitted) -> None:
+        self.metrics.queue_wait_seconds.observe(s.wait_s)
+
+    def _ended(self, s: stats.RequestEnded) -> None:
+        c = self.denoiser
+        setattr(c, s.outcome, getattr(c, s.outcome) + 1)
+        self.metrics.denoiser_waiting_requests.set(s.waiting)  # so that an idle engine reads 0
+        self.metrics.denoiser_running_requests.set(s.running)
+
+    def _served(self, s: stats.RequestServed) -> None:
+        for stage, seconds in s.stage_seconds.items():
+            self.metrics.stage_latency_seconds.observe(seconds, tags={"stage": stage})
+        self.metrics.images_generated.inc(s.images)
+
+    def _rpc(self, s: stats.RpcDone) -> None:
+        self.metrics.requests.inc(tags={"rpc": s.rpc, "code": s.code})
+        self.metrics.request_latency_seconds.observe(s.seconds, tags={"rpc": s.rpc})
+
+    def _job(self, s: stats.JobEvent) -> None:
+        self.jobs[s.name] += 1
+        m = self.metrics
+        if s.name == "started":
+            m.job_attempts.inc()
+        elif s.name in ("succeeded", "failed", "cancelled"):
+            m.jobs_finished.inc(tags={"state": s.name.upper()})
+        elif s.name == "dead_lettered":
+            m.jobs_dead_lettered.inc()
+
+    def _queue(self, s: stats.QueueDepth) -> None:
+        self.metrics.redis_up.set(0 if s.lengths is None else 1)
+        for priority, n in (s.lengths or {}).items():
+            self.metrics.jobs_in_queue.set(n, tags={"priority": priority})
+
+    def _loaded(self, s: stats.ModelLoaded) -> None:
+        self.metrics.model_load_seconds.set(s.seconds, tags={"stage": s.stage})
+
+    def _gpu(self, s: stats.GpuMemory) -> None:
+        for kind, value in (("allocated", s.allocated), ("reserved", s.reserved)):
+            self.metrics.gpu_memory_bytes.set(value, tags={"stage": s.stage, "kind": kind})

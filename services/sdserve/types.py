@@ -1,7 +1,9 @@
-"""Domain types and their protobuf conversions.
+"""Domain types and their protobuf conversions (TGI's way: the types own `from_pb` / `to_pb`).
 
-Only this module and the edges (deployments, cli) import the generated code in `sdserve.v1`.
-`GenerateParams.from_pb` is where every public request is validated.
+The request path works on these: a validated `GenerateParams` in, `Queued`, `Progress`,
+`Preview` and finally a `Result` out. Public protobuf messages (`sdserve.v1.diffusion_pb2`)
+appear only at the edges: here, in the gRPC ingress and in the CLI. `GenerateParams.from_pb` is
+where every public request is validated.
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from typing import TYPE_CHECKING
 
 from sdserve.config import SCHEDULER_NAMES, DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
-from sdserve.v1 import diffusion_pb2, stages_pb2
+from sdserve.v1 import diffusion_pb2
 
 if TYPE_CHECKING:
-    import torch
-
-    from sdserve.jobs.queue import JobRecord
+    from sdserve.jobs.records import JobRecord
 
 SEED_SPACE = 2**64
 
@@ -161,6 +161,87 @@ class GenerateParams:
         return "\n".join(lines)
 
 
+# --- What the request path yields: Queued, Progress x steps (+ Preview), then Result --------
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request waits for a slot in the Denoiser's running batch."""
+
+    position: int
+    """Requests ahead of it in its Denoiser's queue."""
+    request_id: str
+
+    def to_pb(self) -> diffusion_pb2.GenerateEvent:
+        queued = diffusion_pb2.Queued(position=self.position, request_id=self.request_id)
+        return diffusion_pb2.GenerateEvent(queued=queued)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A denoising step finished."""
+
+    step: int
+    total: int
+    elapsed_s: float
+    """Seconds since the request reached the server."""
+
+    def to_pb(self) -> diffusion_pb2.GenerateEvent:
+        progress = diffusion_pb2.Progress(step=self.step, total=self.total,
+                                          elapsed_s=self.elapsed_s)  # fmt: skip
+        return diffusion_pb2.GenerateEvent(progress=progress)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Cheap previews of the current latents (no VAE), one PNG per image."""
+
+    step: int
+    pngs: tuple[bytes, ...]
+
+    def to_pb(self) -> diffusion_pb2.GenerateEvent:
+        preview = diffusion_pb2.Preview(step=self.step, png=self.pngs)
+        return diffusion_pb2.GenerateEvent(preview=preview)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds per stage, seen by the request path (transport included), and in all."""
+
+    text_encoder_s: float
+    denoiser_s: float
+    vae_decoder_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """The generated images, in seed order."""
+
+    request_id: str
+    params: GenerateParams
+    pngs: tuple[bytes, ...]
+    timings: Timings
+
+    def to_response(self) -> diffusion_pb2.GenerateResponse:
+        p = self.params
+        images = [diffusion_pb2.Image(png=png, seed=seed, width=p.width, height=p.height)
+                  for png, seed in zip(self.pngs, p.seeds, strict=True)]  # fmt: skip
+        return diffusion_pb2.GenerateResponse(
+            images=images,
+            timings=diffusion_pb2.StageTimings(**vars(self.timings)),
+            request_id=self.request_id,
+            parameters=p.resolved_pb(),
+        )
+
+    def to_pb(self) -> diffusion_pb2.GenerateEvent:
+        return diffusion_pb2.GenerateEvent(result=self.to_response())
+
+
+GenerateEvent = Queued | Progress | Preview | Result
+"""What `StagePath.run` yields."""
+
+
 _PRIORITY_NAMES = {
     diffusion_pb2.JOB_PRIORITY_UNSPECIFIED: "normal",
     diffusion_pb2.JOB_PRIORITY_HIGH: "high",
@@ -199,31 +280,3 @@ def job_to_pb(record: JobRecord) -> diffusion_pb2.Job:
     if record.result is not None:
         job.result.ParseFromString(record.result)
     return job
-
-
-def tensor_to_pb(tensor: torch.Tensor) -> stages_pb2.Tensor:
-    """dtype + shape + raw bytes. Goes through a uint8 view, not numpy, so bfloat16 works."""
-    t = tensor.detach().contiguous().cpu()
-    raw = t.reshape(-1).view(torch_module().uint8).numpy().tobytes() if t.numel() else b""
-    return stages_pb2.Tensor(
-        dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data=raw
-    )
-
-
-def tensor_from_pb(msg: stages_pb2.Tensor) -> torch.Tensor:
-    """Inverse of `tensor_to_pb`; returns a CPU tensor that owns its memory."""
-    torch = torch_module()
-    dtype = getattr(torch, msg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {msg.dtype!r}")
-    if not msg.data:
-        return torch.empty(tuple(msg.shape), dtype=dtype)
-    flat = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype)
-    return flat.reshape(tuple(msg.shape))
-
-
-def torch_module():
-    """torch, imported on first use: the ingress handles tensors only as opaque messages."""
-    import torch
-
-    return torch

@@ -29,7 +29,7 @@ class Server:
 def server(tiny_model, tmp_path_factory, redis_server):
     """sdserve on the tiny model, on free ports of 127.0.0.1 (Ray's GCS port is free too), with
     its job queue on the session's own redis-server and two JobWorker replicas."""
-    from sdserve import server as sdserve_server
+    from sdserve.serve import server as sdserve_server
 
     config = SdserveConfig(
         model=ModelConfig(path=str(tiny_model)),

@@ -63,7 +63,7 @@ def main(model: str, redis_url: str, out: str) -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from sdserve import server
+    from sdserve.serve import server
 
     report: dict = {}
     cluster = Cluster(

@@ -34,7 +34,7 @@ CAPTIONS = [
 def shapes_app(server):
     from ray import serve
 
-    from sdserve.deployments.app import build_app
+    from sdserve.serve.app import build_app
 
     config = server.config.model_validate({
         **server.config.model_dump(),

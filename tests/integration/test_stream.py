@@ -71,7 +71,7 @@ def test_cancelled_denoiser_call_leaves_the_batch(server):
     import torch
     from ray import serve
 
-    from sdserve.types import tensor_to_pb
+    from sdserve.stages.tensors import tensor_to_pb
 
     handle = serve.get_deployment_handle("Denoiser", app_name=server.config.server.app_name)
     before = denoiser_stats(server.config.server.app_name)
@@ -154,5 +154,5 @@ def test_concurrent_requests_share_u_net_steps(server, stub):
         t.join()
     assert not errors and len(replies) == 6
     after = denoiser_stats(server.config.server.app_name)
-    assert after.max_batch_size_seen >= 2
+    assert after.shared_steps - before.shared_steps >= 1  # forwards covered several requests
     assert after.unet_steps - before.unet_steps < 6 * 20  # steps were shared

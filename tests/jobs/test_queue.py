@@ -123,7 +123,7 @@ def test_full_queue_refuses_jobs_until_one_leaves(redis_server):
             await queue.submit(b"x", total_steps=1, priority="high")
         assert "jobs.max_queue_length = 3" in str(info.value)
         assert sum((await queue.queue_lengths()).values()) == 3
-        assert len(await queue.redis.keys(queue.key("job", "*"))) == 3
+        assert len(await queue.redis.keys(queue.keys.job("*"))) == 3
 
         await queue.cancel(ids[0])
         job_id, created = await queue.submit(b"x", total_steps=1)
@@ -229,22 +229,22 @@ def test_ttls_set_when_job_ends(redis_server):
     async def main():
         queue = _queue(redis_server.url, result_ttl_s=100)
         job_id, _ = await queue.submit(b"x", total_steps=3, idempotency_key="ttl")
-        assert await queue.redis.ttl(queue.key("job", job_id)) == -1
-        assert await queue.redis.ttl(queue.key("events", job_id)) == -1
+        assert await queue.redis.ttl(queue.keys.job(job_id)) == -1
+        assert await queue.redis.ttl(queue.keys.events(job_id)) == -1
 
         async with _running(Worker(queue, _echo, block_ms=100)):
             record = await wait_for(queue, job_id, 10)
         assert record.state is JobState.SUCCEEDED
-        for kind, name in [("job", job_id), ("result", job_id), ("events", job_id),
-                           ("idem", "ttl")]:  # fmt: skip
-            ttl = await queue.redis.ttl(queue.key(kind, name))
-            assert 0 < ttl <= 100, (kind, ttl)
+        k = queue.keys
+        for key in (k.job(job_id), k.result(job_id), k.events(job_id), k.idempotency("ttl")):
+            ttl = await queue.redis.ttl(key)
+            assert 0 < ttl <= 100, (key, ttl)
 
         cancelled, _ = await queue.submit(b"x", total_steps=3)
         await queue.cancel(cancelled)
-        for kind in ("job", "events"):
-            ttl = await queue.redis.ttl(queue.key(kind, cancelled))
-            assert 0 < ttl <= 100, (kind, ttl)
+        for key in (queue.keys.job(cancelled), queue.keys.events(cancelled)):
+            ttl = await queue.redis.ttl(key)
+            assert 0 < ttl <= 100, (key, ttl)
         await queue.close()
 
     asyncio.run(main())
@@ -376,7 +376,7 @@ def test_cancel_running_job_stops_it(redis_server):
         assert record.state is JobState.CANCELLED
         assert record.result is None
         assert record.step < 50
-        assert await queue.redis.exists(queue.key("result", job_id)) == 0
+        assert await queue.redis.exists(queue.keys.result(job_id)) == 0
         assert worker.counts["cancelled"] == 1
         await queue.close()
 

@@ -53,10 +53,10 @@ def test_serve_config_is_valid_for_ray_and_for_sdserve():
         else ServeDeploySchema.parse_obj(raw)
     )
     (app,) = schema.applications
-    assert app.import_path == "sdserve.deployments.app:app_builder"
+    assert app.import_path == "sdserve.serve.app:app_builder"
     config = SdserveConfig.model_validate(app.args)
     assert config.stages.denoiser.num_replicas >= 1
-    from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS
+    from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS
 
     assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
 
@@ -69,7 +69,7 @@ def test_example_config_file_is_valid_and_matches_the_defaults():
 def test_a_busy_metrics_port_falls_back_to_a_free_one():
     import socket
 
-    from sdserve.server import metrics_port
+    from sdserve.serve.server import metrics_port
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import yaml
 from helpers import REPO_ROOT
 
 from sdserve.config import SdserveConfig
-from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS
+from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -66,7 +66,7 @@ def test_kuberay_rayservice_has_a_valid_inline_serve_config():
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     raw = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = ServeDeploySchema.model_validate(raw).applications
-    assert app.import_path == "sdserve.deployments.app:app_builder"
+    assert app.import_path == "sdserve.serve.app:app_builder"
     assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
     config = SdserveConfig.model_validate(app.args)
 

@@ -218,16 +218,29 @@ def test_request_level_strategy_does_not_admit_into_a_running_batch(parts):
         _run(engine)
 
 
-def test_background_thread(parts):
+def test_runs_on_an_executor_between_other_tasks(parts):
+    """Started on a single-thread executor, the engine runs each step as a task there, so work
+    queued on the same thread (preparing requests, decoding) runs between two steps."""
+    from concurrent.futures import ThreadPoolExecutor
+
     _, denoiser, _ = parts
+    torch_thread = ThreadPoolExecutor(max_workers=1)
     engine = DenoiseEngine(denoiser.unet)
-    engine.start()
+    engine.start(torch_thread)
     try:
         done = threading.Event()
-        job, recorder = _job(parts, "r", steps=3)
+        job, recorder = _job(parts, "r", steps=30)
         job.on_event = lambda e: (recorder(e), isinstance(e, Finished) and done.set())
-        engine.submit(job)
+        torch_thread.submit(engine.submit, job)
+        while not any(isinstance(e, Step) for e in recorder.events):
+            assert not done.is_set()
+        steps_seen = torch_thread.submit(
+            lambda: sum(isinstance(e, Step) for e in recorder.events)
+        ).result(timeout=30)
+        assert 0 < steps_seen < 30  # it ran while the request was mid-way
         assert done.wait(30)
-        assert torch.equal(recorder.latents, _solo(parts, steps=3))
+        assert torch.equal(recorder.latents, _solo(parts, steps=30))
+        assert engine.counts() == (0, 0)
     finally:
         engine.stop()
+        torch_thread.shutdown()

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from sdserve.cli import _parse_runs, main
+from sdserve.cli import main
+from sdserve.cli.shapes import parse_runs
 from sdserve.shapes.synthetic import Caption, parse_prompt, random_caption, render
 
 
@@ -39,11 +40,11 @@ def test_check_image_passes_a_render_and_names_what_differs(tmp_path, capsys):
     assert "nothing to check" in capsys.readouterr().out
 
 
-def test_parse_runs():
-    assert _parse_runs("ddpm:1000,ddim:25") == [("ddpm", 1000), ("ddim", 25)]
+def testparse_runs():
+    assert parse_runs("ddpm:1000,ddim:25") == [("ddpm", 1000), ("ddim", 25)]
     for bad in ("ddim", "ddim:0", "plms:20", "ddim:x"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _parse_runs(bad)
+            parse_runs(bad)
 
 
 def test_eval_default_model_prints_and_writes_its_table(tmp_path, capsys):

@@ -7,7 +7,8 @@ import torch
 
 from sdserve.config import DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
-from sdserve.types import GenerateParams, tensor_from_pb, tensor_to_pb
+from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
+from sdserve.types import GenerateParams
 from sdserve.v1 import diffusion_pb2
 
 LIMITS = LimitsConfig(

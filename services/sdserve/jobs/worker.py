@@ -28,7 +28,10 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from sdserve.errors import SdserveError, Unavailable
-from sdserve.jobs.queue import Delivery, JobQueue
+from sdserve.jobs.queue import JobQueue
+from sdserve.jobs.records import Delivery, JobState, Lease, Outcome
+from sdserve.metrics import StatsLogger
+from sdserve.stats import JobEvent
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +71,15 @@ class Worker:
         consumer: str | None = None,
         concurrency: int = 4,
         block_ms: int = 1000,
-        on_count: Callable[[str], None] | None = None,
+        stats: StatsLogger | None = None,
     ):
         self.queue = queue
         self.run = run
         self.consumer = consumer or consumer_name()
         self.concurrency = concurrency
         self.block_ms = block_ms
-        self.counts: Counter[str] = Counter()
-        """started, succeeded, failed, dead_lettered, retried, cancelled, lost (to another
-        worker). `on_count(name)` is called at each increment (the deployment's metrics)."""
-        self.on_count = on_count
+        self.stats = stats or StatsLogger()
+        """Receives a `JobEvent` for everything the worker does (sdserve.stats.JOB_EVENTS)."""
         self._stopping = asyncio.Event()
         self._redis_down_since: float | None = None
         self.running = 0
@@ -135,10 +136,13 @@ class Worker:
             self._redis_down_since = None
             logger.warning("job worker %s: Redis is back after %.1fs", self.consumer, down)
 
+    @property
+    def counts(self) -> Counter[str]:
+        """How often each of `sdserve.stats.JOB_EVENTS` happened (the stats logger's count)."""
+        return self.stats.jobs
+
     def _count(self, name: str) -> None:
-        self.counts[name] += 1
-        if self.on_count is not None:
-            self.on_count(name)
+        self.stats.record(JobEvent(name))
 
     @staticmethod
     async def _quietly(coro) -> None:
@@ -172,12 +176,12 @@ class Worker:
         stop = asyncio.Event()
         lost = False
 
-        def seen(answer: int) -> None:
+        def seen(answer: Lease) -> None:
             nonlocal lost
-            if answer == -1:
+            if answer is Lease.LOST:
                 lost = True
                 stop.set()
-            elif answer == 1:
+            elif answer is Lease.CANCEL_REQUESTED:
                 stop.set()
 
         async def report(step: int, total: int) -> None:
@@ -210,38 +214,39 @@ class Worker:
             return
         took = time.perf_counter() - t0
         if not finished:  # a cancel request stopped it
-            await self._end(delivery, token, "CANCELLED", error="cancelled by CancelJob")
+            await self._end(delivery, token, Outcome.CANCELLED, error="cancelled by CancelJob")
             logger.info("job %s: cancelled after %.2fs", job, took)
             return
         exc = run.exception()
         if exc is None:
-            await self._end(delivery, token, "SUCCEEDED", result=run.result())
+            await self._end(delivery, token, Outcome.SUCCEEDED, result=run.result())
             logger.info("job %s: succeeded in %.2fs", job, took)
         elif isinstance(exc, SdserveError) and exc.code in PERMANENT_ERRORS:
-            await self._end(delivery, token, "FAILED", error=f"{exc.code}: {exc}")
+            await self._end(delivery, token, Outcome.FAILED, error=f"{exc.code}: {exc}")
             logger.info("job %s: failed: %s", job, exc)
         else:
             error = f"attempt {token}: {type(exc).__name__}: {exc}"
-            state = await self._end(delivery, token, "RETRY", error=error)
-            logger.warning("job %s: %s (now %s)", job, error, state or "lost", exc_info=exc)
-            if state == "FAILED":  # that was its last attempt
+            state = await self._end(delivery, token, Outcome.RETRY, error=error)
+            logger.warning("job %s: %s (now %s)", job, error, state.value if state else "lost",
+                           exc_info=exc)  # fmt: skip
+            if state is JobState.FAILED:  # that was its last attempt
                 self._count("dead_lettered")
 
-    async def _end(self, delivery: Delivery, token: int, outcome: str, **kw) -> str:
+    async def _end(self, delivery: Delivery, token: int, outcome: Outcome, **kw) -> JobState | None:
         """Ends the attempt, retrying while Redis is down, and counts what happened. If Redis
         stays down past the lease, another worker may run the job again (at least once); this
-        write is then refused. Returns the job's new state ("" if the attempt lost it)."""
+        write is then refused. Returns the job's new state (None if the attempt lost it)."""
         backoff = Backoff()
         deadline = time.monotonic() + max(60.0, 3 * self.queue.lease_s)
         while True:
             try:
                 state = await self.queue.end(delivery, token, outcome, **kw)
-                if not state:
+                if state is None:
                     self._count("lost")
                     logger.warning("job %s: attempt %d had lost the job; its %s is dropped",
-                                   delivery.job_id, token, outcome)  # fmt: skip
+                                   delivery.job_id, token, outcome.value)  # fmt: skip
                 else:
-                    self._count({"QUEUED": "retried"}.get(state, state.lower()))
+                    self._count("retried" if state is JobState.QUEUED else state.value.lower())
                 return state
             except Unavailable as exc:
                 self._redis_lost(exc)

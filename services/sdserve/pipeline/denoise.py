@@ -157,11 +157,25 @@ class Denoiser:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         root = models.check_model_dir(model_dir, ("unet", "scheduler"))
-        self.device = models.resolve_device(device)
-        self.dtype = models.resolve_dtype(dtype, self.device)
-        self.unet = models.load_unet(root, self.device, self.dtype)
-        self.scheduler_config = models.load_scheduler_config(root)
-        self.vae_scale_factor = models.vae_scale_factor(models.read_config(root, "vae"))
+        device_ = models.resolve_device(device)
+        self._set_parts(
+            models.load_unet(root, device_, models.resolve_dtype(dtype, device_)),
+            models.load_scheduler_config(root),
+            models.vae_scale_factor(models.read_config(root, "vae")),
+        )
+
+    @classmethod
+    def from_parts(cls, unet, scheduler_config: dict, vae_scale_factor: int) -> Denoiser:
+        """Wraps an already-loaded U-Net (benchmarks build the parts in memory)."""
+        denoiser = cls.__new__(cls)
+        denoiser._set_parts(unet, scheduler_config, vae_scale_factor)
+        return denoiser
+
+    def _set_parts(self, unet, scheduler_config: dict, vae_scale_factor: int) -> None:
+        self.unet = unet
+        self.device, self.dtype = unet.device, unet.dtype
+        self.scheduler_config = dict(scheduler_config)
+        self.vae_scale_factor = vae_scale_factor
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         self.native_size = (w * self.vae_scale_factor, h * self.vae_scale_factor)

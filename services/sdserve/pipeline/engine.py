@@ -1,6 +1,6 @@
 """The Denoiser engine: step-level (continuous) batching of diffusion requests.
 
-One engine runs per Denoiser replica, on its own thread. At every step boundary it
+One engine runs per Denoiser replica, on the replica's torch thread. At every step boundary it
 
 1. drops cancelled requests and requests past their deadline (they are never decoded);
 2. admits waiting requests into the running batch, up to `max_batch_size` images per bucket;
@@ -16,7 +16,8 @@ take turns (round robin), so a rare size is not starved by a common one.
 dynamic batcher do: a bucket admits new requests only when its previous batch has finished. It
 exists to measure what step-level batching buys (bench/).
 
-The engine emits plain events and `StepStats`; it knows nothing of Ray, gRPC or metrics.
+The engine emits plain events and `sdserve.stats.StepStats`; it knows nothing of Ray, gRPC or
+metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from sdserve.pipeline.denoise import DenoiseJob, unet_step
+from sdserve.stats import StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -80,27 +82,15 @@ class Failed:
 Event = Queued | Started | Step | Finished | Cancelled | Failed
 
 
-@dataclass(frozen=True)
-class StepStats:
-    """What one U-Net forward did (for metrics and tests)."""
-
-    request_ids: tuple[str, ...]
-    """Requests with images in this forward."""
-    batch_size: int
-    """Images in the forward."""
-    rows: int
-    """U-Net batch rows (images plus unconditional rows for guided images)."""
-    latent_shape: tuple[int, ...]
-    waiting: int
-    """Requests still waiting after admission."""
-    running: int
-    """Requests in the running batch (all buckets)."""
-    duration_s: float
-
-
 class DenoiseEngine:
     """Continuous batching over a U-Net. Thread-safe `submit` / `cancel`; `step()` does one
-    iteration (tests drive it directly); `start()` runs iterations on a background thread."""
+    iteration (tests drive it directly); `start(executor)` runs iterations on that executor.
+
+    The engine never owns a thread of its own: each iteration is one task on the executor,
+    which the engine submits again while it has work. On a single-thread executor (the stage's
+    torch thread), other torch work submitted there (preparing a request, encoding a prompt,
+    decoding latents) runs between two U-Net steps, on the thread that loaded the model.
+    """
 
     def __init__(
         self,
@@ -116,11 +106,12 @@ class DenoiseEngine:
         self.max_batch_size = max_batch_size
         self.strategy = strategy
         self.on_stats = on_stats
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._waiting: deque[DenoiseJob] = deque()
         self._running: dict[tuple[int, ...], list[DenoiseJob]] = {}
         self._turns: deque[tuple[int, ...]] = deque()  # round robin over buckets
-        self._done: threading.Thread | Future | None = None
+        self._executor: Executor | None = None
+        self._scheduled: Future | None = None  # the next iteration, once submitted
         self._stopping = False
 
     # -- called from any thread ---------------------------------------------------------------
@@ -128,7 +119,7 @@ class DenoiseEngine:
         with self._lock:
             position = len(self._waiting)
             self._waiting.append(job)
-            self._lock.notify()
+            self._schedule()
         job.on_event(Queued(position=position))
 
     def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
@@ -137,31 +128,36 @@ class DenoiseEngine:
             for job in self._jobs():
                 if job.request_id == request_id and job.cancelled is None:
                     job.cancelled = reason
-            self._lock.notify()
+            self._schedule()
 
     def counts(self) -> tuple[int, int]:
         """(waiting requests, running requests)."""
         with self._lock:
             return len(self._waiting), sum(len(jobs) for jobs in self._running.values())
 
-    def start(self, executor: Executor | None = None) -> None:
-        """Runs the loop on a new thread, or on `executor` (the thread that loaded the model:
-        torch is fastest when one thread does all of a process's compute)."""
-        if executor is not None:
-            self._done = executor.submit(self._loop)
-        else:
-            thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
-            thread.start()
-            self._done = thread
+    def start(self, executor: Executor) -> None:
+        """Runs iterations on `executor` from now on, whenever there is work (use the thread
+        that loaded the model: torch is fastest when one thread does all of a process's
+        compute)."""
+        with self._lock:
+            self._executor = executor
+            self._stopping = False
+            self._schedule()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Runs no further iteration; waits up to `timeout_s` for the one in progress."""
         with self._lock:
             self._stopping = True
-            self._lock.notify()
-        if isinstance(self._done, threading.Thread):
-            self._done.join(timeout_s)
-        elif self._done is not None:
-            wait([self._done], timeout_s)
+            scheduled = self._scheduled
+        if scheduled is not None:
+            wait([scheduled], timeout_s)
+
+    def _schedule(self) -> None:
+        """Submits the next iteration if there is work and none is pending. Hold the lock."""
+        if self._executor is None or self._stopping or self._scheduled is not None:
+            return
+        if self._waiting or self._running:
+            self._scheduled = self._executor.submit(self._iterate)
 
     # -- the engine thread --------------------------------------------------------------------
     def _jobs(self):
@@ -169,18 +165,17 @@ class DenoiseEngine:
         for jobs in self._running.values():
             yield from jobs
 
-    def _loop(self) -> None:
-        while True:
+    def _iterate(self) -> None:
+        """One iteration on the executor, then the next one is submitted if there is work."""
+        try:
+            self.step()
+        except Exception:  # a bug in the loop itself: keep the replica alive, log it
+            logger.exception("denoise engine iteration failed")
+            time.sleep(0.1)  # no busy loop if it fails again
+        finally:
             with self._lock:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            try:
-                self.step()
-            except Exception:  # a bug in the loop itself: keep the replica alive, log it
-                logger.exception("denoise engine iteration failed")
-                time.sleep(0.1)
+                self._scheduled = None
+                self._schedule()
 
     def _drop_cancelled(self, now: float) -> list[DenoiseJob]:
         dropped = []

@@ -28,6 +28,13 @@ class VaeDecoder:
         self.dtype = models.resolve_dtype(dtype, self.device)
         self.vae = models.load_vae(root, self.device, self.dtype)
 
+    @classmethod
+    def from_parts(cls, vae) -> VaeDecoder:
+        """Wraps an already-loaded AutoencoderKL (benchmarks build the parts in memory)."""
+        decoder = cls.__new__(cls)
+        decoder.vae, decoder.device, decoder.dtype = vae, vae.device, vae.dtype
+        return decoder
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Decodes latents to pixels.

@@ -332,7 +332,9 @@ Global___DenoiserStatsRequest: _TypeAlias = DenoiserStatsRequest  # noqa: Y015
 
 @_typing.final
 class DenoiserStats(_message.Message):
-    """Counters of one Denoiser replica's engine since it started."""
+    """Counters of one Denoiser replica's engine since it started. Tests and tools compare two
+    readings: every counter only grows.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -341,9 +343,11 @@ class DenoiserStats(_message.Message):
     UNET_STEPS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
-    MAX_BATCH_SIZE_SEEN_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     UNET_SECONDS_FIELD_NUMBER: _builtins.int
+    IMAGE_STEPS_FIELD_NUMBER: _builtins.int
+    SHARED_STEPS_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -354,12 +358,18 @@ class DenoiserStats(_message.Message):
     """Requests finished."""
     cancelled: _builtins.int
     """Requests dropped because they were cancelled or passed their deadline."""
-    max_batch_size_seen: _builtins.int
-    """Largest number of images one forward covered."""
     strategy: _builtins.str
     """"step" (continuous batching) or "request" (whole-request batching)."""
     unet_seconds: _builtins.float
     """Seconds spent in U-Net steps (forward, guidance and scheduler updates)."""
+    image_steps: _builtins.int
+    """Images over all U-Net forwards (a forward of 4 images adds 4); divided by the change in
+    unet_steps, the mean batch size.
+    """
+    shared_steps: _builtins.int
+    """U-Net forwards that covered images of more than one request."""
+    failed: _builtins.int
+    """Requests whose U-Net forward failed."""
     def __init__(
         self,
         *,
@@ -368,13 +378,15 @@ class DenoiserStats(_message.Message):
         unet_steps: _builtins.int = ...,
         finished: _builtins.int = ...,
         cancelled: _builtins.int = ...,
-        max_batch_size_seen: _builtins.int = ...,
         strategy: _builtins.str = ...,
         unet_seconds: _builtins.float = ...,
+        image_steps: _builtins.int = ...,
+        shared_steps: _builtins.int = ...,
+        failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "finished", b"finished", "max_batch_size_seen", b"max_batch_size_seen", "running", b"running", "strategy", b"strategy", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,11 +14,9 @@ from typing import Any
 from ray.serve import Application
 
 from sdserve.config import SdserveConfig
-from sdserve.deployments.denoiser import DenoiserDeployment
-from sdserve.deployments.ingress import PipelineIngress
-from sdserve.deployments.job_worker import JobWorkerDeployment
-from sdserve.deployments.text_encoder import TextEncoderDeployment
-from sdserve.deployments.vae_decoder import VaeDecoderDeployment
+from sdserve.serve.ingress import PipelineIngress
+from sdserve.serve.job_worker import JobWorkerDeployment
+from sdserve.serve.stages import DenoiserDeployment, TextEncoderDeployment, VaeDecoderDeployment
 
 GRPC_SERVICER_FUNCTIONS = [
     "sdserve.v1.diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server",

@@ -13,14 +13,15 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from sdserve.config import SdserveConfig
-from sdserve.deployments._common import watch_drain
-from sdserve.deployments.errors import grpc_errors
-from sdserve.deployments.stage_path import StagePath
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
 from sdserve.jobs.queue import JobQueue
-from sdserve.metrics import Metrics
-from sdserve.types import job_priority_name, job_to_pb
+from sdserve.orchestration.path import StagePath
+from sdserve.serve import _ray
+from sdserve.serve.client import ServeStageClient
+from sdserve.serve.common import replica_setup, watch_drain
+from sdserve.serve.errors import grpc_errors
+from sdserve.stats import QueueDepth
+from sdserve.types import Result, job_priority_name, job_to_pb
 from sdserve.v1 import diffusion_pb2
 
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
@@ -41,9 +42,10 @@ class PipelineIngress:
         job_worker: DeploymentHandle | None,
         config: dict,
     ):
-        self.config = SdserveConfig.model_validate(config)
-        self.metrics = Metrics(self.config.metrics.enabled)  # grpc_errors records into it
-        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config, self.metrics)
+        self.config, self.stats = replica_setup(config)  # grpc_errors records into stats
+        client = ServeStageClient(text_encoder, denoiser, vae_decoder,
+                                  self.config.server.stage_transport)  # fmt: skip
+        self._path = StagePath(client, self.config, self.stats)
         # Bound so that Serve deploys the JobWorker; jobs reach it through Redis, not calls.
         self._job_worker = job_worker
         # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
@@ -52,18 +54,16 @@ class PipelineIngress:
         loop = asyncio.get_running_loop()
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
         self._poller = None
-        if self.metrics.enabled:
-            self._poller = asyncio.get_running_loop().create_task(self._poll_queue())
+        if self.stats.metrics.enabled:
+            self._poller = loop.create_task(self._poll_queue())
 
     async def _poll_queue(self, every_s: float = 5.0) -> None:
-        """Exports the queue depth per priority, and whether Redis answers."""
+        """Records the queue depth per priority, and whether Redis answers."""
         while True:
             try:
-                for priority, n in (await self._jobs.queue_lengths()).items():
-                    self.metrics.jobs_in_queue.set(n, tags={"priority": priority})
-                self.metrics.redis_up.set(1)
+                self.stats.record(QueueDepth(await self._jobs.queue_lengths()))
             except Unavailable:
-                self.metrics.redis_up.set(0)
+                self.stats.record(QueueDepth(None))
             except Exception:  # a metric must never take the ingress down
                 logger.exception("polling the job queue's length failed")
             await asyncio.sleep(every_s)
@@ -77,24 +77,16 @@ class PipelineIngress:
         if self._draining:
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
 
-    def current_request_id(self) -> str:
-        """Serve's id of the request being handled; it is in Serve's access logs too."""
-        try:
-            return serve.context._get_serve_request_context().request_id or ""
-        except Exception:  # outside a request
-            return ""
-
     @grpc_errors(diffusion_pb2.GenerateResponse)
     async def Generate(
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> diffusion_pb2.GenerateResponse:
         """DiffusionService.Generate."""
         self._refuse_if_draining()
-        async for event in self._path.run(
-            request, stream=False, request_id=self.current_request_id()
-        ):
-            if event.HasField("result"):
-                return event.result
+        params = await self._path.validate(request)
+        async for event in self._path.run(params, request_id=_ray.current_request_id()):
+            if isinstance(event, Result):
+                return event.to_response()
         raise Internal("the pipeline ended without a result")
 
     @grpc_errors(diffusion_pb2.GenerateEvent)
@@ -103,10 +95,14 @@ class PipelineIngress:
     ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
         """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
         self._refuse_if_draining()
+        params = await self._path.validate(request)
         async for event in self._path.run(
-            request, stream=True, request_id=self.current_request_id()
+            params,
+            request_id=_ray.current_request_id(),
+            stream=True,
+            preview_every=request.preview_every,
         ):
-            yield event
+            yield event.to_pb()  # fmt: skip
 
     @grpc_errors(diffusion_pb2.SubmitJobResponse)
     async def SubmitJob(

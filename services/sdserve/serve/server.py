@@ -93,8 +93,8 @@ def deploy(config: SdserveConfig) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from sdserve.deployments._common import set_draining
-    from sdserve.deployments.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from sdserve.serve._ray import set_draining
+    from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS, build_app
 
     serve.start(
         proxy_location=config.server.proxy_location,
@@ -119,9 +119,7 @@ def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -
     `quiet_polls` polls in a row, at most the longest stage `graceful_shutdown_timeout_s`.
     Queued jobs stay in Redis; a JobWorker's own shutdown waits for its running jobs.
     """
-    import ray
-
-    from sdserve.deployments._common import set_draining
+    from sdserve.serve._ray import ongoing_requests, set_draining
 
     app = config.server.app_name
     set_draining(app, True)
@@ -131,14 +129,7 @@ def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -
     deadline = time.monotonic() + timeout_s
     quiet = 0
     while time.monotonic() < deadline and quiet < quiet_polls:
-        replicas = [
-            ray.get_actor(info["Name"], namespace="serve")
-            for info in ray._private.state.actors().values()
-            if info.get("State") == "ALIVE"
-            and info.get("ActorClassName", "").startswith(f"ServeReplica:{app}:")
-            and info.get("Name")
-        ]
-        ongoing = sum(ray.get([r.get_num_ongoing_requests.remote() for r in replicas]))
+        ongoing = ongoing_requests(app)
         quiet = quiet + 1 if ongoing == 0 else 0
         if ongoing:
             logger.info("draining: %d request(s) still running", ongoing)

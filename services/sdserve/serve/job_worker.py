@@ -15,14 +15,13 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from sdserve.config import SdserveConfig
-from sdserve.deployments._common import show_pipeline_logs, watch_drain
-from sdserve.deployments.stage_path import StagePath
-from sdserve.errors import Internal
 from sdserve.jobs.queue import JobQueue
-from sdserve.jobs.worker import Report, Worker
-from sdserve.metrics import Metrics
-from sdserve.v1 import diffusion_pb2
+from sdserve.jobs.runner import JobRunner
+from sdserve.jobs.worker import Worker
+from sdserve.orchestration.path import StagePath
+from sdserve.serve import _ray
+from sdserve.serve.client import ServeStageClient
+from sdserve.serve.common import replica_setup, watch_drain
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,44 +35,21 @@ class JobWorkerDeployment:
         vae_decoder: DeploymentHandle,
         config: dict,
     ):
-        show_pipeline_logs()  # sdserve.jobs' log lines: one per job started and ended
-        self.config = SdserveConfig.model_validate(config)
-        self.metrics = Metrics(self.config.metrics.enabled)
-        self._path = StagePath(text_encoder, denoiser, vae_decoder, self.config, self.metrics)
+        self.config, self.stats = replica_setup(config)
+        client = ServeStageClient(text_encoder, denoiser, vae_decoder,
+                                  self.config.server.stage_transport)  # fmt: skip
+        # Serve passes the request id of the current context on to the stages it calls, and
+        # every replica's log lines carry it: one job can be followed across replicas. (Each
+        # job runs in a task of the worker's own, so the id set there is the job's alone.)
+        runner = JobRunner(StagePath(client, self.config, self.stats), _ray.set_request_id)
         self._queue = JobQueue.from_config(self.config.jobs)
         self._worker = Worker(
-            self._queue,
-            self._run,
-            concurrency=self.config.jobs.concurrency,
-            on_count=self._on_count,
+            self._queue, runner, concurrency=self.config.jobs.concurrency, stats=self.stats
         )
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._worker.run_forever())
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
-
-    def _on_count(self, event: str) -> None:
-        if event == "started":
-            self.metrics.job_attempts.inc()
-        elif event in ("succeeded", "failed", "cancelled"):
-            self.metrics.jobs_finished.inc(tags={"state": event.upper()})
-        if event == "dead_lettered":
-            self.metrics.jobs_dead_lettered.inc()
-
-    async def _run(self, request: bytes, job_id: str, report: Report) -> bytes:
-        """One job: GenerateRequest bytes in, GenerateResponse bytes out, a report per step."""
-        generate = diffusion_pb2.GenerateRequest.FromString(request)
-        request_id = f"job-{job_id}"
-        # Serve passes the request id of the current context on to the stages it calls, and
-        # every replica's log lines carry it: one job can be followed across replicas. (This
-        # task is the worker's own, so the context set here is the job's alone.)
-        serve.context._set_request_context(request_id=request_id)
-        async for event in self._path.run(generate, stream=True, request_id=request_id):
-            if event.HasField("progress"):
-                await report(event.progress.step, event.progress.total)
-            elif event.HasField("result"):
-                return event.result.SerializeToString()
-        raise Internal("the pipeline ended without a result")
 
     def _drain(self) -> None:
         """`sdserve serve` is shutting down (server.drain): take no new jobs; running ones
@@ -84,7 +60,7 @@ class JobWorkerDeployment:
     async def Stats(self, _: bytes = b"") -> bytes:
         """This replica's consumer name and job counters, as JSON."""
         return json.dumps(
-            {"consumer": self._worker.consumer, "counts": dict(self._worker.counts)}
+            {"consumer": self._worker.consumer, "counts": dict(self.stats.jobs)}
         ).encode()
 
     async def check_health(self) -> None:

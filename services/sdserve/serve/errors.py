@@ -3,9 +3,8 @@
 Ray Serve's gRPC proxy takes no server interceptors, so every public RPC method of the ingress
 is wrapped with `@grpc_errors(ResponseType)`. It sets the status on Serve's `grpc_context` and
 returns an empty response (unary) or raises `StatusSet` (streaming), which the proxy turns into
-the client's error status. It counts every call by method and final status code
-(`sdserve_requests_total`) and times it (`sdserve_request_latency_seconds`), using the
-`metrics` attribute of the deployment it decorates.
+the client's error status. It records every call's method, final status code and duration
+(`sdserve.stats.RpcDone`) into the `stats` attribute of the deployment it decorates.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from collections.abc import Callable
 import grpc
 
 from sdserve.errors import SdserveError
+from sdserve.serve import _ray
+from sdserve.stats import RpcDone
 
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
 logger = logging.getLogger("ray.serve")
@@ -51,15 +52,10 @@ def grpc_errors(response_type: type) -> Callable:
         rpc = method.__name__
 
         def _record(self, code: grpc.StatusCode, started: float) -> None:
-            metrics = getattr(self, "metrics", None)
-            if metrics is not None:
-                metrics.requests.inc(tags={"rpc": rpc, "code": code.name})
-                metrics.request_latency_seconds.observe(
-                    time.perf_counter() - started, tags={"rpc": rpc}
-                )
+            self.stats.record(RpcDone(rpc, code.name, time.perf_counter() - started))
 
         def _fail(self, exc: BaseException, grpc_context) -> grpc.StatusCode:
-            request_id = getattr(self, "current_request_id", lambda: "")()
+            request_id = _ray.current_request_id()
             code, message = status_for(exc, request_id)
             if code == grpc.StatusCode.INTERNAL:
                 logger.exception("request %s failed", request_id)

@@ -1,0 +1,46 @@
+"""`sdserve loadtest`: bounded closed- or open-loop gRPC load (the load generator is
+sdserve.loadtest)."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdserve.cli.options import Parents
+
+
+def register(sub, parents: Parents) -> None:
+    load = sub.add_parser(
+        "loadtest",
+        help="send bounded gRPC load to a server and report images/s and latency",
+        description="Closed loop (--concurrency C) or open loop (--rate R, Poisson arrivals) "
+        "against DiffusionService.Generate, bounded by --requests and/or --duration (default: "
+        "50 requests). Request options take comma-separated lists, which make a mix.",
+        parents=[parents.server, parents.timeout(600.0, "per-request deadline"), parents.quiet],
+    )
+    loop = load.add_mutually_exclusive_group()
+    loop.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="C",
+        help="closed loop with C clients (default %(default)s)",
+    )
+    loop.add_argument("--rate", type=float, metavar="R", help="open loop, R requests/s on average")
+    load.add_argument("--requests", type=int, metavar="N", help="stop after N requests")
+    load.add_argument("--duration", type=float, metavar="S", help="stop issuing after S seconds")
+    load.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a mix)"
+    )
+    load.add_argument("--steps", metavar="N[,N...]", help="denoising steps")
+    load.add_argument("--scheduler", metavar="NAME[,NAME...]", help="sampler(s)")
+    load.add_argument("--width", metavar="W[,W...]", help="width(s) in pixels")
+    load.add_argument("--height", metavar="H[,H...]", help="height(s) in pixels")
+    load.add_argument("--guidance", metavar="G[,G...]", help="guidance scale(s)")
+    load.add_argument("--out", metavar="FILE.json", help="write the full report (every request)")
+    load.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdserve import loadtest
+
+    return loadtest.main(args)

@@ -1,0 +1,35 @@
+"""`sdserve make-tiny-model`: a random-weight model in the diffusers folder layout (tests)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from sdserve.cli.options import Parents
+
+
+def register(sub, parents: Parents) -> None:
+    tiny = sub.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-weight model (for tests)",
+        description="Write a tiny random-weight Stable Diffusion in the diffusers folder layout. "
+        "The same seed gives the same weights.",
+    )
+    tiny.add_argument("dir", help="folder to create (must not exist, or be empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default %(default)s)")
+    tiny.add_argument(
+        "--arch",
+        default="tiny",
+        choices=["tiny", "tiny-sd15-layout"],
+        help="U-Net layout: tiny (2 levels, default) or SD 1.5's 4-level layout at a narrow width",
+    )
+    tiny.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdserve.testing.tiny import make_tiny_model
+
+    started = time.perf_counter()
+    out = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
+    print(f"wrote a tiny random-weight model to {out} in {time.perf_counter() - started:.1f}s")
+    return 0

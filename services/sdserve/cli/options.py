@@ -1,0 +1,107 @@
+"""Options several commands share, declared once as argparse parent parsers, and the helpers
+that turn them into requests and replies into files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_RPC_ERROR = 2
+"""Exit status of a command whose RPC failed (it prints `CODE: message` on stderr)."""
+
+
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+class Parents:
+    """The parent parsers; `parents.server` etc. go into `add_parser(..., parents=[...])`."""
+
+    def __init__(self):
+        self.server = _parent()
+        self.server.add_argument(
+            "--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)"
+        )
+        self.quiet = _parent()
+        self.quiet.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        self.request = _request_parent()
+        self.output = _parent()
+        self.output.add_argument(
+            "-o",
+            "--output",
+            metavar="FILE",
+            help="PNG to write; with several images, FILE-0.png, FILE-1.png, ... "
+            "(default: sdserve-SEED.png)",
+        )
+
+    @staticmethod
+    def timeout(default: float, what: str = "RPC deadline") -> argparse.ArgumentParser:
+        """--timeout S, whose default differs between commands."""
+        parent = _parent()
+        parent.add_argument("--timeout", type=float, default=default, metavar="S",
+                            help=f"{what} in seconds (default %(default)s)")  # fmt: skip
+        return parent
+
+
+def _request_parent() -> argparse.ArgumentParser:
+    """The options of one generation (generate and submit)."""
+    parser = _parent()
+    parser.add_argument("prompt", help="what the image should show")
+    parser.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to avoid")
+    parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
+    parser.add_argument("--steps", type=int, help="denoising steps")
+    parser.add_argument(
+        "--scheduler", metavar="NAME", help="ddpm, ddim, pndm, euler, euler_ancestral or dpmpp_2m"
+    )
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument(
+        "--guidance", type=float, metavar="G", help="classifier-free guidance scale"
+    )
+    parser.add_argument(
+        "--num-images", type=int, metavar="K", help="images to generate (default 1)"
+    )
+    return parser
+
+
+def generate_request(args: argparse.Namespace):
+    """The GenerateRequest that the request options describe (unset ones stay unset, so the
+    server's defaults apply)."""
+    from sdserve.v1 import diffusion_pb2
+
+    request = diffusion_pb2.GenerateRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler or "",
+    )
+    for field in ("width", "height", "steps", "seed", "num_images"):
+        if getattr(args, field) is not None:
+            setattr(request, field, getattr(args, field))
+    if args.guidance is not None:
+        request.guidance_scale = args.guidance
+    return request
+
+
+def output_paths(output: str | None, seeds: list[int]) -> list[Path]:
+    if output is None:
+        return [Path(f"sdserve-{seed}.png") for seed in seeds]
+    path = Path(output)
+    if len(seeds) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(seeds))]
+
+
+def write_images(reply, output: str | None) -> None:
+    """Writes a GenerateResponse's images as PNG files and says where."""
+    paths = output_paths(output, [image.seed for image in reply.images])
+    for image, path in zip(reply.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.png)
+        print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+
+
+def rpc_error(exc) -> int:
+    """Prints a gRPC error as `CODE: message` on stderr; returns EXIT_RPC_ERROR."""
+    print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+    return EXIT_RPC_ERROR

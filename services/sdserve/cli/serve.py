@@ -1,0 +1,76 @@
+"""`sdserve serve`: start (or join) a Ray cluster, deploy the application, serve until a signal."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdserve.cli.options import Parents
+
+
+def register(sub, parents: Parents) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="start Ray and the sdserve application, serve until Ctrl-C",
+        description="Start (or join) a Ray cluster, deploy the TextEncoder, Denoiser, VaeDecoder "
+        "and Pipeline deployments, and serve DiffusionService over gRPC until SIGINT/SIGTERM.",
+    )
+    serve.add_argument(
+        "--model",
+        metavar="DIR",
+        help="diffusers-format model folder (default: the built-in model, trained on synthetic "
+        "shapes: try 'a red circle on a blue background')",
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, metavar="PORT", help="public gRPC port (default 9000)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="port of Serve's HTTP proxy, unused by sdserve (default 8000)",
+    )
+    serve.add_argument("--host", help="address of the local Ray node (default 127.0.0.1)")
+    serve.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join an existing Ray cluster (ray://HOST:10001 or auto) instead of "
+        "starting a local one",
+    )
+    serve.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="Redis for the job queue: redis://[:PASSWORD@]HOST:PORT/DB or rediss:// for TLS "
+        "(default redis://127.0.0.1:6379/0). Without it Generate still serves; the job RPCs "
+        "answer UNAVAILABLE",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="port of the local Ray node's Prometheus endpoint, with sdserve's and Ray Serve's "
+        "metrics (default 8080; start-up prints the URL to scrape)",
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="YAML config file (see deploy/sdserve.yaml)"
+    )
+    serve.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdserve.config import load_config
+    from sdserve.serve.server import serve_forever
+
+    config = load_config(
+        args.config,
+        overrides={
+            ("model", "path"): args.model,
+            ("server", "grpc_port"): args.grpc_port,
+            ("server", "http_port"): args.http_port,
+            ("server", "ray_address"): args.address,
+            ("server", "host"): args.host,
+            ("jobs", "redis_url"): args.redis_url,
+            ("metrics", "export_port"): args.metrics_port,
+        },
+    )
+    serve_forever(config)
+    return 0

@@ -1,0 +1,181 @@
+"""The built-in default model's commands: `train-default-model`, `eval-default-model` and
+`check-image` (the code is in sdserve.shapes)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sdserve.cli.options import Parents
+
+
+def register(sub, parents: Parents) -> None:
+    # The recipe module is torch-free, so that --help shows these defaults quickly.
+    from sdserve.shapes.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS, TrainConfig
+
+    train = sub.add_parser(
+        "train-default-model",
+        help="train the built-in default model on synthetic shapes (about an hour on 2 CPUs)",
+        description="Write the default model's architecture with fresh weights, then train its "
+        "VAE, and its CLIP text encoder and U-Net together, on seeded synthetic images of one "
+        "colored shape on a plain background ('a small red circle on a blue background'). "
+        "Writes a diffusers folder with fp16 weights and training.json. Runs on the CPU, "
+        "with a progress bar and the loss.",
+    )
+    defaults = TrainConfig()
+    train.add_argument("dir", help="folder to create (must not exist, or be empty)")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
+    train.add_argument("--samples", type=int, default=defaults.samples,
+                       help="synthetic training pairs (default %(default)s)")  # fmt: skip
+    train.add_argument("--vae-steps", type=int, default=defaults.vae_steps,
+                       help="(default %(default)s)")  # fmt: skip
+    train.add_argument("--unet-steps", type=int, default=defaults.unet_steps,
+                       help="(default %(default)s)")  # fmt: skip
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="U-Net batch size (default %(default)s)")  # fmt: skip
+    train.set_defaults(func=run_train)
+
+    evaluate = sub.add_parser(
+        "eval-default-model",
+        help="measure prompt adherence (colors, shape) and time per image, per sampler",
+        description="Generate images for N held-out prompts of the synthetic grammar with "
+        "diffusers' StableDiffusionPipeline, check each one's foreground color, background "
+        "color and shape with a checker independent of the model, and print a table per "
+        "sampler and step count.",
+    )
+    evaluate.add_argument("--model", metavar="DIR",
+                          help="model folder (default: the built-in default model)")  # fmt: skip
+    evaluate.add_argument("-n", type=int, default=96, help="prompts (default %(default)s)")
+    evaluate.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                          help="classifier-free guidance scale (default %(default)s)")  # fmt: skip
+    evaluate.add_argument(
+        "--runs",
+        type=parse_runs,
+        default=list(DEFAULT_RUNS),
+        metavar="SAMPLER:STEPS,...",
+        help="default " + ",".join(f"{s}:{n}" for s, n in DEFAULT_RUNS),
+    )
+    evaluate.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    evaluate.add_argument(
+        "--grid", metavar="PNG", help="write the first run's first 16 images, with their prompts"
+    )
+    evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    evaluate.set_defaults(func=run_eval)
+
+    check = sub.add_parser(
+        "check-image",
+        help="check an image against a prompt of the default model's grammar",
+        description="Print the image's foreground color, background color and shape, as the "
+        "model-independent checker of `eval-default-model` sees them, next to the prompt's. "
+        "Exits with 1 when one differs.",
+    )
+    check.add_argument("image", help="PNG file")
+    check.add_argument("prompt", help="e.g. 'a red circle on a blue background'")
+    check.set_defaults(func=run_check)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from sdserve.shapes.recipe import TrainConfig
+    from sdserve.shapes.train import new_model, train
+
+    config = TrainConfig(seed=args.seed, samples=args.samples, vae_steps=args.vae_steps,
+                         unet_steps=args.unet_steps, batch_size=args.batch_size)  # fmt: skip
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()):
+        print(f"sdserve: {out} exists and is not empty", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    new_model(out, seed=args.seed)
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, step: int, total: int, loss: float) -> None:
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"training the {phase}", unit="step")
+        bar = bars[phase]
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == total:
+            bar.close()
+
+    report = train(out, config, progress)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """SAMPLER:STEPS,... (argparse type of --runs)."""
+    from sdserve.constants import SCHEDULER_NAMES
+
+    runs = []
+    for item in text.split(","):
+        sampler, _, steps = item.strip().partition(":")
+        if sampler not in SCHEDULER_NAMES or not steps.isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected SAMPLER:STEPS with SAMPLER one of {', '.join(SCHEDULER_NAMES)}"
+            )
+        runs.append((sampler, int(steps)))
+    return runs
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    import torch
+    from tqdm import tqdm
+
+    from sdserve.constants import DEFAULT_MODEL_DIR
+    from sdserve.shapes.adherence import ShapeClassifier
+    from sdserve.shapes.evaluate import eval_captions, grid, load_pipeline, measure, table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model or DEFAULT_MODEL_DIR)
+    shapes = ShapeClassifier.fit()
+    captions = eval_captions(args.n)
+    results = []
+    for sampler, steps in tqdm(args.runs, desc="evaluating", unit="run"):
+        result, images = measure(pipe, captions, sampler=sampler, steps=steps,
+                                 guidance=args.guidance, shapes=shapes)  # fmt: skip
+        results.append(result)
+        tqdm.write(table(results[-1:]).splitlines()[-1])
+        if args.grid and len(results) == 1:
+            n = min(len(images), 16)
+            grid(images[:n], [c.prompt for c in captions[:n]]).save(args.grid)
+    print(f"\nprompt adherence over {args.n} prompts, guidance {args.guidance}:\n")
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    if args.grid:
+        print(f"\nwrote the grid of the first run's images to {args.grid}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from sdserve.shapes.adherence import ShapeClassifier, background_color, foreground_color
+    from sdserve.shapes.synthetic import parse_prompt
+
+    caption = parse_prompt(args.prompt)
+    if caption is None:
+        grammar = "a [small|large] COLOR SHAPE on a COLOR background"
+        print(f"{args.prompt!r} is not in the default model's grammar ({grammar!r}); "
+              "nothing to check")  # fmt: skip
+        return 0
+    image = Image.open(args.image)
+    checks = [
+        ("foreground color", caption.color, foreground_color(image)),
+        ("background color", caption.background, background_color(image)),
+        ("shape", caption.shape, ShapeClassifier.fit().predict(image)),
+    ]
+    for what, wanted, seen in checks:
+        print(f"  {what}: {seen} " + ("(as prompted)" if seen == wanted else f"(prompt: {wanted})"))
+    return 0 if all(wanted == seen for _, wanted, seen in checks) else 1

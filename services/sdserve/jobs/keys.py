@@ -1,0 +1,53 @@
+"""Every Redis key the job queue uses, named in one place.
+
+Every key starts with `prefix` ("sdserve:" by default, `jobs.key_prefix`), so several
+deployments can share one Redis:
+
+    {prefix}queue:{high,normal,low}  a Redis Stream per priority; one entry per job, read by the
+                                     consumer group GROUP. An entry is acknowledged (XACK) and
+                                     deleted only once its job has ended, in the same script
+                                     that stores the result, so XLEN over the three streams is
+                                     the number of jobs waiting or running.
+    {prefix}job:ID                   a hash: state, priority, request, attempts, step and
+                                     total_steps, error, timestamps, the worker running it. It
+                                     expires `result_ttl_s` after the job ended; a job that has
+                                     not ended never expires.
+    {prefix}result:ID                the serialized result, with the same TTL.
+    {prefix}events:ID                a short stream of state changes and steps (WatchJob).
+    {prefix}idem:KEY                 idempotency key -> job id; it expires with the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIORITIES = ("high", "normal", "low")
+"""Priority levels, highest first. Workers always take the highest waiting one."""
+
+GROUP = "workers"
+"""The consumer group every worker reads the queue streams with."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "sdserve:"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.prefix}result:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}events:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}idem:{key}"
+
+    def queue(self, priority: str) -> str:
+        return f"{self.prefix}queue:{priority}"
+
+    @property
+    def queues(self) -> list[str]:
+        """The queue streams, highest priority first."""
+        return [self.queue(p) for p in PRIORITIES]

@@ -1,0 +1,40 @@
+"""Runs a queued job through the request path: what a job worker's `run` callback does.
+
+A job's request is stored as `GenerateRequest` bytes (seed pinned at submission); its result as
+`GenerateResponse` bytes, which GetJob returns as they are. In between, the job takes the same
+`StagePath` as Generate, so jobs and synchronous requests share the Denoiser's running batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sdserve.errors import Internal
+from sdserve.jobs.worker import Report
+from sdserve.orchestration.path import StagePath
+from sdserve.types import Progress, Result
+from sdserve.v1 import diffusion_pb2
+
+
+class JobRunner:
+    """`await runner(request, job_id, report)`: one attempt at a job (a `jobs.worker.Runner`)."""
+
+    def __init__(self, path: StagePath, bind_request_id: Callable[[str], None] | None = None):
+        self.path = path
+        self.bind_request_id = bind_request_id
+        """Called with the job's request id ("job-<id>") before the stages are called; the Serve
+        shell uses it so that every replica's log lines about the job carry that id."""
+
+    async def __call__(self, request: bytes, job_id: str, report: Report) -> bytes:
+        """GenerateRequest bytes in, GenerateResponse bytes out, `report(step, total)` per
+        step. Raises what the stages raise (InvalidArgument fails the job at once)."""
+        request_id = f"job-{job_id}"
+        if self.bind_request_id is not None:
+            self.bind_request_id(request_id)
+        params = await self.path.validate(diffusion_pb2.GenerateRequest.FromString(request))
+        async for event in self.path.run(params, request_id=request_id, stream=True):
+            if isinstance(event, Progress):
+                await report(event.step, event.total)
+            elif isinstance(event, Result):
+                return event.to_response().SerializeToString()
+        raise Internal("the request path ended without a result")

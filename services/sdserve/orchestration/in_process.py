@@ -1,0 +1,71 @@
+"""The stage client that calls the three stage services in this process.
+
+Tests, the benchmarks and the GPU machine (which has torch and diffusers but no Ray) run the real
+request path through it: the same `StagePath`, the same services and the same engine as
+serving, minus Serve's hops. All three services share one torch thread, so text encoding and
+VAE decoding run between two U-Net steps of the Denoiser's engine, as one process's torch work
+should (see `sdserve.stages.runtime.TorchThread`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from sdserve.config import SdserveConfig
+from sdserve.metrics import StatsLogger
+from sdserve.orchestration.client import StageClient
+from sdserve.stages.denoiser import DenoiserService
+from sdserve.stages.runtime import TorchThread
+from sdserve.stages.text_encoder import TextEncoderService
+from sdserve.stages.vae_decoder import VaeDecoderService
+from sdserve.v1 import stages_pb2
+
+
+class InProcessStageClient(StageClient):
+    """Calls `TextEncoderService`, `DenoiserService` and `VaeDecoderService` directly."""
+
+    def __init__(
+        self,
+        text_encoder: TextEncoderService,
+        denoiser: DenoiserService,
+        vae_decoder: VaeDecoderService,
+    ):
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae_decoder = vae_decoder
+
+    @classmethod
+    def from_config(
+        cls, config: SdserveConfig, stats: StatsLogger | None = None
+    ) -> InProcessStageClient:
+        """Loads the configured model's three parts onto one new torch thread."""
+        stats = stats or StatsLogger()
+        thread = TorchThread("sdserve-torch")
+        return cls(
+            TextEncoderService.from_config(config, stats, thread),
+            DenoiserService.from_config(config, stats, thread),
+            VaeDecoderService.from_config(config, stats, thread),
+        )
+
+    def close(self) -> None:
+        """Stops the engine and the torch thread."""
+        self.denoiser.close()
+        self.denoiser.torch.close()
+
+    async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
+        return await self.text_encoder.encode(req)
+
+    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
+        return await self.denoiser.denoise(req)
+
+    async def denoise_stream(
+        self, req: stages_pb2.DenoiseRequest
+    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+        async for event in self.denoiser.denoise_stream(req):
+            yield event
+
+    async def decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
+        return await self.vae_decoder.decode(req)
+
+    async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
+        return self.denoiser.info()

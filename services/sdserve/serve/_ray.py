@@ -1,0 +1,68 @@
+"""Every private Ray API sdserve uses, in one place (Ray Serve keeps its own in `_private/`).
+
+Each of these can change in any Ray release; `ray[serve]` is pinned to 2.60.x in pyproject.toml.
+When upgrading Ray, this module is what to re-check.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+
+def current_request_id() -> str:
+    """Serve's id of the request being handled ("" outside a request); Serve's access logs and
+    every log line of the replica carry it."""
+    try:
+        return serve.context._get_serve_request_context().request_id or ""
+    except Exception:  # outside a request
+        return ""
+
+
+def set_request_id(request_id: str) -> None:
+    """Makes `request_id` the current task's Serve request id. Serve passes it on to the
+    deployments this task calls, and their log lines carry it (how a job is followed across
+    replicas)."""
+    serve.context._set_request_context(request_id=request_id)
+
+
+def with_transport(handle: DeploymentHandle, transport: str) -> DeploymentHandle:
+    """The handle calling through Serve's gRPC transport (`grpc`: `_by_reference=False`, straight
+    to the replica, faster for tensors; see DESIGN.md) or Ray actor calls (`actor`)."""
+    return handle.options(_by_reference=transport == "actor")
+
+
+def _drain_key(app_name: str) -> str:
+    return f"sdserve/{app_name}/draining"
+
+
+def set_draining(app_name: str, draining: bool) -> None:
+    """Sets or clears the app's drain flag in Ray's cluster KV store, which every replica on
+    every node can read (a Serve handle call reaches one replica; a redeploy restarts them)."""
+    from ray.experimental import internal_kv
+
+    if draining:
+        internal_kv._internal_kv_put(_drain_key(app_name), b"1", overwrite=True)
+    else:
+        internal_kv._internal_kv_del(_drain_key(app_name))
+
+
+def is_draining(app_name: str) -> bool:
+    """Whether `set_draining(app_name, True)` was called (blocks briefly: call it in a thread)."""
+    from ray.experimental import internal_kv
+
+    return bool(internal_kv._internal_kv_get(_drain_key(app_name)))
+
+
+def ongoing_requests(app_name: str) -> int:
+    """Requests running now in every live replica of the app, summed (from the driver)."""
+    import ray
+
+    replicas = [
+        ray.get_actor(info["Name"], namespace="serve")
+        for info in ray._private.state.actors().values()
+        if info.get("State") == "ALIVE"
+        and info.get("ActorClassName", "").startswith(f"ServeReplica:{app_name}:")
+        and info.get("Name")
+    ]
+    return sum(ray.get([r.get_num_ongoing_requests.remote() for r in replicas]))

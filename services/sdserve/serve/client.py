@@ -1,0 +1,69 @@
+"""The stage client that calls the stage deployments through Serve's deployment handles."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from ray.serve.handle import DeploymentHandle
+
+from sdserve.orchestration.client import StageClient
+from sdserve.serve import _ray
+from sdserve.v1 import stages_pb2
+
+
+@contextlib.contextmanager
+def cancel_on_exit(response):
+    """Cancels a stage call when the block is left early (the caller was cancelled, or its
+    deadline passed). Serve's own propagation of a cancelled request to its child calls is best
+    effort; measured here, it missed about half the streaming Denoiser calls."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if not finished:
+            response.cancel()
+
+
+class ServeStageClient(StageClient):
+    """Serializes the stage messages and calls the TextEncoder, Denoiser and VaeDecoder
+    deployments, over Serve's gRPC transport or Ray actor calls (`server.stage_transport`)."""
+
+    def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        denoiser: DeploymentHandle,
+        vae_decoder: DeploymentHandle,
+        transport: str = "grpc",
+    ):
+        self._text = _ray.with_transport(text_encoder, transport)
+        self._denoiser = _ray.with_transport(denoiser, transport)
+        self._denoiser_stream = self._denoiser.options(stream=True)
+        self._vae = _ray.with_transport(vae_decoder, transport)
+
+    @staticmethod
+    async def _call(method, request, reply_type):
+        response = method.remote(request.SerializeToString())
+        with cancel_on_exit(response):
+            return reply_type.FromString(await response)
+
+    async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
+        return await self._call(self._text.Encode, req, stages_pb2.EncodeTextResponse)
+
+    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
+        return await self._call(self._denoiser.Denoise, req, stages_pb2.DenoiseResponse)
+
+    async def denoise_stream(
+        self, req: stages_pb2.DenoiseRequest
+    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+        events = self._denoiser_stream.DenoiseStream.remote(req.SerializeToString())
+        with cancel_on_exit(events):
+            async for raw in events:
+                yield stages_pb2.DenoiseEvent.FromString(raw)
+
+    async def decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
+        return await self._call(self._vae.Decode, req, stages_pb2.DecodeResponse)
+
+    async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
+        return stages_pb2.DenoiserInfo.FromString(await self._denoiser.Info.remote(b""))

@@ -1,0 +1,68 @@
+"""The three stage deployments: thin shells that parse a stage message, call the stage service
+(`sdserve.stages`) and serialize its answer. Serve routes calls by method name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from sdserve.serve.common import replica_setup
+from sdserve.stages.denoiser import DenoiserService
+from sdserve.stages.text_encoder import TextEncoderService
+from sdserve.stages.vae_decoder import VaeDecoderService
+from sdserve.v1 import stages_pb2
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoderDeployment:
+    def __init__(self, config: dict):
+        tree, stats = replica_setup(config)
+        self.service = TextEncoderService.from_config(tree, stats)
+
+    async def Encode(self, request: bytes) -> bytes:
+        """Serialized `EncodeTextRequest` -> serialized `EncodeTextResponse`."""
+        req = stages_pb2.EncodeTextRequest.FromString(request)
+        return (await self.service.encode(req)).SerializeToString()
+
+
+@serve.deployment(name="Denoiser")
+class DenoiserDeployment:
+    def __init__(self, config: dict):
+        tree, stats = replica_setup(config)
+        self.service = DenoiserService.from_config(tree, stats)
+
+    def __del__(self):  # Serve is removing the replica
+        self.service.close()
+
+    async def Denoise(self, request: bytes) -> bytes:
+        """Serialized `DenoiseRequest` -> serialized `DenoiseResponse`."""
+        req = stages_pb2.DenoiseRequest.FromString(request)
+        return (await self.service.denoise(req)).SerializeToString()
+
+    async def DenoiseStream(self, request: bytes) -> AsyncIterator[bytes]:
+        """Serialized `DenoiseRequest` -> serialized `DenoiseEvent`s: queued, steps, done."""
+        req = stages_pb2.DenoiseRequest.FromString(request)
+        async for event in self.service.denoise_stream(req):
+            yield event.SerializeToString()
+
+    def Info(self, request: bytes = b"") -> bytes:
+        """Serialized `DenoiserInfo`: the model's native size and latent scale."""
+        return self.service.info().SerializeToString()
+
+    def Stats(self, request: bytes = b"") -> bytes:
+        """Serialized `DenoiserStats` of this replica."""
+        return self.service.stats_message().SerializeToString()
+
+
+@serve.deployment(name="VaeDecoder")
+class VaeDecoderDeployment:
+    def __init__(self, config: dict):
+        tree, stats = replica_setup(config)
+        self.service = VaeDecoderService.from_config(tree, stats)
+
+    async def Decode(self, request: bytes) -> bytes:
+        """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
+        req = stages_pb2.DecodeRequest.FromString(request)
+        return (await self.service.decode(req)).SerializeToString()

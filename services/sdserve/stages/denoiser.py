@@ -1,0 +1,206 @@
+"""The Denoiser stage: DenoiseRequest -> DenoiseResponse, or a stream of DenoiseEvents.
+
+The whole denoising loop runs here, in the service's `DenoiseEngine`, which batches the U-Net
+steps of every request the service holds (step-level batching). The engine's steps are tasks
+on the service's torch thread, and so is every other piece of torch work: preparing a request
+(its schedulers, generators and initial noise), previews, and the final latents' bytes. Engine
+events become stage messages on that thread and are handed to the caller's event loop, which
+only awaits.
+
+When the caller stops waiting (the client cancelled, or its deadline passed), the request is
+cancelled in the engine: it leaves the batch at the next step and is never decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdserve.config import EngineConfig, SdserveConfig
+from sdserve.errors import DeadlineExceeded, Internal
+from sdserve.metrics import StatsLogger
+from sdserve.pipeline import engine as eng
+from sdserve.pipeline.denoise import DenoiseJob, Denoiser
+from sdserve.pipeline.vae import preview_pixels, to_png
+from sdserve.stages.runtime import TorchThread, load_stage
+from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
+from sdserve.stats import RequestAdmitted, RequestEnded
+from sdserve.v1 import stages_pb2
+
+
+@dataclass(frozen=True)
+class _WithPreview:
+    """A step event whose preview pixels still need PNG encoding (done off the torch thread)."""
+
+    event: stages_pb2.DenoiseEvent
+    pixels: np.ndarray
+    """uint8, shape (num_images, height, width, 3)."""
+
+
+class DenoiserService:
+    """Runs denoising requests through one engine on one torch thread."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        engine: EngineConfig,
+        stats: StatsLogger,
+        torch_thread: TorchThread,
+    ):
+        self.denoiser = denoiser
+        self.stats = stats
+        self.torch = torch_thread
+        self.strategy = engine.batching
+        self.engine = eng.DenoiseEngine(
+            denoiser.unet,
+            max_batch_size=engine.max_batch_size,
+            strategy=engine.batching,
+            on_stats=stats.record,
+        )
+        self.engine.start(torch_thread.executor)
+
+    @classmethod
+    def from_config(
+        cls, config: SdserveConfig, stats: StatsLogger, torch_thread: TorchThread | None = None
+    ) -> DenoiserService:
+        """Loads `unet/` and `scheduler/` of the configured model on the torch thread (a new
+        one unless given) and starts the engine there."""
+        thread = torch_thread or TorchThread("denoiser")
+        denoiser = thread.call(load_stage, Denoiser, config, "denoiser", stats)
+        return cls(denoiser, config.engine, stats, thread)
+
+    def close(self) -> None:
+        """Stops the engine (requests still in it get no answer)."""
+        self.engine.stop(timeout_s=1)
+
+    # -- the stage's calls ---------------------------------------------------------------------
+    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
+        """The final latents of every image of the request."""
+        async for event in self._events(req, progress=False):
+            if event.HasField("done"):
+                return event.done
+        raise Internal("the engine ended a request without a result")
+
+    async def denoise_stream(
+        self, req: stages_pb2.DenoiseRequest
+    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+        """queued, one `step` per denoising step (with previews every `preview_every`), done."""
+        async for event in self._events(req, progress=True):
+            yield event
+
+    def info(self) -> stages_pb2.DenoiserInfo:
+        """The model's native size and latent scale."""
+        width, height = self.denoiser.native_size
+        return stages_pb2.DenoiserInfo(
+            native_width=width,
+            native_height=height,
+            vae_scale_factor=self.denoiser.vae_scale_factor,
+        )
+
+    def stats_message(self) -> stages_pb2.DenoiserStats:
+        """The engine's counters since the service started (`StatsLogger.denoiser`)."""
+        c = self.stats.denoiser
+        waiting, running = self.engine.counts()
+        return stages_pb2.DenoiserStats(
+            waiting=waiting,
+            running=running,
+            unet_steps=c.unet_steps,
+            finished=c.finished,
+            cancelled=c.cancelled,
+            failed=c.failed,
+            strategy=self.strategy,
+            unet_seconds=c.unet_seconds,
+            image_steps=c.image_steps,
+            shared_steps=c.shared_steps,
+        )
+
+    # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
+    async def _events(
+        self, req: stages_pb2.DenoiseRequest, progress: bool
+    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+        """Submits the request and yields its events until it ends; without `progress`, only
+        the final one (no per-step wake-ups of the event loop)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job_id = f"{req.request_id or 'anonymous'}/{uuid.uuid4().hex[:8]}"
+
+        def on_event(event: eng.Event) -> None:  # torch thread
+            self._record(event)
+            item = self._message(event, req, progress)
+            if item is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        prepared = self.torch.submit(self._prepare, req, job_id, on_event)
+        ended = False
+        try:
+            await asyncio.wrap_future(prepared)
+            while not ended:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                if isinstance(item, _WithPreview):
+                    item.event.step.preview_png.extend(to_png(p) for p in item.pixels)
+                    item = item.event
+                ended = item.HasField("done")
+                yield item
+        finally:
+            if not ended:  # the caller went away: free the slot (once the job is submitted)
+                prepared.add_done_callback(lambda _: self.engine.cancel(job_id))
+
+    def _prepare(
+        self, req: stages_pb2.DenoiseRequest, job_id: str, on_event: Callable[[eng.Event], None]
+    ) -> None:
+        """Torch thread: builds the request's samples as diffusers does and submits them."""
+        job: DenoiseJob = self.denoiser.make_job(
+            job_id,
+            tensor_from_pb(req.cond),
+            tensor_from_pb(req.uncond) if req.HasField("uncond") else None,
+            width=req.width,
+            height=req.height,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            scheduler=req.scheduler,
+            seeds=list(req.seeds),
+            on_event=on_event,
+            deadline=time.monotonic() + req.timeout_s if req.timeout_s > 0 else None,
+            preview_every=req.preview_every,
+        )
+        self.engine.submit(job)
+
+    def _record(self, event: eng.Event) -> None:
+        if isinstance(event, eng.Started):
+            self.stats.record(RequestAdmitted(wait_s=event.wait_s))
+        outcome = {eng.Finished: "finished", eng.Cancelled: "cancelled", eng.Failed: "failed"}
+        if type(event) in outcome:
+            self.stats.record(RequestEnded(outcome[type(event)], *self.engine.counts()))
+
+    @staticmethod
+    def _message(event: eng.Event, req: stages_pb2.DenoiseRequest, progress: bool):
+        """Torch thread: the stage message (or error) an engine event becomes, or None."""
+        if isinstance(event, eng.Finished):
+            latents = tensor_to_pb(event.latents)
+            return stages_pb2.DenoiseEvent(done=stages_pb2.DenoiseResponse(latents=latents))
+        if isinstance(event, eng.Cancelled):
+            return DeadlineExceeded(f"request {req.request_id}: {event.reason}")
+        if isinstance(event, eng.Failed):
+            error = Internal(f"request {req.request_id}: denoising failed")
+            error.__cause__ = event.error
+            return error
+        if not progress:
+            return None
+        if isinstance(event, eng.Queued):
+            return stages_pb2.DenoiseEvent(queued=stages_pb2.DenoiseQueued(position=event.position))
+        if isinstance(event, eng.Step):
+            step = stages_pb2.DenoiseStep(step=event.step, total=event.total,
+                                          elapsed_s=event.elapsed_s)  # fmt: skip
+            message = stages_pb2.DenoiseEvent(step=step)
+            if event.latents is None:
+                return message
+            return _WithPreview(message, preview_pixels(event.latents, req.width, req.height))
+        return None

@@ -1,0 +1,107 @@
+"""The typed statistics that serving code emits (vLLM's way: plain dataclasses, no metric calls in
+the hot loop).
+
+The engine, the stage services, the stage path, the job worker and the RPC error wrapper each
+hand these to a `sdserve.metrics.StatsLogger` (`stats.record(StepStats(...))`), the one place
+that turns them into Prometheus series and keeps the counters the Denoiser's Stats RPC reports.
+This module imports nothing but the standard library, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one U-Net forward of the Denoiser engine did."""
+
+    request_ids: tuple[str, ...]
+    """Requests with images in this forward."""
+    batch_size: int
+    """Images in the forward."""
+    rows: int
+    """U-Net batch rows (images plus unconditional rows for guided images)."""
+    latent_shape: tuple[int, ...]
+    waiting: int
+    """Requests still waiting after admission."""
+    running: int
+    """Requests in the running batch (all buckets)."""
+    duration_s: float
+    """Seconds of the step: forward, guidance and scheduler updates."""
+
+
+@dataclass(frozen=True)
+class RequestAdmitted:
+    """A request entered the Denoiser engine's running batch."""
+
+    wait_s: float
+    """Seconds it waited for a slot."""
+
+
+@dataclass(frozen=True)
+class RequestEnded:
+    """A request left the Denoiser engine."""
+
+    outcome: Literal["finished", "cancelled", "failed"]
+    waiting: int
+    """Requests waiting in the engine afterwards."""
+    running: int
+    """Requests running in the engine afterwards."""
+
+
+@dataclass(frozen=True)
+class RequestServed:
+    """The stage path produced a request's images."""
+
+    images: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage ("text_encoder", "denoiser", "vae_decoder"), seen by the caller."""
+
+
+@dataclass(frozen=True)
+class RpcDone:
+    """A public RPC ended."""
+
+    rpc: str
+    code: str
+    """The gRPC status code's name ("OK", "INVALID_ARGUMENT", ...)."""
+    seconds: float
+
+
+JOB_EVENTS = ("started", "succeeded", "failed", "cancelled", "retried", "dead_lettered", "lost")
+"""What a job worker reports: an attempt started; a job ended SUCCEEDED, FAILED or CANCELLED;
+a failed attempt was put back (retried); a job used up its attempts (dead_lettered, also
+counted as failed); an attempt lost its lease to another worker."""
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """Something a job worker did (one of `JOB_EVENTS`)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """The job queue's length per priority, or None when Redis did not answer."""
+
+    lengths: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class ModelLoaded:
+    """A stage replica loaded its part of the model."""
+
+    stage: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """CUDA memory of a stage replica, in bytes."""
+
+    stage: str
+    allocated: int
+    reserved: int

@@ -124,8 +124,11 @@ async def diffusers_load(torch_thread, pipe, **load) -> Report:
     return await drive(send, mix=MIX, **load)
 
 
-def loads(quick: bool) -> list[tuple[str, dict]]:
-    scale = 1 if quick else 2
+def loads(size: str) -> list[tuple[str, dict]]:
+    if size == "smoke":
+        return [("c1", dict(concurrency=1, requests=1)), ("c4", dict(concurrency=4, requests=4)),
+                ("c16", dict(concurrency=16, requests=16))]  # fmt: skip
+    scale = 1 if size == "quick" else 2
     return [
         ("c1", dict(concurrency=1, requests=4 * scale)),
         ("c4", dict(concurrency=4, requests=8 * scale)),
@@ -142,8 +145,9 @@ def run_loads(name: str, run_one, points: list[tuple[str, dict]]) -> dict:
     return results
 
 
-def open_load(rate: float, quick: bool) -> list[tuple[str, dict]]:
-    return [("open70", dict(rate=rate, requests=30 if quick else 120, duration_s=300))]
+def open_load(rate: float, size: str) -> list[tuple[str, dict]]:
+    requests = {"smoke": 4, "quick": 30}.get(size, 120)
+    return [("open70", dict(rate=rate, requests=requests, duration_s=300))]
 
 
 def sdserve_config(model: Path, batching: str, grpc_port: int, http_port: int) -> SdserveConfig:
@@ -168,6 +172,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="JSON report (default bench/results/batching-ARCH.json)")
     parser.add_argument("--quick", action="store_true", help="fewer requests per load point")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few requests per point: checks that the script runs")  # fmt: skip
     parser.add_argument(
         "--arch", default="tiny-sd15-layout", choices=sorted(ARCH_SIZES),
         help="tiny: 2-level U-Net at 128x128 (batching gains ~1.5x on a CPU); tiny-sd15-layout: "
@@ -179,6 +185,7 @@ def main() -> int:
     MIX = Mix(prompts=PROMPTS, steps=(STEPS,), schedulers=(SCHEDULER,), widths=(SIZE,),
               heights=(SIZE,), guidances=(GUIDANCE,))  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
 
     # Every in-process torch call runs on this one thread (see deployments/_common.py).
     torch_thread = ThreadPoolExecutor(max_workers=1)
@@ -199,7 +206,7 @@ def main() -> int:
         print(f"one diffusers request ({SIZE}x{SIZE}, {STEPS} steps): {one:.3f}s", flush=True)
 
         print("ceiling (in-process, compute only) ...", flush=True)
-        ceiling = on_torch(measure_ceiling, model, pipe)
+        ceiling = on_torch(measure_ceiling, model, pipe, *((4, 1) if args.smoke else ()))
         runs = ", ".join(f"{r:.2f}" for r in ceiling["ratios"])
         print(f"  16 sequential diffusers / 16 engine-batched: {ceiling['ceiling']:.2f}x "
               f"(runs: {runs})", flush=True)  # fmt: skip
@@ -211,7 +218,7 @@ def main() -> int:
 
         results: dict[str, dict] = {}
         print("(a) diffusers, in-process, one request at a time ...", flush=True)
-        results["a"] = run_loads("a", run_diffusers, loads(args.quick))
+        results["a"] = run_loads("a", run_diffusers, loads(size))
         open_rate = None
         for name, batching in (("b", "request"), ("c", "step")):
             config = sdserve_config(model, batching, free_port(), free_port())
@@ -225,13 +232,13 @@ def main() -> int:
 
             run_sdserve(concurrency=2, requests=4)  # warm-up
             print(f"({name}) sdserve, {batching}-level batching ...", flush=True)
-            results[name] = run_loads(name, run_sdserve, loads(args.quick))
+            results[name] = run_loads(name, run_sdserve, loads(size))
             if name == "b":
                 open_rate = 0.7 * max(r["images_per_s"] for r in results["b"].values())
-            results[name].update(run_loads(name, run_sdserve, open_load(open_rate, args.quick)))
+            results[name].update(run_loads(name, run_sdserve, open_load(open_rate, size)))
             sdserve_server.shutdown()
         print(f"(a) open loop at {open_rate:.2f} requests/s ...", flush=True)
-        results["a"].update(run_loads("a", run_diffusers, open_load(open_rate, args.quick)))
+        results["a"].update(run_loads("a", run_diffusers, open_load(open_rate, size)))
         torch_thread.shutdown()
 
     a, b, c = results["a"], results["b"], results["c"]

@@ -94,7 +94,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12, help="on/off pairs (default 12)")
     parser.add_argument("--requests", type=int, default=48, help="requests per burst")
     parser.add_argument("--out", default="bench/results/metrics-overhead.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 rounds of 4 requests: checks that the script runs")  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.requests = 2, 4
     logging.basicConfig(level=logging.WARNING)
 
     from ray import serve
@@ -123,7 +127,7 @@ def main() -> int:
             serve.run(build_app(config("metrics-off")), name="metrics-off",
                       route_prefix="/metrics-off")  # fmt: skip
             for app in APPS:
-                asyncio.run(burst(target, app, 16))  # warm-up
+                asyncio.run(burst(target, app, 4 if args.smoke else 16))  # warm-up
             for i in range(args.rounds):
                 order = list(APPS) if i % 2 == 0 else list(reversed(APPS))
                 row = {app: asyncio.run(burst(target, app, args.requests)) for app in order}
@@ -133,7 +137,7 @@ def main() -> int:
                       f"off {row['metrics-off']['images_per_s']:6.2f} img/s, "
                       f"on/off {row['on/off']:.3f}", flush=True)  # fmt: skip
                 rounds.append(row)
-            cost = per_call_cost()
+            cost = per_call_cost(1000 if args.smoke else 20_000)
         finally:
             sdserve_server.shutdown()
 

@@ -1,0 +1,68 @@
+"""Every benchmark script runs, in its smoke mode, so that a rename cannot break one silently.
+
+The numbers are not checked (this machine is shared and noisy; speed claims come from full runs
+reported in the README), only that each script finishes and writes its report. The GPU
+benchmark runs in an interpreter where Ray and Redis cannot be imported, as on the GPU machine,
+and must drive the serving code (the stage path and the Denoiser service), not a copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO_ROOT
+
+BLOCK_AND_RUN = """
+import builtins, runpy, sys
+real = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.split(".")[0] in ("ray", "redis"):
+        raise ImportError(f"No module named {name!r} (blocked: the GPU machine has none)")
+    return real(name, *args, **kwargs)
+builtins.__import__ = guarded
+script, *sys.argv[1:] = sys.argv[1:]
+sys.argv[0] = script
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as exit:
+    if exit.code:
+        raise
+print("MODULES", " ".join(sorted(m for m in sys.modules if m.startswith("sdserve."))))
+"""
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=timeout)  # fmt: skip
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    return run
+
+
+def test_gpu_engine_bench_runs_without_ray_on_the_serving_path(tmp_path):
+    out = tmp_path / "gpu.json"
+    run = _run("-c", BLOCK_AND_RUN, "bench/bench_gpu_engine.py", "--smoke", "--out", str(out),
+               timeout=300)  # fmt: skip
+    (modules,) = [line for line in run.stdout.splitlines() if line.startswith("MODULES")]
+    assert {"sdserve.orchestration.path", "sdserve.orchestration.in_process",
+            "sdserve.stages.denoiser", "sdserve.pipeline.engine"} <= set(modules.split()[1:])
+    report = json.loads(out.read_text())
+    assert [row["batch"] for row in report["rows"]] == [1, 2]
+    assert report["closed_loop"]["ok"] == report["closed_loop"]["requests"] > 0
+
+
+def test_batching_bench_runs(tmp_path):
+    out = tmp_path / "batching.json"
+    _run("bench/bench_batching.py", "--smoke", "--arch", "tiny", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"a", "b", "c"}
+    assert all(r["errors"] == {} for system in report["results"].values()
+               for r in system.values())  # fmt: skip
+
+
+def test_metrics_bench_runs(tmp_path):
+    out = tmp_path / "metrics.json"
+    _run("bench/bench_metrics.py", "--smoke", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 2 and report["us_per_call"]["on"]

@@ -191,13 +191,18 @@ async def drive(
     return report
 
 
-async def run_loadtest(target: str, *, timeout_s: float = 600.0, **kwargs) -> Report:
-    """`drive` against DiffusionService.Generate at `target` (keyword arguments as `drive`)."""
+async def run_loadtest(
+    target: str, *, timeout_s: float = 600.0, application: str = "", **kwargs
+) -> Report:
+    """`drive` against DiffusionService.Generate at `target` (keyword arguments as `drive`).
+    `application` names the Serve application when the proxy serves several."""
+    metadata = (("application", application),) if application else None
     async with grpc.aio.insecure_channel(target) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
         async def send(request: diffusion_pb2.GenerateRequest) -> int:
-            return len((await stub.Generate(request, timeout=timeout_s)).images)
+            reply = await stub.Generate(request, timeout=timeout_s, metadata=metadata)
+            return len(reply.images)
 
         return await drive(send, **kwargs)
 
@@ -257,6 +262,7 @@ def main(args) -> int:
             requests=requests,
             duration_s=duration,
             timeout_s=args.timeout,
+            application=args.application or "",
             on_progress=None if args.quiet else progress_line,
         )
     )
@@ -268,4 +274,8 @@ def main(args) -> int:
         with open(args.out, "w") as f:
             json.dump(report.to_json(), f, indent=2)
         print(f"full report: {args.out}")
+    if args.plot:
+        from sdserve.plot import plot_report
+
+        print(f"plot: {plot_report(report, args.plot)}")
     return 0 if summary["ok"] else 1

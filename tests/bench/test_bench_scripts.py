@@ -45,8 +45,12 @@ def test_gpu_engine_bench_runs_without_ray_on_the_serving_path(tmp_path):
     run = _run("-c", BLOCK_AND_RUN, "bench/bench_gpu_engine.py", "--smoke", "--out", str(out),
                timeout=300)  # fmt: skip
     (modules,) = [line for line in run.stdout.splitlines() if line.startswith("MODULES")]
-    assert {"sdserve.orchestration.path", "sdserve.orchestration.in_process",
-            "sdserve.stages.denoiser", "sdserve.pipeline.engine"} <= set(modules.split()[1:])
+    assert {
+        "sdserve.orchestration.path",
+        "sdserve.orchestration.in_process",
+        "sdserve.stages.denoiser",
+        "sdserve.pipeline.engine",
+    } <= set(modules.split()[1:])
     report = json.loads(out.read_text())
     assert [row["batch"] for row in report["rows"]] == [1, 2]
     assert report["closed_loop"]["ok"] == report["closed_loop"]["requests"] > 0

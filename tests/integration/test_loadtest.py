@@ -22,12 +22,17 @@ def _loadtest(server, *args, tmp_path):
     return run, (json.loads(out.read_text()) if out.exists() else None)
 
 
-def test_closed_loop_with_a_mix(server, tmp_path):
+def test_closed_loop_with_a_mix_and_its_plot(server, tmp_path):
+    plot = tmp_path / "load.png"
     run, report = _loadtest(
         server, "--concurrency", "4", "--requests", "8", "--steps", "4,6",
-        "--scheduler", "ddim,euler_ancestral", "--width", "64,32", tmp_path=tmp_path,
+        "--scheduler", "ddim,euler_ancestral", "--width", "64,32", "--plot", str(plot),
+        tmp_path=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    assert Image.open(plot).size[0] > 1000 and f"plot: {plot}" in run.stdout
     summary = report["summary"]
     assert summary["requests"] == summary["ok"] == summary["images"] == 8
     assert summary["errors"] == {}

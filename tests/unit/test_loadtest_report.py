@@ -51,3 +51,18 @@ def test_open_loop_stops_at_the_duration():
     assert report.mode == "open"
     assert 20 < len(report.records) < 120
     assert report.wall_s < 1.0
+
+
+def test_plot_draws_three_panels_of_a_report(tmp_path):
+    from PIL import Image
+
+    from sdserve.plot import plot_report
+
+    report = Report(mode="open", concurrency=None, rate=2.0, wall_s=5.0)
+    report.records = [Record(i, i * 0.4, 0.5 + 0.1 * (i % 3), "OK", 1) for i in range(10)]
+    report.records += [Record(10, 1.0, 0.01, "RESOURCE_EXHAUSTED", 0)]
+    out = plot_report(report, tmp_path / "sub" / "plot.png")
+    image = Image.open(out)
+    assert image.size[0] > 3 * image.size[1]  # three panels side by side
+    pixels = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(pixels) > 50  # drawn, not blank

@@ -37,6 +37,14 @@ def register(sub, parents: Parents) -> None:
     load.add_argument("--height", metavar="H[,H...]", help="height(s) in pixels")
     load.add_argument("--guidance", metavar="G[,G...]", help="guidance scale(s)")
     load.add_argument("--out", metavar="FILE.json", help="write the full report (every request)")
+    load.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw latency over time, throughput per second and the latency distribution",
+    )
+    load.add_argument(
+        "--application", metavar="NAME", help="the Serve application, when the proxy serves several"
+    )
     load.set_defaults(func=run)
 
 

@@ -1,0 +1,350 @@
+"""sdserve against what a user would otherwise run, side by side in one run on one machine.
+
+    .venv/bin/python bench/bench_serving.py [--model default|tiny-sd15-layout|tiny]
+                                            [--smoke] [--out FILE.json] [--plots DIR]
+    .venv/bin/python bench/bench_serving.py --sd15-single    # SD 1.5's full size, one request
+
+Three systems serve the same model with the same settings (DDIM, guidance 7.5):
+
+  diffusers  diffusers' StableDiffusionPipeline in this process, one request at a time, torch on
+             every core (what a script would do);
+  rayserve   ONE Ray Serve deployment holding that pipeline, whole requests batched with
+             `@serve.batch(max_batch_size=8)` and one pipeline call per group of requests that
+             share steps, guidance and size (the shape of Ray Serve's own Stable Diffusion
+             example), at Serve's default options, behind the same gRPC proxy;
+  sdserve    sdserve's application with its default configuration.
+
+Loads, driven by sdserve's own load generator (`sdserve.loadtest.drive`), each system's runs
+interleaved so that drift on a shared machine hits all three alike:
+
+  single   one request at a time: latency;
+  c1..c16  closed loop with 1, 4 and 16 clients, uniform steps: images/s and latency;
+  mixed    open loop, Poisson arrivals at 70% of rayserve's peak, steps mixed 10/25/50;
+  job      sdserve only: SubmitJob until WatchJob returns the images, against Generate.
+
+It prints ratios (sdserve / rayserve, sdserve / diffusers), sdserve's U-Net busy share of each
+run (the Denoiser's seconds in U-Net steps over the run's wall time), and draws one picture per
+run (`sdserve.plot`). The JSON has every number. Absolute times are not the claim: this machine
+is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from ray import serve
+
+from sdserve.config import SdserveConfig
+from sdserve.constants import DEFAULT_MODEL_DIR
+from sdserve.loadtest import Mix, Report, drive, run_loadtest
+from sdserve.testing.tiny import make_tiny_model
+from sdserve.v1 import diffusion_pb2
+
+SCHEDULER, GUIDANCE = "ddim", 7.5
+PROMPTS = tuple(f"a {c} {s} on a {b} background" for c, s, b in [
+    ("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "triangle", "black"),
+    ("purple", "circle", "orange"),
+])  # fmt: skip
+MIXED_STEPS = (10, 25, 50)
+
+
+@serve.deployment(name="DiffusersBatch")
+class DiffusersBatch:
+    """The baseline: one deployment, diffusers' pipeline, whole requests batched (about 40 lines,
+    as a user would write it). Serves DiffusionService.Generate through Serve's gRPC proxy."""
+
+    def __init__(self, model: str):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
+        )
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.torch = ThreadPoolExecutor(max_workers=1)  # the event loop keeps taking requests
+
+    async def Generate(self, request: diffusion_pb2.GenerateRequest):
+        return await self.batched(request)
+
+    @serve.batch(max_batch_size=8)
+    async def batched(self, requests: list) -> list:
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):  # diffusers takes one step count etc. per call
+            key = (r.steps or 25, r.guidance_scale or GUIDANCE, r.width or self.size,
+                   r.height or self.size)  # fmt: skip
+            groups.setdefault(key, []).append(i)
+        replies: list = [None] * len(requests)
+        loop = asyncio.get_running_loop()
+        for (steps, guidance, width, height), members in groups.items():
+            group = [requests[i] for i in members]
+            images = await loop.run_in_executor(
+                self.torch, self.call, group, steps, guidance, width, height
+            )
+            for i, image in zip(members, images, strict=True):
+                replies[i] = _response(image, requests[i].seed)
+        return replies
+
+    def call(self, group: list, steps: int, guidance: float, width: int, height: int) -> list:
+        return self.pipe(
+            [r.prompt for r in group], num_inference_steps=steps, guidance_scale=guidance,
+            width=width, height=height,
+            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in group],
+        ).images  # fmt: skip
+
+
+def _response(image, seed: int) -> diffusion_pb2.GenerateResponse:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return diffusion_pb2.GenerateResponse(images=[diffusion_pb2.Image(
+        png=buf.getvalue(), seed=seed, width=image.width, height=image.height)])  # fmt: skip
+
+
+class InProcessDiffusers:
+    """System `diffusers`: one pipeline call per request, on one thread of this process."""
+
+    def __init__(self, model: Path):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        self.torch = ThreadPoolExecutor(max_workers=1)
+        self.torch.submit(torch.set_num_threads, os.cpu_count() or 1).result()
+        self.pipe = self.torch.submit(
+            StableDiffusionPipeline.from_pretrained,
+            model,
+            torch_dtype=torch.float32,
+            local_files_only=True,
+        ).result()
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def _call(self, r: diffusion_pb2.GenerateRequest) -> int:
+        self.pipe(r.prompt, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
+                  width=r.width, height=r.height, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(r.seed))  # fmt: skip
+        return 1
+
+    async def send(self, request: diffusion_pb2.GenerateRequest) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self.torch, self._call, request)
+
+
+class Bench:
+    """The three systems on one model, and the load points."""
+
+    def __init__(self, model: Path, size: int, steps: int, target: str, smoke: bool):
+        self.model, self.size, self.steps, self.target = model, size, steps, target
+        self.smoke = smoke
+        self.diffusers = InProcessDiffusers(model)
+        self.results: dict[str, dict] = {"diffusers": {}, "rayserve": {}, "sdserve": {}}
+        self.reports: dict[str, Report] = {}
+
+    def mix(self, steps: tuple[int, ...] | None = None) -> Mix:
+        return Mix(prompts=PROMPTS, steps=steps or (self.steps,), schedulers=(SCHEDULER,),
+                   widths=(self.size,), heights=(self.size,), guidances=(GUIDANCE,))  # fmt: skip
+
+    async def load(self, system: str, mix: Mix, **load) -> Report:
+        if system == "diffusers":
+            return await drive(self.diffusers.send, mix=mix, **load)
+        app = "rayserve" if system == "rayserve" else "sdserve"
+        return await run_loadtest(self.target, mix=mix, application=app, **load)
+
+    def run(self, label: str, systems: list[str], mix: Mix, **load) -> None:
+        for system in systems:
+            stats = denoiser_stats() if system == "sdserve" else None
+            report = asyncio.run(self.load(system, mix, **load))
+            summary = report.summary()
+            if stats is not None:
+                after = denoiser_stats()
+                summary["unet_busy"] = (after.unet_seconds - stats.unet_seconds) / report.wall_s
+            self.results[system][label] = summary
+            self.reports[f"{system}-{label}"] = report
+            busy = f", U-Net busy {summary['unet_busy']:.0%}" if "unet_busy" in summary else ""
+            print(f"  {system:>9} {label:>7}: {summary['images_per_s']:6.2f} img/s, p50 "
+                  f"{summary['p50_s']:.3f}s, p99 {summary['p99_s']:.3f}s, errors "
+                  f"{summary['errors'] or 0}{busy}", flush=True)  # fmt: skip
+
+
+def denoiser_stats():
+    from sdserve.v1 import stages_pb2
+
+    handle = serve.get_deployment_handle("Denoiser", app_name="sdserve")
+    return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
+
+
+async def job_vs_generate(target: str, request: diffusion_pb2.GenerateRequest, n: int) -> dict:
+    """Median seconds of Generate and of SubmitJob -> WatchJob's last message, alternating."""
+    import grpc
+
+    from sdserve.v1 import diffusion_pb2_grpc
+
+    meta = (("application", "sdserve"),)
+    generate, job = [], []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        for i in range(n):
+            request.seed = i
+            t = time.perf_counter()
+            await stub.Generate(request, metadata=meta, timeout=120)
+            generate.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            submit = diffusion_pb2.SubmitJobRequest(request=request)
+            job_id = (await stub.SubmitJob(submit, metadata=meta, timeout=30)).job_id
+            watch = stub.WatchJob(diffusion_pb2.GetJobRequest(job_id=job_id), metadata=meta,
+                                  timeout=120)  # fmt: skip
+            last = [job async for job in watch][-1]
+            assert last.state == diffusion_pb2.JOB_STATE_SUCCEEDED, last
+            job.append(time.perf_counter() - t)
+    g, j = statistics.median(generate), statistics.median(job)
+    return {"generate_s": g, "job_s": j, "job_over_generate": j / g, "n": n}
+
+
+def deploy(model: Path, target_ports: dict, redis_url: str) -> str:
+    from sdserve.serve import server as sdserve_server
+
+    config = SdserveConfig.model_validate({
+        "model": {"path": str(model)}, "server": target_ports, "jobs": {"redis_url": redis_url},
+        "metrics": {"export_port": free_port()},
+    })  # fmt: skip
+    sdserve_server.start_ray(config)
+    sdserve_server.deploy(config)  # Serve's proxies (with DiffusionService) and sdserve's app
+    target = f"127.0.0.1:{config.server.grpc_port}"
+    sdserve_server.wait_healthy(target)  # before a second app: then calls must name theirs
+    serve.run(DiffusersBatch.bind(str(model)), name="rayserve", route_prefix="/rayserve")
+    return target
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(bench: Bench, args) -> dict:
+    systems = ["diffusers", "rayserve", "sdserve"]
+    smoke = args.smoke
+    for system in systems:  # warm-up
+        asyncio.run(bench.load(system, bench.mix(), concurrency=2, requests=2))
+    print("single requests ...", flush=True)
+    bench.run("single", systems, bench.mix(), concurrency=1, requests=2 if smoke else 8)
+    for c in (1, 4, 16):
+        n = {1: 2, 4: 4, 16: 16}[c] if smoke else {1: 8, 4: 16, 16: 48}[c]
+        print(f"closed loop, {c} clients ...", flush=True)
+        bench.run(f"c{c}", systems, bench.mix(), concurrency=c, requests=n)
+    print("peak of rayserve on mixed steps ...", flush=True)
+    mixed = bench.mix(MIXED_STEPS)
+    bench.run("mixed-c16", ["rayserve"], mixed, concurrency=16, requests=16 if smoke else 48)
+    rate = 0.7 * bench.results["rayserve"]["mixed-c16"]["images_per_s"]
+    print(f"open loop at {rate:.2f} requests/s, steps {MIXED_STEPS} ...", flush=True)
+    n = 6 if smoke else 120
+    bench.run("mixed70", ["rayserve", "sdserve"], mixed, rate=rate, requests=n, duration_s=600)
+    print("job against Generate ...", flush=True)
+    request = bench.mix().request(0)
+    jobs = asyncio.run(job_vs_generate(bench.target, request, 2 if smoke else 12))
+    print(f"  job {jobs['job_s']:.3f}s, Generate {jobs['generate_s']:.3f}s: "
+          f"{jobs['job_over_generate']:.3f}x", flush=True)  # fmt: skip
+    return {"rate_mixed70": rate, "jobs": jobs}
+
+
+def ratios(results: dict) -> dict:
+    s, r, d = results["sdserve"], results["rayserve"], results["diffusers"]
+    out = {f"sdserve/rayserve images/s, c{c}": s[f"c{c}"]["images_per_s"]
+           / r[f"c{c}"]["images_per_s"] for c in (1, 4, 16)}  # fmt: skip
+    out.update({
+        "sdserve/diffusers images/s, c16": s["c16"]["images_per_s"] / d["c16"]["images_per_s"],
+        "sdserve/rayserve p50, mixed 70%": s["mixed70"]["p50_s"] / r["mixed70"]["p50_s"],
+        "sdserve/rayserve p99, mixed 70%": s["mixed70"]["p99_s"] / r["mixed70"]["p99_s"],
+        "sdserve/rayserve images/s, mixed 70%": s["mixed70"]["images_per_s"]
+        / r["mixed70"]["images_per_s"],
+        "sdserve/diffusers single-request latency": s["single"]["p50_s"] / d["single"]["p50_s"],
+        "sdserve U-Net busy, c16": s["c16"]["unet_busy"],
+    })  # fmt: skip
+    return out
+
+
+def model_for(name: str, tmp: Path) -> tuple[Path, int, int]:
+    """(folder, image size, steps) of a model preset."""
+    if name == "default":
+        return DEFAULT_MODEL_DIR, 64, 25
+    return make_tiny_model(tmp / name, seed=0, arch=name), 64, 20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", choices=["default", "tiny-sd15-layout",
+                                                               "tiny"])  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="a few requests per point")
+    parser.add_argument("--out", help="JSON report (default bench/results/serving-MODEL.json)")
+    parser.add_argument("--plots", help="folder for the pictures (default: beside --out)")
+    parser.add_argument("--redis-url", default="", help="job queue for the job point "
+                        "(default: a redis-server of its own on a free port)")  # fmt: skip
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out or f"bench/results/serving-{args.model}.json")
+    plots = Path(args.plots) if args.plots else out.with_suffix("")
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = None if args.redis_url else start_redis(Path(tmp) / "redis")
+        model, size, steps = model_for(args.model, Path(tmp))
+        ports = {"grpc_port": free_port(), "http_port": free_port()}
+        target = deploy(model, ports, args.redis_url or redis.url)
+        try:
+            bench = Bench(model, size, steps, target, args.smoke)
+            extra = measure(bench, args)
+        finally:
+            from sdserve.serve import server as sdserve_server
+
+            sdserve_server.shutdown()
+            if redis is not None:
+                redis.stop()
+    return report(bench, extra, args, out, plots, size, steps)
+
+
+def start_redis(folder: Path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from helpers import RedisServer  # a real redis-server on a free port (tests/helpers.py)
+
+    return RedisServer(folder).start()
+
+
+def report(bench: Bench, extra: dict, args, out: Path, plots: Path, size: int, steps: int) -> int:
+    from sdserve.plot import plot_report
+
+    plots.mkdir(parents=True, exist_ok=True)
+    for name, rep in bench.reports.items():
+        plot_report(rep, plots / f"{name}.png", title=f"{args.model}, {name}: "
+                    + _title(rep.summary()))  # fmt: skip
+    found = ratios(bench.results)
+    print()
+    for name, value in found.items():
+        print(f"{name:<44} {value:.2f}")
+    print(f"job / Generate latency                       {extra['jobs']['job_over_generate']:.2f}")
+    setup = {"model": args.model, "size": size, "steps": steps, "mixed_steps": MIXED_STEPS,
+             "scheduler": SCHEDULER, "guidance": GUIDANCE, "cpus": os.cpu_count(),
+             "torch": torch.__version__, "smoke": args.smoke}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"setup": setup, "results": bench.results, "ratios": found,
+                               **extra}, indent=2))  # fmt: skip
+    print(f"\nwrote {out} and the pictures in {plots}/")
+    return 0
+
+
+def _title(summary: dict) -> str:
+    return (f"{summary['images_per_s']:.2f} img/s, p50 {summary['p50_s']:.2f}s, "
+            f"p99 {summary['p99_s']:.2f}s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

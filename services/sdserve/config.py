@@ -200,6 +200,11 @@ class JobsConfig(_Strict):
     concurrency: int = Field(4, ge=1)
     """Jobs each JobWorker replica runs at once (they batch together in the Denoiser)."""
 
+    progress_interval_s: float = Field(0.25, ge=0)
+    """How often a running job's step is recorded (what WatchJob and GetJob show); the first
+    and the last step always are. 0: every step. A cancel reaches a running job at once
+    either way."""
+
 
 class ServerConfig(_Strict):
     """The Ray cluster and the public endpoint."""

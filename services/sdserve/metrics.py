@@ -16,7 +16,8 @@ process without Ray), which is how bench/bench_metrics.py measures what recordin
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,9 @@ SPECS = [
          "Requests waiting for a slot in a Denoiser replica's running batch."),
     Spec("sdserve_denoiser_running_requests", "gauge",
          "Requests in a Denoiser replica's running batch."),
+    Spec("sdserve_unet_busy_ratio", "gauge",
+         "Share of the last 10 s a Denoiser replica spent in U-Net steps (forward, guidance, "
+         "scheduler updates); 1 means the U-Net never waited."),
     Spec("sdserve_jobs_in_queue", "gauge",
          "Jobs waiting or running, per priority (read from Redis by the ingress).",
          ("priority",)),
@@ -144,6 +148,10 @@ class DenoiserCounters:
     failed: int = 0
 
 
+BUSY_WINDOW_S = 10.0
+"""The window of `sdserve_unet_busy_ratio`."""
+
+
 class StatsLogger:
     """The one place where typed stats (`sdserve.stats`) become metrics and counters.
 
@@ -155,6 +163,7 @@ class StatsLogger:
         self.metrics = metrics or Metrics()
         self.denoiser = DenoiserCounters()
         self.jobs: Counter[str] = Counter()
+        self._steps: deque[tuple[float, float]] = deque()  # (ended at, seconds) in the window
         self._handlers: dict[type, Callable[[Any], None]] = {
             stats.StepStats: self._step,
             stats.RequestAdmitted: self._admitted,
@@ -171,7 +180,21 @@ class StatsLogger:
         """Records one typed stat (any dataclass of `sdserve.stats`)."""
         self._handlers[type(item)](item)
 
+    def unet_busy_ratio(self, now: float | None = None) -> float:
+        """Share of the last BUSY_WINDOW_S seconds spent in U-Net steps."""
+        now = time.monotonic() if now is None else now
+        while self._steps and self._steps[0][0] < now - BUSY_WINDOW_S:
+            self._steps.popleft()
+        return min(1.0, sum(seconds for _, seconds in self._steps) / BUSY_WINDOW_S)
+
+    def refresh(self) -> None:
+        """Updates the gauges that change with time alone (`sdserve_unet_busy_ratio` falls
+        while the engine idles); the Denoiser's replica calls it every few seconds."""
+        self.metrics.unet_busy_ratio.set(self.unet_busy_ratio())
+
     def _step(self, s: stats.StepStats) -> None:
+        self._steps.append((time.monotonic(), s.duration_s))
+        self.metrics.unet_busy_ratio.set(self.unet_busy_ratio())
         c, m = self.denoiser, self.metrics
         c.unet_steps += 1
         c.unet_seconds += s.duration_s

@@ -339,6 +339,38 @@ def test_cancel_queued_job_never_runs(redis_server):
     assert ran == [later]
 
 
+def test_cancel_reaches_a_running_job_that_reports_no_steps(redis_server):
+    """Steps are reported seldom (jobs.progress_interval_s); CancelJob still stops a running
+    job at once: the worker blocks on the job's events stream, which CancelJob writes to."""
+    state = {"runner_cancelled": False}
+
+    async def runner(request, job_id, report):
+        try:
+            await asyncio.sleep(30)  # a long step, no report
+            return b"finished"
+        except asyncio.CancelledError:
+            state["runner_cancelled"] = True
+            raise
+
+    async def main():
+        queue = _queue(redis_server.url, lease_s=30.0)  # renewals are 10 s apart
+        job_id, _ = await queue.submit(b"x", total_steps=1)
+        async with _running(Worker(queue, runner, block_ms=100)):
+            while (await queue.get(job_id)).state is not JobState.RUNNING:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            await queue.cancel(job_id)
+            record = await wait_for(queue, job_id, 10)
+            took = time.monotonic() - started
+        await queue.close()
+        return record, took
+
+    record, took = asyncio.run(main())
+    assert record.state is JobState.CANCELLED and record.result is None
+    assert state["runner_cancelled"]
+    assert took < 2.0, took
+
+
 def test_cancel_running_job_stops_it(redis_server):
     """Cancelling a RUNNING job stops its runner at the next step: the job ends CANCELLED
     with no result, and at most one more step is reported."""

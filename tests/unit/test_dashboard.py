@@ -40,7 +40,8 @@ def test_the_dashboard_shows_what_operators_need():
     text = " ".join(_exprs())
     for needed in ("sdserve_images_generated_total", "sdserve_stage_latency_seconds_bucket",
                    "sdserve_denoiser_batch_size", "sdserve_jobs_in_queue", 'code!="OK"',
-                   "sdserve_gpu_memory_bytes", "histogram_quantile(0.99"):  # fmt: skip
+                   "sdserve_gpu_memory_bytes", "histogram_quantile(0.99",
+                   "sdserve_unet_busy_ratio"):  # fmt: skip
         assert needed in text, needed
 
 

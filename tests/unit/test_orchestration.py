@@ -71,6 +71,18 @@ def test_stream_events_are_complete_and_ordered(path):
     assert [type(e) for e in events[-3:]] == [Progress, Preview, Result]
 
 
+def test_progress_can_be_coalesced(path):
+    """progress_interval_s spares per-step traffic (jobs use it): the first and last steps are
+    always reported, steps in between at most that often."""
+
+    async def main():
+        params = await path.validate(diffusion_pb2.GenerateRequest(prompt="x", steps=20, seed=2))
+        events = path.run(params, stream=True, progress_interval_s=60.0)
+        return [e.step for e in [e async for e in events] if isinstance(e, Progress)]
+
+    assert asyncio.run(main()) == [1, 20]
+
+
 def test_concurrent_requests_share_forwards_and_keep_their_pixels(path):
     async def main():
         alone = await _generate(path, prompt="a crowd", steps=10, seed=3)

@@ -217,6 +217,22 @@ class JobQueue:
                     last_id = got[0][1][-1][0]
                 record = await self.get(job_id, with_result=False)
 
+    async def wait_for_cancel(self, job_id: str, *, poll_s: float = 5.0) -> None:
+        """Returns once CancelJob was called for the job. It blocks on the job's events stream,
+        which CancelJob writes to, so a running job hears of it at once."""
+        events = self.keys.events(job_id)
+        newest = await self._call(self.redis.xrevrange(events, count=1))
+        last_id = newest[0][0] if newest else b"0-0"
+        while True:  # read the flag after noting the newest event: no cancel falls between
+            flag = await self._call(self.redis.hget(self.keys.job(job_id), "cancel_requested"))
+            if flag == b"1":
+                return
+            got = await self._call(
+                self.redis.xread({events: last_id}, block=int(poll_s * 1000), count=100)
+            )
+            if got:
+                last_id = got[0][1][-1][0]
+
     async def queue_lengths(self) -> dict[str, int]:
         """Jobs waiting or running, per priority."""
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -19,11 +19,20 @@ from sdserve.v1 import diffusion_pb2
 class JobRunner:
     """`await runner(request, job_id, report)`: one attempt at a job (a `jobs.worker.Runner`)."""
 
-    def __init__(self, path: StagePath, bind_request_id: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        path: StagePath,
+        bind_request_id: Callable[[str], None] | None = None,
+        progress_interval_s: float = 0.25,
+    ):
         self.path = path
         self.bind_request_id = bind_request_id
         """Called with the job's request id ("job-<id>") before the stages are called; the Serve
         shell uses it so that every replica's log lines about the job carry that id."""
+        self.progress_interval_s = progress_interval_s
+        """Steps are reported at most this often (the first and the last always): every step
+        would cost a Denoiser stream message and a Redis write (1.14x a Generate's time for
+        a 25-step job on the default model, against 1.03x without)."""
 
     async def __call__(self, request: bytes, job_id: str, report: Report) -> bytes:
         """GenerateRequest bytes in, GenerateResponse bytes out, `report(step, total)` per
@@ -32,7 +41,9 @@ class JobRunner:
         if self.bind_request_id is not None:
             self.bind_request_id(request_id)
         params = await self.path.validate(diffusion_pb2.GenerateRequest.FromString(request))
-        async for event in self.path.run(params, request_id=request_id, stream=True):
+        events = self.path.run(params, request_id=request_id, stream=True,
+                               progress_interval_s=self.progress_interval_s)  # fmt: skip
+        async for event in events:
             if isinstance(event, Progress):
                 await report(event.step, event.total)
             elif isinstance(event, Result):

@@ -195,14 +195,24 @@ class Worker:
                 with contextlib.suppress(Unavailable):
                     seen(await self.queue.renew(delivery, self.consumer, token))
 
+        async def watch_cancel() -> None:  # steps may be reported seldom: hear CancelJob at once
+            while True:
+                try:
+                    await self.queue.wait_for_cancel(job)
+                    seen(Lease.CANCEL_REQUESTED)
+                    return
+                except Unavailable:
+                    await asyncio.sleep(self.queue.lease_s / 3)
+
         run = asyncio.create_task(self.run(request, job, report))
-        renewing = asyncio.create_task(renew())
+        helpers = [asyncio.create_task(renew()), asyncio.create_task(watch_cancel())]
         stopped = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
             finished = run in done
         finally:  # also when this worker is shut down: the lease then runs out, and another
-            renewing.cancel()  # worker takes the job over
+            for helper in helpers:  # worker takes the job over
+                helper.cancel()
             stopped.cancel()
             if not run.done():
                 run.cancel()

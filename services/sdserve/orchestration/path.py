@@ -58,10 +58,12 @@ class StagePath:
         request_id: str = "",
         stream: bool = False,
         preview_every: int = 0,
+        progress_interval_s: float = 0.0,
     ) -> AsyncIterator[GenerateEvent]:
-        """Runs one request. With `stream` it yields Queued, a Progress per step (and a Preview
-        every `preview_every` steps), then the Result; without, only the Result. Closing the
-        iterator early cancels the stage call in flight."""
+        """Runs one request. With `stream` it yields Queued, a Progress per step (at most one
+        every `progress_interval_s`, and always the last), a Preview every `preview_every`
+        steps, then the Result; without, only the Result. Closing the iterator early cancels
+        the stage call in flight."""
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         logger.info(
@@ -85,6 +87,7 @@ class StagePath:
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
         denoise = _denoise_request(params, encoded, request_id, preview_every if stream else 0)
+        denoise.progress_interval_s = progress_interval_s
         if stream:
             latents = None
             async for event in self._denoise_events(denoise, started):

@@ -41,7 +41,8 @@ class JobWorkerDeployment:
         # Serve passes the request id of the current context on to the stages it calls, and
         # every replica's log lines carry it: one job can be followed across replicas. (Each
         # job runs in a task of the worker's own, so the id set there is the job's alone.)
-        runner = JobRunner(StagePath(client, self.config, self.stats), _ray.set_request_id)
+        runner = JobRunner(StagePath(client, self.config, self.stats), _ray.set_request_id,
+                           self.config.jobs.progress_interval_s)  # fmt: skip
         self._queue = JobQueue.from_config(self.config.jobs)
         self._worker = Worker(
             self._queue, runner, concurrency=self.config.jobs.concurrency, stats=self.stats

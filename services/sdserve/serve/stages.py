@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from ray import serve
 
+from sdserve.metrics import StatsLogger
 from sdserve.serve.common import replica_setup
 from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.text_encoder import TextEncoderService
@@ -29,9 +31,10 @@ class TextEncoderDeployment:
 
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
-    def __init__(self, config: dict):
+    async def __init__(self, config: dict):
         tree, stats = replica_setup(config)
         self.service = DenoiserService.from_config(tree, stats)
+        self._refresh = asyncio.get_running_loop().create_task(_refresh_every(stats, 2.0))
 
     def __del__(self):  # Serve is removing the replica
         self.service.close()
@@ -66,3 +69,10 @@ class VaeDecoderDeployment:
         """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
         req = stages_pb2.DecodeRequest.FromString(request)
         return (await self.service.decode(req)).SerializeToString()
+
+
+async def _refresh_every(stats: StatsLogger, seconds: float) -> None:
+    """Keeps the time-based gauges current while the engine idles."""
+    while True:
+        await asyncio.sleep(seconds)
+        stats.refresh()

@@ -117,6 +117,7 @@ class DenoiserService:
             unet_seconds=c.unet_seconds,
             image_steps=c.image_steps,
             shared_steps=c.shared_steps,
+            unet_busy_ratio=self.stats.unet_busy_ratio(),
         )
 
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
@@ -128,9 +129,15 @@ class DenoiserService:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job_id = f"{req.request_id or 'anonymous'}/{uuid.uuid4().hex[:8]}"
+        last_step_sent = float("-inf")
 
         def on_event(event: eng.Event) -> None:  # torch thread
+            nonlocal last_step_sent
             self._record(event)
+            if isinstance(event, eng.Step) and event.step < event.total and event.latents is None:
+                if event.elapsed_s - last_step_sent < req.progress_interval_s:
+                    return  # coalesced: the next step event reports it
+                last_step_sent = event.elapsed_s
             item = self._message(event, req, progress)
             if item is not None:
                 loop.call_soon_threadsafe(queue.put_nowait, item)

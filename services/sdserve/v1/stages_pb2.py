@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdserve/v1/stages.proto\x12\nsdserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"e\n\x11\x45ncodeTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x13\n\x0bwith_uncond\x18\x04 \x01(\x08\"Z\n\x12\x45ncodeTextResponse\x12 \n\x04\x63ond\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\xfc\x01\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04\x63ond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x03 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\r\n\x05seeds\x18\t \x03(\x04\x12\x15\n\rpreview_every\x18\n \x01(\r\x12\x11\n\ttimeout_s\x18\x0b \x01(\x01\"6\n\x0f\x44\x65noiseResponse\x12#\n\x07latents\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\x9a\x01\n\x0c\x44\x65noiseEvent\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x19.sdserve.v1.DenoiseQueuedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.sdserve.v1.DenoiseStepH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.sdserve.v1.DenoiseResponseH\x00\x42\x07\n\x05\x65vent\"!\n\rDenoiseQueued\x12\x10\n\x08position\x18\x01 \x01(\r\"R\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x03(\x0c\"\x16\n\x14\x44\x65noiserStatsRequest\"\xe8\x01\n\rDenoiserStats\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nunet_steps\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x14\n\x0cunet_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bimage_steps\x18\t \x01(\x04\x12\x14\n\x0cshared_steps\x18\n \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x0b \x01(\x04J\x04\x08\x06\x10\x07R\x13max_batch_size_seen\"\x15\n\x13\x44\x65noiserInfoRequest\"U\n\x0c\x44\x65noiserInfo\x12\x14\n\x0cnative_width\x18\x01 \x01(\r\x12\x15\n\rnative_height\x18\x02 \x01(\r\x12\x18\n\x10vae_scale_factor\x18\x03 \x01(\r\"\\\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\x12\n\nparameters\x18\x03 \x03(\t\"\x1d\n\x0e\x44\x65\x63odeResponse\x12\x0b\n\x03png\x18\x01 \x03(\x0c\x32[\n\x10TextEncoderStage\x12G\n\x06\x45ncode\x12\x1d.sdserve.v1.EncodeTextRequest\x1a\x1e.sdserve.v1.EncodeTextResponse2\xa5\x02\n\rDenoiserStage\x12\x42\n\x07\x44\x65noise\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x1b.sdserve.v1.DenoiseResponse\x12G\n\rDenoiseStream\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x18.sdserve.v1.DenoiseEvent0\x01\x12\x44\n\x05Stats\x12 .sdserve.v1.DenoiserStatsRequest\x1a\x19.sdserve.v1.DenoiserStats\x12\x41\n\x04Info\x12\x1f.sdserve.v1.DenoiserInfoRequest\x1a\x18.sdserve.v1.DenoiserInfo2R\n\x0fVaeDecoderStage\x12?\n\x06\x44\x65\x63ode\x12\x19.sdserve.v1.DecodeRequest\x1a\x1a.sdserve.v1.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdserve/v1/stages.proto\x12\nsdserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"e\n\x11\x45ncodeTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x13\n\x0bwith_uncond\x18\x04 \x01(\x08\"Z\n\x12\x45ncodeTextResponse\x12 \n\x04\x63ond\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\x99\x02\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04\x63ond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x03 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\r\n\x05seeds\x18\t \x03(\x04\x12\x15\n\rpreview_every\x18\n \x01(\r\x12\x11\n\ttimeout_s\x18\x0b \x01(\x01\x12\x1b\n\x13progress_interval_s\x18\x0c \x01(\x01\"6\n\x0f\x44\x65noiseResponse\x12#\n\x07latents\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\x9a\x01\n\x0c\x44\x65noiseEvent\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x19.sdserve.v1.DenoiseQueuedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.sdserve.v1.DenoiseStepH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.sdserve.v1.DenoiseResponseH\x00\x42\x07\n\x05\x65vent\"!\n\rDenoiseQueued\x12\x10\n\x08position\x18\x01 \x01(\r\"R\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x03(\x0c\"\x16\n\x14\x44\x65noiserStatsRequest\"\x81\x02\n\rDenoiserStats\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nunet_steps\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x14\n\x0cunet_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bimage_steps\x18\t \x01(\x04\x12\x14\n\x0cshared_steps\x18\n \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x0b \x01(\x04\x12\x17\n\x0funet_busy_ratio\x18\x0c \x01(\x01J\x04\x08\x06\x10\x07R\x13max_batch_size_seen\"\x15\n\x13\x44\x65noiserInfoRequest\"U\n\x0c\x44\x65noiserInfo\x12\x14\n\x0cnative_width\x18\x01 \x01(\r\x12\x15\n\rnative_height\x18\x02 \x01(\r\x12\x18\n\x10vae_scale_factor\x18\x03 \x01(\r\"\\\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\x12\n\nparameters\x18\x03 \x03(\t\"\x1d\n\x0e\x44\x65\x63odeResponse\x12\x0b\n\x03png\x18\x01 \x03(\x0c\x32[\n\x10TextEncoderStage\x12G\n\x06\x45ncode\x12\x1d.sdserve.v1.EncodeTextRequest\x1a\x1e.sdserve.v1.EncodeTextResponse2\xa5\x02\n\rDenoiserStage\x12\x42\n\x07\x44\x65noise\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x1b.sdserve.v1.DenoiseResponse\x12G\n\rDenoiseStream\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x18.sdserve.v1.DenoiseEvent0\x01\x12\x44\n\x05Stats\x12 .sdserve.v1.DenoiserStatsRequest\x1a\x19.sdserve.v1.DenoiserStats\x12\x41\n\x04Info\x12\x1f.sdserve.v1.DenoiserInfoRequest\x1a\x18.sdserve.v1.DenoiserInfo2R\n\x0fVaeDecoderStage\x12?\n\x06\x44\x65\x63ode\x12\x19.sdserve.v1.DecodeRequest\x1a\x1a.sdserve.v1.DecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODETEXTRESPONSE']._serialized_start=196
   _globals['_ENCODETEXTRESPONSE']._serialized_end=286
   _globals['_DENOISEREQUEST']._serialized_start=289
-  _globals['_DENOISEREQUEST']._serialized_end=541
-  _globals['_DENOISERESPONSE']._serialized_start=543
-  _globals['_DENOISERESPONSE']._serialized_end=597
-  _globals['_DENOISEEVENT']._serialized_start=600
-  _globals['_DENOISEEVENT']._serialized_end=754
-  _globals['_DENOISEQUEUED']._serialized_start=756
-  _globals['_DENOISEQUEUED']._serialized_end=789
-  _globals['_DENOISESTEP']._serialized_start=791
-  _globals['_DENOISESTEP']._serialized_end=873
-  _globals['_DENOISERSTATSREQUEST']._serialized_start=875
-  _globals['_DENOISERSTATSREQUEST']._serialized_end=897
-  _globals['_DENOISERSTATS']._serialized_start=900
-  _globals['_DENOISERSTATS']._serialized_end=1132
-  _globals['_DENOISERINFOREQUEST']._serialized_start=1134
-  _globals['_DENOISERINFOREQUEST']._serialized_end=1155
-  _globals['_DENOISERINFO']._serialized_start=1157
-  _globals['_DENOISERINFO']._serialized_end=1242
-  _globals['_DECODEREQUEST']._serialized_start=1244
-  _globals['_DECODEREQUEST']._serialized_end=1336
-  _globals['_DECODERESPONSE']._serialized_start=1338
-  _globals['_DECODERESPONSE']._serialized_end=1367
-  _globals['_TEXTENCODERSTAGE']._serialized_start=1369
-  _globals['_TEXTENCODERSTAGE']._serialized_end=1460
-  _globals['_DENOISERSTAGE']._serialized_start=1463
-  _globals['_DENOISERSTAGE']._serialized_end=1756
-  _globals['_VAEDECODERSTAGE']._serialized_start=1758
-  _globals['_VAEDECODERSTAGE']._serialized_end=1840
+  _globals['_DENOISEREQUEST']._serialized_end=570
+  _globals['_DENOISERESPONSE']._serialized_start=572
+  _globals['_DENOISERESPONSE']._serialized_end=626
+  _globals['_DENOISEEVENT']._serialized_start=629
+  _globals['_DENOISEEVENT']._serialized_end=783
+  _globals['_DENOISEQUEUED']._serialized_start=785
+  _globals['_DENOISEQUEUED']._serialized_end=818
+  _globals['_DENOISESTEP']._serialized_start=820
+  _globals['_DENOISESTEP']._serialized_end=902
+  _globals['_DENOISERSTATSREQUEST']._serialized_start=904
+  _globals['_DENOISERSTATSREQUEST']._serialized_end=926
+  _globals['_DENOISERSTATS']._serialized_start=929
+  _globals['_DENOISERSTATS']._serialized_end=1186
+  _globals['_DENOISERINFOREQUEST']._serialized_start=1188
+  _globals['_DENOISERINFOREQUEST']._serialized_end=1209
+  _globals['_DENOISERINFO']._serialized_start=1211
+  _globals['_DENOISERINFO']._serialized_end=1296
+  _globals['_DECODEREQUEST']._serialized_start=1298
+  _globals['_DECODEREQUEST']._serialized_end=1390
+  _globals['_DECODERESPONSE']._serialized_start=1392
+  _globals['_DECODERESPONSE']._serialized_end=1421
+  _globals['_TEXTENCODERSTAGE']._serialized_start=1423
+  _globals['_TEXTENCODERSTAGE']._serialized_end=1514
+  _globals['_DENOISERSTAGE']._serialized_start=1517
+  _globals['_DENOISERSTAGE']._serialized_end=1810
+  _globals['_VAEDECODERSTAGE']._serialized_start=1812
+  _globals['_VAEDECODERSTAGE']._serialized_end=1894
 # @@protoc_insertion_point(module_scope)

@@ -138,6 +138,7 @@ class DenoiseRequest(_message.Message):
     SEEDS_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -154,6 +155,10 @@ class DenoiseRequest(_message.Message):
     """DenoiseStream only: attach a preview image to every M-th step event (0: none)."""
     timeout_s: _builtins.float
     """Seconds the request may wait and run in all; past it the request is dropped (0: no limit)."""
+    progress_interval_s: _builtins.float
+    """DenoiseStream only: send step events at most this often, in seconds (the last step and
+    preview steps always); 0: every step. Jobs use it to spare per-step traffic.
+    """
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings from the text encoder, shape [1, max_length, hidden]."""
@@ -180,10 +185,11 @@ class DenoiseRequest(_message.Message):
         seeds: _abc.Iterable[_builtins.int] | None = ...,
         preview_every: _builtins.int = ...,
         timeout_s: _builtins.float = ...,
+        progress_interval_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "uncond", b"uncond"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "preview_every", b"preview_every", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,6 +354,7 @@ class DenoiserStats(_message.Message):
     IMAGE_STEPS_FIELD_NUMBER: _builtins.int
     SHARED_STEPS_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    UNET_BUSY_RATIO_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -370,6 +377,8 @@ class DenoiserStats(_message.Message):
     """U-Net forwards that covered images of more than one request."""
     failed: _builtins.int
     """Requests whose U-Net forward failed."""
+    unet_busy_ratio: _builtins.float
+    """Share of the last 10 s spent in U-Net steps (sdserve_unet_busy_ratio)."""
     def __init__(
         self,
         *,
@@ -383,10 +392,11 @@ class DenoiserStats(_message.Message):
         image_steps: _builtins.int = ...,
         shared_steps: _builtins.int = ...,
         failed: _builtins.int = ...,
+        unet_busy_ratio: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -113,9 +113,17 @@ class StageConfig(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per replica, e.g. {"gpu_node": 0.01} to pin a stage to a node type."""
 
-    torch_threads: int | None = Field(None, ge=1)
-    """CPU threads for torch in each replica. None: what Ray sets (OMP_NUM_THREADS = the
-    replica's num_cpus, 1 when num_cpus is 0)."""
+    torch_threads: int | Literal["auto"] | None = "auto"
+    """CPU threads for torch in each replica. auto: measured when the stage loads on a CPU, one
+    thread or every core, whichever runs the stage's own forward faster, for the Denoiser per
+    batch size (sdserve/pipeline/threads.py); nothing is measured on a GPU. None: what Ray sets
+    (OMP_NUM_THREADS = the replica's num_cpus, 1 when num_cpus is 0). A number: that many."""
+
+    @model_validator(mode="after")
+    def _check_threads(self) -> StageConfig:
+        if isinstance(self.torch_threads, int) and self.torch_threads < 1:
+            raise ValueError("torch_threads must be at least 1, auto or null")
+        return self
 
     max_ongoing_requests: int = Field(16, ge=1)
     """Requests one replica accepts at once before Serve queues them at the caller."""

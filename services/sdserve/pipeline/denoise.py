@@ -181,6 +181,16 @@ class Denoiser:
         self.native_size = (w * self.vae_scale_factor, h * self.vae_scale_factor)
         """(width, height) in pixels the model was trained at."""
 
+    @torch.inference_mode()
+    def calibration_forward(self, rows: int) -> None:
+        """One U-Net forward over `rows` batch rows at the native size, random inputs (for
+        timing: `sdserve.pipeline.threads`)."""
+        c, h, w = self.latent_shape(*self.native_size)
+        x = torch.randn(rows, c, h, w).to(self.device, self.dtype)
+        context = torch.randn(rows, 77, self.unet.config.cross_attention_dim)
+        t = torch.full((rows,), 500.0, device=self.device)
+        self.unet(x, t, encoder_hidden_states=context.to(self.device, self.dtype))
+
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         return (self.unet.config.in_channels, height // f, width // f)

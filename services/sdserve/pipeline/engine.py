@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from sdserve.pipeline.denoise import DenoiseJob, unet_step
+from sdserve.pipeline.threads import set_threads
 from sdserve.stats import StepStats
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class DenoiseEngine:
         max_batch_size: int = 16,
         strategy: str = "step",
         on_stats: Callable[[StepStats], None] | None = None,
+        threads_for_rows: Callable[[int], int] | None = None,
     ):
         if strategy not in ("step", "request"):
             raise ValueError(f"unknown batching strategy {strategy!r}")
@@ -106,6 +108,9 @@ class DenoiseEngine:
         self.max_batch_size = max_batch_size
         self.strategy = strategy
         self.on_stats = on_stats
+        self.threads_for_rows = threads_for_rows
+        """Torch threads for a forward of so many rows (`threads.ThreadPlan.threads_for`);
+        None: leave torch's setting alone."""
         self._lock = threading.Lock()
         self._waiting: deque[DenoiseJob] = deque()
         self._running: dict[tuple[int, ...], list[DenoiseJob]] = {}
@@ -239,6 +244,9 @@ class DenoiseEngine:
             return None
 
         samples = [s for job in jobs for s in job.samples if not s.done]
+        rows = len(samples) + sum(s.uncond is not None for s in samples)
+        if self.threads_for_rows is not None:
+            set_threads(self.threads_for_rows(rows))
         started = time.perf_counter()
         try:
             unet_step(self.unet, samples)
@@ -253,7 +261,7 @@ class DenoiseEngine:
         stats = StepStats(
             request_ids=tuple(j.request_id for j in jobs),
             batch_size=len(samples),
-            rows=len(samples) + sum(s.uncond is not None for s in samples),
+            rows=rows,
             latent_shape=shape,
             waiting=waiting,
             running=running,

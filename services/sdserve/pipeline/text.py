@@ -52,6 +52,11 @@ class TextEncoder:
         hidden = self.model(inputs.input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(self.dtype)
 
+    def calibration_forward(self, rows: int = 1) -> None:
+        """Encodes `rows` prompts (for timing: `sdserve.pipeline.threads`)."""
+        for _ in range(rows):
+            self._embed("a photograph of an astronaut riding a horse")
+
     def encode(
         self, prompt: str, negative_prompt: str = "", with_uncond: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -51,6 +51,14 @@ class VaeDecoder:
         image = image.cpu().permute(0, 2, 3, 1).float().numpy()
         return (image * 255).round().astype("uint8")
 
+    @torch.inference_mode()
+    def calibration_forward(self, rows: int = 1) -> None:
+        """Decodes `rows` random latents at the VAE's native size (for timing)."""
+        config = self.vae.config
+        side = config.sample_size // 2 ** (len(config.block_out_channels) - 1)
+        latents = torch.randn(rows, config.latent_channels, side, side)
+        self.vae.decode(latents.to(self.device, self.dtype), return_dict=False)
+
     def decode_png(self, latents: torch.Tensor, parameters: Sequence[str] = ()) -> list[bytes]:
         """Decodes and PNG-encodes; `parameters[i]` goes into image i's `parameters` chunk."""
         pixels = self.decode(latents)

@@ -26,8 +26,9 @@ from sdserve.errors import DeadlineExceeded, Internal
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
+from sdserve.pipeline.threads import ThreadPlan
 from sdserve.pipeline.vae import preview_pixels, to_png
-from sdserve.stages.runtime import TorchThread, load_stage
+from sdserve.stages.runtime import TorchThread, load_stage, thread_plan
 from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
 from sdserve.stats import RequestAdmitted, RequestEnded
 from sdserve.v1 import stages_pb2
@@ -51,6 +52,7 @@ class DenoiserService:
         engine: EngineConfig,
         stats: StatsLogger,
         torch_thread: TorchThread,
+        threads: ThreadPlan | None = None,
     ):
         self.denoiser = denoiser
         self.stats = stats
@@ -61,6 +63,7 @@ class DenoiserService:
             max_batch_size=engine.max_batch_size,
             strategy=engine.batching,
             on_stats=stats.record,
+            threads_for_rows=threads.threads_for if threads is not None else None,
         )
         self.engine.start(torch_thread.executor)
 
@@ -72,7 +75,9 @@ class DenoiserService:
         one unless given) and starts the engine there."""
         thread = torch_thread or TorchThread("denoiser")
         denoiser = thread.call(load_stage, Denoiser, config, "denoiser", stats)
-        return cls(denoiser, config.engine, stats, thread)
+        rows = (2, 2 * config.engine.max_batch_size)  # one guided image; a full batch
+        plan = thread.call(thread_plan, config, "denoiser", denoiser, *rows)
+        return cls(denoiser, config.engine, stats, thread, plan)
 
     def close(self) -> None:
         """Stops the engine (requests still in it get no answer)."""

@@ -13,6 +13,7 @@ from typing import TypeVar
 from sdserve.config import SdserveConfig
 from sdserve.constants import resolve_model_dir
 from sdserve.metrics import StatsLogger
+from sdserve.pipeline.threads import ThreadPlan, measure_plan, set_threads
 from sdserve.stats import GpuMemory, ModelLoaded
 
 T = TypeVar("T")
@@ -54,11 +55,6 @@ def load_stage(stage_cls: type[T], config: SdserveConfig, stage: str, stats: Sta
 
     Records the load time, and on CUDA starts reporting the stage's GPU memory."""
     started = time.perf_counter()
-    threads = getattr(config.stages, stage).torch_threads
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     path = resolve_model_dir(config.model.path)
     loaded = stage_cls(path, config.model.device, config.model.dtype)
     seconds = time.perf_counter() - started
@@ -68,6 +64,21 @@ def load_stage(stage_cls: type[T], config: SdserveConfig, stage: str, stats: Sta
     if device is not None and getattr(device, "type", "") == "cuda" and stats.metrics.enabled:
         _report_gpu_memory(stats, stage, device)
     return loaded
+
+
+def thread_plan(
+    config: SdserveConfig, stage: str, loaded, small_rows: int = 1, large_rows: int = 1
+) -> ThreadPlan | None:
+    """The stage's torch threads from `stages.<stage>.torch_threads`: measured (auto, on a CPU),
+    fixed (a number), or None (leave what Ray set). Call it on the stage's TorchThread after
+    `load_stage`; `loaded.calibration_forward(rows)` is what gets timed."""
+    setting = getattr(config.stages, stage).torch_threads
+    if isinstance(setting, int):
+        set_threads(setting)
+        return ThreadPlan.fixed(setting)
+    if setting is None or getattr(loaded, "device", None) is None or loaded.device.type != "cpu":
+        return None
+    return measure_plan(loaded.calibration_forward, small_rows, large_rows)
 
 
 def _report_gpu_memory(stats: StatsLogger, stage: str, device, every_s: float = 5.0) -> None:

@@ -225,6 +225,22 @@ def deploy(model: Path, target_ports: dict, redis_url: str) -> str:
     return target
 
 
+def deploy_sdserve_only(config: SdserveConfig):
+    """Starts Ray and sdserve alone (free ports, no JobWorker); returns (target, shutdown)."""
+    from sdserve.serve import server as sdserve_server
+
+    tree = config.model_dump()
+    tree["server"].update(grpc_port=free_port(), http_port=free_port())
+    tree["metrics"]["export_port"] = free_port()
+    tree["stages"]["job_worker"]["num_replicas"] = 0
+    config = SdserveConfig.model_validate(tree)
+    sdserve_server.start_ray(config)
+    sdserve_server.deploy(config)
+    target = f"127.0.0.1:{config.server.grpc_port}"
+    sdserve_server.wait_healthy(target, timeout_s=600)
+    return target, sdserve_server.shutdown
+
+
 def free_port() -> int:
     import socket
 
@@ -275,6 +291,83 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def sd15_single(args) -> int:
+    """SD 1.5's full architecture (random weights, diffusers' classes), 512x512, 2 DPM-Solver++
+    steps, one request at a time: diffusers in this process against sdserve's default
+    configuration (no Ray Serve baseline: one request has nothing to batch)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from sdserve.pipeline.models import save_sd_folder, sd_pipeline
+    from sdserve.testing.architectures import random_parts
+
+    runs = 1 if args.smoke else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = random_parts("sd15")
+        pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"])
+        save_sd_folder(pipe, Path(tmp) / "sd15")
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        request = diffusion_pb2.GenerateRequest(
+            prompt=PROMPTS[0], steps=2, width=512, height=512, scheduler="dpmpp_2m",
+            guidance_scale=GUIDANCE,
+        )  # fmt: skip
+        ports = {"grpc_port": free_port(), "http_port": free_port()}
+        config = SdserveConfig.model_validate({
+            "model": {"path": str(Path(tmp) / "sd15")}, "server": ports,
+            "metrics": {"export_port": free_port()}, "stages": {"job_worker": {"num_replicas": 0}},
+        })  # fmt: skip
+        from sdserve.serve import server as sdserve_server
+
+        sdserve_server.start_ray(config)
+        try:
+            sdserve_server.deploy(config)
+            target = f"127.0.0.1:{ports['grpc_port']}"
+            sdserve_server.wait_healthy(target, timeout_s=600)
+            result = _single_pair(pipe, request, target, runs)
+        finally:
+            sdserve_server.shutdown()
+    print(f"SD 1.5 512x512, 2 steps: diffusers {result['diffusers_s']:.1f}s, sdserve "
+          f"{result['sdserve_s']:.1f}s ({result['sdserve_timings']}): "
+          f"{result['sdserve_over_diffusers']:.2f}x")  # fmt: skip
+    out = Path(args.out or "bench/results/serving-sd15-single.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"setup": {"arch": "sd15", "size": 512, "steps": 2,
+                                         "scheduler": "dpmpp_2m", "cpus": os.cpu_count()},
+                               **result}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+def _single_pair(pipe, request, target: str, runs: int) -> dict:
+    """Median seconds of one request in diffusers and through sdserve, alternating."""
+    import grpc
+
+    from sdserve.v1 import diffusion_pb2_grpc
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ours, theirs, timings = [], [], None
+    with grpc.insecure_channel(target) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        stub.Generate(request, timeout=1800)  # warm-up of both
+        pipe(request.prompt, num_inference_steps=1, width=512, height=512, output_type="np")
+        for i in range(runs):
+            t = time.perf_counter()
+            pipe(request.prompt, num_inference_steps=request.steps, width=512, height=512,
+                 guidance_scale=GUIDANCE, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(i))  # fmt: skip
+            theirs.append(time.perf_counter() - t)
+            request.seed = i
+            t = time.perf_counter()
+            reply = stub.Generate(request, timeout=1800)
+            ours.append(time.perf_counter() - t)
+            timings = {k: round(v, 2) for k, v in (("text", reply.timings.text_encoder_s),
+                       ("denoise", reply.timings.denoiser_s),
+                       ("vae", reply.timings.vae_decoder_s))}  # fmt: skip
+    d, s = statistics.median(theirs), statistics.median(ours)
+    return {"diffusers_s": d, "sdserve_s": s, "sdserve_over_diffusers": s / d,
+            "sdserve_timings": timings, "runs": runs}  # fmt: skip
+
+
 def model_for(name: str, tmp: Path) -> tuple[Path, int, int]:
     """(folder, image size, steps) of a model preset."""
     if name == "default":
@@ -291,8 +384,15 @@ def main() -> int:
     parser.add_argument("--plots", help="folder for the pictures (default: beside --out)")
     parser.add_argument("--redis-url", default="", help="job queue for the job point "
                         "(default: a redis-server of its own on a free port)")  # fmt: skip
+    parser.add_argument(
+        "--sd15-single",
+        action="store_true",
+        help="only: one request on SD 1.5's full architecture, 512x512 (minutes)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.sd15_single:
+        return sd15_single(args)
     out = Path(args.out or f"bench/results/serving-{args.model}.json")
     plots = Path(args.plots) if args.plots else out.with_suffix("")
     with tempfile.TemporaryDirectory() as tmp:

@@ -261,7 +261,7 @@ def measure(bench: Bench, args) -> dict:
         print(f"closed loop, {c} clients ...", flush=True)
         bench.run(f"c{c}", systems, bench.mix(), concurrency=c, requests=n)
     print("peak of rayserve on mixed steps ...", flush=True)
-    mixed = bench.mix(MIXED_STEPS)
+    mixed = bench.mix((2, 3, 4) if smoke else MIXED_STEPS)
     bench.run("mixed-c16", ["rayserve"], mixed, concurrency=16, requests=16 if smoke else 48)
     rate = 0.7 * bench.results["rayserve"]["mixed-c16"]["images_per_s"]
     print(f"open loop at {rate:.2f} requests/s, steps {MIXED_STEPS} ...", flush=True)
@@ -398,6 +398,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         redis = None if args.redis_url else start_redis(Path(tmp) / "redis")
         model, size, steps = model_for(args.model, Path(tmp))
+        steps = 4 if args.smoke else steps
         ports = {"grpc_port": free_port(), "http_port": free_port()}
         target = deploy(model, ports, args.redis_url or redis.url)
         try:

@@ -114,10 +114,11 @@ class StageConfig(_Strict):
     """Custom Ray resources per replica, e.g. {"gpu_node": 0.01} to pin a stage to a node type."""
 
     torch_threads: int | Literal["auto"] | None = "auto"
-    """CPU threads for torch in each replica. auto: measured when the stage loads on a CPU, one
-    thread or every core, whichever runs the stage's own forward faster, for the Denoiser per
-    batch size (sdserve/pipeline/threads.py); nothing is measured on a GPU. None: what Ray sets
-    (OMP_NUM_THREADS = the replica's num_cpus, 1 when num_cpus is 0). A number: that many."""
+    """CPU threads for torch in each replica. auto: every core for a stage whose forward takes a
+    second or more (SD 1.5 on a CPU), one thread for small ones, timed when the stage loads,
+    for the Denoiser per batch size (sdserve/pipeline/threads.py); nothing is timed on a GPU.
+    None: what Ray sets (OMP_NUM_THREADS = the replica's num_cpus, 1 when num_cpus is 0). A
+    number: that many."""
 
     @model_validator(mode="after")
     def _check_threads(self) -> StageConfig:

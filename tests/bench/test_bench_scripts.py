@@ -70,3 +70,24 @@ def test_metrics_bench_runs(tmp_path):
     _run("bench/bench_metrics.py", "--smoke", "--out", str(out), timeout=600)
     report = json.loads(out.read_text())
     assert len(report["rounds"]) == 2 and report["us_per_call"]["on"]
+
+
+def test_serving_bench_runs(tmp_path):
+    out = tmp_path / "serving.json"
+    _run("bench/bench_serving.py", "--smoke", "--model", "tiny", "--out", str(out), timeout=900)
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"diffusers", "rayserve", "sdserve"}
+    assert all(r["errors"] == {} for system in report["results"].values()
+               for r in system.values())  # fmt: skip
+    assert 0 < report["ratios"]["sdserve U-Net busy, c16"] <= 1
+    assert report["jobs"]["n"] == 2
+    assert (tmp_path / "serving" / "sdserve-c16.png").is_file()
+
+
+def test_profile_script_runs(tmp_path):
+    out = tmp_path / "profile.json"
+    run = _run("bench/profile_serving.py", "--model", "tiny", "--seconds", "4", "--concurrency",
+               "4", "--out", str(out), timeout=600)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["cpu_s"]["Denoiser replica"] > 0
+    assert "U-Net forward" in report["torch_thread"], run.stdout[-2000:]

@@ -103,3 +103,37 @@ def test_an_invalid_stored_request_fails_the_job_at_once(redis_server, path):
     record = asyncio.run(main())
     assert record.state is JobState.FAILED and record.attempts == 1
     assert record.error.startswith("INVALID_ARGUMENT: steps: ")
+
+
+def test_a_retried_job_keeps_the_parameters_it_was_submitted_with(redis_server, path, tiny_model):
+    """SubmitJob stores the request with its defaults resolved: a worker whose configuration
+    changed since (other default steps, sampler and guidance) makes the images of submission
+    time."""
+    from sdserve.config import DefaultsConfig
+    from sdserve.jobs.runner import job_request
+
+    request = diffusion_pb2.GenerateRequest(prompt="a job", seed=5)  # defaults for the rest
+    other = SdserveConfig(
+        model=ModelConfig(path=str(tiny_model)),
+        defaults=DefaultsConfig(steps=3, scheduler="euler", guidance_scale=2),
+    )
+    redeployed = StagePath(path.client, other)
+
+    async def main():
+        params = await path.validate(request)  # the configuration at submission
+        direct = [e async for e in path.run(params)][-1]
+        queue = JobQueue(redis_server.url, key_prefix=f"r{uuid.uuid4().hex[:8]}:")
+        worker = Worker(queue, JobRunner(redeployed), block_ms=100)
+        task = asyncio.create_task(worker.run_forever())
+        job_id, _ = await queue.submit(job_request(params), total_steps=params.steps)
+        record = await wait_for(queue, job_id, 60)
+        worker.stop()
+        await task
+        await queue.close()
+        return direct, record, params
+
+    direct, record, params = asyncio.run(main())
+    assert params.steps != 3 and params.scheduler != "euler"
+    result = diffusion_pb2.GenerateResponse.FromString(record.result)
+    assert result.images[0].png == direct.pngs[0]
+    assert result.parameters.steps == params.steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -241,6 +242,89 @@ def test_runs_on_an_executor_between_other_tasks(parts):
         assert done.wait(30)
         assert torch.equal(recorder.latents, _solo(parts, steps=30))
         assert engine.counts() == (0, 0)
+    finally:
+        engine.stop()
+        torch_thread.shutdown()
+
+
+class FailingUNet(torch.nn.Module):
+    """The tiny U-Net, but forwards numbered in `fail_at` raise `error` (fault injection)."""
+
+    def __init__(self, unet, fail_at, error):
+        super().__init__()
+        self.unet, self.fail_at, self.error, self.calls = unet, set(fail_at), error, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_at:
+            raise self.error
+        return self.unet(*args, **kwargs)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), torch.OutOfMemoryError("out of memory")])
+def test_a_failed_forward_fails_only_the_requests_in_it(parts, error):
+    """Two buckets take turns; the second forward (the wide bucket's first) raises: its request
+    fails with the error, the square one finishes with its solo pixels."""
+    from sdserve.pipeline.engine import Failed, is_out_of_memory
+
+    _, denoiser, _ = parts
+    engine = DenoiseEngine(FailingUNet(denoiser.unet, {2}, error))
+    square, rec_square = _job(parts, "square", steps=4)
+    wide, rec_wide = _job(parts, "wide", steps=4, width=128)
+    engine.submit(square)
+    engine.submit(wide)
+    _run(engine)
+    assert isinstance(rec_wide.events[-1], Failed) and rec_wide.events[-1].error is error
+    assert is_out_of_memory(error) == isinstance(error, torch.OutOfMemoryError)
+    assert _max_pixel_diff(parts, _solo(parts, steps=4), rec_square.latents) <= 2
+    assert engine.counts() == (0, 0)
+
+
+def test_a_raising_callback_costs_no_other_request_its_result(parts):
+    _, denoiser, _ = parts
+    engine = DenoiseEngine(denoiser.unet)
+    good, rec_good = _job(parts, "good", steps=5)
+    bad, rec_bad = _job(parts, "bad", steps=5, seeds=(1,))
+
+    def raising(event):
+        rec_bad(event)
+        if isinstance(event, Step):
+            raise ValueError("a broken consumer")
+
+    bad.on_event = raising
+    engine.submit(good)
+    engine.submit(bad)
+    _run(engine)
+    assert isinstance(rec_good.events[-1], Finished)
+    assert _max_pixel_diff(parts, _solo(parts, steps=5), rec_good.latents) <= 2
+    assert isinstance(rec_bad.events[-1], Cancelled)  # dropped at the next step boundary
+    assert sum(isinstance(e, Step) for e in rec_bad.events) == 1
+
+
+def test_an_engine_error_fails_every_pending_request_instead_of_hanging(parts, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdserve.pipeline.engine import Failed
+
+    _, denoiser, _ = parts
+    engine = DenoiseEngine(denoiser.unet)
+    jobs = [_job(parts, f"r{i}", steps=3, seeds=(i,)) for i in range(3)]
+
+    def broken(now):
+        raise KeyError("a bug in admission")
+
+    monkeypatch.setattr(engine, "_admit", broken)
+    torch_thread = ThreadPoolExecutor(max_workers=1)
+    engine.start(torch_thread)
+    try:
+        for job, _ in jobs:
+            engine.submit(job)
+        deadline = time.monotonic() + 10
+        while not all(isinstance(r.events[-1], Failed) for _, r in jobs):
+            assert time.monotonic() < deadline, [r.events for _, r in jobs]
+            time.sleep(0.01)
+        assert engine.counts() == (0, 0)
+        assert all(isinstance(r.events[-1].error, KeyError) for _, r in jobs)
     finally:
         engine.stop()
         torch_thread.shutdown()

@@ -1,7 +1,9 @@
 """Runs a queued job through the request path: what a job worker's `run` callback does.
 
-A job's request is stored as `GenerateRequest` bytes (seed pinned at submission); its result as
-`GenerateResponse` bytes, which GetJob returns as they are. In between, the job takes the same
+A job's request is stored as `GenerateRequest` bytes with every parameter resolved at
+submission (`job_request`: the seed, steps, size, sampler and guidance the defaults gave then),
+so an attempt after a redeploy with other defaults makes the same images. Its result is stored
+as `GenerateResponse` bytes, which GetJob returns as they are. In between, the job takes the same
 `StagePath` as Generate, so jobs and synchronous requests share the Denoiser's running batch.
 """
 
@@ -12,8 +14,13 @@ from collections.abc import Callable
 from sdserve.errors import Internal
 from sdserve.jobs.worker import Report
 from sdserve.orchestration.path import StagePath
-from sdserve.types import Progress, Result
+from sdserve.types import GenerateParams, Progress, Result
 from sdserve.v1 import diffusion_pb2
+
+
+def job_request(params: GenerateParams) -> bytes:
+    """What SubmitJob stores: the validated request with every optional field set."""
+    return params.to_pb().SerializeToString()
 
 
 class JobRunner:

@@ -125,7 +125,7 @@ class DenoiseEngine:
             position = len(self._waiting)
             self._waiting.append(job)
             self._schedule()
-        job.on_event(Queued(position=position))
+        self._emit(job, Queued(position=position))
 
     def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
         """Marks a request cancelled; it leaves the batch at the next step boundary."""
@@ -174,9 +174,9 @@ class DenoiseEngine:
         """One iteration on the executor, then the next one is submitted if there is work."""
         try:
             self.step()
-        except Exception:  # a bug in the loop itself: keep the replica alive, log it
-            logger.exception("denoise engine iteration failed")
-            time.sleep(0.1)  # no busy loop if it fails again
+        except Exception as exc:  # a bug in the loop itself: fail what it holds, keep serving
+            logger.exception("denoise engine iteration failed; failing every pending request")
+            self._fail_everything(exc)
         finally:
             with self._lock:
                 self._scheduled = None
@@ -237,9 +237,9 @@ class DenoiseEngine:
             waiting = len(self._waiting)
             running = sum(len(j) for j in self._running.values())
         for job in dropped:
-            job.on_event(Cancelled(reason=job.cancelled or "cancelled"))
+            self._emit(job, Cancelled(reason=job.cancelled or "cancelled"))
         for job in admitted:
-            job.on_event(Started(wait_s=now - job.submitted_at))
+            self._emit(job, Started(wait_s=now - job.submitted_at))
         if not jobs:
             return None
 
@@ -251,12 +251,7 @@ class DenoiseEngine:
         try:
             unet_step(self.unet, samples)
         except Exception as exc:
-            logger.exception("U-Net step failed for %s", [j.request_id for j in jobs])
-            with self._lock:
-                for job in jobs:
-                    self._running[shape].remove(job)
-            for job in jobs:
-                job.on_event(Failed(error=exc))
+            self._fail_forward(shape, jobs, exc)
             return None
         stats = StepStats(
             request_ids=tuple(j.request_id for j in jobs),
@@ -267,7 +262,13 @@ class DenoiseEngine:
             running=running,
             duration_s=time.perf_counter() - started,
         )
+        self._report(shape, jobs)
+        if self.on_stats is not None:
+            self.on_stats(stats)
+        return stats
 
+    def _report(self, shape: tuple[int, ...], jobs: list[DenoiseJob]) -> None:
+        """After a forward: step events (with latents on preview steps), finished requests."""
         finished = [job for job in jobs if job.done]
         if finished:
             with self._lock:
@@ -278,10 +279,43 @@ class DenoiseEngine:
             k = job.samples[0].index
             preview = job.preview_every and (k % job.preview_every == 0 or k == job.total)
             latents = torch.cat([s.latents for s in job.samples]) if preview else None
-            job.on_event(Step(step=k, total=job.total, elapsed_s=elapsed - job.submitted_at,
-                              latents=latents))  # fmt: skip
+            self._emit(job, Step(step=k, total=job.total, elapsed_s=elapsed - job.submitted_at,
+                                 latents=latents))  # fmt: skip
         for job in finished:
-            job.on_event(Finished(latents=torch.cat([s.latents for s in job.samples])))
-        if self.on_stats is not None:
-            self.on_stats(stats)
-        return stats
+            self._emit(job, Finished(latents=torch.cat([s.latents for s in job.samples])))
+
+    def _emit(self, job: DenoiseJob, event: Event) -> None:
+        """Hands a request its event. A callback that raises loses its own request (dropped at
+        the next step boundary), never another's."""
+        try:
+            job.on_event(event)
+        except Exception:
+            logger.exception("event callback of %s failed; dropping it", job.request_id)
+            if not isinstance(event, Finished | Cancelled | Failed):
+                job.cancelled = "its event callback failed"
+
+    def _fail_forward(self, shape: tuple[int, ...], jobs: list[DenoiseJob], exc: Exception) -> None:
+        """A U-Net forward raised: the requests in it fail (the others go on). Out of memory
+        frees the cached GPU memory first, so that smaller batches can run."""
+        logger.exception("U-Net step failed for %s", [j.request_id for j in jobs])
+        if is_out_of_memory(exc) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        with self._lock:
+            for job in jobs:
+                self._running[shape].remove(job)
+        for job in jobs:
+            self._emit(job, Failed(error=exc))
+
+    def _fail_everything(self, exc: Exception) -> None:
+        with self._lock:
+            jobs = list(self._jobs())
+            self._waiting.clear()
+            self._running.clear()
+            self._turns.clear()
+        for job in jobs:
+            self._emit(job, Failed(error=exc))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a forward failed for lack of (GPU) memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
 from sdserve.jobs.queue import JobQueue
+from sdserve.jobs.runner import job_request
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
 from sdserve.serve.client import ServeStageClient
@@ -108,7 +109,7 @@ class PipelineIngress:
     async def SubmitJob(
         self, request: diffusion_pb2.SubmitJobRequest, grpc_context
     ) -> diffusion_pb2.SubmitJobResponse:
-        """DiffusionService.SubmitJob: validate, fix the seed, queue."""
+        """DiffusionService.SubmitJob: validate, resolve every parameter, queue."""
         self._refuse_if_draining()
         if not request.HasField("request"):
             raise InvalidArgument("request", "is required")
@@ -121,12 +122,8 @@ class PipelineIngress:
             params = await self._path.validate(request.request)
         except InvalidArgument as exc:
             raise InvalidArgument(f"request.{exc.field}", exc.reason) from None
-        job = diffusion_pb2.GenerateRequest()
-        job.CopyFrom(request.request)
-        job.seed = params.seed  # a job that runs twice makes the same images
-        job.ClearField("preview_every")
         job_id, created = await self._jobs.submit(
-            job.SerializeToString(),
+            job_request(params),
             total_steps=params.steps,
             priority=priority,
             idempotency_key=request.idempotency_key or None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdserve.config import EngineConfig, SdserveConfig
-from sdserve.errors import DeadlineExceeded, Internal
+from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
@@ -201,7 +201,13 @@ class DenoiserService:
         if isinstance(event, eng.Cancelled):
             return DeadlineExceeded(f"request {req.request_id}: {event.reason}")
         if isinstance(event, eng.Failed):
-            error = Internal(f"request {req.request_id}: denoising failed")
+            if eng.is_out_of_memory(event.error):
+                error = ResourceExhausted(
+                    f"request {req.request_id}: out of memory in its U-Net "
+                    "forward; retry later, or with fewer or smaller images"
+                )
+            else:
+                error = Internal(f"request {req.request_id}: denoising failed")
             error.__cause__ = event.error
             return error
         if not progress:

@@ -9,20 +9,42 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def sdserve_cli(*args: str, timeout: float = 120):
-    """Runs the installed `sdserve` command (the console script beside this interpreter)."""
+API_KEYS = {"tenant-a": "test-key-a-5b1e9c", "tenant-b": "test-key-b-77d0f2"}
+"""The integration server's API keys (tests/integration/conftest.py writes its key file)."""
+
+
+def sdserve_cli(*args: str, timeout: float = 120, api_key: str | None = API_KEYS["tenant-a"]):
+    """Runs the installed `sdserve` command (the console script beside this interpreter), with
+    tenant A's API key in SDSERVE_API_KEY (servers without keys ignore it)."""
     import os
     import subprocess
     import sys
 
     exe = Path(sys.executable).with_name("sdserve")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SDSERVE_API_KEY", None)
+    if api_key:
+        env["SDSERVE_API_KEY"] = api_key
     return subprocess.run(
-        [str(exe), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def with_metadata(channel, *pairs: tuple[str, str]):
+    """The channel, with `pairs` added to the metadata of every call (an API key)."""
+    import grpc
+
+    class Add(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+        def _details(self, details):
+            return details._replace(metadata=[*(details.metadata or ()), *pairs])
+
+        def intercept_unary_unary(self, continuation, details, request):
+            return continuation(self._details(details), request)
+
+        def intercept_unary_stream(self, continuation, details, request):
+            return continuation(self._details(details), request)
+
+    return grpc.intercept_channel(channel, Add())
 
 
 def denoiser_stats(app_name: str):

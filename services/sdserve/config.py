@@ -80,6 +80,25 @@ class EngineConfig(_Strict):
     """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
 
 
+class AdmissionConfig(_Strict):
+    """Load shedding at the ingress (sdserve/orchestration/admission.py): a request that would
+    wait too long, or end after its deadline, is refused RESOURCE_EXHAUSTED at once, with a
+    `retry-after-s` hint in the trailing metadata."""
+
+    enabled: bool = True
+
+    max_wait_s: float = Field(60.0, gt=0)
+    """Refuse a request expected to wait longer than this for the Denoiser, deadline or not."""
+
+    margin: float = Field(1.25, ge=1.0)
+    """Admit only when this times the expected end (plus slack_s) is before the deadline."""
+
+    slack_s: float = Field(1.0, ge=0)
+
+    poll_s: float = Field(0.2, gt=0)
+    """How often the ingress reads the Denoiser's load."""
+
+
 class AutoscalingConfig(_Strict):
     """Ray Serve autoscaling of one deployment, on its ongoing requests per replica. For the
     Denoiser that is queued plus running work: every request waiting for or in the engine's
@@ -89,6 +108,15 @@ class AutoscalingConfig(_Strict):
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
     """Serve adds replicas when the average per replica is above this, removes them below."""
+
+    upscale_delay_s: float = Field(30.0, ge=0)
+    """How long the load must stay above the target before a replica is added."""
+
+    downscale_delay_s: float = Field(600.0, ge=0)
+    """How long the load must stay below the target before a replica is removed."""
+
+    look_back_period_s: float = Field(30.0, gt=0)
+    """The window Serve averages the ongoing requests over."""
 
     @model_validator(mode="after")
     def _check(self) -> AutoscalingConfig:
@@ -159,14 +187,16 @@ class StageConfig(_Strict):
 class StagesConfig(_Strict):
     """One entry per deployment."""
 
-    ingress: StageConfig = StageConfig(num_replicas=1, max_ongoing_requests=256)
+    ingress: StageConfig = StageConfig(num_replicas=1, max_ongoing_requests=4096)
     """The `Pipeline` deployment that serves DiffusionService and orchestrates the stages."""
 
     text_encoder: StageConfig = StageConfig()
     """The `TextEncoder` deployment (tokenizer + CLIP)."""
 
-    denoiser: StageConfig = StageConfig(num_cpus=1.0)
-    """The `Denoiser` deployment (U-Net and the denoising loop)."""
+    denoiser: StageConfig = StageConfig(num_cpus=1.0, max_ongoing_requests=4096)
+    """The `Denoiser` deployment (U-Net and the denoising loop). Its engine is its queue: a
+    high max_ongoing_requests lets every admitted request reach it (load shedding reads it),
+    instead of waiting unseen in Serve's router."""
 
     vae_decoder: StageConfig = StageConfig()
     """The `VaeDecoder` deployment (VAE decoder + PNG encoding)."""
@@ -209,6 +239,10 @@ class JobsConfig(_Strict):
     concurrency: int = Field(4, ge=1)
     """Jobs each JobWorker replica runs at once (they batch together in the Denoiser)."""
 
+    timeout_s: float = Field(3600.0, ge=0)
+    """An attempt at a job that runs longer than this fails DEADLINE_EXCEEDED (and is not
+    tried again): the Denoiser drops it at its next step. 0: no limit."""
+
     progress_interval_s: float = Field(0.25, ge=0)
     """How often a running job's step is recorded (what WatchJob and GetJob show); the first
     and the last step always are. 0: every step. A cancel reaches a running job at once
@@ -237,6 +271,12 @@ class ServerConfig(_Strict):
     app_name: str = "sdserve"
     """Name of the Serve application."""
 
+    api_key_file: str | None = None
+    """A file of API keys, one per line, each optionally followed by its tenant (see
+    sdserve/auth.py). Set: every DiffusionService call needs `authorization: Bearer KEY` and
+    sees only its tenant's jobs. None: anyone who can reach the port may call (start-up says
+    so). Every node must see the file at this path."""
+
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads
     clients over them), or only on the head node (one public address)."""
@@ -263,6 +303,7 @@ class SdserveConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
@@ -285,6 +326,7 @@ ENV_VARS = {
     "SDSERVE_RAY_ADDRESS": ("server", "ray_address"),
     "SDSERVE_STAGE_TRANSPORT": ("server", "stage_transport"),
     "SDSERVE_REDIS_URL": ("jobs", "redis_url"),
+    "SDSERVE_API_KEY_FILE": ("server", "api_key_file"),
     "SDSERVE_METRICS_PORT": ("metrics", "export_port"),
 }
 """Environment variables and the config field each one sets."""

@@ -59,3 +59,9 @@ class Unavailable(SdserveError):
     """Something the call needs (Redis, a stage) does not answer; retrying later can succeed."""
 
     code = "UNAVAILABLE"
+
+
+class Unauthenticated(SdserveError):
+    """The call carries no API key, or one the server does not know."""
+
+    code = "UNAUTHENTICATED"

@@ -192,11 +192,17 @@ async def drive(
 
 
 async def run_loadtest(
-    target: str, *, timeout_s: float = 600.0, application: str = "", **kwargs
+    target: str,
+    *,
+    timeout_s: float = 600.0,
+    application: str = "",
+    metadata: tuple[tuple[str, str], ...] = (),
+    **kwargs,
 ) -> Report:
     """`drive` against DiffusionService.Generate at `target` (keyword arguments as `drive`).
-    `application` names the Serve application when the proxy serves several."""
-    metadata = (("application", application),) if application else None
+    `application` names the Serve application when the proxy serves several; `metadata` goes
+    with every call (an API key)."""
+    metadata = (*metadata, *((("application", application),) if application else ())) or None
     async with grpc.aio.insecure_channel(target) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
@@ -263,6 +269,7 @@ def main(args) -> int:
             duration_s=duration,
             timeout_s=args.timeout,
             application=args.application or "",
+            metadata=args.metadata or (),
             on_progress=None if args.quiet else progress_line,
         )
     )

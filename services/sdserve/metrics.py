@@ -76,6 +76,9 @@ SPECS = [
          "Requests waiting for a slot in a Denoiser replica's running batch."),
     Spec("sdserve_denoiser_running_requests", "gauge",
          "Requests in a Denoiser replica's running batch."),
+    Spec("sdserve_denoiser_dropped", "counter",
+         "Requests the Denoiser dropped before their last step, never decoded: reason = "
+         "cancelled (the caller went away) or deadline (it passed).", ("reason",)),
     Spec("sdserve_unet_busy_ratio", "gauge",
          "Share of the last 10 s a Denoiser replica spent in U-Net steps (forward, guidance, "
          "scheduler updates); 1 means the U-Net never waited."),
@@ -145,11 +148,16 @@ class DenoiserCounters:
     """U-Net forwards that covered images of more than one request."""
     finished: int = 0
     cancelled: int = 0
+    """Dropped before their end: the caller went away, or (also counted in `expired`) their
+    deadline passed."""
+    expired: int = 0
     failed: int = 0
 
 
 BUSY_WINDOW_S = 10.0
 """The window of `sdserve_unet_busy_ratio`."""
+CAPACITY_WINDOW_S = 60.0
+"""The window of the Denoiser's measured capacity (`StatsLogger.capacity`)."""
 
 
 class StatsLogger:
@@ -164,6 +172,7 @@ class StatsLogger:
         self.denoiser = DenoiserCounters()
         self.jobs: Counter[str] = Counter()
         self._steps: deque[tuple[float, float]] = deque()  # (ended at, seconds) in the window
+        self._batches: deque[tuple[float, int, float]] = deque()  # (ended at, images, seconds)
         self._handlers: dict[type, Callable[[Any], None]] = {
             stats.StepStats: self._step,
             stats.RequestAdmitted: self._admitted,
@@ -187,6 +196,19 @@ class StatsLogger:
             self._steps.popleft()
         return min(1.0, sum(seconds for _, seconds in self._steps) / BUSY_WINDOW_S)
 
+    def capacity(self) -> float:
+        """Image-steps per second of the U-Net steps of the last minute whose batch was at
+        least half the largest one seen in it (0 before any): the rate a full engine runs
+        at, for load shedding (`sdserve.orchestration.admission`)."""
+        now = time.monotonic()
+        while self._batches and self._batches[0][0] < now - CAPACITY_WINDOW_S:
+            self._batches.popleft()
+        if not self._batches:
+            return 0.0
+        largest = max(images for _, images, _ in self._batches)
+        full = [(images, s) for _, images, s in self._batches if 2 * images >= largest]
+        return sum(images for images, _ in full) / max(sum(s for _, s in full), 1e-9)
+
     def refresh(self) -> None:
         """Updates the gauges that change with time alone (`sdserve_unet_busy_ratio` falls
         while the engine idles); the Denoiser's replica calls it every few seconds."""
@@ -194,6 +216,7 @@ class StatsLogger:
 
     def _step(self, s: stats.StepStats) -> None:
         self._steps.append((time.monotonic(), s.duration_s))
+        self._batches.append((time.monotonic(), s.batch_size, s.duration_s))
         self.metrics.unet_busy_ratio.set(self.unet_busy_ratio())
         c, m = self.denoiser, self.metrics
         c.unet_steps += 1
@@ -212,6 +235,10 @@ class StatsLogger:
     def _ended(self, s: stats.RequestEnded) -> None:
         c = self.denoiser
         setattr(c, s.outcome, getattr(c, s.outcome) + 1)
+        if s.outcome in ("cancelled", "expired"):
+            c.cancelled += s.outcome == "expired"
+            reason = "deadline" if s.outcome == "expired" else "cancelled"
+            self.metrics.denoiser_dropped.inc(tags={"reason": reason})
         self.metrics.denoiser_waiting_requests.set(s.waiting)  # so that an idle engine reads 0
         self.metrics.denoiser_running_requests.set(s.running)
 

@@ -79,4 +79,5 @@ def _cdf(ax, report: Report, summary: dict) -> None:
                        label=f"p{q} {value:.2f}s")  # fmt: skip
     ax.set(title="latency distribution (OK)", xlabel="latency (s)", ylabel="share of requests",
            ylim=(0, 1.02))  # fmt: skip
-    ax.legend(fontsize=8, loc="lower right")
+    if latencies:
+        ax.legend(fontsize=8, loc="lower right")

@@ -44,7 +44,8 @@ class RequestAdmitted:
 class RequestEnded:
     """A request left the Denoiser engine."""
 
-    outcome: Literal["finished", "cancelled", "failed"]
+    outcome: Literal["finished", "cancelled", "expired", "failed"]
+    """expired: dropped because its deadline passed; cancelled: its caller went away."""
     waiting: int
     """Requests waiting in the engine afterwards."""
     running: int

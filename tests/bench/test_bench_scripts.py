@@ -91,3 +91,13 @@ def test_profile_script_runs(tmp_path):
     report = json.loads(out.read_text())
     assert report["cpu_s"]["Denoiser replica"] > 0
     assert "U-Net forward" in report["torch_thread"], run.stdout[-2000:]
+
+
+def test_overload_bench_runs(tmp_path):
+    out = tmp_path / "overload.json"
+    _run("bench/bench_overload.py", "--smoke", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    flood = report["flood"]
+    assert flood["flood"]["requests"] == flood["requests"]
+    assert set(flood["flood"]["errors"]) <= {"RESOURCE_EXHAUSTED"}, flood["flood"]["errors"]
+    assert report["soak"]["memory_samples"] and report["soak"]["errors"] == {}

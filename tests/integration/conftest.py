@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from helpers import free_port
+from helpers import API_KEYS, free_port, with_metadata
 
 from sdserve.config import (
     JobsConfig,
@@ -31,12 +31,17 @@ def server(tiny_model, tmp_path_factory, redis_server):
     its job queue on the session's own redis-server and two JobWorker replicas."""
     from sdserve.serve import server as sdserve_server
 
+    keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
+    keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items()))
     config = SdserveConfig(
         model=ModelConfig(path=str(tiny_model)),
-        server=ServerConfig(grpc_port=free_port(), http_port=free_port()),
+        server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys)),
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
-        # A short lease, so that taking over a killed worker's job is quick.
-        jobs=JobsConfig(redis_url=redis_server.url, lease_s=2.0, concurrency=4),
+        # A short lease, so that taking over a killed worker's job is quick; every step
+        # recorded, so that tests can catch a job mid-way (the 0.25 s default is unit-tested).
+        jobs=JobsConfig(
+            redis_url=redis_server.url, lease_s=2.0, concurrency=4, progress_interval_s=0.0
+        ),
         # Replicas push their metrics every second, so that the Prometheus test is quick.
         metrics=MetricsConfig(export_port=free_port(), report_interval_s=1.0),
     )
@@ -51,9 +56,16 @@ def server(tiny_model, tmp_path_factory, redis_server):
 
 
 @pytest.fixture(scope="session")
-def channel(server):
+def raw_channel(server):
+    """A channel that sends no API key."""
     with grpc.insecure_channel(server.target) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def channel(raw_channel):
+    """A channel whose calls carry tenant A's API key."""
+    return with_metadata(raw_channel, ("authorization", f"Bearer {API_KEYS['tenant-a']}"))
 
 
 @pytest.fixture(scope="session")

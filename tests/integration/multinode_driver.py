@@ -1,14 +1,20 @@
 """The multi-node scenario of test_multinode.py, in its own process (a process joins one Ray
 cluster, and the test session's process has its own).
 
-    python multinode_driver.py MODEL_DIR REDIS_URL REPORT.json
+    python multinode_driver.py MODEL_DIR REDIS_URL REPORT.json [node-loss|autoscale]
 
 On this machine it starts a Ray cluster of three nodes: a "CPU-type" head (custom resource
 cpu_node) and two "GPU-type" workers (gpu_node). It deploys sdserve on it from config, attached
-with `server.ray_address` as `sdserve serve --address` does: one Denoiser replica per GPU-type
-node, everything else on the CPU-type node. Then it generates, queues jobs, kills one GPU-type
-node's processes, generates again and waits for every job. It writes what it saw to REPORT.json
-and the test asserts on it.
+with `server.ray_address` as `sdserve serve --address` does: Denoiser replicas on the GPU-type
+nodes (at most one per node), everything else on the CPU-type node. Then:
+
+node-loss  two Denoiser replicas; it generates, queues jobs, kills one GPU-type node's
+           processes, generates again and waits for every job;
+autoscale  Denoiser autoscaling between 1 and 2 replicas; a burst of load adds the second
+           replica and, once the burst ends, the autoscaler removes it again, while requests
+           and jobs keep coming.
+
+It writes what it saw to REPORT.json and the test asserts on it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 QUICK = dict(prompt="a red circle", width=64, height=64, steps=4, guidance_scale=7.5)
 ENDED = {diffusion_pb2.JOB_STATE_SUCCEEDED, diffusion_pb2.JOB_STATE_FAILED,
          diffusion_pb2.JOB_STATE_CANCELLED}  # fmt: skip
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "upscale_delay_s": 1.0,
+    "downscale_delay_s": 5.0,
+    "look_back_period_s": 2.0,
+}
+"""Quick to react, so that the test takes seconds: Serve's defaults wait 30 s to add a replica
+and 10 minutes to remove one."""
 
 
 def free_port() -> int:
@@ -59,13 +75,68 @@ def generate(stub, n: int, seed0: int) -> list[str]:
     return codes
 
 
-def main(model: str, redis_url: str, out: str) -> None:
+def replica_count() -> int:
+    return len(replica_nodes().get("Denoiser", []))
+
+
+def autoscale(stub, report: dict) -> None:
+    """A burst of 12 clients until the second replica serves and a while after, then a trickle
+    of one request at a time until the autoscaler is back to one replica; jobs throughout."""
+    import threading
+
+    timeline, codes, stop = [], [], threading.Event()
+    long = diffusion_pb2.GenerateRequest(**{**QUICK, "steps": 30})
+    jobs = [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long), timeout=30).job_id
+            for _ in range(4)]  # fmt: skip
+
+    def client(seed: int) -> None:
+        while not stop.is_set():
+            codes.extend(generate(stub, 1, seed))
+
+    started = time.monotonic()
+    burst = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for thread in burst:
+        thread.start()
+    scaled_up_at = None
+    while time.monotonic() - started < 120:
+        timeline.append((round(time.monotonic() - started, 1), replica_count()))
+        if timeline[-1][1] == 2 and scaled_up_at is None:
+            scaled_up_at = time.monotonic()
+        if scaled_up_at is not None and time.monotonic() - scaled_up_at > 8:
+            break
+        time.sleep(0.5)
+    stop.set()
+    for thread in burst:
+        thread.join()
+    report["burst_requests"] = len(codes)
+    jobs += [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long), timeout=30).job_id
+             for _ in range(4)]  # fmt: skip
+    while time.monotonic() - started < 240 and replica_count() > 1:
+        codes.extend(generate(stub, 1, 1000 + len(codes)))
+        timeline.append((round(time.monotonic() - started, 1), replica_count()))
+    report["timeline"], report["codes"] = timeline, sorted(set(codes))
+    report["requests"] = len(codes)
+    report["jobs"] = wait_for_jobs(stub, jobs)
+
+
+def wait_for_jobs(stub, jobs: list[str]) -> list[dict]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        got = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30) for j in jobs]
+        if all(j.state in ENDED for j in got):
+            break
+        time.sleep(0.2)
+    return [{"state": diffusion_pb2.JobState.Name(j.state), "attempts": j.attempts,
+             "error": j.error} for j in got]  # fmt: skip
+
+
+def main(model: str, redis_url: str, out: str, scenario: str = "node-loss") -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
     from sdserve.serve import server
 
-    report: dict = {}
+    report: dict = {"scenario": scenario}
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "resources": {"cpu_node": 100},  # GCS: a random port
@@ -83,7 +154,8 @@ def main(model: str, redis_url: str, out: str) -> None:
             "ingress": on_cpu, "text_encoder": on_cpu, "vae_decoder": on_cpu,
             "job_worker": on_cpu,
             # 60 of a node's 100: one Denoiser replica per GPU-type node.
-            "denoiser": {"num_replicas": 2, "num_cpus": 1, "resources": {"gpu_node": 60}},
+            "denoiser": {"num_replicas": 2, "num_cpus": 1, "resources": {"gpu_node": 60},
+                         "autoscaling": AUTOSCALING if scenario == "autoscale" else None},
         },
         "jobs": {"redis_url": redis_url, "key_prefix": f"multinode{free_port()}:",
                  "lease_s": 2.0},
@@ -94,6 +166,10 @@ def main(model: str, redis_url: str, out: str) -> None:
         server.deploy(config)
         server.wait_healthy(target, timeout_s=180)
         report["placement"] = replica_nodes()
+        if scenario == "autoscale":
+            with grpc.insecure_channel(target) as channel:
+                autoscale(diffusion_pb2_grpc.DiffusionServiceStub(channel), report)
+            return
         with grpc.insecure_channel(target) as channel:
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             report["before"] = generate(stub, 4, 0)
@@ -123,17 +199,7 @@ def main(model: str, redis_url: str, out: str) -> None:
             report["placement_after"] = replica_nodes()
             report["after"] = generate(stub, 6, 100)
 
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                got = [stub.GetJob(diffusion_pb2.GetJobRequest(job_id=j), timeout=30)
-                       for j in jobs]  # fmt: skip
-                if all(j.state in ENDED for j in got):
-                    break
-                time.sleep(0.2)
-            report["jobs"] = [
-                {"state": diffusion_pb2.JobState.Name(j.state), "attempts": j.attempts,
-                 "error": j.error} for j in got
-            ]  # fmt: skip
+            report["jobs"] = wait_for_jobs(stub, jobs)
     finally:
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
@@ -147,4 +213,4 @@ def main(model: str, redis_url: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import API_KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +20,7 @@ def _loadtest(server, *args, tmp_path):
     run = subprocess.run(
         [str(exe), "loadtest", "--server", server.target, "--out", str(out), *args],
         capture_output=True, text=True, timeout=180,
+        env={**os.environ, "SDSERVE_API_KEY": API_KEYS["tenant-a"]},
     )  # fmt: skip
     return run, (json.loads(out.read_text()) if out.exists() else None)
 

@@ -13,18 +13,23 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_stages_land_where_the_config_says_and_survive_losing_a_node(
-    tiny_model, redis_server, tmp_path
-):
+def _drive(scenario, tiny_model, redis_server, tmp_path) -> dict:
     report_path = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("multinode_driver.py")), str(tiny_model),
-         redis_server.url, str(report_path)],
+         redis_server.url, str(report_path), scenario],
         capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     assert report_path.exists(), run.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert run.returncode == 0, (report, run.stderr[-3000:])
+    return report
+
+
+def test_stages_land_where_the_config_says_and_survive_losing_a_node(
+    tiny_model, redis_server, tmp_path
+):
+    report = _drive("node-loss", tiny_model, redis_server, tmp_path)
 
     cpu, gpus = report["cpu_node"], report["gpu_nodes"]
     placement = report["placement"]
@@ -38,4 +43,16 @@ def test_stages_land_where_the_config_says_and_survive_losing_a_node(
     survivor = [node for node in gpus if node != report["killed"]]
     assert report["placement_after"]["Denoiser"] == survivor
     assert report["after"] == ["OK"] * 6
+    assert [j["state"] for j in report["jobs"]] == ["JOB_STATE_SUCCEEDED"] * 8, report["jobs"]
+
+
+def test_a_burst_adds_a_denoiser_replica_and_its_end_removes_it(tiny_model, redis_server, tmp_path):
+    """Denoiser autoscaling between 1 and 2 replicas: the burst's load adds the second replica,
+    the calm after it removes it, and no request or job fails while replicas come and go."""
+    report = _drive("autoscale", tiny_model, redis_server, tmp_path)
+    counts = [count for _, count in report["timeline"]]
+    assert counts[0] == 1 and 2 in counts, report["timeline"]
+    assert counts[-1] == 1, report["timeline"]  # scaled back down
+    assert report["codes"] == ["OK"], report["codes"]
+    assert report["requests"] > report["burst_requests"] > 12
     assert [j["state"] for j in report["jobs"]] == ["JOB_STATE_SUCCEEDED"] * 8, report["jobs"]

@@ -185,7 +185,9 @@ def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_
         assert all(j.attempts == 2 for j in jobs if j.job_id in interrupted), jobs
         assert attempts.count(1) == 3, attempts
 
-        # Graceful drain: SIGTERM with a GenerateStream and two jobs running, one job queued.
+        # Graceful drain: SIGTERM to the whole process group (what systemd's default
+        # KillMode=control-group and several supervisors send: Ray's processes get it too),
+        # with a GenerateStream and two jobs running, one job queued.
         with grpc.insecure_channel(target) as channel:
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             ids = [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long),
@@ -202,11 +204,13 @@ def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_
                     break
                 time.sleep(0.05)
             assert states.count(diffusion_pb2.JOB_STATE_QUEUED) == 1, states
-            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            os.killpg(proc.pid, signal.SIGTERM)
             last = [e for e in events][-1]  # the stream goes on to its result
             assert last.WhichOneof("event") == "result" and len(last.result.images) == 1
         lines = _wait_for_line(proc, "sdserve stopped", 120)
         assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
+        assert time.monotonic() - signalled < 30, "".join(lines[-20:])
         drained = asyncio.run(_records(redis_server.url, config, ids))
         assert sorted(r.state.value for r in drained) == ["QUEUED", "SUCCEEDED", "SUCCEEDED"]
         assert [r.attempts for r in drained if r.state.value == "QUEUED"] == [0]

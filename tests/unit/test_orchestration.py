@@ -142,3 +142,27 @@ def test_invalid_requests_name_the_field(path):
     with pytest.raises(InvalidArgument) as err:
         asyncio.run(_generate(path, prompt="a cat", width=60))
     assert err.value.field == "width"
+
+
+def test_a_deadline_drops_the_request_in_the_denoiser_never_decoded(path):
+    import time
+
+    from sdserve.errors import DeadlineExceeded
+
+    async def main():
+        params = await path.validate(diffusion_pb2.GenerateRequest(
+            prompt="slow", steps=150, seed=1, guidance_scale=1.0))  # fmt: skip
+        before = _stats(path)
+        with pytest.raises(DeadlineExceeded, match="deadline exceeded"):
+            async for _ in path.run(params, deadline=time.time() + 0.2):
+                pass
+        after = _stats(path)
+        with pytest.raises(DeadlineExceeded, match="before the text encoder"):
+            async for _ in path.run(params, deadline=time.time() - 1):
+                pass
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert after.expired - before.expired == 1 and after.cancelled - before.cancelled == 1
+    assert after.finished == before.finished and after.running == 0
+    assert after.unet_steps - before.unet_steps < 150

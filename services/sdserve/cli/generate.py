@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with grpc.insecure_channel(args.server) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-        call = stub.GenerateStream(request, timeout=args.timeout)
+        call = stub.GenerateStream(request, timeout=args.timeout, metadata=options.call_metadata())
         try:
             reply = follow(call, quiet=args.quiet)
         except grpc.RpcError as exc:

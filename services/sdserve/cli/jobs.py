@@ -64,7 +64,7 @@ def run_submit(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.server) as channel:
         try:
             reply = diffusion_pb2_grpc.DiffusionServiceStub(channel).SubmitJob(
-                submit, timeout=args.timeout
+                submit, timeout=args.timeout, metadata=options.call_metadata()
             )
         except grpc.RpcError as exc:
             return options.rpc_error(exc)
@@ -101,7 +101,7 @@ def _watch(stub, request, args: argparse.Namespace):
     """Follows WatchJob with a progress bar; returns the last Job, or None on Ctrl-C."""
     from tqdm import tqdm
 
-    call = stub.WatchJob(request, timeout=args.timeout)
+    call = stub.WatchJob(request, timeout=args.timeout, metadata=options.call_metadata())
     bar = tqdm(desc="queued", unit="step", disable=True if args.quiet else None, leave=False)
     job = None
     try:
@@ -128,10 +128,11 @@ def run_job(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.server) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
         try:
+            metadata = options.call_metadata()
             if args.cancel:
-                job = stub.CancelJob(request, timeout=30)
+                job = stub.CancelJob(request, timeout=30, metadata=metadata)
             elif not args.wait:
-                job = stub.GetJob(request, timeout=30)
+                job = stub.GetJob(request, timeout=30, metadata=metadata)
             elif (job := _watch(stub, request, args)) is None:
                 return 130
         except grpc.RpcError as exc:

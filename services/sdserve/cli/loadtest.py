@@ -50,5 +50,7 @@ def register(sub, parents: Parents) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sdserve import loadtest
+    from sdserve.cli.options import call_metadata
 
+    args.metadata = call_metadata()
     return loadtest.main(args)

@@ -101,6 +101,18 @@ def write_images(reply, output: str | None) -> None:
         print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
 
 
+API_KEY_VARIABLE = "SDSERVE_API_KEY"
+"""The environment variable the CLI takes its API key from (never a flag: flags show in `ps`)."""
+
+
+def call_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The gRPC metadata of every call: `authorization: Bearer $SDSERVE_API_KEY` when set."""
+    import os
+
+    key = os.environ.get(API_KEY_VARIABLE, "").strip()
+    return (("authorization", f"Bearer {key}"),) if key else None
+
+
 def rpc_error(exc) -> int:
     """Prints a gRPC error as `CODE: message` on stderr; returns EXIT_RPC_ERROR."""
     print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)

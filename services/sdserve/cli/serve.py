@@ -51,6 +51,13 @@ def register(sub, parents: Parents) -> None:
         "metrics (default 8080; start-up prints the URL to scrape)",
     )
     serve.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="API keys, one per line, each optionally followed by its tenant: calls must send "
+        "'authorization: Bearer KEY' and see only their tenant's jobs (default: none, the API "
+        "is open; also SDSERVE_API_KEY_FILE)",
+    )
+    serve.add_argument(
         "--config", metavar="FILE", help="YAML config file (see deploy/sdserve.yaml)"
     )
     serve.set_defaults(func=run)
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             ("server", "host"): args.host,
             ("jobs", "redis_url"): args.redis_url,
             ("metrics", "export_port"): args.metrics_port,
+            ("server", "api_key_file"): args.api_key_file,
         },
     )
     serve_forever(config)

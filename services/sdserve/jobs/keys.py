@@ -14,7 +14,8 @@ deployments can share one Redis:
                                      not ended never expires.
     {prefix}result:ID                the serialized result, with the same TTL.
     {prefix}events:ID                a short stream of state changes and steps (WatchJob).
-    {prefix}idem:KEY                 idempotency key -> job id; it expires with the job.
+    {prefix}idem:TENANT:KEY          idempotency key -> job id; it expires with the job. Keys
+                                     are per tenant, so one tenant cannot learn another's ids.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}events:{job_id}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}idem:{key}"
+    def idempotency(self, key: str, tenant: str = "") -> str:
+        return f"{self.prefix}idem:{tenant}:{key}"
 
     def queue(self, priority: str) -> str:
         return f"{self.prefix}queue:{priority}"

@@ -121,9 +121,10 @@ class JobQueue:
         total_steps: int,
         priority: str = "normal",
         idempotency_key: str | None = None,
+        tenant: str = "",
     ) -> tuple[str, bool]:
-        """Enqueues a job. Returns (job id, created); created is False when `idempotency_key`
-        named an existing job, whose id is returned.
+        """Enqueues a job for `tenant`. Returns (job id, created); created is False when
+        `idempotency_key` named an existing job of that tenant, whose id is returned.
 
         Raises:
             ResourceExhausted: `max_queue_length` jobs are waiting or running.
@@ -142,7 +143,7 @@ class JobQueue:
                         self.keys.job(job_id),
                         self.keys.events(job_id),
                         stream,
-                        self.keys.idempotency(idempotency_key or ""),
+                        self.keys.idempotency(idempotency_key or "", tenant),
                         *self.streams,
                     ],
                     args=[
@@ -155,6 +156,7 @@ class JobQueue:
                         self.result_ttl_s,
                         "1" if idempotency_key else "0",
                         idempotency_key or "",
+                        tenant,
                     ],  # fmt: skip
                 )
             )

@@ -58,6 +58,8 @@ class JobRecord:
     worker: str
     request: bytes
     result: bytes | None = None
+    tenant: str = ""
+    """Who submitted it (an API key's tenant; "" when the server has no keys)."""
 
     @classmethod
     def from_hash(cls, job_id: str, h: dict[bytes, bytes], result: bytes | None) -> JobRecord:
@@ -83,6 +85,7 @@ class JobRecord:
             worker=text("worker"),
             request=h.get(b"request", b""),
             result=result,
+            tenant=text("tenant"),
         )
 
 

@@ -9,6 +9,7 @@ as `GenerateResponse` bytes, which GetJob returns as they are. In between, the j
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from sdserve.errors import Internal
@@ -31,12 +32,15 @@ class JobRunner:
         path: StagePath,
         bind_request_id: Callable[[str], None] | None = None,
         progress_interval_s: float = 0.25,
+        timeout_s: float = 0.0,
     ):
         self.path = path
         self.bind_request_id = bind_request_id
         """Called with the job's request id ("job-<id>") before the stages are called; the Serve
         shell uses it so that every replica's log lines about the job carry that id."""
         self.progress_interval_s = progress_interval_s
+        self.timeout_s = timeout_s
+        """An attempt's deadline, from its start (0: none)."""
         """Steps are reported at most this often (the first and the last always): every step
         would cost a Denoiser stream message and a Redis write (1.14x a Generate's time for
         a 25-step job on the default model, against 1.03x without)."""
@@ -48,7 +52,8 @@ class JobRunner:
         if self.bind_request_id is not None:
             self.bind_request_id(request_id)
         params = await self.path.validate(diffusion_pb2.GenerateRequest.FromString(request))
-        events = self.path.run(params, request_id=request_id, stream=True,
+        deadline = time.time() + self.timeout_s if self.timeout_s else None
+        events = self.path.run(params, request_id=request_id, stream=True, deadline=deadline,
                                progress_interval_s=self.progress_interval_s)  # fmt: skip
         async for event in events:
             if isinstance(event, Progress):

@@ -38,8 +38,11 @@ logger = logging.getLogger(__name__)
 Report = Callable[[int, int], Awaitable[None]]
 Runner = Callable[[bytes, str, Report], Awaitable[bytes]]
 
-PERMANENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND"})
-"""Error codes a retry cannot fix: the job fails at its first attempt."""
+PERMANENT_ERRORS = frozenset(
+    {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "DEADLINE_EXCEEDED"}
+)
+"""Error codes a retry cannot fix: the job fails at its first attempt (one that ran past
+`jobs.timeout_s` would again)."""
 
 
 def consumer_name() -> str:

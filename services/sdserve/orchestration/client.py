@@ -40,3 +40,7 @@ class StageClient(abc.ABC):
     @abc.abstractmethod
     async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
         """Facts about the Denoiser's model (its native size); also a health check."""
+
+    @abc.abstractmethod
+    async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
+        """A Denoiser's counters and load (with several replicas, the one the call reaches)."""

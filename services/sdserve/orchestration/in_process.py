@@ -69,3 +69,6 @@ class InProcessStageClient(StageClient):
 
     async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
         return self.denoiser.info()
+
+    async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
+        return self.denoiser.stats_message()

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from sdserve.config import SdserveConfig
-from sdserve.errors import Internal
+from sdserve.errors import DeadlineExceeded, Internal
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stats import RequestServed
@@ -59,6 +59,7 @@ class StagePath:
         stream: bool = False,
         preview_every: int = 0,
         progress_interval_s: float = 0.0,
+        deadline: float | None = None,
     ) -> AsyncIterator[GenerateEvent]:
         """Runs one request. With `stream` it yields Queued, a Progress per step (at most one
         every `progress_interval_s`, and always the last), a Preview every `preview_every`
@@ -73,6 +74,7 @@ class StagePath:
         )  # fmt: skip
 
         # 1. Encode the prompt (and the negative prompt when guidance is on).
+        _check(deadline, request_id, "before the text encoder")
         t = time.perf_counter()
         encoded = await self.client.encode_text(
             stages_pb2.EncodeTextRequest(
@@ -88,6 +90,7 @@ class StagePath:
         t = time.perf_counter()
         denoise = _denoise_request(params, encoded, request_id, preview_every if stream else 0)
         denoise.progress_interval_s = progress_interval_s
+        denoise.timeout_s = _check(deadline, request_id, "before the denoiser")
         if stream:
             latents = None
             async for event in self._denoise_events(denoise, started):
@@ -102,6 +105,7 @@ class StagePath:
         denoise_s = time.perf_counter() - t
 
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
+        _check(deadline, request_id, "before the VAE decoder")
         t = time.perf_counter()
         decoded = await self.client.decode(
             stages_pb2.DecodeRequest(
@@ -136,6 +140,16 @@ class StagePath:
                     yield Preview(step=step.step, pngs=tuple(step.preview_png))
             elif kind == "done":
                 yield event.done.latents
+
+
+def _check(deadline: float | None, request_id: str, where: str) -> float:
+    """Seconds left before `deadline` (0: none); raises DeadlineExceeded once it passed."""
+    if deadline is None:
+        return 0.0
+    left = deadline - time.time()
+    if left <= 0:
+        raise DeadlineExceeded(f"request {request_id}: its deadline passed {where}")
+    return left
 
 
 def _denoise_request(

@@ -82,6 +82,9 @@ class Failed:
 
 Event = Queued | Started | Step | Finished | Cancelled | Failed
 
+DEADLINE_EXCEEDED = "deadline exceeded"
+"""The reason of a `Cancelled` request whose deadline passed."""
+
 
 class DenoiseEngine:
     """Continuous batching over a U-Net. Thread-safe `submit` / `cancel`; `step()` does one
@@ -135,6 +138,12 @@ class DenoiseEngine:
                     job.cancelled = reason
             self._schedule()
 
+    def work_ahead(self) -> int:
+        """Image-steps left of every request waiting or running (one per image per step)."""
+        with self._lock:
+            return sum(len(job.samples) * (job.total - job.samples[0].index)
+                       for job in self._jobs())  # fmt: skip
+
     def counts(self) -> tuple[int, int]:
         """(waiting requests, running requests)."""
         with self._lock:
@@ -186,7 +195,7 @@ class DenoiseEngine:
         dropped = []
         for job in list(self._jobs()):
             if job.cancelled is None and job.deadline is not None and now > job.deadline:
-                job.cancelled = "deadline exceeded"
+                job.cancelled = DEADLINE_EXCEEDED
             if job.cancelled is not None:
                 dropped.append(job)
         for job in dropped:

@@ -6,6 +6,8 @@ When upgrading Ray, this module is what to re-check.
 
 from __future__ import annotations
 
+import time
+
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -66,3 +68,34 @@ def ongoing_requests(app_name: str) -> int:
         and info.get("Name")
     ]
     return sum(ray.get([r.get_num_ongoing_requests.remote() for r in replicas]))
+
+
+def add_diffusion_service(servicer, server) -> None:
+    """What Serve's gRPC proxy runs to register DiffusionService (`grpc_servicer_functions`).
+
+    Besides registering the service, it makes the proxy pass each client's deadline on to the
+    ingress: Serve copies a few fields of the call's context into the `RayServegRPCContext` it
+    sends the replica, but not the deadline, so this wraps that copy to add
+    `sdserve_deadline` (seconds since the epoch, or None). It runs in the proxy's process."""
+    from ray.serve import grpc_util
+
+    from sdserve.v1.diffusion_pb2_grpc import add_DiffusionServiceServicer_to_server
+
+    original = grpc_util.RayServegRPCContext.__init__
+    if not getattr(original, "sdserve_deadline", False):
+
+        def __init__(self, grpc_context):
+            original(self, grpc_context)
+            remaining = grpc_context.time_remaining()
+            has_deadline = remaining is not None and remaining < 10 * 365 * 86400
+            self.sdserve_deadline = time.time() + remaining if has_deadline else None
+
+        __init__.sdserve_deadline = True
+        grpc_util.RayServegRPCContext.__init__ = __init__
+    add_DiffusionServiceServicer_to_server(servicer, server)
+
+
+def request_deadline(grpc_context) -> float | None:
+    """The client's deadline (seconds since the epoch) that `add_diffusion_service` captured in
+    the proxy, or None (no deadline, or a proxy without the hook)."""
+    return getattr(grpc_context, "sdserve_deadline", None)

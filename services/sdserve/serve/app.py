@@ -19,7 +19,7 @@ from sdserve.serve.job_worker import JobWorkerDeployment
 from sdserve.serve.stages import DenoiserDeployment, TextEncoderDeployment, VaeDecoderDeployment
 
 GRPC_SERVICER_FUNCTIONS = [
-    "sdserve.v1.diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server",
+    "sdserve.serve._ray.add_diffusion_service",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 """What Serve's gRPC proxy must register (`grpc_options.grpc_servicer_functions`)."""

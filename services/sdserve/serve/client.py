@@ -67,3 +67,6 @@ class ServeStageClient(StageClient):
 
     async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
         return stages_pb2.DenoiserInfo.FromString(await self._denoiser.Info.remote(b""))
+
+    async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
+        return stages_pb2.DenoiserStats.FromString(await self._denoiser.Stats.remote(b""))

@@ -63,6 +63,13 @@ def grpc_errors(response_type: type) -> Callable:
                 logger.info("request %s: %s %s", request_id, code.name, message)
             grpc_context.set_code(code)
             grpc_context.set_details(message)
+            retry_after = getattr(exc, "retry_after_s", None)
+            if retry_after is not None:  # load shedding's hint, for clients that back off
+                trailing = [
+                    *grpc_context.trailing_metadata(),
+                    ("retry-after-s", f"{retry_after:.1f}"),
+                ]
+                grpc_context.set_trailing_metadata(trailing)
             return code
 
         if inspect.isasyncgenfunction(method):  # server-streaming RPC

@@ -13,9 +13,11 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from sdserve.auth import ApiKeys
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import job_request
+from sdserve.orchestration.admission import Admission
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
 from sdserve.serve.client import ServeStageClient
@@ -44,6 +46,8 @@ class PipelineIngress:
         config: dict,
     ):
         self.config, self.stats = replica_setup(config)  # grpc_errors records into stats
+        key_file = self.config.server.api_key_file
+        self._keys = ApiKeys.load(key_file) if key_file else None
         client = ServeStageClient(text_encoder, denoiser, vae_decoder,
                                   self.config.server.stage_transport)  # fmt: skip
         self._path = StagePath(client, self.config, self.stats)
@@ -57,6 +61,28 @@ class PipelineIngress:
         self._poller = None
         if self.stats.metrics.enabled:
             self._poller = loop.create_task(self._poll_queue())
+        admission = self.config.admission
+        self._admission = None
+        if admission.enabled:
+            self._admission = Admission(admission.max_wait_s, admission.margin, admission.slack_s)
+            self._load_watch = loop.create_task(self._poll_load(client, admission.poll_s))
+
+    async def _poll_load(self, client: ServeStageClient, every_s: float) -> None:
+        """Keeps load shedding's view of the Denoiser current."""
+        while True:
+            try:
+                self._admission.update(await client.denoiser_stats())
+            except Exception as exc:  # shedding pauses (admits all) rather than fail requests
+                logger.warning("reading the Denoiser's load failed: %s", exc)
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(every_s)
+
+    def _admit(self, params, grpc_context) -> float | None:
+        """Load shedding (RESOURCE_EXHAUSTED at once); returns the client's deadline."""
+        deadline = _ray.request_deadline(grpc_context)
+        if self._admission is not None:
+            self._admission.admit(params, deadline)
+        return deadline
 
     async def _poll_queue(self, every_s: float = 5.0) -> None:
         """Records the queue depth per priority, and whether Redis answers."""
@@ -74,6 +100,22 @@ class PipelineIngress:
         self._draining = True
         logger.info("draining: new Generate/SubmitJob calls are refused")
 
+    def _tenant(self, grpc_context) -> str:
+        """The caller's tenant, from its API key ("" when the server has no keys).
+        Raises Unauthenticated."""
+        if self._keys is None:
+            return ""
+        return self._keys.tenant(dict(grpc_context.invocation_metadata()))
+
+    async def _own_job(self, request: diffusion_pb2.GetJobRequest, grpc_context) -> str:
+        """The job id of the request, if the caller's tenant submitted that job; NOT_FOUND
+        otherwise, exactly as for a job that does not exist."""
+        tenant = self._tenant(grpc_context)
+        job_id = _job_id(request)
+        if (await self._jobs.get(job_id, with_result=False)).tenant != tenant:
+            raise NotFound(f"job_id: no job {job_id!r} (unknown, or its result expired)")
+        return job_id
+
     def _refuse_if_draining(self) -> None:
         if self._draining:
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
@@ -83,9 +125,12 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> diffusion_pb2.GenerateResponse:
         """DiffusionService.Generate."""
+        self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(request)
-        async for event in self._path.run(params, request_id=_ray.current_request_id()):
+        deadline = self._admit(params, grpc_context)
+        async for event in self._path.run(params, request_id=_ray.current_request_id(),
+                                          deadline=deadline):  # fmt: skip
             if isinstance(event, Result):
                 return event.to_response()
         raise Internal("the pipeline ended without a result")
@@ -95,21 +140,25 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
         """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
+        self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(request)
+        deadline = self._admit(params, grpc_context)
         async for event in self._path.run(
             params,
             request_id=_ray.current_request_id(),
             stream=True,
             preview_every=request.preview_every,
+            deadline=deadline,
         ):
-            yield event.to_pb()  # fmt: skip
+            yield event.to_pb()
 
     @grpc_errors(diffusion_pb2.SubmitJobResponse)
     async def SubmitJob(
         self, request: diffusion_pb2.SubmitJobRequest, grpc_context
     ) -> diffusion_pb2.SubmitJobResponse:
         """DiffusionService.SubmitJob: validate, resolve every parameter, queue."""
+        tenant = self._tenant(grpc_context)
         self._refuse_if_draining()
         if not request.HasField("request"):
             raise InvalidArgument("request", "is required")
@@ -127,6 +176,7 @@ class PipelineIngress:
             total_steps=params.steps,
             priority=priority,
             idempotency_key=request.idempotency_key or None,
+            tenant=tenant,
         )
         logger.info(
             "job %s %s (%s priority, %d steps)",
@@ -138,14 +188,14 @@ class PipelineIngress:
     @grpc_errors(diffusion_pb2.Job)
     async def GetJob(self, request: diffusion_pb2.GetJobRequest, grpc_context) -> diffusion_pb2.Job:
         """DiffusionService.GetJob."""
-        return job_to_pb(await self._jobs.get(_job_id(request)))
+        return job_to_pb(await self._jobs.get(await self._own_job(request, grpc_context)))
 
     @grpc_errors(diffusion_pb2.Job)
     async def WatchJob(
         self, request: diffusion_pb2.GetJobRequest, grpc_context
     ) -> AsyncIterator[diffusion_pb2.Job]:
         """DiffusionService.WatchJob: every change until the job ends."""
-        async for record in self._jobs.watch(_job_id(request)):
+        async for record in self._jobs.watch(await self._own_job(request, grpc_context)):
             yield job_to_pb(record)
 
     @grpc_errors(diffusion_pb2.Job)
@@ -153,7 +203,7 @@ class PipelineIngress:
         self, request: diffusion_pb2.GetJobRequest, grpc_context
     ) -> diffusion_pb2.Job:
         """DiffusionService.CancelJob."""
-        record = await self._jobs.cancel(_job_id(request))
+        record = await self._jobs.cancel(await self._own_job(request, grpc_context))
         logger.info("job %s: cancel requested, now %s", record.job_id, record.state.value)
         return job_to_pb(record)
 

@@ -41,8 +41,9 @@ class JobWorkerDeployment:
         # Serve passes the request id of the current context on to the stages it calls, and
         # every replica's log lines carry it: one job can be followed across replicas. (Each
         # job runs in a task of the worker's own, so the id set there is the job's alone.)
+        jobs = self.config.jobs
         runner = JobRunner(StagePath(client, self.config, self.stats), _ray.set_request_id,
-                           self.config.jobs.progress_interval_s)  # fmt: skip
+                           jobs.progress_interval_s, jobs.timeout_s)  # fmt: skip
         self._queue = JobQueue.from_config(self.config.jobs)
         self._worker = Worker(
             self._queue, runner, concurrency=self.config.jobs.concurrency, stats=self.stats

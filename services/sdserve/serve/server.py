@@ -153,6 +153,20 @@ def wait_healthy(target: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{target} did not become healthy in {timeout_s:.0f}s: {last}")
 
 
+def describe_access(config: SdserveConfig) -> None:
+    """Says who may call: the API keys' tenants, or that the API is open."""
+    from sdserve.auth import ApiKeys
+
+    path = config.server.api_key_file
+    if not path:
+        logger.warning("no API keys (--api-key-file): DiffusionService is open to anyone who "
+                       "can reach %s:%d", config.server.host, config.server.grpc_port)  # fmt: skip
+        return
+    keys = ApiKeys.load(path)
+    tenants = sorted({tenant for _, tenant in keys.keys})
+    logger.info("API keys: %d from %s, tenants %s", len(keys.keys), path, ", ".join(tenants))
+
+
 def shutdown() -> None:
     """Removes the application and stops Ray (when this process started it)."""
     import ray
@@ -174,11 +188,21 @@ def serve_forever(config: SdserveConfig) -> None:
 
     target = f"{config.server.host}:{config.server.grpc_port}"
     deployed = False
+    describe_access(config)  # before Ray starts: a bad key file fails at once
     try:
-        start_ray(config)
-        # After ray.init, which installs its own SIGTERM handler in the driver.
-        signal.signal(signal.SIGINT, _on_signal)
-        signal.signal(signal.SIGTERM, _on_signal)
+        # Ray's own processes (GCS, raylet, and through it every replica) inherit the signal
+        # mask of the thread that starts them: with SIGTERM blocked there, a SIGTERM to the
+        # whole process group or cgroup (systemd's KillMode=control-group) reaches only this
+        # process, which drains, then stops Ray itself. Ray already blocks SIGINT in them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            start_ray(config)
+        finally:
+            # After ray.init, which installs its own SIGTERM handler in the driver; a SIGTERM
+            # that came meanwhile is delivered to ours when unblocked.
+            signal.signal(signal.SIGINT, _on_signal)
+            signal.signal(signal.SIGTERM, _on_signal)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         logger.info("deploying the sdserve application (model: %s)", config.model.path or "default")
         deploy(config)
         deployed = True

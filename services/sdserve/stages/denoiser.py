@@ -117,12 +117,15 @@ class DenoiserService:
             unet_steps=c.unet_steps,
             finished=c.finished,
             cancelled=c.cancelled,
+            expired=c.expired,
             failed=c.failed,
             strategy=self.strategy,
             unet_seconds=c.unet_seconds,
             image_steps=c.image_steps,
             shared_steps=c.shared_steps,
             unet_busy_ratio=self.stats.unet_busy_ratio(),
+            work_ahead=self.engine.work_ahead(),
+            capacity=self.stats.capacity(),
         )
 
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
@@ -190,7 +193,10 @@ class DenoiserService:
             self.stats.record(RequestAdmitted(wait_s=event.wait_s))
         outcome = {eng.Finished: "finished", eng.Cancelled: "cancelled", eng.Failed: "failed"}
         if type(event) in outcome:
-            self.stats.record(RequestEnded(outcome[type(event)], *self.engine.counts()))
+            ended = outcome[type(event)]
+            if isinstance(event, eng.Cancelled) and event.reason == eng.DEADLINE_EXCEEDED:
+                ended = "expired"
+            self.stats.record(RequestEnded(ended, *self.engine.counts()))
 
     @staticmethod
     def _message(event: eng.Event, req: stages_pb2.DenoiseRequest, progress: bool):

@@ -355,6 +355,9 @@ class DenoiserStats(_message.Message):
     SHARED_STEPS_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     UNET_BUSY_RATIO_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    WORK_AHEAD_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -379,6 +382,12 @@ class DenoiserStats(_message.Message):
     """Requests whose U-Net forward failed."""
     unet_busy_ratio: _builtins.float
     """Share of the last 10 s spent in U-Net steps (sdserve_unet_busy_ratio)."""
+    expired: _builtins.int
+    """Of `cancelled`, the requests dropped because their deadline passed."""
+    work_ahead: _builtins.int
+    """Image-steps left of every request waiting or running now (load shedding's queue)."""
+    capacity: _builtins.float
+    """Image-steps per second of the fullest batches of the last minute (0: not measured yet)."""
     def __init__(
         self,
         *,
@@ -393,10 +402,13 @@ class DenoiserStats(_message.Message):
         shared_steps: _builtins.int = ...,
         failed: _builtins.int = ...,
         unet_busy_ratio: _builtins.float = ...,
+        expired: _builtins.int = ...,
+        work_ahead: _builtins.int = ...,
+        capacity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,60 @@
+"""Load shedding: refuse a request at once, rather than let it time out in a queue.
+
+The ingress polls the Denoiser's load a few times a second (`DenoiserStats.work_ahead`: the
+image-steps left of every request it holds; `capacity`: the image-steps per second its recent
+fullest batches ran at) and adds the work it admitted since. A new request of `own` image-steps
+is then expected to start after `work_ahead / capacity` seconds and to end after
+`(work_ahead + own) / capacity`. It is refused with RESOURCE_EXHAUSTED, and a hint of when to
+retry, if it would start later than `max_wait_s`, or if `margin` times its expected end plus
+`slack_s` is past its deadline: an admitted request then finishes in time, and a refused one
+learns so in milliseconds, not at its deadline.
+
+With several Denoiser replicas, Serve spreads requests over them and each replica's queue and
+capacity shrink alike, so the one replica a poll reaches gives the same ratio.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sdserve.errors import ResourceExhausted
+from sdserve.types import GenerateParams
+from sdserve.v1 import stages_pb2
+
+
+@dataclass
+class Admission:
+    max_wait_s: float = 60.0
+    margin: float = 1.25
+    slack_s: float = 1.0
+    work_ahead: float = 0.0
+    """Image-steps ahead of a new request: the last poll's, plus what was admitted since."""
+    capacity: float = 0.0
+    """Image-steps per second; 0 until the Denoiser has measured it (everything is admitted)."""
+
+    def update(self, stats: stages_pb2.DenoiserStats) -> None:
+        """A fresh reading of the Denoiser's load (replaces the running estimate)."""
+        self.work_ahead = float(stats.work_ahead)
+        self.capacity = stats.capacity
+
+    def admit(self, params: GenerateParams, deadline: float | None = None) -> None:
+        """Counts the request in, or raises ResourceExhausted with `retry_after_s` set."""
+        own = params.steps * params.num_images
+        if self.capacity > 0:
+            start = self.work_ahead / self.capacity
+            end = self.margin * (self.work_ahead + own) / self.capacity + self.slack_s
+            if start > self.max_wait_s:
+                why = f"it would wait about {start:.0f}s, over the {self.max_wait_s:.0f}s limit"
+                raise _busy(why, start - self.max_wait_s)
+            left = None if deadline is None else deadline - time.time()
+            if left is not None and end > left:
+                raise _busy(f"it would end in about {end:.1f}s, after its deadline in "
+                            f"{max(left, 0):.1f}s", end - left)  # fmt: skip
+        self.work_ahead += own
+
+
+def _busy(why: str, retry_after_s: float) -> ResourceExhausted:
+    error = ResourceExhausted(f"the server is at capacity: {why}; retry later")
+    error.retry_after_s = max(1.0, retry_after_s)
+    return error

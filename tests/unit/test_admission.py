@@ -1,0 +1,56 @@
+"""Load shedding: refuse at once what would wait too long or end after its deadline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sdserve.errors import ResourceExhausted
+from sdserve.orchestration.admission import Admission
+from sdserve.types import GenerateParams
+from sdserve.v1 import stages_pb2
+
+
+def _params(steps=10, images=1):
+    return GenerateParams(
+        prompt="x", negative_prompt="", width=64, height=64, steps=steps, guidance_scale=7.5,
+        scheduler="ddim", seed=0, num_images=images,
+    )  # fmt: skip
+
+
+def _admission(work_ahead, capacity, **kw):
+    admission = Admission(**kw)
+    admission.update(stages_pb2.DenoiserStats(work_ahead=work_ahead, capacity=capacity))
+    return admission
+
+
+def test_unmeasured_capacity_admits_everything():
+    admission = _admission(10**6, 0.0, max_wait_s=1.0)
+    admission.admit(_params(), deadline=time.time() + 0.01)
+
+
+def test_a_request_that_would_wait_too_long_is_refused_with_a_hint():
+    admission = _admission(1000, 100.0, max_wait_s=5.0)  # 10 s of work ahead
+    with pytest.raises(ResourceExhausted) as err:
+        admission.admit(_params())
+    assert "wait about 10s" in str(err.value)
+    assert err.value.retry_after_s == pytest.approx(5.0)
+
+
+def test_a_request_that_would_miss_its_deadline_is_refused():
+    admission = _admission(400, 100.0, margin=1.25, slack_s=1.0)  # (400 + 10) / 100 = 4.1 s
+    admission.admit(_params(), deadline=time.time() + 7.0)  # 1.25 * 4.1 + 1 = 6.1 s: in time
+    with pytest.raises(ResourceExhausted) as err:
+        admission.admit(_params(), deadline=time.time() + 5.0)
+    assert "after its deadline" in str(err.value) and err.value.retry_after_s >= 1.0
+
+
+def test_admitted_work_counts_until_the_next_reading():
+    admission = _admission(0, 100.0, max_wait_s=1.0)
+    for _ in range(11):  # 11 x 10 image-steps: 1.1 s of work, admitted one by one
+        admission.admit(_params())
+    with pytest.raises(ResourceExhausted):
+        admission.admit(_params())
+    admission.update(stages_pb2.DenoiserStats(work_ahead=0, capacity=100.0))
+    admission.admit(_params())

@@ -240,7 +240,8 @@ def test_runs_on_an_executor_between_other_tasks(parts):
         ).result(timeout=30)
         assert 0 < steps_seen < 30  # it ran while the request was mid-way
         assert done.wait(30)
-        assert torch.equal(recorder.latents, _solo(parts, steps=30))
+        # Bit for bit only with the same thread count on both threads: allow rounding.
+        assert torch.allclose(recorder.latents, _solo(parts, steps=30), atol=1e-4)
         assert engine.counts() == (0, 0)
     finally:
         engine.stop()

@@ -50,7 +50,7 @@ def set_draining(app_name: str, draining: bool) -> None:
 
 
 def is_draining(app_name: str) -> bool:
-    """Whether `set_draining(app_name, True)` was called (blocks briefly: call it in a thread)."""
+    """Whether `set_draining(app_name, True)` was called (a millisecond's GCS call)."""
     from ray.experimental import internal_kv
 
     return bool(internal_kv._internal_kv_get(_drain_key(app_name)))

@@ -52,7 +52,8 @@ def route_logs_to_serve() -> None:
 
 async def watch_drain(app_name: str, on_drain: Callable[[], None], every_s: float = 0.5) -> None:
     """Calls `on_drain()` once `sdserve serve` has set the app's drain flag (a replica's
-    background task)."""
-    while not await asyncio.to_thread(_ray.is_draining, app_name):
+    background task). The KV read, a millisecond, is made on the event loop: one of Ray's KV
+    calls made from another thread of a replica hung here."""
+    while not _ray.is_draining(app_name):
         await asyncio.sleep(every_s)
     on_drain()

@@ -6,8 +6,9 @@
 
 Both start sdserve (default configuration, built-in model) on free ports.
 
-flood  600 requests of 10 steps from 300 concurrent clients with 60 s deadlines, against an
-       unflooded closed loop of 16 clients measured first. With load shedding, every request
+flood  600 requests from 300 concurrent clients with 60 s deadlines, against an unflooded
+       closed loop of 16 clients measured first; once with 10 steps (the work fits in the
+       deadlines) and once with 50 (most of it cannot). With load shedding, every request
        either succeeds or is refused RESOURCE_EXHAUSTED at once; none is admitted and then
        runs out of time. It reports the outcomes, how fast refusals came, and OK images/s
        over the unflooded run's.
@@ -38,17 +39,18 @@ def mix(steps: tuple[int, ...]) -> Mix:
                guidances=(7.5,))  # fmt: skip
 
 
-def flood(target: str, smoke: bool) -> dict:
+def flood(target: str, smoke: bool, steps: int) -> dict:
     clients, requests, deadline_s = (20, 40, 10.0) if smoke else (300, 600, 60.0)
-    calm = asyncio.run(run_loadtest(target, mix=mix((10,)), concurrency=16,
+    calm = asyncio.run(run_loadtest(target, mix=mix((steps,)), concurrency=16,
                                     requests=16 if smoke else 64))  # fmt: skip
-    print(f"unflooded, 16 clients: {calm.summary()['images_per_s']:.2f} img/s", flush=True)
-    report = asyncio.run(run_loadtest(target, mix=mix((10,)), concurrency=clients,
+    print(f"{steps} steps, unflooded, 16 clients: {calm.summary()['images_per_s']:.2f} img/s",
+          flush=True)  # fmt: skip
+    report = asyncio.run(run_loadtest(target, mix=mix((steps,)), concurrency=clients,
                                       requests=requests, timeout_s=deadline_s))  # fmt: skip
     summary = report.summary()
     refused = [r.latency_s for r in report.records if r.code == "RESOURCE_EXHAUSTED"]
     result = {
-        "clients": clients, "requests": requests, "deadline_s": deadline_s,
+        "steps": steps, "clients": clients, "requests": requests, "deadline_s": deadline_s,
         "unflooded_images_per_s": calm.summary()["images_per_s"],
         "flood": summary,
         "refused": len(refused),
@@ -57,7 +59,7 @@ def flood(target: str, smoke: bool) -> dict:
         "ok_images_per_s_over_unflooded": summary["images_per_s"]
         / calm.summary()["images_per_s"],
     }  # fmt: skip
-    print(f"flood: {summary['ok']} OK, {len(refused)} refused (slowest refusal "
+    print(f"{steps} steps, flood: {summary['ok']} OK, {len(refused)} refused (slowest refusal "
           f"{result['refused_max_latency_s']:.3f}s), {result['deadline_exceeded']} "
           f"DEADLINE_EXCEEDED, other errors {summary['errors']}; OK images/s "
           f"{summary['images_per_s']:.2f} = {result['ok_images_per_s_over_unflooded']:.2f}x "
@@ -120,7 +122,8 @@ def main() -> int:
     try:
         if args.soak or args.smoke:
             soaked = soak(target, 0.2 if args.smoke else args.soak)
-        flooded = None if args.soak else flood(target, args.smoke)
+        # 10 steps: the flood fits in its deadlines; 50 steps: most of it cannot.
+        flooded = None if args.soak else [flood(target, args.smoke, n) for n in (10, 50)]
     finally:
         shutdown()
     out = Path(args.out or f"bench/results/overload-{'soak' if args.soak else 'flood'}.json")

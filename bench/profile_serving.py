@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's bench)")
     parser.add_argument("--out", default="bench/results/profile-serving.json")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,6 +97,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model, size, steps = model_for(args.model, Path(tmp))
+        steps = args.steps or steps
         config = SdserveConfig.model_validate({"model": {"path": str(model)}})
         target, shutdown = deploy_sdserve_only(config)
         try:

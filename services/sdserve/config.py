@@ -190,16 +190,18 @@ class StagesConfig(_Strict):
     ingress: StageConfig = StageConfig(num_replicas=1, max_ongoing_requests=4096)
     """The `Pipeline` deployment that serves DiffusionService and orchestrates the stages."""
 
-    text_encoder: StageConfig = StageConfig()
-    """The `TextEncoder` deployment (tokenizer + CLIP)."""
+    text_encoder: StageConfig = StageConfig(max_ongoing_requests=4096)
+    """The `TextEncoder` deployment (tokenizer + CLIP). Its torch thread is its queue; a low
+    max_ongoing_requests queues calls in Serve's router instead, which under a flood of
+    requests fed the Denoiser in bursts (its U-Net idled a quarter of the time)."""
 
     denoiser: StageConfig = StageConfig(num_cpus=1.0, max_ongoing_requests=4096)
     """The `Denoiser` deployment (U-Net and the denoising loop). Its engine is its queue: a
     high max_ongoing_requests lets every admitted request reach it (load shedding reads it),
     instead of waiting unseen in Serve's router."""
 
-    vae_decoder: StageConfig = StageConfig()
-    """The `VaeDecoder` deployment (VAE decoder + PNG encoding)."""
+    vae_decoder: StageConfig = StageConfig(max_ongoing_requests=4096)
+    """The `VaeDecoder` deployment (VAE decoder + PNG encoding); queue as the TextEncoder."""
 
     job_worker: StageConfig = StageConfig()
     """The `JobWorker` deployment: each replica runs `jobs.concurrency` queued jobs at a time

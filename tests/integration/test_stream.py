@@ -142,8 +142,7 @@ def test_the_clients_deadline_reaches_the_server(server, stub):
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
             after = _wait_until(
                 lambda before=before: (
-                    (s := denoiser_stats(server.config.server.app_name)).expired
-                    > before.expired
+                    (s := denoiser_stats(server.config.server.app_name)).expired > before.expired
                     and s.running == 0
                     and s
                 ),

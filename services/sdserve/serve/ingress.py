@@ -6,6 +6,7 @@ job queue, and JobWorker replicas run the jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -77,12 +78,11 @@ class PipelineIngress:
                 await asyncio.sleep(1.0)
             await asyncio.sleep(every_s)
 
-    def _admit(self, params, grpc_context) -> float | None:
-        """Load shedding (RESOURCE_EXHAUSTED at once); returns the client's deadline."""
-        deadline = _ray.request_deadline(grpc_context)
-        if self._admission is not None:
-            self._admission.admit(params, deadline)
-        return deadline
+    def _admitted(self, params, deadline: float | None):
+        """Load shedding: admits the request for the block, or RESOURCE_EXHAUSTED at once."""
+        if self._admission is None:
+            return contextlib.nullcontext()
+        return self._admission.admitted(params, deadline)
 
     async def _poll_queue(self, every_s: float = 5.0) -> None:
         """Records the queue depth per priority, and whether Redis answers."""
@@ -128,11 +128,12 @@ class PipelineIngress:
         self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(request)
-        deadline = self._admit(params, grpc_context)
-        async for event in self._path.run(params, request_id=_ray.current_request_id(),
-                                          deadline=deadline):  # fmt: skip
-            if isinstance(event, Result):
-                return event.to_response()
+        deadline = _ray.request_deadline(grpc_context)
+        with self._admitted(params, deadline):
+            async for event in self._path.run(params, request_id=_ray.current_request_id(),
+                                              deadline=deadline):  # fmt: skip
+                if isinstance(event, Result):
+                    return event.to_response()
         raise Internal("the pipeline ended without a result")
 
     @grpc_errors(diffusion_pb2.GenerateEvent)
@@ -143,15 +144,16 @@ class PipelineIngress:
         self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(request)
-        deadline = self._admit(params, grpc_context)
-        async for event in self._path.run(
-            params,
-            request_id=_ray.current_request_id(),
-            stream=True,
-            preview_every=request.preview_every,
-            deadline=deadline,
-        ):
-            yield event.to_pb()
+        deadline = _ray.request_deadline(grpc_context)
+        with self._admitted(params, deadline):
+            async for event in self._path.run(
+                params,
+                request_id=_ray.current_request_id(),
+                stream=True,
+                preview_every=request.preview_every,
+                deadline=deadline,
+            ):
+                yield event.to_pb()
 
     @grpc_errors(diffusion_pb2.SubmitJobResponse)
     async def SubmitJob(

@@ -26,6 +26,20 @@ def diffusers_pipe(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def in_process_path(tiny_model):
+    """The request path over the in-process stage client on the tiny model: the serving code
+    (StagePath, the stage services, the engine) without Ray."""
+    from sdserve.config import ModelConfig, SdserveConfig
+    from sdserve.orchestration.in_process import InProcessStageClient
+    from sdserve.orchestration.path import StagePath
+
+    config = SdserveConfig(model=ModelConfig(path=str(tiny_model)))
+    client = InProcessStageClient.from_config(config)
+    yield StagePath(client, config)
+    client.close()
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A redis-server of the test session's own on a free port (append-only file on)."""
     from helpers import RedisServer

@@ -15,7 +15,6 @@ from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.jobs.queue import JobQueue, JobState, wait_for
 from sdserve.jobs.runner import JobRunner
 from sdserve.jobs.worker import Worker
-from sdserve.orchestration.in_process import InProcessStageClient
 from sdserve.orchestration.path import StagePath
 from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
@@ -24,11 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def path(tiny_model):
-    config = SdserveConfig(model=ModelConfig(path=str(tiny_model)))
-    client = InProcessStageClient.from_config(config)
-    yield StagePath(client, config)
-    client.close()
+def path(in_process_path):
+    return in_process_path
 
 
 @contextlib.asynccontextmanager

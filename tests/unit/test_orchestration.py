@@ -11,20 +11,14 @@ import pytest
 from helpers import diffusers_image
 from PIL import Image
 
-from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.errors import InvalidArgument
-from sdserve.orchestration.in_process import InProcessStageClient
-from sdserve.orchestration.path import StagePath
 from sdserve.types import Preview, Progress, Queued, Result
 from sdserve.v1 import diffusion_pb2
 
 
 @pytest.fixture(scope="module")
-def path(tiny_model):
-    config = SdserveConfig(model=ModelConfig(path=str(tiny_model)))
-    client = InProcessStageClient.from_config(config)
-    yield StagePath(client, config)
-    client.close()
+def path(in_process_path):
+    return in_process_path
 
 
 def _stats(path):

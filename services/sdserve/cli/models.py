@@ -20,8 +20,9 @@ def register(sub, parents: Parents) -> None:
     tiny.add_argument(
         "--arch",
         default="tiny",
-        choices=["tiny", "tiny-sd15-layout"],
-        help="U-Net layout: tiny (2 levels, default) or SD 1.5's 4-level layout at a narrow width",
+        choices=["tiny", "tiny-sd15-layout", "tiny-inpaint"],
+        help="U-Net layout: tiny (2 levels, default), tiny-sd15-layout (SD 1.5's 4 levels at a "
+        "narrow width) or tiny-inpaint (tiny with a 9-channel inpainting U-Net)",
     )
     tiny.set_defaults(func=run)
 

@@ -19,6 +19,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve.pipeline import models
+from sdserve.pipeline.images import EncodedImage, ImageConditioning, blend_kept_area, start_latents
 from sdserve.pipeline.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class Sample:
         scheduler: this image's own scheduler instance, timesteps already set.
         generator: this image's own CPU generator (initial noise, ancestral samplers' noise).
         latents: shape (1, latent_channels, height // f, width // f).
+        timesteps: the timesteps this image runs: all of its scheduler's, or for an image
+            input the last `int(steps * strength)` of them.
+        image: what an image-to-image or inpainting sample needs at every step.
     """
 
     cond: torch.Tensor
@@ -43,12 +47,10 @@ class Sample:
     scheduler: object
     generator: torch.Generator
     latents: torch.Tensor
+    timesteps: torch.Tensor
     step_kwargs: dict = field(default_factory=dict)
     index: int = 0
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self.scheduler.timesteps
+    image: ImageConditioning | None = None
 
     @property
     def done(self) -> bool:
@@ -67,14 +69,30 @@ def make_sample(
     latent_shape: tuple[int, int, int],
     device: torch.device,
     dtype: torch.dtype,
+    init: EncodedImage | None = None,
+    strength: float = 1.0,
+    inpainting_unet: bool = False,
 ) -> Sample:
     """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
-    (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed."""
+    (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed.
+
+    With `init`, the image starts from that image as the image-to-image pipeline (no mask) or
+    the inpainting pipeline (a mask) does: `strength` cuts the timesteps to the last
+    `int(steps * strength)` and picks the noise level of the first latents."""
     scheduler = make_scheduler(scheduler_name, scheduler_config)
     scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
     generator = torch.Generator("cpu").manual_seed(seed % 2**64)
-    latents = randn_tensor((1, *latent_shape), generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma
+    image = None
+    if init is None:
+        latents = randn_tensor((1, *latent_shape), generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        timesteps = strength_timesteps(scheduler, steps, strength)
+        latents, image = start_latents(
+            init, scheduler=scheduler, timesteps=timesteps, strength=strength,
+            generator=generator, inpainting_unet=inpainting_unet, device=device, dtype=dtype,
+        )  # fmt: skip
     accepted = set(inspect.signature(scheduler.step).parameters)
     step_kwargs: dict = {}
     if "eta" in accepted:
@@ -88,8 +106,18 @@ def make_sample(
         scheduler=scheduler,
         generator=generator,
         latents=latents,
+        timesteps=timesteps,
         step_kwargs=step_kwargs,
+        image=image,
     )
+
+
+def strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The image-to-image pipelines' `get_timesteps`: the last `int(steps * strength)` steps."""
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order :]
 
 
 @dataclass(eq=False)
@@ -134,7 +162,7 @@ def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
     scaled = {id(s): s.scheduler.scale_model_input(s.latents, t_of[id(s)]) for s in samples}
 
     rows = guided + list(samples)
-    x = torch.cat([scaled[id(s)] for s in rows])
+    x = torch.cat([_unet_input(scaled[id(s)], s) for s in rows])
     timesteps = torch.stack([t_of[id(s)].float() for s in rows]).to(x.device)
     context = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
     eps = unet(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
@@ -149,7 +177,19 @@ def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
         sample.latents = sample.scheduler.step(
             noise_pred, t_of[id(sample)], sample.latents, **sample.step_kwargs, return_dict=False
         )[0]
+        if sample.image is not None and sample.image.image_latents is not None:
+            k = sample.index + 1
+            next_t = sample.timesteps[k] if k < len(sample.timesteps) else None
+            sample.latents = blend_kept_area(sample.latents, sample.image, sample.scheduler, next_t)
         sample.index += 1
+
+
+def _unet_input(scaled: torch.Tensor, sample: Sample) -> torch.Tensor:
+    """A row of the U-Net's input: the scaled latents, then a 9-channel inpainting model's mask
+    and masked-image latents."""
+    if sample.image is None or not sample.image.extra_channels:
+        return scaled
+    return torch.cat([scaled, *sample.image.extra_channels], dim=1)
 
 
 class Denoiser:
@@ -185,15 +225,22 @@ class Denoiser:
     def calibration_forward(self, rows: int) -> None:
         """One U-Net forward over `rows` batch rows at the native size, random inputs (for
         timing: `sdserve.pipeline.threads`)."""
-        c, h, w = self.latent_shape(*self.native_size)
-        x = torch.randn(rows, c, h, w).to(self.device, self.dtype)
+        _, h, w = self.latent_shape(*self.native_size)
+        x = torch.randn(rows, self.unet.config.in_channels, h, w).to(self.device, self.dtype)
         context = torch.randn(rows, 77, self.unet.config.cross_attention_dim)
         t = torch.full((rows,), 500.0, device=self.device)
         self.unet(x, t, encoder_hidden_states=context.to(self.device, self.dtype))
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """One image's latents (the U-Net's output channels: a 9-channel inpainting U-Net
+        still denoises 4-channel latents)."""
         f = self.vae_scale_factor
-        return (self.unet.config.in_channels, height // f, width // f)
+        return (self.unet.config.out_channels, height // f, width // f)
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting U-Net (latents, mask and masked-image latents as input)."""
+        return self.unet.config.in_channels == 9
 
     def denoise(
         self,
@@ -207,6 +254,7 @@ class Denoiser:
         scheduler: str,
         seeds: Sequence[int],
         on_step: Callable[[int, int], None] | None = None,
+        **image_kwargs,
     ) -> torch.Tensor:
         """Runs the whole denoising loop for one request.
 
@@ -215,6 +263,7 @@ class Denoiser:
             uncond: negative-prompt embeddings, or None when guidance_scale <= 1.
             seeds: one per image; image i starts from its own `Generator().manual_seed(seeds[i])`.
             on_step: called with (steps done, steps in all) after every U-Net forward.
+            image_kwargs: `init` and `strength` for image-to-image and inpainting.
 
         Returns:
             Final latents, shape (len(seeds), latent_channels, height // f, width // f).
@@ -229,6 +278,7 @@ class Denoiser:
             guidance_scale=guidance_scale,
             scheduler=scheduler,
             seeds=seeds,
+            **image_kwargs,
         )
         while not job.done:
             unet_step(self.unet, job.samples)
@@ -248,10 +298,15 @@ class Denoiser:
         guidance_scale: float,
         scheduler: str,
         seeds: Sequence[int],
+        init: EncodedImage | None = None,
+        strength: float = 1.0,
         **job_kwargs,
     ) -> DenoiseJob:
         """Prepares a request's images (timesteps, initial noise, step kwargs) as diffusers
-        does; `job_kwargs` go to `DenoiseJob` (on_event, deadline, preview_every)."""
+        does, from an encoded init image (and mask) when given; `job_kwargs` go to
+        `DenoiseJob` (on_event, deadline, preview_every)."""
+        if self.inpainting and (init is None or init.mask is None):
+            raise ValueError("an inpainting U-Net needs an init image and a mask")
         guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         if guided and uncond is None:
             raise ValueError("guidance_scale > 1 needs the negative-prompt embeddings")
@@ -269,6 +324,9 @@ class Denoiser:
                 latent_shape=self.latent_shape(width, height),
                 device=self.device,
                 dtype=self.dtype,
+                init=init,
+                strength=strength,
+                inpainting_unet=self.inpainting,
             )
             for seed in seeds
         ]

@@ -6,6 +6,8 @@ cross-attention down/up blocks, AutoencoderKL); they differ in width and depth:
 - `tiny`: a 2-level U-Net at width 32, a few milliseconds per step on a CPU (the tests' model);
 - `tiny-sd15-layout`: SD 1.5's 4-level block structure at a narrow width, where per-forward
   overhead dominates on a CPU, as it does on a GPU at SD sizes;
+- `tiny-inpaint`: `tiny` with a 9-channel U-Net input (latents, mask, masked-image latents),
+  the layout of SD's inpainting models;
 - `sd15`: Stable Diffusion 1.5's own sizes (U-Net 859.52 M, VAE 83.65 M and text encoder
   123.06 M parameters), for benchmarks.
 """
@@ -109,6 +111,7 @@ class Architecture:
 ARCHS = {
     "tiny": Architecture(TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE),
     "tiny-sd15-layout": Architecture(TINY_TEXT_ENCODER, TINY_UNET_SD15_LAYOUT, TINY_VAE),
+    "tiny-inpaint": Architecture(TINY_TEXT_ENCODER, dict(TINY_UNET, in_channels=9), TINY_VAE),
     # SD 1.5's CLIP has 49408 tokens; a byte-level tokenizer uses the first 514.
     "sd15": Architecture(SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE, vocab_size=49408),
 }

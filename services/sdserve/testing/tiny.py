@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 TINY_VERSION = "tiny-v1"
 """Named in the model's README; bump when the architectures change."""
 
-TINY_ARCHS = ("tiny", "tiny-sd15-layout")
+TINY_ARCHS = ("tiny", "tiny-sd15-layout", "tiny-inpaint")
 """The presets small enough to write as a test model."""
 
 

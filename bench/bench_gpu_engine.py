@@ -37,6 +37,7 @@ from sdserve.metrics import StatsLogger
 from sdserve.orchestration.in_process import InProcessStageClient
 from sdserve.orchestration.path import StagePath
 from sdserve.pipeline.denoise import Denoiser
+from sdserve.pipeline.images import VaeEncoder
 from sdserve.pipeline.models import SD15_SCHEDULER, sd_pipeline, vae_scale_factor
 from sdserve.pipeline.text import TextEncoder
 from sdserve.pipeline.vae import VaeDecoder
@@ -44,6 +45,7 @@ from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.runtime import TorchThread
 from sdserve.stages.text_encoder import TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
+from sdserve.stages.vae_encoder import VaeEncoderService
 from sdserve.testing.architectures import random_parts
 from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
@@ -74,6 +76,7 @@ class Bench:
             parts["unet"], SD15_SCHEDULER, vae_scale_factor(dict(parts["vae"].config))
         )
         self.vae = VaeDecoderService(VaeDecoder.from_parts(parts["vae"]), self.thread)
+        self.vae_encoder = VaeEncoderService(VaeEncoder.from_parts(parts["vae"]), self.thread)
 
     def path(self, max_batch_size: int) -> tuple[StagePath, DenoiserService]:
         """sdserve's request path with an engine of this batch size (the parts are shared)."""
@@ -82,7 +85,8 @@ class Bench:
             "defaults": {"steps": self.steps, "scheduler": "ddim", "guidance_scale": GUIDANCE},
         })  # fmt: skip
         service = DenoiserService(self.denoiser, config.engine, self.stats, self.thread)
-        return StagePath(InProcessStageClient(self.text, service, self.vae), config), service
+        client = InProcessStageClient(self.text, service, self.vae, self.vae_encoder)
+        return StagePath(client, config), service
 
     def request(self, i: int) -> diffusion_pb2.GenerateRequest:
         return diffusion_pb2.GenerateRequest(prompt=f"a photo of object {i}", seed=i,

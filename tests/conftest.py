@@ -16,6 +16,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_model(tmp_path_factory) -> Path:
+    """The tiny model with a 9-channel inpainting U-Net (`--arch tiny-inpaint`)."""
+    from sdserve.testing.tiny import make_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-inpaint"
+    return make_tiny_model(out, seed=0, arch="tiny-inpaint")
+
+
+@pytest.fixture(scope="session")
 def diffusers_pipe(tiny_model):
     """diffusers' own StableDiffusionPipeline on the tiny model: the peer oracle."""
     from diffusers import StableDiffusionPipeline

@@ -85,11 +85,13 @@ def diffusers_image(
     negative_prompt="",
     steps,
     guidance,
-    width,
-    height,
+    width=None,
+    height=None,
     seed,
+    **inputs,
 ):
-    """What diffusers makes for these inputs, as uint8 (h, w, 3).
+    """What diffusers makes for these inputs, as uint8 (h, w, 3). `pipe` may be any of the
+    Stable Diffusion pipelines; `inputs` are its own (image, mask_image, strength).
 
     The scheduler is built the way diffusers users build one:
     `SchedulerClass.from_config(<the folder's scheduler config>)`.
@@ -120,10 +122,10 @@ def diffusers_image(
         negative_prompt=negative_prompt or None,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        width=width,
-        height=height,
+        **({"width": width, "height": height} if width else {}),
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="np",
+        **inputs,
     ).images[0]
     return (out * 255).round().astype(np.uint8)
 

@@ -67,6 +67,9 @@ class DefaultsConfig(_Strict):
     scheduler: Literal[SCHEDULER_NAMES] = "dpmpp_2m"  # type: ignore[valid-type]
     """Sampler."""
 
+    strength: float = Field(0.8, gt=0, le=1)
+    """Image-to-image and inpainting: the share of the schedule that repaints the init image."""
+
 
 class EngineConfig(_Strict):
     """The Denoiser engine (one per Denoiser replica)."""
@@ -203,13 +206,17 @@ class StagesConfig(_Strict):
     vae_decoder: StageConfig = StageConfig(max_ongoing_requests=4096)
     """The `VaeDecoder` deployment (VAE decoder + PNG encoding); queue as the TextEncoder."""
 
+    vae_encoder: StageConfig = StageConfig(max_ongoing_requests=4096)
+    """The `VaeEncoder` deployment (image inputs: image decoding + VAE encoder); queue as the
+    TextEncoder. Text-to-image requests never call it."""
+
     job_worker: StageConfig = StageConfig()
     """The `JobWorker` deployment: each replica runs `jobs.concurrency` queued jobs at a time
     through the same stages as Generate."""
 
     @model_validator(mode="after")
     def _check(self) -> StagesConfig:
-        for name in ("ingress", "text_encoder", "denoiser", "vae_decoder"):
+        for name in ("ingress", "text_encoder", "denoiser", "vae_decoder", "vae_encoder"):
             if getattr(self, name).num_replicas < 1:
                 raise ValueError(f"stages.{name}.num_replicas must be at least 1")
         return self

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sdserve.config import SCHEDULER_NAMES, DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
+from sdserve.image_inputs import check_image_inputs, check_strength
 from sdserve.v1 import diffusion_pb2
 
 if TYPE_CHECKING:
@@ -36,6 +37,12 @@ class GenerateParams:
     scheduler: str
     seed: int
     num_images: int
+    init_image: bytes = field(default=b"", repr=False)
+    """Image-to-image and inpainting: the image to start from (empty: text-to-image)."""
+    mask_image: bytes = field(default=b"", repr=False)
+    """Inpainting: white = repaint."""
+    strength: float = 0.0
+    """With an init image: the share of the steps that run (0 for text-to-image)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -69,22 +76,8 @@ class GenerateParams:
                 raise InvalidArgument(
                     name, f"is {n} characters long; the limit is {limits.max_prompt_chars}"
                 )
-        size = {}
-        for name, native in zip(("width", "height"), native_size, strict=True):
-            value = getattr(request, name) if request.HasField(name) else native
-            if value % 8:
-                raise InvalidArgument(name, f"must be a multiple of 8, got {value}")
-            if not limits.min_size <= value <= limits.max_size:
-                raise InvalidArgument(
-                    name, f"must be within {limits.min_size}..{limits.max_size}, got {value}"
-                )
-            size[name] = value
-        if size["width"] * size["height"] > limits.max_pixels:
-            raise InvalidArgument(
-                "width",
-                f"width * height = {size['width'] * size['height']} pixels is over the budget "
-                f"of {limits.max_pixels}",
-            )
+        images = check_image_inputs(request, limits)
+        size = _checked_size(request, limits, images.size if images else native_size, images)
         steps = request.steps if request.HasField("steps") else defaults.steps
         if not 1 <= steps <= limits.max_steps:
             raise InvalidArgument("steps", f"must be within 1..{limits.max_steps}, got {steps}")
@@ -107,6 +100,11 @@ class GenerateParams:
                 "num_images", f"must be within 1..{limits.max_num_images}, got {num_images}"
             )
         seed = request.seed if request.HasField("seed") else secrets.randbelow(2**32)
+        image_fields = {}
+        if images:
+            strength = check_strength(request, defaults.strength, steps)
+            image_fields = dict(init_image=images.init_image, mask_image=images.mask_image,
+                                strength=strength)  # fmt: skip
         return cls(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -117,6 +115,7 @@ class GenerateParams:
             scheduler=scheduler,
             seed=seed,
             num_images=num_images,
+            **image_fields,
         )
 
     def to_pb(self) -> diffusion_pb2.GenerateRequest:
@@ -131,6 +130,9 @@ class GenerateParams:
             seed=self.seed,
             scheduler=self.scheduler,
             num_images=self.num_images,
+            init_image=self.init_image,
+            mask_image=self.mask_image,
+            **({"strength": self.strength} if self.init_image else {}),
         )
 
     def resolved_pb(self) -> diffusion_pb2.ResolvedParameters:
@@ -140,6 +142,7 @@ class GenerateParams:
             steps=self.steps,
             guidance_scale=self.guidance_scale,
             scheduler=self.scheduler,
+            strength=self.strength,
         )
 
     def png_parameters(self, seed: int, model: str = "") -> str:
@@ -154,11 +157,38 @@ class GenerateParams:
             f"Seed: {seed}",
             f"Size: {self.width}x{self.height}",
         ]
+        if self.init_image:
+            fields.append(f"Denoising strength: {self.strength:g}")
         if model:
             fields.append(f"Model: {model}")
         fields.append("Generator: sdserve")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+def _checked_size(request, limits: LimitsConfig, default: tuple[int, int], images) -> dict:
+    """{"width": w, "height": h}: the request's, or `default` (the init image's size, or the
+    model's native one) for unset fields. An init image fixes the size."""
+    size = {}
+    for name, fallback in zip(("width", "height"), default, strict=True):
+        value = getattr(request, name) if request.HasField(name) else fallback
+        if images and value != fallback:
+            w, h = images.size
+            raise InvalidArgument(name, f"is {value}, but init_image is {w}x{h}")
+        if value % 8:
+            raise InvalidArgument(name, f"must be a multiple of 8, got {value}")
+        if not limits.min_size <= value <= limits.max_size:
+            raise InvalidArgument(
+                name, f"must be within {limits.min_size}..{limits.max_size}, got {value}"
+            )
+        size[name] = value
+    if size["width"] * size["height"] > limits.max_pixels:
+        raise InvalidArgument(
+            "width",
+            f"width * height = {size['width'] * size['height']} pixels is over the budget "
+            f"of {limits.max_pixels}",
+        )
+    return size
 
 
 # --- What the request path yields: Queued, Progress x steps (+ Preview), then Result --------
@@ -212,6 +242,8 @@ class Timings:
     denoiser_s: float
     vae_decoder_s: float
     total_s: float
+    vae_encoder_s: float = 0.0
+    """Image inputs only (concurrent with the text encoder)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The interface between the request path and the three stages."""
+"""The interface between the request path and the stages."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ class StageClient(abc.ABC):
     @abc.abstractmethod
     async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
         """The TextEncoder: the prompt's (and negative prompt's) embeddings."""
+
+    @abc.abstractmethod
+    async def encode_image(
+        self, req: stages_pb2.EncodeImageRequest
+    ) -> stages_pb2.EncodeImageResponse:
+        """The VaeEncoder: the init image's (and masked image's) VAE posterior, and the mask."""
 
     @abc.abstractmethod
     async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:

@@ -1,10 +1,10 @@
-"""The stage client that calls the three stage services in this process.
+"""The stage client that calls the stage services in this process.
 
 Tests, the benchmarks and the GPU machine (which has torch and diffusers but no Ray) run the real
 request path through it: the same `StagePath`, the same services and the same engine as
-serving, minus Serve's hops. All three services share one torch thread, so text encoding and
-VAE decoding run between two U-Net steps of the Denoiser's engine, as one process's torch work
-should (see `sdserve.stages.runtime.TorchThread`).
+serving, minus Serve's hops. All the services share one torch thread, so text encoding and VAE
+encoding and decoding run between two U-Net steps of the Denoiser's engine, as one process's
+torch work should (see `sdserve.stages.runtime.TorchThread`).
 """
 
 from __future__ import annotations
@@ -18,33 +18,38 @@ from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.runtime import TorchThread
 from sdserve.stages.text_encoder import TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
+from sdserve.stages.vae_encoder import VaeEncoderService
 from sdserve.v1 import stages_pb2
 
 
 class InProcessStageClient(StageClient):
-    """Calls `TextEncoderService`, `DenoiserService` and `VaeDecoderService` directly."""
+    """Calls `TextEncoderService`, `VaeEncoderService`, `DenoiserService` and
+    `VaeDecoderService` directly."""
 
     def __init__(
         self,
         text_encoder: TextEncoderService,
         denoiser: DenoiserService,
         vae_decoder: VaeDecoderService,
+        vae_encoder: VaeEncoderService,
     ):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae_decoder = vae_decoder
+        self.vae_encoder = vae_encoder
 
     @classmethod
     def from_config(
         cls, config: SdserveConfig, stats: StatsLogger | None = None
     ) -> InProcessStageClient:
-        """Loads the configured model's three parts onto one new torch thread."""
+        """Loads the configured model's parts onto one new torch thread."""
         stats = stats or StatsLogger()
         thread = TorchThread("sdserve-torch")
         return cls(
             TextEncoderService.from_config(config, stats, thread),
             DenoiserService.from_config(config, stats, thread),
             VaeDecoderService.from_config(config, stats, thread),
+            VaeEncoderService.from_config(config, stats, thread),
         )
 
     def close(self) -> None:
@@ -54,6 +59,11 @@ class InProcessStageClient(StageClient):
 
     async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
         return await self.text_encoder.encode(req)
+
+    async def encode_image(
+        self, req: stages_pb2.EncodeImageRequest
+    ) -> stages_pb2.EncodeImageResponse:
+        return await self.vae_encoder.encode(req)
 
     async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
         return await self.denoiser.denoise(req)

@@ -1,4 +1,5 @@
-"""The one request path: text encoder -> denoiser -> VAE decoder, over a `StageClient`.
+"""The one request path: text encoder (and VAE encoder for image inputs) -> denoiser -> VAE
+decoder, over a `StageClient`.
 
 The gRPC ingress runs it for Generate/GenerateStream and the job runner for queued jobs, so
 jobs and synchronous requests share the Denoiser's running batch. It never touches a tensor:
@@ -7,13 +8,14 @@ embeddings and latents pass through as stage messages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from sdserve.config import SdserveConfig
-from sdserve.errors import DeadlineExceeded, Internal
+from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stats import RequestServed
@@ -44,12 +46,18 @@ class StagePath:
     async def validate(self, request: diffusion_pb2.GenerateRequest) -> GenerateParams:
         """The request's parameters, defaults filled in. Raises InvalidArgument."""
         info = await self.denoiser_info()
-        return GenerateParams.from_pb(
+        params = GenerateParams.from_pb(
             request,
             limits=self.config.limits,
             defaults=self.config.defaults,
             native_size=(info.native_width, info.native_height),
         )
+        if info.unet_in_channels == 9 and not params.mask_image:
+            raise InvalidArgument(
+                "mask_image", "the model is an inpainting model (a 9-channel U-Net): every "
+                "request needs init_image and mask_image",
+            )  # fmt: skip
+        return params
 
     async def run(
         self,
@@ -73,23 +81,21 @@ class StagePath:
             params.guidance_scale, params.num_images, params.seed,
         )  # fmt: skip
 
-        # 1. Encode the prompt (and the negative prompt when guidance is on).
+        # 1. Encode the prompt (and the negative prompt when guidance is on), and any image
+        #    input at the same time.
         _check(deadline, request_id, "before the text encoder")
-        t = time.perf_counter()
-        encoded = await self.client.encode_text(
-            stages_pb2.EncodeTextRequest(
-                request_id=request_id,
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                with_uncond=params.guided,
-            )
+        (encoded, text_s), (init, image_s) = await asyncio.gather(
+            _timed(self._encode_text(params, request_id)),
+            _timed(self._encode_image(params, request_id)),
         )
-        text_s = time.perf_counter() - t
 
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
         denoise = _denoise_request(params, encoded, request_id, preview_every if stream else 0)
         denoise.progress_interval_s = progress_interval_s
+        if init is not None:
+            denoise.init.CopyFrom(init)
+            denoise.strength = params.strength
         denoise.timeout_s = _check(deadline, request_id, "before the denoiser")
         if stream:
             latents = None
@@ -116,14 +122,40 @@ class StagePath:
         )
         vae_s = time.perf_counter() - t
 
-        timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started)
-        self.stats.record(RequestServed(images=len(decoded.png), stage_seconds={
-            "text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}))  # fmt: skip
+        timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
+                          vae_encoder_s=image_s)  # fmt: skip
+        seconds = {"text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}
+        if init is not None:
+            seconds["vae_encoder"] = image_s
+        self.stats.record(RequestServed(images=len(decoded.png), stage_seconds=seconds))
         logger.info(
             "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
             request_id, timings.total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
         yield Result(request_id, params, tuple(decoded.png), timings)
+
+    async def _encode_text(
+        self, params: GenerateParams, request_id: str
+    ) -> stages_pb2.EncodeTextResponse:
+        """The prompt's embeddings (and the negative prompt's when guidance is on)."""
+        request = stages_pb2.EncodeTextRequest(
+            request_id=request_id,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            with_uncond=params.guided,
+        )
+        return await self.client.encode_text(request)
+
+    async def _encode_image(
+        self, params: GenerateParams, request_id: str
+    ) -> stages_pb2.EncodeImageResponse | None:
+        """The VaeEncoder's encoding of the init image and mask; None for text-to-image."""
+        if not params.init_image:
+            return None
+        request = stages_pb2.EncodeImageRequest(
+            request_id=request_id, init_image=params.init_image, mask_image=params.mask_image
+        )
+        return await self.client.encode_image(request)
 
     async def _denoise_events(
         self, denoise: stages_pb2.DenoiseRequest, started: float
@@ -140,6 +172,13 @@ class StagePath:
                     yield Preview(step=step.step, pngs=tuple(step.preview_png))
             elif kind == "done":
                 yield event.done.latents
+
+
+async def _timed(awaitable):
+    """(its result, seconds it took)."""
+    started = time.perf_counter()
+    result = await awaitable
+    return result, time.perf_counter() - started
 
 
 def _check(deadline: float | None, request_id: str, where: str) -> float:

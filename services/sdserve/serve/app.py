@@ -1,6 +1,6 @@
 """The application graph, built in one place.
 
-    gRPC client -> Serve gRPC proxy -> Pipeline -> TextEncoder, Denoiser, VaeDecoder
+    gRPC client -> Serve gRPC proxy -> Pipeline -> TextEncoder (+ VaeEncoder), Denoiser, VaeDecoder
                                           |  (jobs) -> Redis -> JobWorker -> the same three
 
 `build_app(config)` is what `sdserve serve` runs. `app_builder` is the import path for Ray's own
@@ -16,7 +16,12 @@ from ray.serve import Application
 from sdserve.config import SdserveConfig
 from sdserve.serve.ingress import PipelineIngress
 from sdserve.serve.job_worker import JobWorkerDeployment
-from sdserve.serve.stages import DenoiserDeployment, TextEncoderDeployment, VaeDecoderDeployment
+from sdserve.serve.stages import (
+    DenoiserDeployment,
+    TextEncoderDeployment,
+    VaeDecoderDeployment,
+    VaeEncoderDeployment,
+)
 
 GRPC_SERVICER_FUNCTIONS = [
     "sdserve.serve._ray.add_diffusion_service",
@@ -26,7 +31,7 @@ GRPC_SERVICER_FUNCTIONS = [
 
 
 def build_app(config: SdserveConfig) -> Application:
-    """Binds the five deployments with their per-stage placement from `config.stages`."""
+    """Binds the six deployments with their per-stage placement from `config.stages`."""
     tree = config.model_dump()
     stages = config.stages
     text_encoder = TextEncoderDeployment.options(**stages.text_encoder.deployment_options()).bind(
@@ -34,13 +39,15 @@ def build_app(config: SdserveConfig) -> Application:
     )
     denoiser = DenoiserDeployment.options(**stages.denoiser.deployment_options()).bind(tree)
     vae_decoder = VaeDecoderDeployment.options(**stages.vae_decoder.deployment_options()).bind(tree)
+    vae_encoder = VaeEncoderDeployment.options(**stages.vae_encoder.deployment_options()).bind(tree)
+    handles = (text_encoder, denoiser, vae_decoder, vae_encoder)
     job_worker = None
     if stages.job_worker.num_replicas or stages.job_worker.autoscaling:
         job_worker = JobWorkerDeployment.options(**stages.job_worker.deployment_options()).bind(
-            text_encoder, denoiser, vae_decoder, tree
+            *handles, tree
         )
     return PipelineIngress.options(**stages.ingress.deployment_options()).bind(
-        text_encoder, denoiser, vae_decoder, job_worker, tree
+        *handles, job_worker, tree
     )
 
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 from ray.serve.handle import DeploymentHandle
 
 from sdserve.orchestration.client import StageClient
 from sdserve.serve import _ray
 from sdserve.v1 import stages_pb2
+
+
+class StageHandles(NamedTuple):
+    """The stage deployments' handles, bound together (what the ingress and job worker take)."""
+
+    text_encoder: DeploymentHandle
+    denoiser: DeploymentHandle
+    vae_decoder: DeploymentHandle
+    vae_encoder: DeploymentHandle
 
 
 @contextlib.contextmanager
@@ -27,17 +37,18 @@ def cancel_on_exit(response):
 
 
 class ServeStageClient(StageClient):
-    """Serializes the stage messages and calls the TextEncoder, Denoiser and VaeDecoder
-    deployments, over Serve's gRPC transport or Ray actor calls (`server.stage_transport`)."""
+    """Serializes the stage messages and calls the TextEncoder, VaeEncoder, Denoiser and
+    VaeDecoder deployments, over Serve's gRPC transport or Ray actor calls
+    (`server.stage_transport`)."""
 
     def __init__(
         self,
-        text_encoder: DeploymentHandle,
-        denoiser: DeploymentHandle,
-        vae_decoder: DeploymentHandle,
+        stages: StageHandles,
         transport: str = "grpc",
     ):
+        text_encoder, denoiser, vae_decoder, vae_encoder = stages
         self._text = _ray.with_transport(text_encoder, transport)
+        self._vae_encoder = _ray.with_transport(vae_encoder, transport)
         self._denoiser = _ray.with_transport(denoiser, transport)
         self._denoiser_stream = self._denoiser.options(stream=True)
         self._vae = _ray.with_transport(vae_decoder, transport)
@@ -50,6 +61,11 @@ class ServeStageClient(StageClient):
 
     async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
         return await self._call(self._text.Encode, req, stages_pb2.EncodeTextResponse)
+
+    async def encode_image(
+        self, req: stages_pb2.EncodeImageRequest
+    ) -> stages_pb2.EncodeImageResponse:
+        return await self._call(self._vae_encoder.Encode, req, stages_pb2.EncodeImageResponse)
 
     async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
         return await self._call(self._denoiser.Denoise, req, stages_pb2.DenoiseResponse)

@@ -21,7 +21,7 @@ from sdserve.jobs.runner import job_request
 from sdserve.orchestration.admission import Admission
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
-from sdserve.serve.client import ServeStageClient
+from sdserve.serve.client import ServeStageClient, StageHandles
 from sdserve.serve.common import replica_setup, watch_drain
 from sdserve.serve.errors import grpc_errors
 from sdserve.stats import QueueDepth
@@ -43,14 +43,15 @@ class PipelineIngress:
         text_encoder: DeploymentHandle,
         denoiser: DeploymentHandle,
         vae_decoder: DeploymentHandle,
+        vae_encoder: DeploymentHandle,
         job_worker: DeploymentHandle | None,
         config: dict,
     ):
         self.config, self.stats = replica_setup(config)  # grpc_errors records into stats
         key_file = self.config.server.api_key_file
         self._keys = ApiKeys.load(key_file) if key_file else None
-        client = ServeStageClient(text_encoder, denoiser, vae_decoder,
-                                  self.config.server.stage_transport)  # fmt: skip
+        stages = StageHandles(text_encoder, denoiser, vae_decoder, vae_encoder)
+        client = ServeStageClient(stages, self.config.server.stage_transport)
         self._path = StagePath(client, self.config, self.stats)
         # Bound so that Serve deploys the JobWorker; jobs reach it through Redis, not calls.
         self._job_worker = job_worker

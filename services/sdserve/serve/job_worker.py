@@ -20,7 +20,7 @@ from sdserve.jobs.runner import JobRunner
 from sdserve.jobs.worker import Worker
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
-from sdserve.serve.client import ServeStageClient
+from sdserve.serve.client import ServeStageClient, StageHandles
 from sdserve.serve.common import replica_setup, watch_drain
 
 logger = logging.getLogger("ray.serve")
@@ -33,11 +33,12 @@ class JobWorkerDeployment:
         text_encoder: DeploymentHandle,
         denoiser: DeploymentHandle,
         vae_decoder: DeploymentHandle,
+        vae_encoder: DeploymentHandle,
         config: dict,
     ):
         self.config, self.stats = replica_setup(config)
-        client = ServeStageClient(text_encoder, denoiser, vae_decoder,
-                                  self.config.server.stage_transport)  # fmt: skip
+        stages = StageHandles(text_encoder, denoiser, vae_decoder, vae_encoder)
+        client = ServeStageClient(stages, self.config.server.stage_transport)
         # Serve passes the request id of the current context on to the stages it calls, and
         # every replica's log lines carry it: one job can be followed across replicas. (Each
         # job runs in a task of the worker's own, so the id set there is the job's alone.)

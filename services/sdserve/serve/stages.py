@@ -1,4 +1,4 @@
-"""The three stage deployments: thin shells that parse a stage message, call the stage service
+"""The stage deployments: thin shells that parse a stage message, call the stage service
 (`sdserve.stages`) and serialize its answer. Serve routes calls by method name.
 """
 
@@ -14,6 +14,7 @@ from sdserve.serve.common import replica_setup
 from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.text_encoder import TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
+from sdserve.stages.vae_encoder import VaeEncoderService
 from sdserve.v1 import stages_pb2
 
 
@@ -69,6 +70,18 @@ class VaeDecoderDeployment:
         """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
         req = stages_pb2.DecodeRequest.FromString(request)
         return (await self.service.decode(req)).SerializeToString()
+
+
+@serve.deployment(name="VaeEncoder")
+class VaeEncoderDeployment:
+    def __init__(self, config: dict):
+        tree, stats = replica_setup(config)
+        self.service = VaeEncoderService.from_config(tree, stats)
+
+    async def Encode(self, request: bytes) -> bytes:
+        """Serialized `EncodeImageRequest` -> serialized `EncodeImageResponse`."""
+        req = stages_pb2.EncodeImageRequest.FromString(request)
+        return (await self.service.encode(req)).SerializeToString()
 
 
 async def _refresh_every(stats: StatsLogger, seconds: float) -> None:

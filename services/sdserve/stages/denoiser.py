@@ -30,6 +30,7 @@ from sdserve.pipeline.threads import ThreadPlan
 from sdserve.pipeline.vae import preview_pixels, to_png
 from sdserve.stages.runtime import TorchThread, load_stage, thread_plan
 from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
+from sdserve.stages.vae_encoder import encoded_from_pb
 from sdserve.stats import RequestAdmitted, RequestEnded
 from sdserve.v1 import stages_pb2
 
@@ -105,6 +106,7 @@ class DenoiserService:
             native_width=width,
             native_height=height,
             vae_scale_factor=self.denoiser.vae_scale_factor,
+            unet_in_channels=self.denoiser.unet.config.in_channels,
         )
 
     def stats_message(self) -> stages_pb2.DenoiserStats:
@@ -185,6 +187,9 @@ class DenoiserService:
             on_event=on_event,
             deadline=time.monotonic() + req.timeout_s if req.timeout_s > 0 else None,
             preview_every=req.preview_every,
+            init=encoded_from_pb(req.init) if req.HasField("init") else None,
+            # a float32 field: six decimals give back the client's 0.7 (int(10 * 0.7) = 7 steps)
+            strength=round(req.strength, 6) if req.HasField("init") else 1.0,
         )
         self.engine.submit(job)
 

@@ -260,6 +260,9 @@ class GenerateRequest(_message.Message):
     SCHEDULER_FIELD_NUMBER: _builtins.int
     NUM_IMAGES_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -292,6 +295,16 @@ class GenerateRequest(_message.Message):
     """Number of images, 1..`limits.max_num_images`. Unset: 1."""
     preview_every: _builtins.int
     """GenerateStream only: send a preview image every M denoising steps (0: none)."""
+    init_image: _builtins.bytes
+    """Image-to-image: the image to start from, PNG or JPEG bytes. Unset width and height take
+    its size; set ones must equal it. At most `limits.max_pixels` pixels.
+    """
+    strength: _builtins.float
+    """With init_image: how much of it to repaint, 0 < strength <= 1 (as in diffusers: the
+    request runs the last int(steps * strength) of its steps). Unset: 0.8.
+    """
+    mask_image: _builtins.bytes
+    """Inpainting: a PNG of init_image's size; white = repaint, black = keep. Needs init_image."""
     def __init__(
         self,
         *,
@@ -305,10 +318,13 @@ class GenerateRequest(_message.Message):
         scheduler: _builtins.str = ...,
         num_images: _builtins.int | None = ...,
         preview_every: _builtins.int = ...,
+        init_image: _builtins.bytes = ...,
+        strength: _builtins.float | None = ...,
+        mask_image: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -320,6 +336,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
     _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
@@ -332,6 +350,8 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
@@ -509,6 +529,7 @@ class StageTimings(_message.Message):
     DENOISER_S_FIELD_NUMBER: _builtins.int
     VAE_DECODER_S_FIELD_NUMBER: _builtins.int
     TOTAL_S_FIELD_NUMBER: _builtins.int
+    VAE_ENCODER_S_FIELD_NUMBER: _builtins.int
     text_encoder_s: _builtins.float
     """Tokenization and CLIP text encoding (the TextEncoder deployment)."""
     denoiser_s: _builtins.float
@@ -517,6 +538,10 @@ class StageTimings(_message.Message):
     """VAE decoding and PNG encoding (the VaeDecoder deployment)."""
     total_s: _builtins.float
     """From the request reaching the ingress to the response leaving it."""
+    vae_encoder_s: _builtins.float
+    """Image inputs only: VAE encoding of the init image and mask (the VaeEncoder deployment),
+    concurrent with the text encoder.
+    """
     def __init__(
         self,
         *,
@@ -524,10 +549,11 @@ class StageTimings(_message.Message):
         denoiser_s: _builtins.float = ...,
         vae_decoder_s: _builtins.float = ...,
         total_s: _builtins.float = ...,
+        vae_encoder_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoiser_s", b"denoiser_s", "text_encoder_s", b"text_encoder_s", "total_s", b"total_s", "vae_decoder_s", b"vae_decoder_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoiser_s", b"denoiser_s", "text_encoder_s", b"text_encoder_s", "total_s", b"total_s", "vae_decoder_s", b"vae_decoder_s", "vae_encoder_s", b"vae_encoder_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +570,7 @@ class ResolvedParameters(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     """Image width in pixels."""
     height: _builtins.int
@@ -554,6 +581,8 @@ class ResolvedParameters(_message.Message):
     """Guidance scale."""
     scheduler: _builtins.str
     """Sampler name."""
+    strength: _builtins.float
+    """Image inputs only: the strength used (0 for text-to-image)."""
     def __init__(
         self,
         *,
@@ -562,10 +591,11 @@ class ResolvedParameters(_message.Message):
         steps: _builtins.int = ...,
         guidance_scale: _builtins.float = ...,
         scheduler: _builtins.str = ...,
+        strength: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "height", b"height", "scheduler", b"scheduler", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "height", b"height", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

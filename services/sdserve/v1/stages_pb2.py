@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdserve/v1/stages.proto\x12\nsdserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"e\n\x11\x45ncodeTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x13\n\x0bwith_uncond\x18\x04 \x01(\x08\"Z\n\x12\x45ncodeTextResponse\x12 \n\x04\x63ond\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\x99\x02\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04\x63ond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x03 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\r\n\x05seeds\x18\t \x03(\x04\x12\x15\n\rpreview_every\x18\n \x01(\r\x12\x11\n\ttimeout_s\x18\x0b \x01(\x01\x12\x1b\n\x13progress_interval_s\x18\x0c \x01(\x01\"6\n\x0f\x44\x65noiseResponse\x12#\n\x07latents\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\x9a\x01\n\x0c\x44\x65noiseEvent\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x19.sdserve.v1.DenoiseQueuedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.sdserve.v1.DenoiseStepH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.sdserve.v1.DenoiseResponseH\x00\x42\x07\n\x05\x65vent\"!\n\rDenoiseQueued\x12\x10\n\x08position\x18\x01 \x01(\r\"R\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x03(\x0c\"\x16\n\x14\x44\x65noiserStatsRequest\"\xb8\x02\n\rDenoiserStats\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nunet_steps\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x14\n\x0cunet_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bimage_steps\x18\t \x01(\x04\x12\x14\n\x0cshared_steps\x18\n \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x0b \x01(\x04\x12\x17\n\x0funet_busy_ratio\x18\x0c \x01(\x01\x12\x0f\n\x07\x65xpired\x18\r \x01(\x04\x12\x12\n\nwork_ahead\x18\x0e \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x0f \x01(\x01J\x04\x08\x06\x10\x07R\x13max_batch_size_seen\"\x15\n\x13\x44\x65noiserInfoRequest\"U\n\x0c\x44\x65noiserInfo\x12\x14\n\x0cnative_width\x18\x01 \x01(\r\x12\x15\n\rnative_height\x18\x02 \x01(\r\x12\x18\n\x10vae_scale_factor\x18\x03 \x01(\r\"\\\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\x12\n\nparameters\x18\x03 \x03(\t\"\x1d\n\x0e\x44\x65\x63odeResponse\x12\x0b\n\x03png\x18\x01 \x03(\x0c\x32[\n\x10TextEncoderStage\x12G\n\x06\x45ncode\x12\x1d.sdserve.v1.EncodeTextRequest\x1a\x1e.sdserve.v1.EncodeTextResponse2\xa5\x02\n\rDenoiserStage\x12\x42\n\x07\x44\x65noise\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x1b.sdserve.v1.DenoiseResponse\x12G\n\rDenoiseStream\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x18.sdserve.v1.DenoiseEvent0\x01\x12\x44\n\x05Stats\x12 .sdserve.v1.DenoiserStatsRequest\x1a\x19.sdserve.v1.DenoiserStats\x12\x41\n\x04Info\x12\x1f.sdserve.v1.DenoiserInfoRequest\x1a\x18.sdserve.v1.DenoiserInfo2R\n\x0fVaeDecoderStage\x12?\n\x06\x44\x65\x63ode\x12\x19.sdserve.v1.DecodeRequest\x1a\x1a.sdserve.v1.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdserve/v1/stages.proto\x12\nsdserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"e\n\x11\x45ncodeTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x13\n\x0bwith_uncond\x18\x04 \x01(\x08\"Z\n\x12\x45ncodeTextResponse\x12 \n\x04\x63ond\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\xda\x02\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04\x63ond\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\"\n\x06uncond\x18\x03 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\r\n\x05seeds\x18\t \x03(\x04\x12\x15\n\rpreview_every\x18\n \x01(\r\x12\x11\n\ttimeout_s\x18\x0b \x01(\x01\x12\x1b\n\x13progress_interval_s\x18\x0c \x01(\x01\x12-\n\x04init\x18\r \x01(\x0b\x32\x1f.sdserve.v1.EncodeImageResponse\x12\x10\n\x08strength\x18\x0e \x01(\x02\"6\n\x0f\x44\x65noiseResponse\x12#\n\x07latents\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\x9a\x01\n\x0c\x44\x65noiseEvent\x12+\n\x06queued\x18\x01 \x01(\x0b\x32\x19.sdserve.v1.DenoiseQueuedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.sdserve.v1.DenoiseStepH\x00\x12+\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1b.sdserve.v1.DenoiseResponseH\x00\x42\x07\n\x05\x65vent\"!\n\rDenoiseQueued\x12\x10\n\x08position\x18\x01 \x01(\r\"R\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x03(\x0c\"\x16\n\x14\x44\x65noiserStatsRequest\"\xb8\x02\n\rDenoiserStats\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nunet_steps\x18\x03 \x01(\x04\x12\x10\n\x08\x66inished\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x14\n\x0cunet_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bimage_steps\x18\t \x01(\x04\x12\x14\n\x0cshared_steps\x18\n \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x0b \x01(\x04\x12\x17\n\x0funet_busy_ratio\x18\x0c \x01(\x01\x12\x0f\n\x07\x65xpired\x18\r \x01(\x04\x12\x12\n\nwork_ahead\x18\x0e \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x0f \x01(\x01J\x04\x08\x06\x10\x07R\x13max_batch_size_seen\"\x15\n\x13\x44\x65noiserInfoRequest\"o\n\x0c\x44\x65noiserInfo\x12\x14\n\x0cnative_width\x18\x01 \x01(\r\x12\x15\n\rnative_height\x18\x02 \x01(\r\x12\x18\n\x10vae_scale_factor\x18\x03 \x01(\r\x12\x18\n\x10unet_in_channels\x18\x04 \x01(\r\"P\n\x12\x45ncodeImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ninit_image\x18\x02 \x01(\x0c\x12\x12\n\nmask_image\x18\x03 \x01(\x0c\"\x9c\x01\n\x13\x45ncodeImageResponse\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\x16\n\x0escaling_factor\x18\x02 \x01(\x02\x12(\n\x0cmasked_image\x18\x03 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12 \n\x04mask\x18\x04 \x01(\x0b\x32\x12.sdserve.v1.Tensor\"\\\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07latents\x18\x02 \x01(\x0b\x32\x12.sdserve.v1.Tensor\x12\x12\n\nparameters\x18\x03 \x03(\t\"\x1d\n\x0e\x44\x65\x63odeResponse\x12\x0b\n\x03png\x18\x01 \x03(\x0c\x32[\n\x10TextEncoderStage\x12G\n\x06\x45ncode\x12\x1d.sdserve.v1.EncodeTextRequest\x1a\x1e.sdserve.v1.EncodeTextResponse2\xa5\x02\n\rDenoiserStage\x12\x42\n\x07\x44\x65noise\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x1b.sdserve.v1.DenoiseResponse\x12G\n\rDenoiseStream\x12\x1a.sdserve.v1.DenoiseRequest\x1a\x18.sdserve.v1.DenoiseEvent0\x01\x12\x44\n\x05Stats\x12 .sdserve.v1.DenoiserStatsRequest\x1a\x19.sdserve.v1.DenoiserStats\x12\x41\n\x04Info\x12\x1f.sdserve.v1.DenoiserInfoRequest\x1a\x18.sdserve.v1.DenoiserInfo2\\\n\x0fVaeEncoderStage\x12I\n\x06\x45ncode\x12\x1e.sdserve.v1.EncodeImageRequest\x1a\x1f.sdserve.v1.EncodeImageResponse2R\n\x0fVaeDecoderStage\x12?\n\x06\x44\x65\x63ode\x12\x19.sdserve.v1.DecodeRequest\x1a\x1a.sdserve.v1.DecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODETEXTRESPONSE']._serialized_start=196
   _globals['_ENCODETEXTRESPONSE']._serialized_end=286
   _globals['_DENOISEREQUEST']._serialized_start=289
-  _globals['_DENOISEREQUEST']._serialized_end=570
-  _globals['_DENOISERESPONSE']._serialized_start=572
-  _globals['_DENOISERESPONSE']._serialized_end=626
-  _globals['_DENOISEEVENT']._serialized_start=629
-  _globals['_DENOISEEVENT']._serialized_end=783
-  _globals['_DENOISEQUEUED']._serialized_start=785
-  _globals['_DENOISEQUEUED']._serialized_end=818
-  _globals['_DENOISESTEP']._serialized_start=820
-  _globals['_DENOISESTEP']._serialized_end=902
-  _globals['_DENOISERSTATSREQUEST']._serialized_start=904
-  _globals['_DENOISERSTATSREQUEST']._serialized_end=926
-  _globals['_DENOISERSTATS']._serialized_start=929
-  _globals['_DENOISERSTATS']._serialized_end=1241
-  _globals['_DENOISERINFOREQUEST']._serialized_start=1243
-  _globals['_DENOISERINFOREQUEST']._serialized_end=1264
-  _globals['_DENOISERINFO']._serialized_start=1266
-  _globals['_DENOISERINFO']._serialized_end=1351
-  _globals['_DECODEREQUEST']._serialized_start=1353
-  _globals['_DECODEREQUEST']._serialized_end=1445
-  _globals['_DECODERESPONSE']._serialized_start=1447
-  _globals['_DECODERESPONSE']._serialized_end=1476
-  _globals['_TEXTENCODERSTAGE']._serialized_start=1478
-  _globals['_TEXTENCODERSTAGE']._serialized_end=1569
-  _globals['_DENOISERSTAGE']._serialized_start=1572
-  _globals['_DENOISERSTAGE']._serialized_end=1865
-  _globals['_VAEDECODERSTAGE']._serialized_start=1867
-  _globals['_VAEDECODERSTAGE']._serialized_end=1949
+  _globals['_DENOISEREQUEST']._serialized_end=635
+  _globals['_DENOISERESPONSE']._serialized_start=637
+  _globals['_DENOISERESPONSE']._serialized_end=691
+  _globals['_DENOISEEVENT']._serialized_start=694
+  _globals['_DENOISEEVENT']._serialized_end=848
+  _globals['_DENOISEQUEUED']._serialized_start=850
+  _globals['_DENOISEQUEUED']._serialized_end=883
+  _globals['_DENOISESTEP']._serialized_start=885
+  _globals['_DENOISESTEP']._serialized_end=967
+  _globals['_DENOISERSTATSREQUEST']._serialized_start=969
+  _globals['_DENOISERSTATSREQUEST']._serialized_end=991
+  _globals['_DENOISERSTATS']._serialized_start=994
+  _globals['_DENOISERSTATS']._serialized_end=1306
+  _globals['_DENOISERINFOREQUEST']._serialized_start=1308
+  _globals['_DENOISERINFOREQUEST']._serialized_end=1329
+  _globals['_DENOISERINFO']._serialized_start=1331
+  _globals['_DENOISERINFO']._serialized_end=1442
+  _globals['_ENCODEIMAGEREQUEST']._serialized_start=1444
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=1524
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=1527
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=1683
+  _globals['_DECODEREQUEST']._serialized_start=1685
+  _globals['_DECODEREQUEST']._serialized_end=1777
+  _globals['_DECODERESPONSE']._serialized_start=1779
+  _globals['_DECODERESPONSE']._serialized_end=1808
+  _globals['_TEXTENCODERSTAGE']._serialized_start=1810
+  _globals['_TEXTENCODERSTAGE']._serialized_end=1901
+  _globals['_DENOISERSTAGE']._serialized_start=1904
+  _globals['_DENOISERSTAGE']._serialized_end=2197
+  _globals['_VAEENCODERSTAGE']._serialized_start=2199
+  _globals['_VAEENCODERSTAGE']._serialized_end=2291
+  _globals['_VAEDECODERSTAGE']._serialized_start=2293
+  _globals['_VAEDECODERSTAGE']._serialized_end=2375
 # @@protoc_insertion_point(module_scope)

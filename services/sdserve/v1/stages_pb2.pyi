@@ -139,6 +139,8 @@ class DenoiseRequest(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     PROGRESS_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    INIT_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -159,6 +161,10 @@ class DenoiseRequest(_message.Message):
     """DenoiseStream only: send step events at most this often, in seconds (the last step and
     preview steps always); 0: every step. Jobs use it to spare per-step traffic.
     """
+    strength: _builtins.float
+    """With `init`: the share of the schedule to run, 0 < strength <= 1; the request runs the
+    last int(steps * strength) steps, starting from the image noised to that level.
+    """
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings from the text encoder, shape [1, max_length, hidden]."""
@@ -170,6 +176,12 @@ class DenoiseRequest(_message.Message):
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """One seed per image; each image gets its own CPU generator and scheduler."""
+
+    @_builtins.property
+    def init(self) -> Global___EncodeImageResponse:
+        """Image-to-image and inpainting: the VaeEncoder's encoding of the init image (and mask).
+        Unset: text-to-image.
+        """
 
     def __init__(
         self,
@@ -186,10 +198,12 @@ class DenoiseRequest(_message.Message):
         preview_every: _builtins.int = ...,
         timeout_s: _builtins.float = ...,
         progress_interval_s: _builtins.float = ...,
+        init: Global___EncodeImageResponse | None = ...,
+        strength: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "uncond", b"uncond"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "init", b"init", "uncond", b"uncond"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "init", b"init", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,26 +454,106 @@ class DenoiserInfo(_message.Message):
     NATIVE_WIDTH_FIELD_NUMBER: _builtins.int
     NATIVE_HEIGHT_FIELD_NUMBER: _builtins.int
     VAE_SCALE_FACTOR_FIELD_NUMBER: _builtins.int
+    UNET_IN_CHANNELS_FIELD_NUMBER: _builtins.int
     native_width: _builtins.int
     """The model's native image width in pixels."""
     native_height: _builtins.int
     """The model's native image height in pixels."""
     vae_scale_factor: _builtins.int
     """Pixels per latent cell along each side (8 for Stable Diffusion)."""
+    unet_in_channels: _builtins.int
+    """The U-Net's input channels: 4, or 9 for an inpainting model (which takes only requests
+    with an init image and a mask).
+    """
     def __init__(
         self,
         *,
         native_width: _builtins.int = ...,
         native_height: _builtins.int = ...,
         vae_scale_factor: _builtins.int = ...,
+        unet_in_channels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["native_height", b"native_height", "native_width", b"native_width", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["native_height", b"native_height", "native_width", b"native_width", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DenoiserInfo: _TypeAlias = DenoiserInfo  # noqa: Y015
+
+@_typing.final
+class EncodeImageRequest(_message.Message):
+    """Input of VaeEncoderStage.Encode. The ingress has checked the sizes already."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The id of the client request, for logs."""
+    init_image: _builtins.bytes
+    """PNG or JPEG bytes; each side a multiple of the VAE's scale factor."""
+    mask_image: _builtins.bytes
+    """Inpainting: PNG bytes of the init image's size, white = repaint, black = keep. Empty: none."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        init_image: _builtins.bytes = ...,
+        mask_image: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["init_image", b"init_image", "mask_image", b"mask_image", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncodeImageRequest: _TypeAlias = EncodeImageRequest  # noqa: Y015
+
+@_typing.final
+class EncodeImageResponse(_message.Message):
+    """Output of VaeEncoderStage.Encode: distributions, not samples; the Denoiser samples them with
+    each image's own seeded generator, as diffusers' pipelines do.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    SCALING_FACTOR_FIELD_NUMBER: _builtins.int
+    MASKED_IMAGE_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    scaling_factor: _builtins.float
+    """The VAE's scaling factor (latents = scaling_factor * sample)."""
+    @_builtins.property
+    def image(self) -> Global___Tensor:
+        """Posterior moments of the init image: mean and log-variance concatenated along channels,
+        shape [1, 2 * latent_channels, h, w].
+        """
+
+    @_builtins.property
+    def masked_image(self) -> Global___Tensor:
+        """Inpainting: moments of the init image with the repainted area black."""
+
+    @_builtins.property
+    def mask(self) -> Global___Tensor:
+        """Inpainting: the binarized mask at latent size, shape [1, 1, h, w], 1 = repaint."""
+
+    def __init__(
+        self,
+        *,
+        image: Global___Tensor | None = ...,
+        scaling_factor: _builtins.float = ...,
+        masked_image: Global___Tensor | None = ...,
+        mask: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "mask", b"mask", "masked_image", b"masked_image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "mask", b"mask", "masked_image", b"masked_image", "scaling_factor", b"scaling_factor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncodeImageResponse: _TypeAlias = EncodeImageResponse  # noqa: Y015
 
 @_typing.final
 class DecodeRequest(_message.Message):

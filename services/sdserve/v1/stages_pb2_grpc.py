@@ -310,6 +310,82 @@ class DenoiserStage:
             _registered_method=True)
 
 
+class VaeEncoderStageStub:
+    """Encodes image inputs (image-to-image, inpainting) into latent-space distributions.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Encode = channel.unary_unary(
+                '/sdserve.v1.VaeEncoderStage/Encode',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageResponse.FromString,
+                _registered_method=True)
+
+
+class VaeEncoderStageServicer:
+    """Encodes image inputs (image-to-image, inpainting) into latent-space distributions.
+    """
+
+    def Encode(self, request, context):
+        """Returns the VAE posterior of the init image (and, for inpainting, of the masked image).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_VaeEncoderStageServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sdserve.v1.VaeEncoderStage', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sdserve.v1.VaeEncoderStage', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class VaeEncoderStage:
+    """Encodes image inputs (image-to-image, inpainting) into latent-space distributions.
+    """
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.VaeEncoderStage/Encode',
+            sdserve_dot_v1_dot_stages__pb2.EncodeImageRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.EncodeImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class VaeDecoderStageStub:
     """Decodes latents to PNG images.
     """

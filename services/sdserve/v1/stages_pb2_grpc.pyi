@@ -137,6 +137,37 @@ class DenoiserStageServicer(metaclass=_abc_1.ABCMeta):
 
 def add_DenoiserStageServicer_to_server(servicer: DenoiserStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class VaeEncoderStageStub:
+    """Encodes image inputs (image-to-image, inpainting) into latent-space distributions."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> VaeEncoderStageAsyncStub: ...
+    Encode: _grpc.UnaryUnaryMultiCallable[_stages_pb2.EncodeImageRequest, _stages_pb2.EncodeImageResponse]
+    """Returns the VAE posterior of the init image (and, for inpainting, of the masked image)."""
+
+@_typing.type_check_only
+class VaeEncoderStageAsyncStub(VaeEncoderStageStub):
+    """Encodes image inputs (image-to-image, inpainting) into latent-space distributions."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Encode: _aio.UnaryUnaryMultiCallable[_stages_pb2.EncodeImageRequest, _stages_pb2.EncodeImageResponse]  # type: ignore[assignment]
+    """Returns the VAE posterior of the init image (and, for inpainting, of the masked image)."""
+
+class VaeEncoderStageServicer(metaclass=_abc_1.ABCMeta):
+    """Encodes image inputs (image-to-image, inpainting) into latent-space distributions."""
+
+    @_abc_1.abstractmethod
+    def Encode(
+        self,
+        request: _stages_pb2.EncodeImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.EncodeImageResponse, _abc.Awaitable[_stages_pb2.EncodeImageResponse]]:
+        """Returns the VAE posterior of the init image (and, for inpainting, of the masked image)."""
+
+def add_VaeEncoderStageServicer_to_server(servicer: VaeEncoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class VaeDecoderStageStub:
     """Decodes latents to PNG images."""
 

@@ -29,7 +29,7 @@ class ImageInputs:
 
 def _image_size(field: str, data: bytes, formats: tuple[str, ...], limits: LimitsConfig):
     """Decodes the image fully (so a truncated one fails here) and returns (width, height)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -37,7 +37,10 @@ def _image_size(field: str, data: bytes, formats: tuple[str, ...], limits: Limit
             if fmt in formats and size[0] * size[1] <= limits.max_pixels:
                 image.load()
     except Exception as exc:  # PIL raises many kinds; the client only needs the field
-        raise InvalidArgument(field, f"cannot be decoded as {' or '.join(formats)}: {exc}") from exc
+        reason = "not an image format" if isinstance(exc, UnidentifiedImageError) else exc
+        raise InvalidArgument(
+            field, f"cannot be decoded as {' or '.join(formats)}: {reason}"
+        ) from exc
     if fmt not in formats:
         raise InvalidArgument(field, f"must be {' or '.join(formats)}, got {fmt}")
     width, height = size

@@ -35,11 +35,27 @@ class Mix:
     widths: tuple[int | None, ...] = (None,)
     heights: tuple[int | None, ...] = (None,)
     guidances: tuple[float | None, ...] = (None,)
+    init_image: bytes = field(default=b"", repr=False)
+    """Image-to-image (inpainting with `mask_image`) for every `image_every`-th request."""
+    mask_image: bytes = field(default=b"", repr=False)
+    strengths: tuple[float | None, ...] = (None,)
+    image_every: int = 1
 
     def request(self, i: int) -> diffusion_pb2.GenerateRequest:
         def pick(options):
             return options[i % len(options)]
 
+        request = self._text_request(i, pick)
+        if self.init_image and i % self.image_every == 0:
+            request.init_image, request.mask_image = self.init_image, self.mask_image
+            request.ClearField("width")  # the image's size
+            request.ClearField("height")
+            strength = self.strengths[(i // self.image_every) % len(self.strengths)]
+            if strength is not None:
+                request.strength = strength
+        return request
+
+    def _text_request(self, i: int, pick) -> diffusion_pb2.GenerateRequest:
         request = diffusion_pb2.GenerateRequest(
             prompt=pick(self.prompts), scheduler=pick(self.schedulers), seed=i
         )
@@ -64,6 +80,8 @@ class Record:
     latency_s: float
     code: str
     images: int
+    kind: str = "text"
+    """text (text-to-image), image (image-to-image) or inpaint."""
 
 
 @dataclass
@@ -103,7 +121,21 @@ class Report:
             "p99_s": self.percentile(99),
             "mean_s": (sum(r.latency_s for r in self.ok) / len(self.ok)) if self.ok else None,
             "errors": dict(errors),
+            "by_kind": self._by_kind(),
         }
+
+    def _by_kind(self) -> dict:
+        """Per request kind (text, image, inpaint): OK requests, images/s and median latency."""
+        out = {}
+        for kind in sorted({r.kind for r in self.records}):
+            ok = sorted(r.latency_s for r in self.ok if r.kind == kind)
+            images = sum(r.images for r in self.ok if r.kind == kind)
+            out[kind] = {
+                "ok": len(ok),
+                "images_per_s": images / self.wall_s if self.wall_s else 0.0,
+                "p50_s": ok[(len(ok) - 1) // 2] if ok else None,
+            }
+        return out
 
     def to_json(self) -> dict:
         return {"summary": self.summary(), "records": [asdict(r) for r in self.records]}
@@ -141,13 +173,16 @@ async def drive(
         nonlocal in_flight
         in_flight += 1
         t0 = time.perf_counter()
+        request = mix.request(i)
+        kind = "inpaint" if request.mask_image else "image" if request.init_image else "text"
         try:
-            code, images = "OK", await send(mix.request(i))
+            code, images = "OK", await send(request)
         except grpc.aio.AioRpcError as exc:
             code, images = exc.code().name, 0
         finally:
             in_flight -= 1
-        report.records.append(Record(i, t0 - started, time.perf_counter() - t0, code, images))
+        latency = time.perf_counter() - t0
+        report.records.append(Record(i, t0 - started, latency, code, images, kind))
 
     def take() -> int | None:
         nonlocal issued
@@ -228,6 +263,10 @@ def format_summary(summary: dict) -> str:
         f"latency    p50 {summary['p50_s']:.3f}s   p90 {summary['p90_s']:.3f}s   "
         f"p99 {summary['p99_s']:.3f}s",
     ]
+    if len(summary.get("by_kind", {})) > 1:
+        lines.append("by kind    " + "   ".join(
+            f"{kind} {k['ok']} ok, {k['images_per_s']:.2f} img/s"
+            for kind, k in summary["by_kind"].items()))  # fmt: skip
     errors = summary["errors"]
     lines.append(
         "errors     " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none")
@@ -263,6 +302,10 @@ def main(args) -> int:
         widths=_split(args.width, int),
         heights=_split(args.height, int),
         guidances=_split(args.guidance, float),
+        init_image=args.init_image or b"",
+        mask_image=args.mask or b"",
+        strengths=_split(args.strength, float),
+        image_every=max(1, args.image_every),
     )
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:

@@ -151,7 +151,7 @@ def main(model: str, redis_url: str, out: str, scenario: str = "node-loss") -> N
         "server": {"ray_address": cluster.address, "grpc_port": free_port(),
                    "http_port": free_port(), "proxy_location": "HeadOnly"},
         "stages": {
-            "ingress": on_cpu, "text_encoder": on_cpu, "vae_decoder": on_cpu,
+            "ingress": on_cpu, "text_encoder": on_cpu, "vae_decoder": on_cpu, "vae_encoder": on_cpu,
             "job_worker": on_cpu,
             # 60 of a node's 100: one Denoiser replica per GPU-type node.
             "denoiser": {"num_replicas": 2, "num_cpus": 1, "resources": {"gpu_node": 60},

@@ -55,7 +55,7 @@ def test_compose_runs_the_whole_stack_with_gpu_workers():
     )
     assert config.stages.denoiser.resources == {"gpu_node": 1}
     assert config.stages.denoiser.autoscaling is not None
-    for name in ("ingress", "text_encoder", "vae_decoder", "job_worker"):
+    for name in ("ingress", "text_encoder", "vae_decoder", "vae_encoder", "job_worker"):
         assert getattr(config.stages, name).resources == {"cpu_node": 1}
 
 
@@ -78,7 +78,7 @@ def test_kuberay_rayservice_has_a_valid_inline_serve_config():
         resources = group["rayStartParams"].get("resources")
         if resources:
             offered |= json.loads(json.loads(resources)).keys()
-    for name in ("ingress", "text_encoder", "denoiser", "vae_decoder", "job_worker"):
+    for name in ("ingress", "text_encoder", "denoiser", "vae_decoder", "vae_encoder", "job_worker"):
         assert getattr(config.stages, name).resources.keys() <= offered, name
     (gpu,) = cluster["workerGroupSpecs"]
     (container,) = gpu["template"]["spec"]["containers"]

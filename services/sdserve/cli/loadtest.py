@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from sdserve.cli.options import Parents
+from sdserve.cli.options import Parents, add_image_options
 
 
 def register(sub, parents: Parents) -> None:
@@ -36,6 +36,15 @@ def register(sub, parents: Parents) -> None:
     load.add_argument("--width", metavar="W[,W...]", help="width(s) in pixels")
     load.add_argument("--height", metavar="H[,H...]", help="height(s) in pixels")
     load.add_argument("--guidance", metavar="G[,G...]", help="guidance scale(s)")
+    add_image_options(load, strengths=True)
+    load.add_argument(
+        "--image-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --init-image: every K-th request is image-to-image (or inpainting), the "
+        "others text-to-image (default %(default)s: all)",
+    )
     load.add_argument("--out", metavar="FILE.json", help="write the full report (every request)")
     load.add_argument(
         "--plot",

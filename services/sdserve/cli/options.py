@@ -62,7 +62,38 @@ def _request_parent() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-images", type=int, metavar="K", help="images to generate (default 1)"
     )
+    add_image_options(parser)
     return parser
+
+
+def image_file(path: str) -> bytes:
+    """argparse type: the bytes of an image file."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def add_image_options(parser: argparse.ArgumentParser, strengths: bool = False) -> None:
+    """--init-image, --strength and --mask (image-to-image and inpainting)."""
+    parser.add_argument(
+        "--init-image",
+        type=image_file,
+        metavar="IN.png",
+        help="image-to-image: start from this PNG or JPEG (its size is the output's)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=str if strengths else float,
+        metavar="S[,S...]" if strengths else "S",
+        help="with --init-image: how much to repaint, 0 < S <= 1 (the server's default: 0.8)",
+    )
+    parser.add_argument(
+        "--mask",
+        type=image_file,
+        metavar="MASK.png",
+        help="inpainting: a PNG of the init image's size, white = repaint, black = keep",
+    )
 
 
 def generate_request(args: argparse.Namespace):
@@ -80,6 +111,12 @@ def generate_request(args: argparse.Namespace):
             setattr(request, field, getattr(args, field))
     if args.guidance is not None:
         request.guidance_scale = args.guidance
+    if args.init_image is not None:
+        request.init_image = args.init_image
+    if args.mask is not None:
+        request.mask_image = args.mask
+    if args.strength is not None:
+        request.strength = args.strength
     return request
 
 

@@ -8,8 +8,10 @@ batches them: an image that shows another prompt's colors means embeddings were 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
+from helpers import sdserve_cli
 from PIL import Image
 
 from sdserve.shapes.adherence import background_color, foreground_color
@@ -70,3 +72,35 @@ def test_eight_concurrent_prompts_get_their_own_colors(shapes_app, stub):
     # The model card's accuracy is about 95% or more per color; allow one miss of each.
     assert sum(s[0] == w[0] for s, w in zip(seen, wanted, strict=True)) >= 7, (seen, wanted)
     assert sum(s[1] == w[1] for s, w in zip(seen, wanted, strict=True)) >= 7, (seen, wanted)
+
+
+def test_image_to_image_and_inpainting_follow_the_new_prompt(shapes_app, stub, tmp_path):
+    """The README's demo (issue 15): a red circle repainted green (image-to-image, strength
+    0.75), then its background alone repainted yellow (inpainting with the checker's background
+    mask), judged by `sdserve check-image`."""
+    meta = (("application", shapes_app),)
+
+    def generate(prompt: str, **fields) -> Path:
+        request = diffusion_pb2.GenerateRequest(prompt=prompt, seed=0, **fields)
+        (image,) = stub.Generate(request, timeout=60, metadata=meta).images
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        out.write_bytes(image.png)
+        return out
+
+    red = generate("a red circle on a blue background")
+    mask = tmp_path / "background.png"
+    check = sdserve_cli("check-image", str(red), "a red circle on a blue background",
+                        "--background-mask", str(mask))  # fmt: skip
+    assert check.returncode == 0, check.stdout
+
+    green = generate("a green circle on a blue background", init_image=red.read_bytes(),
+                     strength=0.75)  # fmt: skip
+    check = sdserve_cli("check-image", str(green), "a green circle on a blue background")
+    assert "foreground color: green (as prompted)" in check.stdout, check.stdout
+    assert "background color: blue (as prompted)" in check.stdout, check.stdout
+
+    yellow = generate("a red circle on a yellow background", init_image=red.read_bytes(),
+                      mask_image=mask.read_bytes(), strength=1.0)  # fmt: skip
+    check = sdserve_cli("check-image", str(yellow), "a red circle on a yellow background")
+    assert "foreground color: red (as prompted)" in check.stdout, check.stdout
+    assert "background color: yellow (as prompted)" in check.stdout, check.stdout

@@ -73,6 +73,12 @@ def register(sub, parents: Parents) -> None:
     )
     check.add_argument("image", help="PNG file")
     check.add_argument("prompt", help="e.g. 'a red circle on a blue background'")
+    check.add_argument(
+        "--background-mask",
+        metavar="MASK.png",
+        help="also write the background as the checker sees it, white (an inpainting mask that "
+        "repaints the background and keeps the shape: generate --mask MASK.png)",
+    )
     check.set_defaults(func=run_check)
 
 
@@ -164,13 +170,21 @@ def run_check(args: argparse.Namespace) -> int:
     from sdserve.shapes.adherence import ShapeClassifier, background_color, foreground_color
     from sdserve.shapes.synthetic import parse_prompt
 
+    image = Image.open(args.image)
+    if args.background_mask:
+        import numpy as np
+
+        from sdserve.shapes.adherence import foreground_mask
+
+        background = (~foreground_mask(image)).astype(np.uint8) * 255
+        Image.fromarray(background, "L").save(args.background_mask)
+        print(f"wrote {args.background_mask} (white: the background)")
     caption = parse_prompt(args.prompt)
     if caption is None:
         grammar = "a [small|large] COLOR SHAPE on a COLOR background"
         print(f"{args.prompt!r} is not in the default model's grammar ({grammar!r}); "
               "nothing to check")  # fmt: skip
         return 0
-    image = Image.open(args.image)
     checks = [
         ("foreground color", caption.color, foreground_color(image)),
         ("background color", caption.background, background_color(image)),

@@ -13,9 +13,12 @@ In one run, on one machine, with a random-weight model sized so that one diffuse
   (b)      sdserve over gRPC with request-level batching (engine.batching=request);
   (c)      sdserve over gRPC with step-level batching (engine.batching=step);
 
-each at closed-loop concurrency 1, 4 and 16, and open-loop Poisson arrivals at 70% of (b)'s
-peak images/s. It prints ratios (the machine is shared and noisy; absolute times are not the
-claim) and writes every number to JSON.
+each at closed-loop concurrency 1, 4 and 16, open-loop Poisson arrivals at 70% of (b)'s peak
+images/s, and a mixed closed loop at concurrency 16 ("mix16") where every other request is
+image-to-image (strength 0.75 of an init image: 15 of the 20 steps, from a later timestep;
+diffusers serves those with StableDiffusionImg2ImgPipeline on the same weights). It prints
+ratios (the machine is shared and noisy; absolute times are not the claim) and writes every
+number to JSON.
 
 Models (`--arch`): `tiny-sd15-layout` (default) has SD 1.5's U-Net block structure at a narrow
 width, 64x64 images: per-forward overhead dominates, as it does on a GPU at SD sizes, and
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -70,10 +74,44 @@ def diffusers_pipe(model: Path):
     return pipe
 
 
+def init_png(size: int) -> bytes:
+    """The image-to-image requests' init image: one of the default model's synthetic shapes."""
+    import io
+    import random
+
+    from sdserve.shapes.synthetic import Caption, render
+
+    buf = io.BytesIO()
+    render(Caption("red", "circle", "blue"), random.Random(0), size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mixed(mix: Mix) -> Mix:
+    """Every other request image-to-image at strength 0.75."""
+    return dataclasses.replace(mix, init_image=init_png(SIZE), strengths=(0.75,), image_every=2)
+
+
+_IMG2IMG: dict[int, object] = {}
+
+
 def diffusers_call(pipe, request) -> int:
-    pipe(request.prompt, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-         width=request.width, height=request.height,
-         generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")  # fmt: skip
+    common = dict(
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        output_type="np",
+    )
+    if request.init_image:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        from sdserve.pipeline.images import open_rgb
+
+        if id(pipe) not in _IMG2IMG:  # the same weights and scheduler
+            _IMG2IMG[id(pipe)] = StableDiffusionImg2ImgPipeline(**pipe.components)
+        _IMG2IMG[id(pipe)](request.prompt, image=open_rgb(request.init_image),
+                           strength=request.strength, **common)  # fmt: skip
+    else:
+        pipe(request.prompt, width=request.width, height=request.height, **common)
     return 1
 
 
@@ -114,25 +152,27 @@ def measure_ceiling(model: Path, pipe, n: int = 16, repeats: int = 3) -> dict:
             "ceiling": statistics.median(ratios)}  # fmt: skip
 
 
-async def diffusers_load(torch_thread, pipe, **load) -> Report:
+async def diffusers_load(torch_thread, pipe, mix: Mix | None = None, **load) -> Report:
     """(a): one worker runs diffusers calls one at a time; the clients queue for it."""
     loop = asyncio.get_running_loop()
 
     async def send(request) -> int:
         return await loop.run_in_executor(torch_thread, diffusers_call, pipe, request)
 
-    return await drive(send, mix=MIX, **load)
+    return await drive(send, mix=mix or MIX, **load)
 
 
 def loads(size: str) -> list[tuple[str, dict]]:
     if size == "smoke":
         return [("c1", dict(concurrency=1, requests=1)), ("c4", dict(concurrency=4, requests=4)),
-                ("c16", dict(concurrency=16, requests=16))]  # fmt: skip
+                ("c16", dict(concurrency=16, requests=16)),
+                ("mix16", dict(concurrency=16, requests=16, mix=mixed(MIX)))]  # fmt: skip
     scale = 1 if size == "quick" else 2
     return [
         ("c1", dict(concurrency=1, requests=4 * scale)),
         ("c4", dict(concurrency=4, requests=8 * scale)),
         ("c16", dict(concurrency=16, requests=16 * scale + 16)),
+        ("mix16", dict(concurrency=16, requests=16 * scale + 16, mix=mixed(MIX))),
     ]
 
 
@@ -140,8 +180,9 @@ def run_loads(name: str, run_one, points: list[tuple[str, dict]]) -> dict:
     results = {}
     for label, load in points:
         r = results[label] = run_one(**load).summary()
-        print(f"  {name} {label:>6}: {r['images_per_s']:.2f} img/s, p50 {r['p50_s']:.3f}s, "
-              f"p99 {r['p99_s']:.3f}s", flush=True)  # fmt: skip
+        kinds = ", ".join(f"{k} {v['images_per_s']:.2f}" for k, v in r["by_kind"].items())
+        print(f"  {name} {label:>6}: {r['images_per_s']:.2f} img/s ({kinds}), "
+              f"p50 {r['p50_s']:.3f}s, p99 {r['p99_s']:.3f}s", flush=True)  # fmt: skip
     return results
 
 
@@ -227,8 +268,8 @@ def main() -> int:
             target = f"127.0.0.1:{config.server.grpc_port}"
             sdserve_server.wait_healthy(target)
 
-            def run_sdserve(target=target, **load):
-                return asyncio.run(run_loadtest(target, mix=MIX, **load))
+            def run_sdserve(target=target, mix=None, **load):
+                return asyncio.run(run_loadtest(target, mix=mix or MIX, **load))
 
             run_sdserve(concurrency=2, requests=4)  # warm-up
             print(f"({name}) sdserve, {batching}-level batching ...", flush=True)
@@ -249,11 +290,15 @@ def main() -> int:
         "c/b images/s at concurrency 16": c["c16"]["images_per_s"] / b["c16"]["images_per_s"],
         "c/b p99 latency at 70% load": c["open70"]["p99_s"] / b["open70"]["p99_s"],
         "c/a p50 latency at concurrency 1": c["c1"]["p50_s"] / a["c1"]["p50_s"],
+        "c/a images/s, half image-to-image, c16": c["mix16"]["images_per_s"]
+        / a["mix16"]["images_per_s"],
+        "c/b images/s, half image-to-image, c16": c["mix16"]["images_per_s"]
+        / b["mix16"]["images_per_s"],
     }
     print()
     print(f"{'load':<8}" + "".join(f"{s + ' img/s':>12}{s + ' p50':>10}{s + ' p99':>10}"
                                    for s in ("a", "b", "c")))  # fmt: skip
-    for label in ("c1", "c4", "c16", "open70"):
+    for label in ("c1", "c4", "c16", "mix16", "open70"):
         row = f"{label:<8}"
         for system in (a, b, c):
             r = system[label]

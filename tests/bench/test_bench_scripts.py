@@ -63,6 +63,11 @@ def test_batching_bench_runs(tmp_path):
     assert set(report["results"]) == {"a", "b", "c"}
     assert all(r["errors"] == {} for system in report["results"].values()
                for r in system.values())  # fmt: skip
+    for system in report["results"].values():  # half text-to-image, half image-to-image
+        assert {k: v["ok"] for k, v in system["mix16"]["by_kind"].items()} == {
+            "image": 8,
+            "text": 8,
+        }
 
 
 def test_metrics_bench_runs(tmp_path):

@@ -75,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
     options.write_images(reply, args.output)
     p, t = reply.parameters, reply.timings
+    steps = f"{p.steps} steps"
+    if p.strength:  # image-to-image: diffusers runs the last int(steps * strength)
+        run = int(p.steps * round(p.strength, 6))
+        steps = f"{run} of {p.steps} steps (strength {p.strength:g})"
+    encoded = f"image {t.vae_encoder_s:.2f}s, " if p.strength else ""
     print(
-        f"{p.steps} steps of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
-        f"(text {t.text_encoder_s:.2f}s, denoise {t.denoiser_s:.2f}s, vae {t.vae_decoder_s:.2f}s)"
+        f"{steps} of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
+        f"(text {t.text_encoder_s:.2f}s, {encoded}denoise {t.denoiser_s:.2f}s, "
+        f"vae {t.vae_decoder_s:.2f}s)"
     )
     return 0

@@ -49,6 +49,42 @@ class TorchThread:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+class OneCallStage:
+    """A stage whose every call is one piece of torch work on its torch thread, at the thread
+    count the plan gives small work (the TextEncoder, VaeEncoder and VaeDecoder services).
+
+    Subclasses name the pipeline part they load (`part_cls`) and their entry in
+    `config.stages` (`stage`)."""
+
+    part_cls: type
+    stage: str
+
+    def __init__(self, part, torch_thread: TorchThread, threads: ThreadPlan | None = None):
+        self.part = part
+        self.torch = torch_thread
+        self.threads = threads
+        """Torch threads for this stage's work (None: leave them as they are)."""
+
+    @classmethod
+    def from_config(cls, config: SdserveConfig, stats: StatsLogger,
+                    torch_thread: TorchThread | None = None):  # fmt: skip
+        """Loads the part from the configured model on the torch thread (a new one unless
+        given) and measures its thread plan there."""
+        thread = torch_thread or TorchThread(cls.stage.replace("_", "-"))
+        part = thread.call(load_stage, cls.part_cls, config, cls.stage, stats)
+        return cls(part, thread, thread.call(thread_plan, config, cls.stage, part))
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on the torch thread, with the plan's threads for small work."""
+
+        def call() -> T:
+            if self.threads is not None:
+                set_threads(self.threads.small)
+            return fn(*args)
+
+        return await self.torch.run(call)
+
+
 def load_stage(stage_cls: type[T], config: SdserveConfig, stage: str, stats: StatsLogger) -> T:
     """Builds a pipeline stage (TextEncoder, Denoiser, VaeDecoder) from the config tree; `stage`
     names its entry in `config.stages`. Call it on the stage's TorchThread.

@@ -7,43 +7,23 @@ so one encoding serves every image, and a request's images equal diffusers' for 
 
 from __future__ import annotations
 
-from sdserve.config import SdserveConfig
-from sdserve.metrics import StatsLogger
 from sdserve.pipeline.images import EncodedImage, VaeEncoder
-from sdserve.pipeline.threads import ThreadPlan, set_threads
-from sdserve.stages.runtime import TorchThread, load_stage, thread_plan
+from sdserve.stages.runtime import OneCallStage
 from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
 from sdserve.v1 import stages_pb2
 
 
-class VaeEncoderService:
-    """Decodes the image bytes and runs the VAE encoder on its torch thread."""
+class VaeEncoderService(OneCallStage):
+    """Decodes the image bytes and runs the VAE encoder on its torch thread (`vae/`)."""
 
-    def __init__(
-        self, encoder: VaeEncoder, torch_thread: TorchThread, threads: ThreadPlan | None = None
-    ):
-        self.encoder = encoder
-        self.torch = torch_thread
-        self.threads = threads
-        """Torch threads for this stage's work (None: leave them as they are)."""
-
-    @classmethod
-    def from_config(
-        cls, config: SdserveConfig, stats: StatsLogger, torch_thread: TorchThread | None = None
-    ) -> VaeEncoderService:
-        """Loads `vae/` of the configured model on the torch thread (a new one unless given)."""
-        thread = torch_thread or TorchThread("vae-encoder")
-        encoder = thread.call(load_stage, VaeEncoder, config, "vae_encoder", stats)
-        return cls(encoder, thread, thread.call(thread_plan, config, "vae_encoder", encoder))
+    part_cls, stage = VaeEncoder, "vae_encoder"
 
     def _encode(self, req: stages_pb2.EncodeImageRequest) -> stages_pb2.EncodeImageResponse:
-        if self.threads is not None:
-            set_threads(self.threads.small)
-        return encoded_to_pb(self.encoder.encode(req.init_image, req.mask_image))
+        return encoded_to_pb(self.part.encode(req.init_image, req.mask_image))
 
     async def encode(self, req: stages_pb2.EncodeImageRequest) -> stages_pb2.EncodeImageResponse:
         """The init image's posterior moments; with a mask, the masked image's and the mask."""
-        return await self.torch.run(self._encode, req)
+        return await self._run(self._encode, req)
 
 
 def encoded_to_pb(encoded: EncodedImage) -> stages_pb2.EncodeImageResponse:

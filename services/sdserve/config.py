@@ -54,6 +54,9 @@ class LimitsConfig(_Strict):
     max_num_images: int = Field(8, ge=1)
     """Most images per request."""
 
+    max_cache_interval: int = Field(10, ge=1)
+    """Largest DeepCache interval a request may ask for (`cache_interval`)."""
+
 
 class DefaultsConfig(_Strict):
     """Values used for request fields the client leaves unset."""
@@ -81,6 +84,11 @@ class EngineConfig(_Strict):
 
     max_batch_size: int = Field(16, ge=1)
     """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
+
+    deepcache_levels: int = Field(0, ge=0)
+    """Depth of DeepCache's shallow branch (requests' `cache_interval`): 0 runs only the last
+    up block's last layer between full steps (the paper's setting for SD, the cheapest); k runs
+    the first k levels of the U-Net whole (costlier, closer to exact). Below the U-Net's depth."""
 
 
 class AdmissionConfig(_Strict):

@@ -40,6 +40,8 @@ class Mix:
     mask_image: bytes = field(default=b"", repr=False)
     strengths: tuple[float | None, ...] = (None,)
     image_every: int = 1
+    guidance_stops: tuple[float | None, ...] = (None,)
+    cache_intervals: tuple[int | None, ...] = (None,)
 
     def request(self, i: int) -> diffusion_pb2.GenerateRequest:
         def pick(options):
@@ -64,6 +66,8 @@ class Mix:
             "width": self.widths,
             "height": self.heights,
             "guidance_scale": self.guidances,
+            "guidance_stop": self.guidance_stops,
+            "cache_interval": self.cache_intervals,
         }
         for name, options in optional.items():
             value = pick(options)
@@ -306,6 +310,8 @@ def main(args) -> int:
         mask_image=args.mask or b"",
         strengths=_split(args.strength, float),
         image_every=max(1, args.image_every),
+        guidance_stops=_split(args.guidance_stop, float),
+        cache_intervals=_split(args.cache_interval, int),
     )
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:

@@ -146,6 +146,11 @@ class DenoiserCounters:
     """Images over all U-Net forwards (a forward of 4 images adds 4)."""
     shared_steps: int = 0
     """U-Net forwards that covered images of more than one request."""
+    unet_rows: int = 0
+    """U-Net batch rows over all steps (guidance adds a row per guided image), shallow ones
+    included."""
+    shallow_rows: int = 0
+    """Of `unet_rows`, the rows that ran only the shallow branch (DeepCache)."""
     finished: int = 0
     cancelled: int = 0
     """Dropped before their end: the caller went away, or (also counted in `expired`) their
@@ -223,6 +228,8 @@ class StatsLogger:
         c.unet_seconds += s.duration_s
         c.image_steps += s.batch_size
         c.shared_steps += len(s.request_ids) > 1
+        c.unet_rows += s.rows
+        c.shallow_rows += s.shallow_rows
         m.denoiser_batch_size.observe(s.batch_size)
         m.unet_step_seconds.observe(s.duration_s)
         m.denoising_steps.inc(s.batch_size)

@@ -22,7 +22,7 @@ class StepStats:
     batch_size: int
     """Images in the forward."""
     rows: int
-    """U-Net batch rows (images plus unconditional rows for guided images)."""
+    """U-Net batch rows (images plus unconditional rows for guided images), shallow included."""
     latent_shape: tuple[int, ...]
     waiting: int
     """Requests still waiting after admission."""
@@ -30,6 +30,8 @@ class StepStats:
     """Requests in the running batch (all buckets)."""
     duration_s: float
     """Seconds of the step: forward, guidance and scheduler updates."""
+    shallow_rows: int = 0
+    """Of `rows`, those that ran only the shallow branch on cached deep features (DeepCache)."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ class GenerateParams:
     """Inpainting: white = repaint."""
     strength: float = 0.0
     """With an init image: the share of the steps that run (0 for text-to-image)."""
+    guidance_stop: float = 1.0
+    """Guidance runs until this fraction of the steps (1: every step)."""
+    cache_interval: int = 1
+    """DeepCache: the whole U-Net every this many steps (1: off)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -105,6 +109,7 @@ class GenerateParams:
             strength = check_strength(request, defaults.strength, steps)
             image_fields = dict(init_image=images.init_image, mask_image=images.mask_image,
                                 strength=strength)  # fmt: skip
+        image_fields.update(check_cheaper_steps(request, limits))
         return cls(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -133,6 +138,8 @@ class GenerateParams:
             init_image=self.init_image,
             mask_image=self.mask_image,
             **({"strength": self.strength} if self.init_image else {}),
+            guidance_stop=self.guidance_stop,
+            cache_interval=self.cache_interval,
         )
 
     def resolved_pb(self) -> diffusion_pb2.ResolvedParameters:
@@ -143,6 +150,8 @@ class GenerateParams:
             guidance_scale=self.guidance_scale,
             scheduler=self.scheduler,
             strength=self.strength,
+            guidance_stop=self.guidance_stop,
+            cache_interval=self.cache_interval,
         )
 
     def png_parameters(self, seed: int, model: str = "") -> str:
@@ -159,11 +168,33 @@ class GenerateParams:
         ]
         if self.init_image:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if self.guidance_stop < 1:
+            fields.append(f"Guidance stop: {self.guidance_stop:g}")
+        if self.cache_interval > 1:
+            fields.append(f"DeepCache interval: {self.cache_interval}")
         if model:
             fields.append(f"Model: {model}")
         fields.append("Generator: sdserve")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+def check_cheaper_steps(request, limits: LimitsConfig) -> dict:
+    """guidance_stop (0 < f <= 1) and cache_interval (1..limits.max_cache_interval)."""
+    fields = {}
+    if request.HasField("guidance_stop"):
+        stop = round(request.guidance_stop, 6)  # a float32: 0.4 arrives as 0.40000001
+        if not (math.isfinite(stop) and 0 < stop <= 1):
+            raise InvalidArgument("guidance_stop", f"must be within (0, 1], got {stop:g}")
+        fields["guidance_stop"] = stop
+    if request.HasField("cache_interval"):
+        n = request.cache_interval
+        if not 1 <= n <= limits.max_cache_interval:
+            raise InvalidArgument(
+                "cache_interval", f"must be within 1..{limits.max_cache_interval}, got {n}"
+            )
+        fields["cache_interval"] = n
+    return fields
 
 
 def _checked_size(request, limits: LimitsConfig, default: tuple[int, int], images) -> dict:

@@ -106,3 +106,14 @@ def test_overload_bench_runs(tmp_path):
         assert flood["flood"]["requests"] == flood["requests"]
         assert set(flood["flood"]["errors"]) <= {"RESOURCE_EXHAUSTED"}, flood["flood"]["errors"]
     assert report["soak"]["memory_samples"] and report["soak"]["errors"] == {}
+
+
+def test_cheap_steps_bench_runs(tmp_path):
+    out = tmp_path / "cheap.json"
+    _run("bench/bench_cheap_steps.py", "--smoke", "--out", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    for model in report["models"].values():
+        r = model["results"]
+        assert r["exact"]["shallow_rows_per_image"] == 0 < r["both"]["shallow_rows_per_image"]
+        assert r["guidance_stop 0.4"]["rows_per_image"] < r["exact"]["rows_per_image"]
+        assert r["both"]["gflops_per_image"] < r["exact"]["gflops_per_image"]

@@ -40,9 +40,10 @@ def test_check_image_passes_a_render_and_names_what_differs(tmp_path, capsys):
     assert "nothing to check" in capsys.readouterr().out
 
 
-def testparse_runs():
-    assert parse_runs("ddpm:1000,ddim:25") == [("ddpm", 1000), ("ddim", 25)]
-    for bad in ("ddim", "ddim:0", "plms:20", "ddim:x"):
+def test_parse_runs():
+    assert parse_runs("ddpm:1000,ddim:25") == [("ddpm", 1000, 1.0, 1), ("ddim", 25, 1.0, 1)]
+    assert parse_runs("ddim:25:gs0.4:ci3") == [("ddim", 25, 0.4, 3)]
+    for bad in ("ddim", "ddim:0", "plms:20", "ddim:x", "ddim:25:gs0", "ddim:25:ci0", "ddim:2:x"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_runs(bad)
 
@@ -50,12 +51,15 @@ def testparse_runs():
 def test_eval_default_model_prints_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "eval.json"
     grid = tmp_path / "grid.png"
-    argv = ["eval-default-model", "-n", "8", "--runs", "ddim:25,ddim:2", "--json", str(out),
-            "--grid", str(grid)]  # fmt: skip
+    argv = ["eval-default-model", "-n", "8", "--runs", "ddim:25,ddim:2,ddim:25:gs0.4:ci3",
+            "--json", str(out), "--grid", str(grid)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| ddim | 25 | 8 |" in printed and "| ddim | 2 | 8 |" in printed
-    good, poor = json.loads(out.read_text())
+    assert "| ddim | 25 | - | 8 |" in printed and "| ddim | 2 | - | 8 |" in printed
+    assert "| ddim | 25 | guidance stop 0.4, DeepCache 3 | 8 |" in printed
+    good, poor, cheap = json.loads(out.read_text())
+    assert (cheap["guidance_stop"], cheap["cache_interval"]) == (0.4, 3)
+    assert cheap["color"] >= 0.75 and cheap["background"] >= 0.75, cheap
     # The shipped model follows these 8 held-out prompts at 25 steps; 2 DDIM steps are too few.
     assert good["color"] >= 0.75 and good["background"] >= 0.75, good
     assert poor["color"] + poor["background"] < good["color"] + good["background"], (good, poor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from sdserve.cli.options import Parents, add_image_options
+from sdserve.cli.options import Parents, add_cheaper_step_options, add_image_options
 
 
 def register(sub, parents: Parents) -> None:
@@ -37,6 +37,7 @@ def register(sub, parents: Parents) -> None:
     load.add_argument("--height", metavar="H[,H...]", help="height(s) in pixels")
     load.add_argument("--guidance", metavar="G[,G...]", help="guidance scale(s)")
     add_image_options(load, strengths=True)
+    add_cheaper_step_options(load, lists=True)
     load.add_argument(
         "--image-every",
         type=int,

@@ -63,7 +63,26 @@ def _request_parent() -> argparse.ArgumentParser:
         "--num-images", type=int, metavar="K", help="images to generate (default 1)"
     )
     add_image_options(parser)
+    add_cheaper_step_options(parser)
     return parser
+
+
+def add_cheaper_step_options(parser: argparse.ArgumentParser, lists: bool = False) -> None:
+    """--guidance-stop and --cache-interval (guidance truncation, DeepCache)."""
+    parser.add_argument(
+        "--guidance-stop",
+        type=str if lists else float,
+        metavar="F[,F...]" if lists else "F",
+        help="run classifier-free guidance only for this fraction of the steps, 0 < F <= 1 "
+        "(default 1: all; 0.4 saves about 30%% of the U-Net rows)",
+    )
+    parser.add_argument(
+        "--cache-interval",
+        type=str if lists else int,
+        metavar="N[,N...]" if lists else "N",
+        help="DeepCache: the whole U-Net every N steps, only its shallow branch in between "
+        "(default 1: off)",
+    )
 
 
 def image_file(path: str) -> bytes:
@@ -117,6 +136,10 @@ def generate_request(args: argparse.Namespace):
         request.mask_image = args.mask
     if args.strength is not None:
         request.strength = args.strength
+    if args.guidance_stop is not None:
+        request.guidance_stop = args.guidance_stop
+    if args.cache_interval is not None:
+        request.cache_interval = args.cache_interval
     return request
 
 

@@ -54,9 +54,15 @@ def register(sub, parents: Parents) -> None:
         "--runs",
         type=parse_runs,
         default=list(DEFAULT_RUNS),
-        metavar="SAMPLER:STEPS,...",
-        help="default " + ",".join(f"{s}:{n}" for s, n in DEFAULT_RUNS),
+        metavar="SAMPLER:STEPS[:gsF][:ciN],...",
+        help="gsF: stop guidance after the fraction F of the steps; ciN: DeepCache at interval "
+        "N (e.g. ddim:25:gs0.4:ci3); default " + ",".join(f"{s}:{n}" for s, n in DEFAULT_RUNS),
     )
+    evaluate.add_argument(
+        "--deepcache-levels", type=int, default=0, metavar="K",
+        help="depth of DeepCache's shallow branch in runs with ciN (engine.deepcache_levels; "
+        "default %(default)s)",
+    )  # fmt: skip
     evaluate.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     evaluate.add_argument(
         "--grid", metavar="PNG", help="write the first run's first 16 images, with their prompts"
@@ -115,18 +121,32 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_runs(text: str) -> list[tuple[str, int]]:
-    """SAMPLER:STEPS,... (argparse type of --runs)."""
+def parse_runs(text: str) -> list[tuple[str, int, float, int]]:
+    """SAMPLER:STEPS[:gsF][:ciN],... (argparse type of --runs): gsF stops guidance after the
+    fraction F of the steps, ciN turns DeepCache on at interval N."""
     from sdserve.constants import SCHEDULER_NAMES
 
     runs = []
     for item in text.split(","):
-        sampler, _, steps = item.strip().partition(":")
-        if sampler not in SCHEDULER_NAMES or not steps.isdigit() or int(steps) < 1:
+        stop, interval = 1.0, 1
+        try:
+            sampler, steps, *knobs = item.strip().split(":")
+            for knob in knobs:
+                if knob.startswith("gs"):
+                    stop = float(knob[2:])
+                elif knob.startswith("ci"):
+                    interval = int(knob[2:])
+                else:
+                    raise ValueError(knob)
+            ok = sampler in SCHEDULER_NAMES and int(steps) >= 1 and 0 < stop <= 1 <= interval
+        except ValueError:
+            ok = False
+        if not ok:
             raise argparse.ArgumentTypeError(
-                f"{item!r}: expected SAMPLER:STEPS with SAMPLER one of {', '.join(SCHEDULER_NAMES)}"
+                f"{item!r}: expected SAMPLER:STEPS[:gsF][:ciN] with SAMPLER one of "
+                f"{', '.join(SCHEDULER_NAMES)}, 0 < F <= 1, N >= 1"
             )
-        runs.append((sampler, int(steps)))
+        runs.append((sampler, int(steps), stop, interval))
     return runs
 
 
@@ -147,9 +167,12 @@ def run_eval(args: argparse.Namespace) -> int:
     shapes = ShapeClassifier.fit()
     captions = eval_captions(args.n)
     results = []
-    for sampler, steps in tqdm(args.runs, desc="evaluating", unit="run"):
+    for run in tqdm(args.runs, desc="evaluating", unit="run"):
+        sampler, steps, stop, interval = (*run, 1.0, 1)[:4]  # the default runs have no knobs
         result, images = measure(pipe, captions, sampler=sampler, steps=steps,
-                                 guidance=args.guidance, shapes=shapes)  # fmt: skip
+                                 guidance=args.guidance, shapes=shapes, guidance_stop=stop,
+                                 cache_interval=interval,
+                                 cache_levels=args.deepcache_levels * (interval > 1))  # fmt: skip
         results.append(result)
         tqdm.write(table(results[-1:]).splitlines()[-1])
         if args.grid and len(results) == 1:

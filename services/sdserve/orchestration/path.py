@@ -93,6 +93,8 @@ class StagePath:
         t = time.perf_counter()
         denoise = _denoise_request(params, encoded, request_id, preview_every if stream else 0)
         denoise.progress_interval_s = progress_interval_s
+        denoise.guidance_stop = params.guidance_stop
+        denoise.cache_interval = params.cache_interval
         if init is not None:
             denoise.init.CopyFrom(init)
             denoise.strength = params.strength

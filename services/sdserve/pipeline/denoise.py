@@ -19,8 +19,14 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve.pipeline import models
-from sdserve.pipeline.images import EncodedImage, ImageConditioning, blend_kept_area, start_latents
+from sdserve.pipeline.images import (
+    EncodedImage,
+    ImageConditioning,
+    start_latents,
+    strength_timesteps,
+)
 from sdserve.pipeline.schedulers import make_scheduler
+from sdserve.pipeline.step import unet_step
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,26 @@ class Sample:
     step_kwargs: dict = field(default_factory=dict)
     index: int = 0
     image: ImageConditioning | None = None
+    guidance_until: int | None = None
+    """The last step index that runs guidance (None: every step)."""
+    cache_interval: int = 1
+    """DeepCache: the whole U-Net every this many steps, the shallow branch in between."""
+    cache_levels: int = 0
+    """DeepCache: the shallow branch's depth (`deepcache.shallow_forward`)."""
+    deep_cache: torch.Tensor | None = None
+    """DeepCache: the deep features of the last full step, (uncond, cond) rows or (cond,)."""
+
+    @property
+    def guided_now(self) -> bool:
+        """Whether this step computes the unconditional row (guidance on and not stopped)."""
+        return self.uncond is not None and (
+            self.guidance_until is None or self.index <= self.guidance_until
+        )
+
+    @property
+    def shallow(self) -> bool:
+        """Whether this step runs only the U-Net's shallow branch on cached deep features."""
+        return self.cache_interval > 1 and self.index % self.cache_interval != 0
 
     @property
     def done(self) -> bool:
@@ -72,13 +98,19 @@ def make_sample(
     init: EncodedImage | None = None,
     strength: float = 1.0,
     inpainting_unet: bool = False,
+    guidance_stop: float = 1.0,
+    cache_interval: int = 1,
+    cache_levels: int = 0,
 ) -> Sample:
     """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
     (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed.
 
     With `init`, the image starts from that image as the image-to-image pipeline (no mask) or
     the inpainting pipeline (a mask) does: `strength` cuts the timesteps to the last
-    `int(steps * strength)` and picks the noise level of the first latents."""
+    `int(steps * strength)` and picks the noise level of the first latents.
+
+    `guidance_stop` < 1 ends guidance after step int(len(timesteps) * guidance_stop), as
+    diffusers' documented dynamic-CFG callback does; `cache_interval` > 1 turns DeepCache on."""
     scheduler = make_scheduler(scheduler_name, scheduler_config)
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
@@ -109,15 +141,10 @@ def make_sample(
         timesteps=timesteps,
         step_kwargs=step_kwargs,
         image=image,
+        guidance_until=int(len(timesteps) * guidance_stop) if guidance_stop < 1 else None,
+        cache_interval=cache_interval,
+        cache_levels=cache_levels,
     )
-
-
-def strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
-    """The image-to-image pipelines' `get_timesteps`: the last `int(steps * strength)` steps."""
-    t_start = max(steps - min(int(steps * strength), steps), 0)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * scheduler.order)
-    return scheduler.timesteps[t_start * scheduler.order :]
 
 
 @dataclass(eq=False)
@@ -146,50 +173,6 @@ class DenoiseJob:
     @property
     def done(self) -> bool:
         return all(s.done for s in self.samples)
-
-
-@torch.inference_mode()
-def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
-    """Advances every sample by one step with a single U-Net forward.
-
-    The batch is [uncond halves of the guided samples..., cond halves of all samples...], and the
-    timestep tensor has one entry per row, so samples at different steps share the forward.
-    All samples must have the same latent shape.
-    """
-    guided = [s for s in samples if s.uncond is not None]
-    t = [s.timesteps[s.index] for s in samples]
-    t_of = dict(zip(map(id, samples), t, strict=True))
-    scaled = {id(s): s.scheduler.scale_model_input(s.latents, t_of[id(s)]) for s in samples}
-
-    rows = guided + list(samples)
-    x = torch.cat([_unet_input(scaled[id(s)], s) for s in rows])
-    timesteps = torch.stack([t_of[id(s)].float() for s in rows]).to(x.device)
-    context = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
-    eps = unet(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
-
-    eps_uncond = {id(s): eps[i : i + 1] for i, s in enumerate(guided)}
-    for i, sample in enumerate(samples):
-        eps_text = eps[len(guided) + i : len(guided) + i + 1]
-        noise_pred = eps_text
-        if sample.uncond is not None:
-            u = eps_uncond[id(sample)]
-            noise_pred = u + sample.guidance_scale * (eps_text - u)  # classifier-free guidance
-        sample.latents = sample.scheduler.step(
-            noise_pred, t_of[id(sample)], sample.latents, **sample.step_kwargs, return_dict=False
-        )[0]
-        if sample.image is not None and sample.image.image_latents is not None:
-            k = sample.index + 1
-            next_t = sample.timesteps[k] if k < len(sample.timesteps) else None
-            sample.latents = blend_kept_area(sample.latents, sample.image, sample.scheduler, next_t)
-        sample.index += 1
-
-
-def _unet_input(scaled: torch.Tensor, sample: Sample) -> torch.Tensor:
-    """A row of the U-Net's input: the scaled latents, then a 9-channel inpainting model's mask
-    and masked-image latents."""
-    if sample.image is None or not sample.image.extra_channels:
-        return scaled
-    return torch.cat([scaled, *sample.image.extra_channels], dim=1)
 
 
 class Denoiser:
@@ -263,7 +246,8 @@ class Denoiser:
             uncond: negative-prompt embeddings, or None when guidance_scale <= 1.
             seeds: one per image; image i starts from its own `Generator().manual_seed(seeds[i])`.
             on_step: called with (steps done, steps in all) after every U-Net forward.
-            image_kwargs: `init` and `strength` for image-to-image and inpainting.
+            image_kwargs: `init` and `strength` for image-to-image and inpainting;
+                `guidance_stop` and `cache_interval` for cheaper steps.
 
         Returns:
             Final latents, shape (len(seeds), latent_channels, height // f, width // f).
@@ -300,6 +284,9 @@ class Denoiser:
         seeds: Sequence[int],
         init: EncodedImage | None = None,
         strength: float = 1.0,
+        guidance_stop: float = 1.0,
+        cache_interval: int = 1,
+        cache_levels: int = 0,
         **job_kwargs,
     ) -> DenoiseJob:
         """Prepares a request's images (timesteps, initial noise, step kwargs) as diffusers
@@ -327,6 +314,9 @@ class Denoiser:
                 init=init,
                 strength=strength,
                 inpainting_unet=self.inpainting,
+                guidance_stop=guidance_stop,
+                cache_interval=cache_interval,
+                cache_levels=cache_levels,
             )
             for seed in seeds
         ]

@@ -6,7 +6,8 @@ One engine runs per Denoiser replica, on the replica's torch thread. At every st
 2. admits waiting requests into the running batch, up to `max_batch_size` images per bucket;
 3. runs ONE U-Net forward over one bucket of running images (`unet_step`): each image at its own
    timestep, with its own scheduler, generator, step count and guidance; images with guidance
-   <= 1 add no unconditional row;
+   <= 1, or past their guidance stop, add no unconditional row; images on a DeepCache shallow
+   step go into a second, shallow forward;
 4. reports progress, and hands finished latents back.
 
 Images whose latents differ in shape cannot share a forward; they sit in separate buckets, which
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdserve.pipeline.denoise import DenoiseJob, unet_step
+from sdserve.pipeline.denoise import DenoiseJob
+from sdserve.pipeline.step import unet_step
 from sdserve.pipeline.threads import set_threads
 from sdserve.stats import StepStats
 
@@ -253,7 +255,8 @@ class DenoiseEngine:
             return None
 
         samples = [s for job in jobs for s in job.samples if not s.done]
-        rows = len(samples) + sum(s.uncond is not None for s in samples)
+        rows = len(samples) + sum(s.guided_now for s in samples)
+        shallow_rows = sum(1 + s.guided_now for s in samples if s.shallow)
         if self.threads_for_rows is not None:
             set_threads(self.threads_for_rows(rows))
         started = time.perf_counter()
@@ -266,6 +269,7 @@ class DenoiseEngine:
             request_ids=tuple(j.request_id for j in jobs),
             batch_size=len(samples),
             rows=rows,
+            shallow_rows=shallow_rows,
             latent_shape=shape,
             waiting=waiting,
             running=running,

@@ -134,6 +134,14 @@ def _sample(moments: torch.Tensor, generator: torch.Generator, scaling_factor: f
     return scaling_factor * DiagonalGaussianDistribution(moments).sample(generator=generator)
 
 
+def strength_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The image-to-image pipelines' `get_timesteps`: the last `int(steps * strength)` steps."""
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order :]
+
+
 def start_latents(
     encoded: EncodedImage,
     *,

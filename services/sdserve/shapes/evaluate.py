@@ -31,6 +31,12 @@ class Adherence:
     background: float
     shape: float
     seconds_per_image: float
+    guidance_stop: float = 1.0
+    """Guidance truncation (diffusers' dynamic-CFG callback); 1: off."""
+    cache_interval: int = 1
+    """DeepCache interval (the DeepCache package's helper); 1: off."""
+    cache_levels: int = 0
+    """DeepCache's branch depth (`engine.deepcache_levels`)."""
 
 
 def eval_captions(n: int, seed: int = EVAL_SEED) -> list[Caption]:
@@ -48,9 +54,53 @@ def load_pipeline(model_dir: str | Path):
     return pipe
 
 
+def dynamic_cfg(stop: float, deep_cache=None):
+    """diffusers' documented dynamic classifier-free guidance callback: after step
+    int(num_timesteps * stop), drop the unconditional half (what `guidance_stop` does). With a
+    DeepCache helper on the pipeline, its cached features drop their unconditional half too
+    (the helper alone assumes a batch that never changes)."""
+
+    def callback(pipe, step_index, timestep, callback_kwargs):
+        if step_index == int(pipe.num_timesteps * stop):
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+            if deep_cache is not None:
+                cached = deep_cache.cached_output
+                cached.update({key: _cond_half(value) for key, value in cached.items()})
+        return callback_kwargs
+
+    return callback
+
+
+def _cond_half(value):
+    """The second (conditional) half of every tensor in a nested output."""
+    if isinstance(value, torch.Tensor):
+        return value.chunk(2)[-1]
+    if isinstance(value, tuple | list):
+        return type(value)(_cond_half(v) for v in value)
+    return value
+
+
 def generate(pipe, prompts: list[str], *, sampler: str, steps: int, guidance: float,
-             seed: int, size: int = 64, batch_size: int = 32) -> list[Image.Image]:  # fmt: skip
-    """One image per prompt; image i's noise comes from `seed + i` whatever the batching."""
+             seed: int, size: int = 64, batch_size: int = 32, guidance_stop: float = 1.0,
+             cache_interval: int = 1, cache_levels: int = 0) -> list[Image.Image]:  # fmt: skip
+    """One image per prompt; image i's noise comes from `seed + i` whatever the batching.
+    `guidance_stop` < 1 runs diffusers' dynamic-CFG callback, `cache_interval` > 1 the DeepCache
+    package's helper: the references that sdserve's engine equals (tests/unit/
+    test_cheaper_steps.py)."""
+    helper = None
+    if cache_interval > 1:
+        from DeepCache import DeepCacheSDHelper  # a dev dependency (pip install DeepCache)
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        from sdserve.pipeline.deepcache import package_branch_id
+
+        branch = package_branch_id(pipe.unet, cache_levels)  # engine.deepcache_levels
+        helper.set_params(cache_interval=cache_interval, cache_branch_id=branch)
+    knobs = {}
+    if guidance_stop < 1:
+        knobs = dict(callback_on_step_end=dynamic_cfg(guidance_stop, helper),
+                     callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
     from sdserve.pipeline.schedulers import make_scheduler
 
     folder_scheduler = pipe.scheduler
@@ -65,8 +115,12 @@ def generate(pipe, prompts: list[str], *, sampler: str, steps: int, guidance: fl
             pipe.scheduler = make_scheduler(sampler, config)  # a fresh one per batch
             generators = [torch.Generator().manual_seed(seed + start + i)
                           for i in range(len(chunk))]  # fmt: skip
+            if helper is not None:
+                helper.enable()  # after the scheduler: it reads its timesteps
             out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size,
-                       width=size, generator=generators)  # fmt: skip
+                       width=size, generator=generators, **knobs)  # fmt: skip
+            if helper is not None:
+                helper.disable()
             images.extend(out.images)
     finally:
         pipe.scheduler = folder_scheduler
@@ -74,11 +128,12 @@ def generate(pipe, prompts: list[str], *, sampler: str, steps: int, guidance: fl
 
 
 def measure(pipe, captions: list[Caption], *, sampler: str, steps: int, guidance: float,
-            shapes: ShapeClassifier, seed: int = EVAL_SEED,
-            batch_size: int = 32) -> tuple[Adherence, list[Image.Image]]:  # fmt: skip
+            shapes: ShapeClassifier, seed: int = EVAL_SEED, batch_size: int = 32,
+            **knobs) -> tuple[Adherence, list[Image.Image]]:  # fmt: skip
+    """Adherence of one run; `knobs`: guidance_stop, cache_interval (see `generate`)."""
     started = time.perf_counter()
     images = generate(pipe, [c.prompt for c in captions], sampler=sampler, steps=steps,
-                      guidance=guidance, seed=seed, batch_size=batch_size)  # fmt: skip
+                      guidance=guidance, seed=seed, batch_size=batch_size, **knobs)  # fmt: skip
     seconds = (time.perf_counter() - started) / len(images)
     verdicts = [check(image, caption, shapes) for image, caption in zip(images, captions,
                                                                          strict=True)]  # fmt: skip
@@ -91,19 +146,24 @@ def measure(pipe, captions: list[Caption], *, sampler: str, steps: int, guidance
         background=sum(v.background for v in verdicts) / n,
         shape=sum(v.shape for v in verdicts) / n,
         seconds_per_image=seconds,
+        **knobs,
     )
     return result, images
 
 
 def table(results: list[Adherence]) -> str:
     lines = [
-        "| sampler | steps | images | foreground color | background color | shape | s/image |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| sampler | steps | cheaper steps | images | foreground color | background color "
+        "| shape | s/image |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        knobs = [f"guidance stop {r.guidance_stop:g}"] if r.guidance_stop < 1 else []
+        levels = f", {r.cache_levels} levels" if r.cache_levels else ""
+        knobs += [f"DeepCache {r.cache_interval}{levels}"] if r.cache_interval > 1 else []
         lines.append(
-            f"| {r.sampler} | {r.steps} | {r.images} | {r.color:.1%} | {r.background:.1%} "
-            f"| {r.shape:.1%} | {r.seconds_per_image:.3f} |"
+            f"| {r.sampler} | {r.steps} | {', '.join(knobs) or '-'} | {r.images} | {r.color:.1%} "
+            f"| {r.background:.1%} | {r.shape:.1%} | {r.seconds_per_image:.3f} |"
         )
     return "\n".join(lines)
 

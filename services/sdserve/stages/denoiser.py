@@ -59,6 +59,10 @@ class DenoiserService:
         self.stats = stats
         self.torch = torch_thread
         self.strategy = engine.batching
+        self.cache_levels = engine.deepcache_levels
+        if self.cache_levels >= len(denoiser.unet.down_blocks):
+            raise ValueError(f"engine.deepcache_levels must be below the U-Net's "
+                             f"{len(denoiser.unet.down_blocks)} levels")  # fmt: skip
         self.engine = eng.DenoiseEngine(
             denoiser.unet,
             max_batch_size=engine.max_batch_size,
@@ -128,6 +132,8 @@ class DenoiserService:
             unet_busy_ratio=self.stats.unet_busy_ratio(),
             work_ahead=self.engine.work_ahead(),
             capacity=self.stats.capacity(),
+            unet_rows=c.unet_rows,
+            shallow_rows=c.shallow_rows,
         )
 
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
@@ -190,6 +196,9 @@ class DenoiserService:
             init=encoded_from_pb(req.init) if req.HasField("init") else None,
             # a float32 field: six decimals give back the client's 0.7 (int(10 * 0.7) = 7 steps)
             strength=round(req.strength, 6) if req.HasField("init") else 1.0,
+            guidance_stop=round(req.guidance_stop, 6) or 1.0,
+            cache_interval=max(1, req.cache_interval),
+            cache_levels=self.cache_levels,
         )
         self.engine.submit(job)
 

@@ -263,6 +263,8 @@ class GenerateRequest(_message.Message):
     INIT_IMAGE_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
+    CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -305,6 +307,15 @@ class GenerateRequest(_message.Message):
     """
     mask_image: _builtins.bytes
     """Inpainting: a PNG of init_image's size; white = repaint, black = keep. Needs init_image."""
+    guidance_stop: _builtins.float
+    """Guidance truncation: classifier-free guidance runs only until this fraction of the steps
+    (the unconditional row is dropped after step int(steps * guidance_stop)), 0 < f <= 1.
+    Unset or 1: guidance on every step.
+    """
+    cache_interval: _builtins.int
+    """DeepCache: the whole U-Net every N steps, only its shallow branch on cached deep features
+    in between; 1..`limits.max_cache_interval`. Unset or 1: off.
+    """
     def __init__(
         self,
         *,
@@ -321,13 +332,19 @@ class GenerateRequest(_message.Message):
         init_image: _builtins.bytes = ...,
         strength: _builtins.float | None = ...,
         mask_image: _builtins.bytes = ...,
+        guidance_stop: _builtins.float | None = ...,
+        cache_interval: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cache_interval: _TypeAlias = _typing.Literal["cache_interval"]  # noqa: Y015
+    _WhichOneofArgType__cache_interval: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
+    _WhichOneofReturnType__guidance_stop: _TypeAlias = _typing.Literal["guidance_stop"]  # noqa: Y015
+    _WhichOneofArgType__guidance_stop: _TypeAlias = _typing.Literal["_guidance_stop", b"_guidance_stop"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
     _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
     _WhichOneofReturnType__num_images: _TypeAlias = _typing.Literal["num_images"]  # noqa: Y015
@@ -341,7 +358,11 @@ class GenerateRequest(_message.Message):
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_interval) -> _WhichOneofReturnType__cache_interval | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_stop) -> _WhichOneofReturnType__guidance_stop | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
     @_typing.overload
@@ -571,6 +592,8 @@ class ResolvedParameters(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
+    GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
+    CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     """Image width in pixels."""
     height: _builtins.int
@@ -583,6 +606,10 @@ class ResolvedParameters(_message.Message):
     """Sampler name."""
     strength: _builtins.float
     """Image inputs only: the strength used (0 for text-to-image)."""
+    guidance_stop: _builtins.float
+    """The guidance stop used (1: guidance on every step)."""
+    cache_interval: _builtins.int
+    """The DeepCache interval used (1: off)."""
     def __init__(
         self,
         *,
@@ -592,10 +619,12 @@ class ResolvedParameters(_message.Message):
         guidance_scale: _builtins.float = ...,
         scheduler: _builtins.str = ...,
         strength: _builtins.float = ...,
+        guidance_stop: _builtins.float = ...,
+        cache_interval: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "height", b"height", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

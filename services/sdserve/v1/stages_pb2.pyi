@@ -141,6 +141,8 @@ class DenoiseRequest(_message.Message):
     PROGRESS_INTERVAL_S_FIELD_NUMBER: _builtins.int
     INIT_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
+    GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
+    CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -165,6 +167,10 @@ class DenoiseRequest(_message.Message):
     """With `init`: the share of the schedule to run, 0 < strength <= 1; the request runs the
     last int(steps * strength) steps, starting from the image noised to that level.
     """
+    guidance_stop: _builtins.float
+    """Guidance runs until step int(len(timesteps) * guidance_stop); 0 or 1: every step."""
+    cache_interval: _builtins.int
+    """DeepCache interval (full U-Net every N steps); 0 or 1: off."""
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings from the text encoder, shape [1, max_length, hidden]."""
@@ -200,10 +206,12 @@ class DenoiseRequest(_message.Message):
         progress_interval_s: _builtins.float = ...,
         init: Global___EncodeImageResponse | None = ...,
         strength: _builtins.float = ...,
+        guidance_stop: _builtins.float = ...,
+        cache_interval: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "init", b"init", "uncond", b"uncond"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "guidance_scale", b"guidance_scale", "height", b"height", "init", b"init", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -372,6 +380,8 @@ class DenoiserStats(_message.Message):
     EXPIRED_FIELD_NUMBER: _builtins.int
     WORK_AHEAD_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    UNET_ROWS_FIELD_NUMBER: _builtins.int
+    SHALLOW_ROWS_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -402,6 +412,12 @@ class DenoiserStats(_message.Message):
     """Image-steps left of every request waiting or running now (load shedding's queue)."""
     capacity: _builtins.float
     """Image-steps per second of the fullest batches of the last minute (0: not measured yet)."""
+    unet_rows: _builtins.int
+    """U-Net batch rows over all steps (a guided image adds its unconditional row), shallow
+    rows included.
+    """
+    shallow_rows: _builtins.int
+    """Of unet_rows, the rows that ran only the U-Net's shallow branch (DeepCache)."""
     def __init__(
         self,
         *,
@@ -419,10 +435,12 @@ class DenoiserStats(_message.Message):
         expired: _builtins.int = ...,
         work_ahead: _builtins.int = ...,
         capacity: _builtins.float = ...,
+        unet_rows: _builtins.int = ...,
+        shallow_rows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shallow_rows", b"shallow_rows", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_rows", b"unet_rows", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -167,3 +167,22 @@ def test_cli_unreachable_server_is_unavailable(tmp_path):
     run = sdserve_cli("generate", "a cat", "--server", f"127.0.0.1:{free_port()}", "--timeout", "5")
     assert run.returncode == 2
     assert run.stderr.split(":")[0] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_cli_cheaper_steps_reach_the_denoiser(server, tmp_path):
+    """--guidance-stop and --cache-interval travel through the proxy to the engine: the
+    Denoiser's row counters change by exactly what the request's knobs predict."""
+    from helpers import denoiser_stats
+
+    app = server.config.server.app_name
+    before = denoiser_stats(app)
+    run = sdserve_cli("generate", "a cat", "--server", server.target, "-o",
+                      str(tmp_path / "c.png"), "--steps", "10", "--guidance", "5", "--seed", "1",
+                      "--guidance-stop", "0.4", "--cache-interval", "3")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    after = denoiser_stats(app)
+    # guided on steps 0..4 (5 + 10 rows); shallow on steps 1, 2, 4, 5, 7, 8 (2 + 2 + 2 + 1 x 3)
+    assert after.unet_rows - before.unet_rows == 15
+    assert after.shallow_rows - before.shallow_rows == 9
+    parameters = Image.open(tmp_path / "c.png").text["parameters"]
+    assert "Guidance stop: 0.4, DeepCache interval: 3" in parameters

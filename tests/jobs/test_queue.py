@@ -417,6 +417,39 @@ def test_cancel_running_job_stops_it(redis_server):
     assert len(reported_after_cancel) <= 1, reported_after_cancel
 
 
+def test_a_runner_that_ignores_its_cancellation_is_settled_anyway(redis_server):
+    """A stage call that swallows the cancellation (a Serve stream was seen to run on for
+    seconds) must not keep a cancelled job RUNNING: it ends CANCELLED within the lease, and the
+    attempt records no further step."""
+
+    async def runner(request, job_id, report):
+        for step in range(1, 201):
+            with contextlib.suppress(asyncio.CancelledError):  # the misbehaving call goes on
+                await asyncio.sleep(0.05)
+            await report(step, 200)
+        return b"finished"
+
+    async def main():
+        queue = _queue(redis_server.url)
+        job_id, _ = await queue.submit(b"x", total_steps=200)
+        worker = Worker(queue, runner, block_ms=100)
+        async with _running(worker):
+
+            async def running():
+                record = await queue.get(job_id)
+                return record.state is JobState.RUNNING and record.step >= 2
+
+            await _wait_until(running, 10, "the job to run")
+            at_cancel = (await queue.cancel(job_id)).step
+            record = await wait_for(queue, job_id, queue.lease_s)
+            assert record.state is JobState.CANCELLED and record.result is None
+            await asyncio.sleep(0.5)  # the abandoned attempt goes on, but records nothing
+            assert (await queue.get(job_id)).step <= at_cancel + 2
+        await queue.close()
+
+    asyncio.run(main())
+
+
 def test_invalid_argument_fails_at_once(redis_server):
     """A runner raising InvalidArgument fails the job at its first attempt, naming the field."""
     entered = []

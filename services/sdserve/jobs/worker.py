@@ -188,6 +188,8 @@ class Worker:
                 stop.set()
 
         async def report(step: int, total: int) -> None:
+            if stop.is_set():  # cancelled or lost: this attempt records no more steps
+                return
             # Progress is best effort; the lease decides who owns the job.
             with contextlib.suppress(Unavailable):
                 seen(await self.queue.progress(delivery, token, step, total))
@@ -219,7 +221,11 @@ class Worker:
             stopped.cancel()
             if not run.done():
                 run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
+                # A cancelled stage call does not always hand the cancellation back at once (a
+                # Serve stream was seen to run on for seconds): wait a little, then settle the
+                # job anyway; the attempt's task ends on its own and records nothing more.
+                await asyncio.wait({run}, timeout=self.queue.lease_s / 2)
+                run.add_done_callback(_consume)
 
         if lost:
             self._count("lost")
@@ -266,3 +272,9 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise
                 await backoff.sleep()
+
+
+def _consume(task: asyncio.Task) -> None:
+    """Retrieves an abandoned attempt's outcome, so that asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()

@@ -94,17 +94,23 @@ def test_cancelled_denoiser_call_leaves_the_batch(server):
 
 
 # Between Serve's gRPC proxy and the ingress, Serve forwards a client's cancellation on a best
-# effort basis (ray-project/ray#52533, #44644): here it missed about one call in seven. The
-# end-to-end tests below therefore allow three attempts; the ingress then cancels its stage
-# calls explicitly (deployments/ingress.py, cancel_on_exit), which the test above pins down.
-ATTEMPTS = 3
+# effort basis (ray-project/ray#52533, #44644): measured here, it missed about one call in five
+# to seven, and the proxy's own gRPC server never saw the missed ones (README, "Cancellation").
+# That is a limit of Serve, not a flake, so the test below measures the rate over a fixed number
+# of cancellations and states the limit, instead of retrying until one gets through. From the
+# ingress inward sdserve cancels every stage call itself (the test above; 50 of 50 in
+# tests/unit/test_orchestration.py).
+CANCELS = 8
+MIN_FREED = 4
+"""With a miss rate of 1 in 5, fewer than 4 of 8 freed happens about once in 100 runs."""
 
 
 def test_client_cancel_frees_the_batch_slot(server, stub):
-    for attempt in range(ATTEMPTS):
+    freed = []
+    for i in range(CANCELS):
         before = denoiser_stats(server.config.server.app_name)
         request = diffusion_pb2.GenerateRequest(
-            prompt="a long one", steps=150, seed=attempt, width=128, height=128
+            prompt="a long one", steps=150, seed=i, width=128, height=128
         )
         call = stub.GenerateStream(request, timeout=120)
         for event in call:
@@ -115,8 +121,8 @@ def test_client_cancel_frees_the_batch_slot(server, stub):
         _wait_until(lambda: denoiser_stats(server.config.server.app_name).running == 0, 30)
         if after is not None:
             assert after.finished == before.finished  # it never finished: never decoded
-            return
-    raise AssertionError(f"no cancellation reached the Denoiser in {ATTEMPTS} attempts")
+        freed.append(after is not None)
+    assert sum(freed) >= MIN_FREED, f"Serve passed {sum(freed)} of {CANCELS} cancellations on"
 
 
 def test_the_clients_deadline_reaches_the_server(server, stub):

@@ -128,8 +128,8 @@ def measure_ceiling(model: Path, pipe, n: int = 16, repeats: int = 3) -> dict:
         engine = DenoiseEngine(denoiser.unet, max_batch_size=n)
         jobs = []
         for r in requests:
-            cond, uncond = text.encode(r.prompt, "", with_uncond=True)
-            job = denoiser.make_job(str(r.seed), cond, uncond, width=SIZE, height=SIZE,
+            emb = text.encode(r.prompt, "", with_uncond=True)
+            job = denoiser.make_job(str(r.seed), emb.cond, emb.uncond, width=SIZE, height=SIZE,
                                     steps=STEPS, guidance_scale=GUIDANCE, scheduler=SCHEDULER,
                                     seeds=[r.seed])  # fmt: skip
             engine.submit(job)

@@ -1,10 +1,14 @@
 """sdserve's request path and engine against diffusers' pipeline on a GPU, without Ray.
 
     python bench/bench_gpu_engine.py [--out bench/results/gpu_engine.json]
+    python bench/bench_gpu_engine.py --arch sdxl --out bench/results/gpu_engine_sdxl.json
     python bench/bench_gpu_engine.py --smoke     # tiny model, CPU, seconds: checks the script
 
 SD 1.5's architecture (sdserve.testing.architectures: `sd15`) with random weights, fp16,
-512x512, 25 DDIM steps, guidance 7.5. sdserve runs through the code that serves requests:
+512x512, 25 DDIM steps, guidance 7.5; with `--arch sdxl`, SDXL base's (`sdxl`: two text
+encoders, the 2.6 B U-Net with per-row pooled and size conditioning, the VAE decoding in fp32
+as diffusers' SDXL pipeline does) at 1024x1024, against `StableDiffusionXLPipeline`.
+sdserve runs through the code that serves requests:
 `StagePath` over the `InProcessStageClient`, i.e. the TextEncoder, Denoiser (its step-level
 batching engine) and VaeDecoder services on one torch thread; only Serve's hops are missing.
 In one run it measures:
@@ -38,7 +42,14 @@ from sdserve.orchestration.in_process import InProcessStageClient
 from sdserve.orchestration.path import StagePath
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.images import VaeEncoder
-from sdserve.pipeline.models import SD15_SCHEDULER, sd_pipeline, vae_scale_factor
+from sdserve.pipeline.models import (
+    SD15_SCHEDULER,
+    SDXL_SCHEDULER,
+    sd_pipeline,
+    sdxl_pipeline,
+    vae_scale_factor,
+)
+from sdserve.pipeline.step import pooled_width, takes_text_time, time_ids
 from sdserve.pipeline.text import TextEncoder
 from sdserve.pipeline.vae import VaeDecoder
 from sdserve.stages.denoiser import DenoiserService
@@ -51,6 +62,10 @@ from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
 
 GUIDANCE = 7.5
+ARCHS = {  # --arch: (preset, size, steps) on the GPU; (preset, size, steps) with --smoke
+    "sd15": (("sd15", 512, 25), ("tiny", 64, 4)),
+    "sdxl": (("sdxl", 1024, 25), ("tiny-sdxl", 64, 4)),
+}
 
 
 class Bench:
@@ -61,21 +76,27 @@ class Bench:
 
         self.size, self.steps, self.device = size, steps, device
         parts = random_parts(arch)
-        for name in ("text_encoder", "unet", "vae"):
-            parts[name].to(device, dtype)
-        self.pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                                parts["unet"])  # fmt: skip
-        self.pipe.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+        for name, part in parts.items():
+            if not name.startswith("tokenizer"):
+                part.to(device, dtype)
+        xl = "text_encoder_2" in parts
+        schedule = SDXL_SCHEDULER if xl else SD15_SCHEDULER
+        if xl:
+            self.pipe = sdxl_pipeline(parts)
+        else:
+            self.pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                                    parts["unet"])  # fmt: skip
+        self.pipe.scheduler = DDIMScheduler.from_config(schedule)
         self.pipe.set_progress_bar_config(disable=True)
         self.thread = TorchThread("bench-torch")
         self.stats = StatsLogger()
-        self.text = TextEncoderService(
-            TextEncoder.from_parts(parts["tokenizer"], parts["text_encoder"]), self.thread
-        )
+        second = {"tokenizer_2": parts.get("tokenizer_2"), "model_2": parts.get("text_encoder_2")}
+        text = TextEncoder.from_parts(parts["tokenizer"], parts["text_encoder"], **second)
+        self.text = TextEncoderService(text, self.thread)
         self.denoiser = Denoiser.from_parts(
-            parts["unet"], SD15_SCHEDULER, vae_scale_factor(dict(parts["vae"].config))
+            parts["unet"], schedule, vae_scale_factor(dict(parts["vae"].config))
         )
-        self.vae = VaeDecoderService(VaeDecoder.from_parts(parts["vae"]), self.thread)
+        self.vae = VaeDecoderService(VaeDecoder.from_parts(parts["vae"], upcast=xl), self.thread)
         self.vae_encoder = VaeEncoderService(VaeEncoder.from_parts(parts["vae"]), self.thread)
 
     def path(self, max_batch_size: int) -> tuple[StagePath, DenoiserService]:
@@ -141,11 +162,17 @@ class Bench:
 
         unet, h = self.pipe.unet, self.size // self.pipe.vae_scale_factor
         x = torch.randn(2, 4, h, h, device=self.device, dtype=unet.dtype)
-        hidden = self.pipe.text_encoder.config.hidden_size
+        hidden = unet.config.cross_attention_dim
         ctx = torch.randn(2, 77, hidden, device=self.device, dtype=unet.dtype)
+        added = None
+        if takes_text_time(unet):  # SDXL: the pooled text and size conditioning
+            pooled = torch.randn(2, pooled_width(unet), device=self.device, dtype=unet.dtype)
+            ids = time_ids(self.size, self.size, dtype=unet.dtype, device=self.device)
+            added = {"text_embeds": pooled, "time_ids": ids.repeat(2, 1)}
         counter = FlopCounterMode(display=False)
         with counter, torch.inference_mode():
-            unet(x, torch.tensor([500, 500], device=self.device), encoder_hidden_states=ctx)
+            unet(x, torch.tensor([500, 500], device=self.device), encoder_hidden_states=ctx,
+                 added_cond_kwargs=added)  # fmt: skip
         return counter.get_total_flops() / 2
 
 
@@ -189,19 +216,29 @@ async def measure(bench: Bench, batches: list[int], clients: int, requests: int)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/gpu_engine.json")
+    parser.add_argument(
+        "--arch",
+        choices=sorted(ARCHS),
+        default="sd15",
+        help="sd15: SD 1.5's sizes at 512x512 (default); sdxl: SDXL base's at 1024x1024, "
+        "fp16 with the VAE decoding in fp32; 25 DDIM steps either way (with --smoke: the tiny "
+        "or tiny-sdxl model at 64x64, 4 steps)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--requests", type=int, default=96, help="closed-loop requests")
     args = parser.parse_args()
     if args.smoke:
-        arch, size, steps, device, dtype = "tiny", 64, 4, torch.device("cpu"), torch.float32
+        arch, size, steps = ARCHS[args.arch][1]
+        device, dtype = torch.device("cpu"), torch.float32
         batches, clients, requests = [1, 2], 4, 4
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke to check the script on a CPU", file=sys.stderr)
             return 2
-        arch, size, steps, device, dtype = "sd15", 512, 25, torch.device("cuda"), torch.float16
+        arch, size, steps = ARCHS[args.arch][0]
+        device, dtype = torch.device("cuda"), torch.float16
         batches = [int(b) for b in args.batches.split(",")]
         clients, requests = args.clients, args.requests
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -25,6 +25,14 @@ def tiny_inpaint_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A tiny random-weight SDXL (`--arch tiny-sdxl`: two text encoders, text/time embeds)."""
+    from sdserve.testing.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def diffusers_pipe(tiny_model):
     """diffusers' own StableDiffusionPipeline on the tiny model: the peer oracle."""
     from diffusers import StableDiffusionPipeline

@@ -144,10 +144,12 @@ def solo_latents(
     height=64,
 ):
     """One request through TextEncoder + Denoiser.denoise (no engine): the reference result."""
-    cond, uncond = text.encode(prompt, negative_prompt, with_uncond=guidance > 1)
+    emb = text.encode(prompt, negative_prompt, with_uncond=guidance > 1)
     return denoiser.denoise(
-        cond,
-        uncond,
+        emb.cond,
+        emb.uncond,
+        pooled=emb.pooled,
+        uncond_pooled=emb.uncond_pooled,
         width=width,
         height=height,
         steps=steps,

@@ -57,12 +57,14 @@ def _job(
     **kwargs,
 ):
     text, denoiser, _ = parts
-    cond, uncond = text.encode(prompt, "", with_uncond=guidance > 1)
+    emb = text.encode(prompt, "", with_uncond=guidance > 1)
     recorder = Recorder()
     job = denoiser.make_job(
         request_id,
-        cond,
-        uncond,
+        emb.cond,
+        emb.uncond,
+        pooled=emb.pooled,
+        uncond_pooled=emb.uncond_pooled,
         width=width,
         height=height,
         steps=steps,

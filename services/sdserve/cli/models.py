@@ -20,9 +20,11 @@ def register(sub, parents: Parents) -> None:
     tiny.add_argument(
         "--arch",
         default="tiny",
-        choices=["tiny", "tiny-sd15-layout", "tiny-inpaint"],
-        help="U-Net layout: tiny (2 levels, default), tiny-sd15-layout (SD 1.5's 4 levels at a "
-        "narrow width) or tiny-inpaint (tiny with a 9-channel inpainting U-Net)",
+        choices=["tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl"],
+        help="layout: tiny (2 levels, default), tiny-sd15-layout (SD 1.5's 4 levels at a "
+        "narrow width), tiny-inpaint (tiny with a 9-channel inpainting U-Net), tiny-sd2 (SD "
+        "2.x's shape, v-prediction) or tiny-sdxl (SDXL's shape: two text encoders, a "
+        "StableDiffusionXLPipeline folder)",
     )
     tiny.set_defaults(func=run)
 

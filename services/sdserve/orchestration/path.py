@@ -210,6 +210,8 @@ def _denoise_request(
         seeds=params.seeds,
         preview_every=preview_every,
     )
-    if encoded.HasField("uncond"):
-        denoise.uncond.CopyFrom(encoded.uncond)
+    for name, field in (("uncond", "uncond"), ("cond_pooled", "cond_pooled"),
+                        ("uncond_pooled", "uncond_pooled")):  # fmt: skip
+        if encoded.HasField(name):
+            getattr(denoise, field).CopyFrom(getattr(encoded, name))
     return denoise

@@ -66,13 +66,19 @@ def capture(unet, levels: int = 0) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _embed(unet, sample, timestep, context):
+def _embed(unet, sample, timestep, context, added_cond_kwargs=None):
+    """The time embedding as `UNet2DConditionModel.forward` makes it, with SDXL's added text
+    and size embedding (`get_aug_embed`) when the U-Net takes one."""
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
     emb = unet.time_embedding(t_emb, None)
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=context,
+                                 added_cond_kwargs=added_cond_kwargs or {})  # fmt: skip
+    if aug_emb is not None:
+        emb = emb + aug_emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     context = unet.process_encoder_hidden_states(encoder_hidden_states=context,
-                                                 added_cond_kwargs=None)  # fmt: skip
+                                                 added_cond_kwargs=added_cond_kwargs)  # fmt: skip
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
     return sample, emb, context
@@ -103,10 +109,12 @@ def shallow_forward(
     context: torch.Tensor,
     deep: torch.Tensor,
     levels: int = 0,
+    added_cond_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """The U-Net's output for rows whose deep features are cached (`deep`, one row per batch
-    row), computing only the layers that DeepCache does not skip."""
-    sample, emb, context = _embed(unet, sample, timestep, context)
+    row), computing only the layers that DeepCache does not skip; SDXL's `added_cond_kwargs`
+    (text_embeds, time_ids: a row per batch row) go into the time embedding."""
+    sample, emb, context = _embed(unet, sample, timestep, context, added_cond_kwargs)
     hidden = unet.conv_in(sample)
     if levels == 0:
         resnet, attention = _last_layer(unet)

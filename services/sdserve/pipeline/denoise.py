@@ -4,6 +4,10 @@ The loop mirrors `StableDiffusionPipeline.__call__` in diffusers (phases 4-7), w
 shape: every image is a `Sample` with its own scheduler instance, its own seeded CPU generator and
 its own guidance, and one U-Net forward (`unet_step`) covers all running samples, each at its own
 timestep. An image therefore does not depend on what it was batched with.
+
+SDXL's U-Net also takes, per row, the second text encoder's pooled embeddings and the size
+conditioning (`added_cond_kwargs`, as `StableDiffusionXLPipeline.__call__` phase 7 builds
+them): each SDXL sample carries its own (`TextTime`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from sdserve.pipeline.images import (
     strength_timesteps,
 )
 from sdserve.pipeline.schedulers import make_scheduler
-from sdserve.pipeline.step import unet_step
+from sdserve.pipeline.step import TextTime, pooled_width, takes_text_time, time_ids, unet_step
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class Sample:
         timesteps: the timesteps this image runs: all of its scheduler's, or for an image
             input the last `int(steps * strength)` of them.
         image: what an image-to-image or inpainting sample needs at every step.
+        text_time: SDXL's pooled embeddings and size conditioning (None for SD 1.x/2.x).
     """
 
     cond: torch.Tensor
@@ -65,6 +70,7 @@ class Sample:
     """DeepCache: the shallow branch's depth (`deepcache.shallow_forward`)."""
     deep_cache: torch.Tensor | None = None
     """DeepCache: the deep features of the last full step, (uncond, cond) rows or (cond,)."""
+    text_time: TextTime | None = None
 
     @property
     def guided_now(self) -> bool:
@@ -101,6 +107,7 @@ def make_sample(
     guidance_stop: float = 1.0,
     cache_interval: int = 1,
     cache_levels: int = 0,
+    text_time: TextTime | None = None,
 ) -> Sample:
     """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
     (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed.
@@ -144,6 +151,7 @@ def make_sample(
         guidance_until=int(len(timesteps) * guidance_stop) if guidance_stop < 1 else None,
         cache_interval=cache_interval,
         cache_levels=cache_levels,
+        text_time=text_time,
     )
 
 
@@ -185,34 +193,53 @@ class Denoiser:
             models.load_unet(root, device_, models.resolve_dtype(dtype, device_)),
             models.load_scheduler_config(root),
             models.vae_scale_factor(models.read_config(root, "vae")),
+            models.model_family(root),
         )
 
     @classmethod
-    def from_parts(cls, unet, scheduler_config: dict, vae_scale_factor: int) -> Denoiser:
-        """Wraps an already-loaded U-Net (benchmarks build the parts in memory)."""
+    def from_parts(
+        cls, unet, scheduler_config: dict, vae_scale_factor: int, family: str | None = None
+    ) -> Denoiser:
+        """Wraps an already-loaded U-Net (benchmarks build the parts in memory); `family`
+        None: told from the U-Net's config (`models.config_family`)."""
         denoiser = cls.__new__(cls)
-        denoiser._set_parts(unet, scheduler_config, vae_scale_factor)
+        family = family or models.config_family(dict(unet.config))
+        denoiser._set_parts(unet, scheduler_config, vae_scale_factor, family)
         return denoiser
 
-    def _set_parts(self, unet, scheduler_config: dict, vae_scale_factor: int) -> None:
+    def _set_parts(self, unet, scheduler_config: dict, vae_scale_factor: int, family: str) -> None:
         self.unet = unet
         self.device, self.dtype = unet.device, unet.dtype
         self.scheduler_config = dict(scheduler_config)
         self.vae_scale_factor = vae_scale_factor
+        self.family = family
+        """The model family: "sd1", "sd2" or "sdxl" (`models.model_family`)."""
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         self.native_size = (w * self.vae_scale_factor, h * self.vae_scale_factor)
         """(width, height) in pixels the model was trained at."""
 
+    @property
+    def prediction_type(self) -> str:
+        """What the U-Net predicts: "epsilon" (SD 1.x, SDXL), "v_prediction" (SD 2.x at 768)
+        or "sample"; the schedulers read it from the same config."""
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
     @torch.inference_mode()
     def calibration_forward(self, rows: int) -> None:
         """One U-Net forward over `rows` batch rows at the native size, random inputs (for
         timing: `sdserve.pipeline.threads`)."""
+        config = self.unet.config
         _, h, w = self.latent_shape(*self.native_size)
-        x = torch.randn(rows, self.unet.config.in_channels, h, w).to(self.device, self.dtype)
-        context = torch.randn(rows, 77, self.unet.config.cross_attention_dim)
+        x = torch.randn(rows, config.in_channels, h, w).to(self.device, self.dtype)
+        context = torch.randn(rows, 77, config.cross_attention_dim).to(self.device, self.dtype)
         t = torch.full((rows,), 500.0, device=self.device)
-        self.unet(x, t, encoder_hidden_states=context.to(self.device, self.dtype))
+        added = None
+        if takes_text_time(self.unet):
+            pooled = torch.randn(rows, pooled_width(self.unet)).to(self.device, self.dtype)
+            ids = time_ids(*self.native_size, dtype=self.dtype, device=self.device)
+            added = {"text_embeds": pooled, "time_ids": ids.repeat(rows, 1)}
+        self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """One image's latents (the U-Net's output channels: a 9-channel inpainting U-Net
@@ -236,6 +263,8 @@ class Denoiser:
         guidance_scale: float,
         scheduler: str,
         seeds: Sequence[int],
+        pooled: torch.Tensor | None = None,
+        uncond_pooled: torch.Tensor | None = None,
         on_step: Callable[[int, int], None] | None = None,
         **image_kwargs,
     ) -> torch.Tensor:
@@ -245,6 +274,8 @@ class Denoiser:
             cond: prompt embeddings, shape (1, seq_len, hidden).
             uncond: negative-prompt embeddings, or None when guidance_scale <= 1.
             seeds: one per image; image i starts from its own `Generator().manual_seed(seeds[i])`.
+            pooled: SDXL: the prompt's pooled text embeddings, shape (1, projection_dim).
+            uncond_pooled: SDXL: the negative prompt's, or None when guidance_scale <= 1.
             on_step: called with (steps done, steps in all) after every U-Net forward.
             image_kwargs: `init` and `strength` for image-to-image and inpainting;
                 `guidance_stop` and `cache_interval` for cheaper steps.
@@ -262,6 +293,8 @@ class Denoiser:
             guidance_scale=guidance_scale,
             scheduler=scheduler,
             seeds=seeds,
+            pooled=pooled,
+            uncond_pooled=uncond_pooled,
             **image_kwargs,
         )
         while not job.done:
@@ -282,6 +315,8 @@ class Denoiser:
         guidance_scale: float,
         scheduler: str,
         seeds: Sequence[int],
+        pooled: torch.Tensor | None = None,
+        uncond_pooled: torch.Tensor | None = None,
         init: EncodedImage | None = None,
         strength: float = 1.0,
         guidance_stop: float = 1.0,
@@ -291,12 +326,21 @@ class Denoiser:
     ) -> DenoiseJob:
         """Prepares a request's images (timesteps, initial noise, step kwargs) as diffusers
         does, from an encoded init image (and mask) when given; `job_kwargs` go to
-        `DenoiseJob` (on_event, deadline, preview_every)."""
+        `DenoiseJob` (on_event, deadline, preview_every).
+
+        An SDXL U-Net needs `pooled` (1, projection_dim), and `uncond_pooled` with guidance;
+        other U-Nets ignore them.
+
+        Raises:
+            ValueError: an input the U-Net needs is missing or has the wrong width.
+        """
         if self.inpainting and (init is None or init.mask is None):
             raise ValueError("an inpainting U-Net needs an init image and a mask")
         guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         if guided and uncond is None:
             raise ValueError("guidance_scale > 1 needs the negative-prompt embeddings")
+        text_time = TextTime.for_unet(self.unet, pooled, uncond_pooled, guided=guided,
+                                      width=width, height=height)  # fmt: skip
         cond = cond.to(self.device, self.dtype)
         uncond = uncond.to(self.device, self.dtype) if guided else None
         samples = [
@@ -317,6 +361,7 @@ class Denoiser:
                 guidance_stop=guidance_stop,
                 cache_interval=cache_interval,
                 cache_levels=cache_levels,
+                text_time=text_time,
             )
             for seed in seeds
         ]

@@ -10,6 +10,9 @@ The layout SD 1.x/2.x ship (and `sdserve make-tiny-model` writes):
     vae/            config.json + diffusion_pytorch_model.safetensors
     scheduler/      scheduler_config.json
 
+SDXL adds `tokenizer_2/` and `text_encoder_2/` (OpenCLIP bigG, a CLIPTextModelWithProjection).
+`model_family` tells the three apart from the config files alone.
+
 Each stage loads only its own part. Nothing is fetched from a hub: every loader gets a local path
 and `local_files_only=True`.
 """
@@ -41,7 +44,16 @@ PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
     "scheduler": (("scheduler_config.json",),),
 }
-"""What each part of a model folder needs, as alternatives of file sets."""
+"""What each part of an SD 1.x/2.x folder needs, as alternatives of file sets."""
+
+XL_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "tokenizer_2": PARTS["tokenizer"],
+    "text_encoder_2": PARTS["text_encoder"],
+}
+"""The parts an SDXL folder has besides `PARTS`."""
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+"""Model families (`model_family`): SD 1.x, SD 2.x (OpenCLIP, often v-prediction), SDXL."""
 
 
 def check_model_dir(path: str | Path, parts: tuple[str, ...]) -> Path:
@@ -55,7 +67,7 @@ def check_model_dir(path: str | Path, parts: tuple[str, ...]) -> Path:
         raise ModelFolderError(f"model folder {root} does not exist or is not a folder")
     missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
     for part in parts:
-        alternatives = PARTS[part]
+        alternatives = {**PARTS, **XL_PARTS}[part]
         if any(all((root / part / f).is_file() for f in files) for files in alternatives):
             continue
         first = alternatives[0]
@@ -88,20 +100,25 @@ def _variant(root: Path, part: str, weights: str) -> str | None:
     return "fp16"
 
 
-def load_tokenizer(root: Path):
+def load_tokenizer(root: Path, part: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    return CLIPTokenizer.from_pretrained(root / part, local_files_only=True)
 
 
-def load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import CLIPTextModel
+def load_text_encoder(
+    root: Path, device: torch.device, dtype: torch.dtype, part: str = "text_encoder"
+):
+    """`text_encoder/` as a CLIPTextModel; SDXL's `text_encoder_2/` as a
+    CLIPTextModelWithProjection (its pooled, projected output conditions the U-Net)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    model = CLIPTextModel.from_pretrained(
-        root / "text_encoder",
+    model_cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+    model = model_cls.from_pretrained(
+        root / part,
         dtype=dtype,
         local_files_only=True,
-        variant=_variant(root, "text_encoder", "model.safetensors"),
+        variant=_variant(root, part, "model.safetensors"),
     )
     return model.to(device).eval().requires_grad_(False)
 
@@ -148,6 +165,40 @@ def read_config(root: Path, part: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The folder's model_index.json ({} when it has none)."""
+    return _json(Path(root) / "model_index.json")
+
+
+def config_family(unet_config: dict[str, Any], text_config: dict[str, Any] | None = None) -> str:
+    """The family ("sdxl", "sd2" or "sd1") of a U-Net config (and the first text encoder's).
+
+    SDXL's U-Net takes the pooled text and size conditioning (`addition_embed_type`
+    "text_time"); SD 2.x's cross-attends to OpenCLIP-H (1024 wide, `gelu`), SD 1.x's to CLIP-L
+    (768, `quick_gelu`)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    if (text_config or {}).get("hidden_act") == "gelu":
+        return "sd2"
+    return "sd1"
+
+
+def model_family(root: str | Path) -> str:
+    """The family of the model folder at `root` ("sd1", "sd2" or "sdxl"), read from its config
+    files only (model_index.json, unet/ and text_encoder/ config.json)."""
+    root = Path(root)
+    if "XL" in read_index(root).get("_class_name", ""):
+        return "sdxl"
+    unet = _json(root / "unet" / "config.json")
+    return config_family(unet, _json(root / "text_encoder" / "config.json"))
+
+
 SD15_SCHEDULER = dict(
     _class_name="PNDMScheduler",
     _diffusers_version="0.6.0",
@@ -162,6 +213,42 @@ SD15_SCHEDULER = dict(
     trained_betas=None,
 )
 """Stable Diffusion 1.5's `scheduler/scheduler_config.json`, verbatim."""
+
+SD21_SCHEDULER = dict(
+    _class_name="DDIMScheduler",
+    _diffusers_version="0.8.0",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+"""Stable Diffusion 2.1's (768x768, v-prediction) `scheduler/scheduler_config.json`, verbatim."""
+
+SDXL_SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler",
+    _diffusers_version="0.19.0.dev0",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+)
+"""SDXL base 1.0's `scheduler/scheduler_config.json`, verbatim."""
 
 
 # --- Writing a folder (the tiny test models, the default model's training) -----------------
@@ -179,26 +266,48 @@ def byte_level_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def sd_pipeline(vae, text_encoder, tokenizer, unet):
-    """A StableDiffusionPipeline of these parts, with SD 1.5's scheduler and no safety checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def scheduler_from_config(config: dict[str, Any]):
+    """The scheduler a folder's config names (`_class_name`), built from that config."""
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config=SD15_SCHEDULER):
+    """A StableDiffusionPipeline of these parts, with SD 1.5's scheduler (or the one
+    `scheduler_config` names) and no safety checker."""
+    from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=scheduler_from_config(scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def save_sd_folder(pipe, out: Path) -> None:
-    """`pipe.save_pretrained(out)` with safetensors, keeping SD 1.5's scheduler config verbatim
-    (save_pretrained rewrites it; it carries keys PNDM ignores but DDIM reads)."""
+def sdxl_pipeline(parts: dict[str, Any], scheduler_config=SDXL_SCHEDULER):
+    """A StableDiffusionXLPipeline of `parts` (vae, text_encoder, text_encoder_2, tokenizer,
+    tokenizer_2, unet), with SDXL's scheduler and no watermarker."""
+    from diffusers import StableDiffusionXLPipeline
+
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
+    return StableDiffusionXLPipeline(
+        **{name: parts[name] for name in names},
+        scheduler=scheduler_from_config(scheduler_config),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def save_sd_folder(pipe, out: Path, scheduler_config=SD15_SCHEDULER) -> None:
+    """`pipe.save_pretrained(out)` with safetensors, keeping the scheduler config verbatim
+    (save_pretrained rewrites it; SD 1.5's carries keys PNDM ignores but DDIM reads)."""
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SD15_SCHEDULER, indent=2) + "\n"
+        json.dumps(scheduler_config, indent=2) + "\n"
     )

@@ -3,13 +3,15 @@
 Rows that need the whole U-Net share one forward; rows on a DeepCache shallow step share one
 shallow forward per branch depth. Each sample then gets its classifier-free guidance (when it
 is still guided), its own scheduler's step, and for 4-channel inpainting the kept area blended
-back.
+back. An SDXL U-Net also gets each row's pooled text embeddings and size conditioning
+(`added_cond_kwargs`, from the sample's `TextTime`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +21,77 @@ from sdserve.pipeline.images import blend_kept_area
 
 if TYPE_CHECKING:
     from sdserve.pipeline.denoise import Sample
+
+
+def takes_text_time(unet) -> bool:
+    """An SDXL U-Net: it takes pooled text embeddings and size conditioning per row."""
+    return unet.config.addition_embed_type == "text_time"
+
+
+def pooled_width(unet) -> int:
+    """The width of the pooled text embeddings an SDXL U-Net takes (its `add_embedding` input
+    less the six embedded size numbers): the second text encoder's projection_dim."""
+    config = unet.config
+    return config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+
+def time_ids(width: int, height: int, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """SDXL's size conditioning as diffusers' defaults make it: original size = target size =
+    (height, width), crop top-left (0, 0). Shape (1, 6)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class TextTime:
+    """SDXL's added conditioning of one image: its rows' `added_cond_kwargs`.
+
+    Attributes:
+        pooled: the prompt's pooled text embeddings (`text_embeds`), shape (1, projection_dim).
+        uncond_pooled: the negative prompt's, same shape, or None without guidance.
+        time_ids: `time_ids(width, height)`, shape (1, 6); the unconditional row's too, as in
+            diffusers without negative sizes.
+    """
+
+    pooled: torch.Tensor
+    uncond_pooled: torch.Tensor | None
+    time_ids: torch.Tensor
+
+    @classmethod
+    def for_unet(cls, unet, pooled, uncond_pooled, *, guided: bool, width: int,
+                 height: int) -> TextTime | None:  # fmt: skip
+        """An image's `TextTime` for an SDXL U-Net (None for other U-Nets), in its dtype.
+
+        Raises:
+            ValueError: `pooled` (or with guidance `uncond_pooled`) is missing, or its width is
+                not the one the U-Net takes.
+        """
+        if not takes_text_time(unet):
+            return None
+        if pooled is None or (guided and uncond_pooled is None):
+            raise ValueError("an SDXL U-Net needs the pooled text embeddings (pooled, and "
+                             "uncond_pooled with guidance)")  # fmt: skip
+        if pooled.shape[-1] != pooled_width(unet):
+            raise ValueError(f"pooled text embeddings of width {pooled.shape[-1]}; the U-Net "
+                             f"takes {pooled_width(unet)}")  # fmt: skip
+        device, dtype = unet.device, unet.dtype
+        return cls(
+            pooled=pooled.to(device, dtype),
+            uncond_pooled=uncond_pooled.to(device, dtype) if guided else None,
+            time_ids=time_ids(width, height, dtype=dtype, device=device),
+        )
+
+
+def _added_cond_kwargs(guided: list[Sample], samples: list[Sample]) -> dict | None:
+    """SDXL: the rows' `added_cond_kwargs` in the batch's row order (uncond rows of `guided`,
+    then cond rows of `samples`): text_embeds (rows, projection_dim), time_ids (rows, 6)."""
+    if samples[0].text_time is None:
+        return None
+    parts = [s.text_time for s in samples]
+    uncond = [s.text_time for s in guided]
+    return {
+        "text_embeds": torch.cat([p.uncond_pooled for p in uncond] + [p.pooled for p in parts]),
+        "time_ids": torch.cat([p.time_ids for p in uncond + parts]),
+    }
 
 
 @torch.inference_mode()
@@ -62,14 +135,16 @@ def _forward(unet, samples: list[Sample], shallow: int | None) -> dict:
     x = torch.cat([_unet_input(scaled[id(s)], s) for s in rows])
     timesteps = torch.stack([t_of[id(s)].float() for s in rows]).to(x.device)
     context = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
+    added = _added_cond_kwargs(guided, samples)
     if shallow is not None:  # the branch depth of these rows
         deep = torch.cat([s.deep_cache[:1] for s in guided] + [s.deep_cache[-1:] for s in samples])
-        eps = deepcache.shallow_forward(unet, x, timesteps, context, deep, shallow)
+        eps = deepcache.shallow_forward(unet, x, timesteps, context, deep, shallow, added)
     else:
         levels = sorted({s.cache_levels for s in samples if s.cache_interval > 1})
         with contextlib.ExitStack() as stack:
             captured = {n: stack.enter_context(deepcache.capture(unet, n)) for n in levels}
-            eps = unet(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+            eps = unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
+                       return_dict=False)[0]  # fmt: skip
         for n in levels:
             _keep_deep_features(guided, samples, captured[n][0], n)
     uncond_row = {id(s): i for i, s in enumerate(guided)}

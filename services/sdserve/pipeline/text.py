@@ -1,12 +1,15 @@
 """The text-encoder stage: tokenizer + CLIP text model -> prompt embeddings.
 
 Mirrors `StableDiffusionPipeline.encode_prompt` in diffusers (no LoRA, no clip_skip), so the
-embeddings match diffusers' bit for bit on the same weights.
+embeddings match diffusers' bit for bit on the same weights. An SDXL folder has two text
+encoders; there it mirrors `StableDiffusionXLPipeline.encode_prompt`: both encoders'
+penultimate hidden states side by side, and the second one's pooled, projected output.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,56 +19,137 @@ from sdserve.pipeline import models
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """What the U-Net is conditioned on for one prompt and its negative prompt.
+
+    Attributes:
+        cond: the prompt's embeddings, shape (1, seq_len, hidden); for SDXL hidden is both
+            encoders' widths side by side (768 + 1280 for SDXL base).
+        uncond: the negative prompt's, same shape; None unless asked for.
+        pooled: SDXL only: the second encoder's pooled, projected output (`text_embeds`),
+            shape (1, projection_dim).
+        uncond_pooled: SDXL only: the negative prompt's, same shape; None unless asked for.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+
+
 class TextEncoder:
-    """Loads `tokenizer/` and `text_encoder/` of a model folder."""
+    """Loads `tokenizer/` and `text_encoder/` of a model folder (and `tokenizer_2/` and
+    `text_encoder_2/` of an SDXL folder)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         root = models.check_model_dir(model_dir, ("tokenizer", "text_encoder"))
         self.device = models.resolve_device(device)
         self.dtype = models.resolve_dtype(dtype, self.device)
+        second = None
+        if models.model_family(root) == "sdxl":
+            models.check_model_dir(root, ("tokenizer_2", "text_encoder_2"))
+            second = (
+                models.load_tokenizer(root, "tokenizer_2"),
+                models.load_text_encoder(root, self.device, self.dtype, "text_encoder_2"),
+            )
         self._set_parts(
-            models.load_tokenizer(root), models.load_text_encoder(root, self.device, self.dtype)
+            models.load_tokenizer(root),
+            models.load_text_encoder(root, self.device, self.dtype),
+            second,
+            bool(models.read_index(root).get("force_zeros_for_empty_prompt", True)),
         )
 
     @classmethod
-    def from_parts(cls, tokenizer, model) -> TextEncoder:
-        """Wraps an already-loaded tokenizer and CLIPTextModel (benchmarks build them in memory)."""
+    def from_parts(
+        cls,
+        tokenizer,
+        model,
+        *,
+        tokenizer_2=None,
+        model_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ) -> TextEncoder:
+        """Wraps an already-loaded tokenizer and CLIPTextModel (benchmarks build them in memory);
+        for SDXL also the second tokenizer and CLIPTextModelWithProjection."""
         encoder = cls.__new__(cls)
         encoder.device, encoder.dtype = model.device, model.dtype
-        encoder._set_parts(tokenizer, model)
+        second = (tokenizer_2, model_2) if model_2 is not None else None
+        encoder._set_parts(tokenizer, model, second, force_zeros_for_empty_prompt)
         return encoder
 
-    def _set_parts(self, tokenizer, model) -> None:
+    def _set_parts(self, tokenizer, model, second, force_zeros: bool) -> None:
         self.tokenizer, self.model = tokenizer, model
+        self.tokenizer_2, self.model_2 = second or (None, None)
+        self.force_zeros_for_empty_prompt = force_zeros
+        """SDXL: an empty negative prompt gives zero embeddings (diffusers' `negative_prompt=None`
+        with the folder's `force_zeros_for_empty_prompt`)."""
         self._use_mask = bool(getattr(model.config, "use_attention_mask", False))
 
-    @torch.inference_mode()
-    def _embed(self, text: str) -> torch.Tensor:
-        inputs = self.tokenizer(
+    @property
+    def family(self) -> str:
+        """The model family: "sdxl" with two text encoders, else "sd2" for OpenCLIP (`gelu`),
+        "sd1" for CLIP."""
+        if self.model_2 is not None:
+            return "sdxl"
+        return models.config_family({}, self.model.config.to_dict())
+
+    def _ids(self, tokenizer, text: str):
+        return tokenizer(
             [text],
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
+
+    @torch.inference_mode()
+    def _embed(self, text: str) -> torch.Tensor:
+        """SD 1.x/2.x: the last hidden state (after the final layer norm), (1, seq_len, hidden)."""
+        inputs = self._ids(self.tokenizer, text)
         mask = inputs.attention_mask.to(self.device) if self._use_mask else None
         hidden = self.model(inputs.input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(self.dtype)
 
+    @torch.inference_mode()
+    def _embed_xl(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: (both encoders' penultimate hidden states concatenated, (1, seq_len, 768 + 1280);
+        the second encoder's pooled output `text_embeds`, (1, projection_dim))."""
+        hidden = []
+        for tokenizer, model in ((self.tokenizer, self.model), (self.tokenizer_2, self.model_2)):
+            ids = self._ids(tokenizer, text).input_ids.to(self.device)
+            out = model(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # clip_skip None: the penultimate layer
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds, (1, projection_dim)
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled
+
     def calibration_forward(self, rows: int = 1) -> None:
         """Encodes `rows` prompts (for timing: `sdserve.pipeline.threads`)."""
+        embed = self._embed if self.model_2 is None else self._embed_xl
         for _ in range(rows):
-            self._embed("a photograph of an astronaut riding a horse")
+            embed("a photograph of an astronaut riding a horse")
 
     def encode(
         self, prompt: str, negative_prompt: str = "", with_uncond: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> PromptEmbeddings:
         """Encodes a prompt and, when `with_uncond`, the negative prompt ("" when none).
 
+        SDXL: an empty negative prompt gives zeros for `uncond` and `uncond_pooled` when the
+        folder's `force_zeros_for_empty_prompt` is set (its default), as diffusers does for
+        `negative_prompt=None`; "" here is diffusers' None.
+
         Returns:
-            cond: `torch.Tensor` of shape (1, model_max_length, hidden_size), the model's dtype.
-            uncond: same shape, or None when `with_uncond` is False.
+            `PromptEmbeddings`: cond of shape (1, model_max_length, hidden) in the model's
+            dtype; uncond the same or None when `with_uncond` is False; for SDXL pooled and
+            uncond_pooled of shape (1, projection_dim).
         """
-        cond = self._embed(prompt)
-        uncond = self._embed(negative_prompt) if with_uncond else None
-        return cond, uncond
+        if self.model_2 is None:
+            cond = self._embed(prompt)
+            return PromptEmbeddings(cond, self._embed(negative_prompt) if with_uncond else None)
+        cond, pooled = self._embed_xl(prompt)
+        if not with_uncond:
+            return PromptEmbeddings(cond, None, pooled)
+        if negative_prompt == "" and self.force_zeros_for_empty_prompt:
+            return PromptEmbeddings(cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled))
+        uncond, uncond_pooled = self._embed_xl(negative_prompt)
+        return PromptEmbeddings(cond, uncond, pooled, uncond_pooled)

@@ -2,11 +2,14 @@
 
 Mirrors the end of `StableDiffusionPipeline.__call__` and `VaeImageProcessor.postprocess`:
 `vae.decode(latents / scaling_factor)`, then `(x / 2 + 0.5).clamp(0, 1)`, then
-`(x * 255).round()` to uint8.
+`(x * 255).round()` to uint8. For SDXL, the end of `StableDiffusionXLPipeline.__call__`: a
+float16 VAE with `force_upcast` decodes in float32, and latents are denormalized with the
+VAE's `latents_mean` and `latents_std` when its config has them.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,15 +28,34 @@ class VaeDecoder:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         root = models.check_model_dir(model_dir, ("vae",))
         self.device = models.resolve_device(device)
-        self.dtype = models.resolve_dtype(dtype, self.device)
-        self.vae = models.load_vae(root, self.device, self.dtype)
+        vae = models.load_vae(root, self.device, models.resolve_dtype(dtype, self.device))
+        if models.model_family(root) == "sdxl" and _needs_upcast(vae):
+            vae = vae.to(torch.float32)  # diffusers' upcast: the same fp16 weights, in fp32
+        self.vae, self.dtype = vae, vae.dtype
 
     @classmethod
-    def from_parts(cls, vae) -> VaeDecoder:
-        """Wraps an already-loaded AutoencoderKL (benchmarks build the parts in memory)."""
+    def from_parts(cls, vae, *, upcast: bool = False) -> VaeDecoder:
+        """Wraps an already-loaded AutoencoderKL (benchmarks build the parts in memory).
+
+        `upcast` (SDXL): a float16 VAE with `force_upcast` decodes with a float32 copy, as
+        `StableDiffusionXLPipeline` does."""
+        if upcast and _needs_upcast(vae):
+            vae = copy.deepcopy(vae).to(torch.float32)
         decoder = cls.__new__(cls)
         decoder.vae, decoder.device, decoder.dtype = vae, vae.device, vae.dtype
         return decoder
+
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's input: `latents * latents_std / scaling_factor + latents_mean` when its
+        config has a mean and std, else `latents / scaling_factor`."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return latents / config.scaling_factor
+        channels = latents.shape[1]
+        mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+        return latents * std / config.scaling_factor + mean
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -45,7 +67,7 @@ class VaeDecoder:
         Returns:
             `np.ndarray` of dtype uint8 and shape (batch, h * f, w * f, 3).
         """
-        latents = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor
+        latents = self._unscale(latents.to(self.device, self.dtype))
         image = self.vae.decode(latents, return_dict=False)[0]
         image = (image / 2 + 0.5).clamp(0, 1)
         image = image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -64,6 +86,12 @@ class VaeDecoder:
         pixels = self.decode(latents)
         texts = list(parameters) or [""] * len(pixels)
         return [to_png(p, t) for p, t in zip(pixels, texts, strict=True)]
+
+
+def _needs_upcast(vae) -> bool:
+    """Where `StableDiffusionXLPipeline` decodes in float32: a float16 VAE with `force_upcast`
+    (SDXL's own VAE overflows in float16)."""
+    return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
 
 
 def to_png(pixels: np.ndarray, parameters: str = "") -> bytes:

@@ -111,6 +111,8 @@ class DenoiserService:
             native_height=height,
             vae_scale_factor=self.denoiser.vae_scale_factor,
             unet_in_channels=self.denoiser.unet.config.in_channels,
+            family=self.denoiser.family,
+            prediction_type=self.denoiser.prediction_type,
         )
 
     def stats_message(self) -> stages_pb2.DenoiserStats:
@@ -183,7 +185,7 @@ class DenoiserService:
         job: DenoiseJob = self.denoiser.make_job(
             job_id,
             tensor_from_pb(req.cond),
-            tensor_from_pb(req.uncond) if req.HasField("uncond") else None,
+            _optional_tensor(req, "uncond"),
             width=req.width,
             height=req.height,
             steps=req.steps,
@@ -199,6 +201,8 @@ class DenoiserService:
             guidance_stop=round(req.guidance_stop, 6) or 1.0,
             cache_interval=max(1, req.cache_interval),
             cache_levels=self.cache_levels,
+            pooled=_optional_tensor(req, "cond_pooled"),
+            uncond_pooled=_optional_tensor(req, "uncond_pooled"),
         )
         self.engine.submit(job)
 
@@ -242,3 +246,8 @@ class DenoiserService:
                 return message
             return _WithPreview(message, preview_pixels(event.latents, req.width, req.height))
         return None
+
+
+def _optional_tensor(message, name: str):
+    """The tensor of a message's Tensor field, or None when it is unset."""
+    return tensor_from_pb(getattr(message, name)) if message.HasField(name) else None

@@ -9,15 +9,19 @@ from sdserve.v1 import stages_pb2
 
 
 class TextEncoderService(OneCallStage):
-    """Tokenizes and encodes prompts on its torch thread (`tokenizer/`, `text_encoder/`)."""
+    """Tokenizes and encodes prompts on its torch thread (`tokenizer/`, `text_encoder/`, and
+    SDXL's `tokenizer_2/`, `text_encoder_2/`)."""
 
     part_cls, stage = TextEncoder, "text_encoder"
 
     def _encode(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
-        cond, uncond = self.part.encode(req.prompt, req.negative_prompt, req.with_uncond)
-        reply = stages_pb2.EncodeTextResponse(cond=tensor_to_pb(cond))
-        if uncond is not None:
-            reply.uncond.CopyFrom(tensor_to_pb(uncond))
+        embeddings = self.part.encode(req.prompt, req.negative_prompt, req.with_uncond)
+        reply = stages_pb2.EncodeTextResponse()
+        for name, field in (("cond", "cond"), ("uncond", "uncond"), ("pooled", "cond_pooled"),
+                            ("uncond_pooled", "uncond_pooled")):  # fmt: skip
+            tensor = getattr(embeddings, name)
+            if tensor is not None:
+                getattr(reply, field).CopyFrom(tensor_to_pb(tensor))
         return reply
 
     async def encode(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:

@@ -6,6 +6,10 @@ down/up blocks, an AutoencoderKL with four blocks (so latents are 8x smaller per
 and SD 1.5's PNDM scheduler config. `diffusers.StableDiffusionPipeline.from_pretrained(folder)`
 loads it. It makes noise, not pictures, but it exercises every code path in a few milliseconds
 per step on a CPU. The same seed gives byte-identical weight files.
+
+`tiny-sd2` has SD 2.x's shape and SD 2.1's v-prediction scheduler config; `tiny-sdxl` is an
+SDXL folder (`tokenizer_2/`, `text_encoder_2/`, SDXL's Euler scheduler config) that
+`diffusers.StableDiffusionXLPipeline.from_pretrained(folder)` loads.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sdserve.pipeline.models import save_sd_folder, sd_pipeline
-from sdserve.testing.architectures import random_parts
+from sdserve.pipeline.models import save_sd_folder, sd_pipeline, sdxl_pipeline
+from sdserve.testing.architectures import ARCHS, random_parts
 
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-v1"
 """Named in the model's README; bump when the architectures change."""
 
-TINY_ARCHS = ("tiny", "tiny-sd15-layout", "tiny-inpaint")
+TINY_ARCHS = ("tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl")
 """The presets small enough to write as a test model."""
 
 
@@ -40,12 +44,17 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        parts = random_parts(arch, seed)
-        pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"])
-        save_sd_folder(pipe, tmp)
+        parts, scheduler = random_parts(arch, seed), ARCHS[arch].scheduler
+        if "text_encoder_2" in parts:
+            pipe, family = sdxl_pipeline(parts, scheduler), "SDXL"
+        else:
+            pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                               parts["unet"], scheduler)  # fmt: skip
+            family = "Stable Diffusion 2.x" if arch == "tiny-sd2" else "Stable Diffusion 1.x"
+        save_sd_folder(pipe, tmp, scheduler)
         (tmp / "README.md").write_text(
             f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
-            "Random weights in Stable Diffusion 1.x's architecture, made by "
+            f"Random weights in {family}'s architecture, made by "
             f"`sdserve make-tiny-model DIR --seed {seed} --arch {arch}`. It generates noise; it "
             "is for tests and benchmarks.\n"
         )

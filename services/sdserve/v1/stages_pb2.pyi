@@ -99,6 +99,8 @@ class EncodeTextResponse(_message.Message):
 
     COND_FIELD_NUMBER: _builtins.int
     UNCOND_FIELD_NUMBER: _builtins.int
+    COND_POOLED_FIELD_NUMBER: _builtins.int
+    UNCOND_POOLED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings, shape [1, max_length, hidden], the text encoder's dtype."""
@@ -107,15 +109,27 @@ class EncodeTextResponse(_message.Message):
     def uncond(self) -> Global___Tensor:
         """Negative-prompt embeddings, same shape; unset unless `with_uncond`."""
 
+    @_builtins.property
+    def cond_pooled(self) -> Global___Tensor:
+        """SDXL only: the prompt's pooled embedding (the second text encoder's projection),
+        shape [1, projection_dim].
+        """
+
+    @_builtins.property
+    def uncond_pooled(self) -> Global___Tensor:
+        """SDXL only: the negative prompt's pooled embedding; unset unless `with_uncond`."""
+
     def __init__(
         self,
         *,
         cond: Global___Tensor | None = ...,
         uncond: Global___Tensor | None = ...,
+        cond_pooled: Global___Tensor | None = ...,
+        uncond_pooled: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "uncond", b"uncond"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "uncond", b"uncond"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,6 +157,8 @@ class DenoiseRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _builtins.int
     GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
+    COND_POOLED_FIELD_NUMBER: _builtins.int
+    UNCOND_POOLED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -189,6 +205,14 @@ class DenoiseRequest(_message.Message):
         Unset: text-to-image.
         """
 
+    @_builtins.property
+    def cond_pooled(self) -> Global___Tensor:
+        """SDXL only: the prompt's pooled embedding (EncodeTextResponse.cond_pooled)."""
+
+    @_builtins.property
+    def uncond_pooled(self) -> Global___Tensor:
+        """SDXL only: the negative prompt's pooled embedding; unset when guidance is off."""
+
     def __init__(
         self,
         *,
@@ -208,10 +232,12 @@ class DenoiseRequest(_message.Message):
         strength: _builtins.float = ...,
         guidance_stop: _builtins.float = ...,
         cache_interval: _builtins.int = ...,
+        cond_pooled: Global___Tensor | None = ...,
+        uncond_pooled: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "init", b"init", "uncond", b"uncond"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "init", b"init", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,6 +499,8 @@ class DenoiserInfo(_message.Message):
     NATIVE_HEIGHT_FIELD_NUMBER: _builtins.int
     VAE_SCALE_FACTOR_FIELD_NUMBER: _builtins.int
     UNET_IN_CHANNELS_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    PREDICTION_TYPE_FIELD_NUMBER: _builtins.int
     native_width: _builtins.int
     """The model's native image width in pixels."""
     native_height: _builtins.int
@@ -483,6 +511,12 @@ class DenoiserInfo(_message.Message):
     """The U-Net's input channels: 4, or 9 for an inpainting model (which takes only requests
     with an init image and a mask).
     """
+    family: _builtins.str
+    """Model family: "sd1", "sd2" or "sdxl"."""
+    prediction_type: _builtins.str
+    """What the U-Net predicts (the scheduler config's prediction_type): "epsilon",
+    "v_prediction" or "sample".
+    """
     def __init__(
         self,
         *,
@@ -490,10 +524,12 @@ class DenoiserInfo(_message.Message):
         native_height: _builtins.int = ...,
         vae_scale_factor: _builtins.int = ...,
         unet_in_channels: _builtins.int = ...,
+        family: _builtins.str = ...,
+        prediction_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["native_height", b"native_height", "native_width", b"native_width", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,28 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from sdserve.constants import SCHEDULER_NAMES
+from sdserve.stage_config import (  # the deployments' part of the tree, re-exported here
+    AutoscalingConfig,  # noqa: F401
+    StageConfig,
+    StagesConfig,
+    Strict,
+)
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Strict):
-    path: str | None = None
-    """A diffusers-format model folder. None: the built-in default model, which ships with
-    sdserve (`sdserve/default_model/`)."""
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""
-
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    """Weights' dtype. auto: float16 on CUDA, float32 on CPU."""
-
-
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     """Bounds that requests are validated against (INVALID_ARGUMENT when out of bounds)."""
 
     max_prompt_chars: int = Field(1000, ge=1)
@@ -58,7 +50,7 @@ class LimitsConfig(_Strict):
     """Largest DeepCache interval a request may ask for (`cache_interval`)."""
 
 
-class DefaultsConfig(_Strict):
+class DefaultsConfig(Strict):
     """Values used for request fields the client leaves unset."""
 
     steps: int = Field(25, ge=1)
@@ -74,7 +66,7 @@ class DefaultsConfig(_Strict):
     """Image-to-image and inpainting: the share of the schedule that repaints the init image."""
 
 
-class EngineConfig(_Strict):
+class EngineConfig(Strict):
     """The Denoiser engine (one per Denoiser replica)."""
 
     batching: Literal["step", "request"] = "step"
@@ -91,7 +83,7 @@ class EngineConfig(_Strict):
     the first k levels of the U-Net whole (costlier, closer to exact). Below the U-Net's depth."""
 
 
-class AdmissionConfig(_Strict):
+class AdmissionConfig(Strict):
     """Load shedding at the ingress (sdserve/orchestration/admission.py): a request that would
     wait too long, or end after its deadline, is refused RESOURCE_EXHAUSTED at once, with a
     `retry-after-s` hint in the trailing metadata."""
@@ -110,127 +102,38 @@ class AdmissionConfig(_Strict):
     """How often the ingress reads the Denoiser's load."""
 
 
-class AutoscalingConfig(_Strict):
-    """Ray Serve autoscaling of one deployment, on its ongoing requests per replica. For the
-    Denoiser that is queued plus running work: every request waiting for or in the engine's
-    batch is an ongoing call."""
+class ModelStagesConfig(Strict):
+    """One model's own placement and scale of its stage deployments; an unset entry takes the
+    shared one in `stages`."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    """Serve adds replicas when the average per replica is above this, removes them below."""
-
-    upscale_delay_s: float = Field(30.0, ge=0)
-    """How long the load must stay above the target before a replica is added."""
-
-    downscale_delay_s: float = Field(600.0, ge=0)
-    """How long the load must stay below the target before a replica is removed."""
-
-    look_back_period_s: float = Field(30.0, gt=0)
-    """The window Serve averages the ongoing requests over."""
-
-    @model_validator(mode="after")
-    def _check(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas is larger than max_replicas")
-        return self
+    text_encoder: StageConfig | None = None
+    denoiser: StageConfig | None = None
+    vae_decoder: StageConfig | None = None
+    vae_encoder: StageConfig | None = None
 
 
-class StageConfig(_Strict):
-    """Placement and scale of one Ray Serve deployment."""
+class ModelConfig(Strict):
+    name: str = Field("default", pattern=MODEL_NAME_PATTERN, max_length=64)
+    """What requests call it (`GenerateRequest.model`, `sdserve generate --model NAME`)."""
 
-    num_replicas: int = Field(1, ge=0)
-    """Replicas of this deployment. 0 only for `job_worker` (a node that serves the API and
-    runs no jobs)."""
+    path: str | None = None
+    """A diffusers-format model folder. None: the built-in default model, which ships with
+    sdserve (`sdserve/default_model/`)."""
 
-    num_cpus: float = Field(0.0, ge=0)
-    """Logical CPUs reserved per replica."""
+    scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    """The sampler of requests to this model that name none. None: `defaults.scheduler`."""
 
-    num_gpus: float = Field(0.0, ge=0)
-    """GPUs (fractions allowed) reserved per replica. Set it on GPU clusters, leave 0 on CPU."""
+    stages: ModelStagesConfig = Field(default_factory=ModelStagesConfig)
+    """This model's own deployment settings (replicas, GPUs, ...), stage by stage."""
 
-    resources: dict[str, float] = Field(default_factory=dict)
-    """Custom Ray resources per replica, e.g. {"gpu_node": 0.01} to pin a stage to a node type."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""
 
-    torch_threads: int | Literal["auto"] | None = "auto"
-    """CPU threads for torch in each replica. auto: every core for a stage whose forward takes a
-    second or more (SD 1.5 on a CPU), one thread for small ones, timed when the stage loads,
-    for the Denoiser per batch size (sdserve/pipeline/threads.py); nothing is timed on a GPU.
-    None: what Ray sets (OMP_NUM_THREADS = the replica's num_cpus, 1 when num_cpus is 0). A
-    number: that many."""
-
-    @model_validator(mode="after")
-    def _check_threads(self) -> StageConfig:
-        if isinstance(self.torch_threads, int) and self.torch_threads < 1:
-            raise ValueError("torch_threads must be at least 1, auto or null")
-        return self
-
-    max_ongoing_requests: int = Field(16, ge=1)
-    """Requests one replica accepts at once before Serve queues them at the caller."""
-
-    autoscaling: AutoscalingConfig | None = None
-    """When set, Serve scales the replicas between its bounds and `num_replicas` is ignored."""
-
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
-    """On a scale-down or shutdown, how long a replica may finish its running requests."""
-
-    def deployment_options(self) -> dict[str, Any]:
-        """This stage's Ray Serve deployment options."""
-        options: dict[str, Any] = {
-            "ray_actor_options": self.ray_actor_options(),
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-        }
-        if self.autoscaling is None:
-            options["num_replicas"] = self.num_replicas
-        else:
-            options["autoscaling_config"] = self.autoscaling.model_dump()
-        return options
-
-    def ray_actor_options(self) -> dict[str, Any]:
-        """The `ray_actor_options` of this stage's deployment."""
-        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.resources:
-            options["resources"] = dict(self.resources)
-        return options
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weights' dtype. auto: float16 on CUDA, float32 on CPU."""
 
 
-class StagesConfig(_Strict):
-    """One entry per deployment."""
-
-    ingress: StageConfig = StageConfig(num_replicas=1, max_ongoing_requests=4096)
-    """The `Pipeline` deployment that serves DiffusionService and orchestrates the stages."""
-
-    text_encoder: StageConfig = StageConfig(max_ongoing_requests=4096)
-    """The `TextEncoder` deployment (tokenizer + CLIP). Its torch thread is its queue; a low
-    max_ongoing_requests queues calls in Serve's router instead, which under a flood of
-    requests fed the Denoiser in bursts (its U-Net idled a quarter of the time)."""
-
-    denoiser: StageConfig = StageConfig(num_cpus=1.0, max_ongoing_requests=4096)
-    """The `Denoiser` deployment (U-Net and the denoising loop). Its engine is its queue: a
-    high max_ongoing_requests lets every admitted request reach it (load shedding reads it),
-    instead of waiting unseen in Serve's router."""
-
-    vae_decoder: StageConfig = StageConfig(max_ongoing_requests=4096)
-    """The `VaeDecoder` deployment (VAE decoder + PNG encoding); queue as the TextEncoder."""
-
-    vae_encoder: StageConfig = StageConfig(max_ongoing_requests=4096)
-    """The `VaeEncoder` deployment (image inputs: image decoding + VAE encoder); queue as the
-    TextEncoder. Text-to-image requests never call it."""
-
-    job_worker: StageConfig = StageConfig()
-    """The `JobWorker` deployment: each replica runs `jobs.concurrency` queued jobs at a time
-    through the same stages as Generate."""
-
-    @model_validator(mode="after")
-    def _check(self) -> StagesConfig:
-        for name in ("ingress", "text_encoder", "denoiser", "vae_decoder", "vae_encoder"):
-            if getattr(self, name).num_replicas < 1:
-                raise ValueError(f"stages.{name}.num_replicas must be at least 1")
-        return self
-
-
-class JobsConfig(_Strict):
+class JobsConfig(Strict):
     """The asynchronous job queue (SubmitJob/GetJob/WatchJob/CancelJob) on Redis."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -266,7 +169,7 @@ class JobsConfig(_Strict):
     either way."""
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     """The Ray cluster and the public endpoint."""
 
     grpc_port: int = Field(9000, ge=1, le=65535)
@@ -299,7 +202,7 @@ class ServerConfig(_Strict):
     clients over them), or only on the head node (one public address)."""
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(Strict):
     """Prometheus metrics (services/sdserve/metrics.py lists them)."""
 
     enabled: bool = True
@@ -313,10 +216,14 @@ class MetricsConfig(_Strict):
     """How often replicas push their metrics to the node's endpoint (local Ray only)."""
 
 
-class SdserveConfig(_Strict):
+class SdserveConfig(Strict):
     """The whole configuration."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model served when `models` is empty."""
+    models: list[ModelConfig] = Field(default_factory=list)
+    """Several models served side by side, each with its own stage deployments; the first is
+    the default. Empty: `model` alone."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -332,7 +239,31 @@ class SdserveConfig(_Strict):
             raise ValueError("limits.min_size is larger than limits.max_size")
         if self.defaults.steps > self.limits.max_steps:
             raise ValueError("defaults.steps is larger than limits.max_steps")
+        if self.models and self.model != ModelConfig():  # (a dumped tree holds both)
+            raise ValueError("set either model (one model) or models (several), not both")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be unique, got {names}")
         return self
+
+    @property
+    def served_models(self) -> tuple[ModelConfig, ...]:
+        """The models served, the default first."""
+        return tuple(self.models) or (self.model,)
+
+    def model_named(self, name: str | None = None) -> ModelConfig:
+        """A served model by name (None: the default). Raises KeyError."""
+        if name is None:
+            return self.served_models[0]
+        for model in self.served_models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+    def stage(self, stage: str, model: ModelConfig | None = None) -> StageConfig:
+        """The deployment settings of `model`'s stage (its own, else the shared ones)."""
+        own = getattr(model.stages, stage, None) if model is not None else None
+        return own or getattr(self.stages, stage)
 
 
 ENV_VARS = {

@@ -42,6 +42,8 @@ class Mix:
     image_every: int = 1
     guidance_stops: tuple[float | None, ...] = (None,)
     cache_intervals: tuple[int | None, ...] = (None,)
+    models: tuple[str, ...] = ("",)
+    """Served model names ("": the server's default)."""
 
     def request(self, i: int) -> diffusion_pb2.GenerateRequest:
         def pick(options):
@@ -59,8 +61,9 @@ class Mix:
 
     def _text_request(self, i: int, pick) -> diffusion_pb2.GenerateRequest:
         request = diffusion_pb2.GenerateRequest(
-            prompt=pick(self.prompts), scheduler=pick(self.schedulers), seed=i
-        )
+            prompt=pick(self.prompts), scheduler=pick(self.schedulers), seed=i,
+            model=pick(self.models),
+        )  # fmt: skip
         optional = {
             "steps": self.steps,
             "width": self.widths,
@@ -129,7 +132,8 @@ class Report:
         }
 
     def _by_kind(self) -> dict:
-        """Per request kind (text, image, inpaint): OK requests, images/s and median latency."""
+        """Per request kind (text, image, inpaint; MODEL:kind for a named model): OK requests,
+        images/s and median latency."""
         out = {}
         for kind in sorted({r.kind for r in self.records}):
             ok = sorted(r.latency_s for r in self.ok if r.kind == kind)
@@ -179,6 +183,7 @@ async def drive(
         t0 = time.perf_counter()
         request = mix.request(i)
         kind = "inpaint" if request.mask_image else "image" if request.init_image else "text"
+        kind = f"{request.model}:{kind}" if request.model else kind
         try:
             code, images = "OK", await send(request)
         except grpc.aio.AioRpcError as exc:
@@ -312,6 +317,7 @@ def main(args) -> int:
         image_every=max(1, args.image_every),
         guidance_stops=_split(args.guidance_stop, float),
         cache_intervals=_split(args.cache_interval, int),
+        models=_split(args.model, str) if args.model else ("",),
     )
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:

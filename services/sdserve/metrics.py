@@ -250,9 +250,10 @@ class StatsLogger:
         self.metrics.denoiser_running_requests.set(s.running)
 
     def _served(self, s: stats.RequestServed) -> None:
+        model = {"model": s.model} if s.model else {}
         for stage, seconds in s.stage_seconds.items():
-            self.metrics.stage_latency_seconds.observe(seconds, tags={"stage": stage})
-        self.metrics.images_generated.inc(s.images)
+            self.metrics.stage_latency_seconds.observe(seconds, tags={"stage": stage, **model})
+        self.metrics.images_generated.inc(s.images, tags=model or None)
 
     def _rpc(self, s: stats.RpcDone) -> None:
         self.metrics.requests.inc(tags={"rpc": s.rpc, "code": s.code})

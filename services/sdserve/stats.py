@@ -61,6 +61,8 @@ class RequestServed:
     images: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds per stage ("text_encoder", "denoiser", "vae_decoder"), seen by the caller."""
+    model: str = ""
+    """The served model that made them."""
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class GenerateParams:
     """Guidance runs until this fraction of the steps (1: every step)."""
     cache_interval: int = 1
     """DeepCache: the whole U-Net every this many steps (1: off)."""
+    model: str = ""
+    """The served model that runs it ("": the server's default)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -66,8 +68,10 @@ class GenerateParams:
         limits: LimitsConfig,
         defaults: DefaultsConfig,
         native_size: tuple[int, int],
+        model: str = "",
     ) -> GenerateParams:
-        """Validates a request against the configured limits.
+        """Validates a request against the configured limits, for `model` (the served model
+        it names, checked by the caller, whose native size and defaults are given).
 
         Raises:
             InvalidArgument: naming the first invalid field.
@@ -120,6 +124,7 @@ class GenerateParams:
             scheduler=scheduler,
             seed=seed,
             num_images=num_images,
+            model=model,
             **image_fields,
         )
 
@@ -140,6 +145,7 @@ class GenerateParams:
             **({"strength": self.strength} if self.init_image else {}),
             guidance_stop=self.guidance_stop,
             cache_interval=self.cache_interval,
+            model=self.model,
         )
 
     def resolved_pb(self) -> diffusion_pb2.ResolvedParameters:
@@ -152,6 +158,7 @@ class GenerateParams:
             strength=self.strength,
             guidance_stop=self.guidance_stop,
             cache_interval=self.cache_interval,
+            model=self.model,
         )
 
     def png_parameters(self, seed: int, model: str = "") -> str:
@@ -177,6 +184,54 @@ class GenerateParams:
         fields.append("Generator: sdserve")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model a server serves (what ListModels returns)."""
+
+    name: str
+    family: str
+    """"sd1", "sd2" or "sdxl"."""
+    native_size: tuple[int, int]
+    """(width, height) in pixels."""
+    prediction_type: str
+    default_scheduler: str
+    inpainting: bool
+
+    @property
+    def image_inputs(self) -> bool:
+        """Whether it takes init_image (and mask_image): SDXL does not in this version."""
+        return self.family != "sdxl"
+
+    @classmethod
+    def from_info(cls, name: str, info, default_scheduler: str) -> ServedModel:
+        """From its Denoiser's `DenoiserInfo` (a stage message)."""
+        return cls(
+            name=name,
+            family=info.family or "sd1",
+            native_size=(info.native_width, info.native_height),
+            prediction_type=info.prediction_type or "epsilon",
+            default_scheduler=default_scheduler,
+            inpainting=info.unet_in_channels == 9,
+        )
+
+    def to_pb(self) -> diffusion_pb2.ModelInfo:
+        return diffusion_pb2.ModelInfo(
+            name=self.name,
+            family=self.family,
+            native_width=self.native_size[0],
+            native_height=self.native_size[1],
+            prediction_type=self.prediction_type,
+            default_scheduler=self.default_scheduler,
+            inpainting=self.inpainting,
+            image_inputs=self.image_inputs,
+        )
+
+    @classmethod
+    def from_pb(cls, pb: diffusion_pb2.ModelInfo) -> ServedModel:
+        return cls(pb.name, pb.family, (pb.native_width, pb.native_height), pb.prediction_type,
+                   pb.default_scheduler, pb.inpainting)  # fmt: skip
 
 
 def check_cheaper_steps(request, limits: LimitsConfig) -> dict:

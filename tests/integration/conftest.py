@@ -12,6 +12,7 @@ from sdserve.config import (
     JobsConfig,
     MetricsConfig,
     ModelConfig,
+    ModelStagesConfig,
     SdserveConfig,
     ServerConfig,
     StageConfig,
@@ -25,16 +26,29 @@ class Server:
     config: SdserveConfig
 
 
+SERVED_MODELS = ("default", "shapes", "sdxl")
+"""The shared server's models, the default first: the tiny model (called "default", so that
+one-model tests see a one-model server's names), the built-in default model and a tiny SDXL."""
+
+
 @pytest.fixture(scope="session")
-def server(tiny_model, tmp_path_factory, redis_server):
-    """sdserve on the tiny model, on free ports of 127.0.0.1 (Ray's GCS port is free too), with
-    its job queue on the session's own redis-server and two JobWorker replicas."""
+def server(tiny_model, tiny_sdxl_model, tmp_path_factory, redis_server):
+    """sdserve on the tiny model (the default), the built-in model and a tiny SDXL, on free
+    ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the session's own
+    redis-server and two JobWorker replicas."""
     from sdserve.serve import server as sdserve_server
 
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
     keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items()))
+    paths = (str(tiny_model), None, str(tiny_sdxl_model))
+    # The default model's Denoiser reserves a CPU (the shared default); the others reserve
+    # none, so that all three fit on a 2-core machine (each model's own stage settings).
+    no_cpu = ModelStagesConfig(denoiser=StageConfig(num_cpus=0, max_ongoing_requests=4096))
     config = SdserveConfig(
-        model=ModelConfig(path=str(tiny_model)),
+        models=[
+            ModelConfig(name=name, path=path, **({"stages": no_cpu} if i else {}))
+            for i, (name, path) in enumerate(zip(SERVED_MODELS, paths, strict=True))
+        ],
         server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys)),
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick; every step

@@ -1,8 +1,9 @@
 """The built-in default model follows its prompts through the running services (issue 6).
 
-A second application, on the default model, joins the session's Ray instance and Serve proxies
-(routed by the `application` gRPC metadata). Eight prompts go in at once, so that the Denoiser
-batches them: an image that shows another prompt's colors means embeddings were mixed up.
+The session's server serves it as the model "shapes", beside the tiny model and a tiny SDXL
+(requests pick it with `GenerateRequest.model`). Eight prompts go in at once, so that the
+Denoiser batches them: an image that shows another prompt's colors means embeddings were mixed
+up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from sdserve.shapes.adherence import background_color, foreground_color
 from sdserve.shapes.synthetic import Caption
 from sdserve.v1 import diffusion_pb2
 
-APP = "shapes"
+pytestmark = pytest.mark.integration
+
+MODEL = "shapes"
 # Every color is once a foreground and once a background; shapes and size words vary.
 CAPTIONS = [
     Caption("red", "circle", "blue"),
@@ -32,34 +35,19 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shapes_app(server):
-    from ray import serve
-
-    from sdserve.serve.app import build_app
-
-    config = server.config.model_validate({
-        **server.config.model_dump(),
-        "model": {"path": None},  # the built-in default model
-        "server": {**server.config.server.model_dump(), "app_name": APP},
-        # Generate only; no CPU reservation, so it fits beside the session's app on 2 cores.
-        "stages": {"job_worker": {"num_replicas": 0}, "denoiser": {"num_cpus": 0}},
-    })  # fmt: skip
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-    try:
-        yield APP
-    finally:
-        serve.delete(APP)
-
-
-def test_eight_concurrent_prompts_get_their_own_colors(shapes_app, stub):
+def test_eight_concurrent_prompts_get_their_own_colors(stub):
     futures = [
         stub.Generate.future(
             diffusion_pb2.GenerateRequest(
-                prompt=caption.prompt, steps=25, scheduler="ddim", seed=i, width=64, height=64
+                prompt=caption.prompt,
+                steps=25,
+                scheduler="ddim",
+                seed=i,
+                width=64,
+                height=64,
+                model=MODEL,
             ),
             timeout=60,
-            metadata=(("application", shapes_app),),
         )
         for i, caption in enumerate(CAPTIONS)
     ]
@@ -74,15 +62,14 @@ def test_eight_concurrent_prompts_get_their_own_colors(shapes_app, stub):
     assert sum(s[1] == w[1] for s, w in zip(seen, wanted, strict=True)) >= 7, (seen, wanted)
 
 
-def test_image_to_image_and_inpainting_follow_the_new_prompt(shapes_app, stub, tmp_path):
+def test_image_to_image_and_inpainting_follow_the_new_prompt(stub, tmp_path):
     """The README's demo (issue 15): a red circle repainted green (image-to-image, strength
     0.75), then its background alone repainted yellow (inpainting with the checker's background
     mask), judged by `sdserve check-image`."""
-    meta = (("application", shapes_app),)
 
     def generate(prompt: str, **fields) -> Path:
-        request = diffusion_pb2.GenerateRequest(prompt=prompt, seed=0, **fields)
-        (image,) = stub.Generate(request, timeout=60, metadata=meta).images
+        request = diffusion_pb2.GenerateRequest(prompt=prompt, seed=0, model=MODEL, **fields)
+        (image,) = stub.Generate(request, timeout=60).images
         out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
         out.write_bytes(image.png)
         return out

@@ -30,3 +30,25 @@ def test_reflection_lists_the_services(channel):
     # `grpcurl describe` works too: the request message is resolvable by name.
     proto = database.FindFileContainingSymbol("sdserve.v1.GenerateRequest")
     assert proto.package == "sdserve.v1"
+
+
+def test_list_models_through_reflection_alone(channel):
+    """What `grpcurl 127.0.0.1:9000 sdserve.v1.DiffusionService/ListModels` does: find the
+    method and its messages by reflection, build them dynamically (no generated code), call."""
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    method = pool.FindServiceByName("sdserve.v1.DiffusionService").FindMethodByName("ListModels")
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    reply_cls = message_factory.GetMessageClass(method.output_type)
+    call = channel.unary_unary(
+        "/sdserve.v1.DiffusionService/ListModels",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=reply_cls.FromString,
+    )
+    reply = json_format.MessageToDict(call(request_cls(), timeout=30))
+    assert [m["name"] for m in reply["models"]] == ["default", "shapes", "sdxl"]
+    assert [m["family"] for m in reply["models"]] == ["sd1", "sd1", "sdxl"]

@@ -138,6 +138,25 @@ def test_prometheus_counts_images_stages_and_batches(prometheus, stub):
     assert {r["metric"]["priority"] for r in queues} == {"high", "normal", "low"}
 
 
+def test_series_carry_the_model_that_made_them(prometheus, stub):
+    """Two requests to the SDXL model: its steps and images rise, the default model's do not."""
+    exprs = [
+        'sum(sdserve_denoising_steps_total{model="sdxl"})',
+        'sum(sdserve_images_generated_total{model="sdxl"})',
+        'sum(sdserve_stage_latency_seconds_count{model="sdxl", stage="denoiser"})',
+        'sum(sdserve_denoising_steps_total{model="default"})',
+    ]
+    before = prometheus.settled(exprs)
+    for seed in range(2):
+        request = diffusion_pb2.GenerateRequest(**{**REQUEST, "model": "sdxl"}, seed=seed)
+        stub.Generate(request, timeout=60)
+    deadline = time.monotonic() + 60
+    while prometheus.value(exprs[1]) < before[1] + 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    after = prometheus.settled(exprs)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2 * REQUEST["steps"], 2, 2, 0]
+
+
 def test_dashboard_metrics_of_ray_serve_are_live(prometheus, stub):
     """The dashboard's Ray Serve queries name series this cluster really exports."""
     stub.Generate(diffusion_pb2.GenerateRequest(**REQUEST), timeout=60)

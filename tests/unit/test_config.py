@@ -78,3 +78,44 @@ def test_a_busy_metrics_port_falls_back_to_a_free_one():
         other = metrics_port(taken)
         assert other != taken
     assert metrics_port(other) == other  # free again: kept as asked
+
+
+def test_several_models_each_with_their_own_stage_settings():
+    config = SdserveConfig.model_validate({
+        "models": [
+            {"name": "sd15", "path": "/models/sd15"},
+            {"name": "xl", "path": "/models/xl", "scheduler": "euler",
+             "stages": {"denoiser": {"num_gpus": 1, "num_replicas": 3}}},
+        ],
+    })  # fmt: skip
+    assert [m.name for m in config.served_models] == ["sd15", "xl"]
+    assert config.model_named().name == "sd15"  # the first is the default
+    xl = config.model_named("xl")
+    assert config.stage("denoiser", xl).deployment_options()["num_replicas"] == 3
+    assert config.stage("denoiser", config.model_named("sd15")) == config.stages.denoiser
+    assert config.stage("vae_decoder", xl) == config.stages.vae_decoder
+    # The tree every replica gets validates again to the same config.
+    assert SdserveConfig.model_validate(config.model_dump()) == config
+    assert SdserveConfig().served_models == (SdserveConfig().model,)
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"models": [{"name": "a"}, {"name": "a"}]}, "names must be unique"),
+        ({"model": {"path": "/x"}, "models": [{"name": "a"}]}, "not both"),
+        ({"models": [{"name": "no spaces"}]}, "pattern"),
+    ],
+)
+def test_bad_model_lists_are_rejected(tree, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        SdserveConfig.model_validate(tree)
+
+
+def test_serve_model_flags(tmp_path):
+    from sdserve.cli.serve import _named, parse_model
+
+    assert parse_model("/m/sd15") == {"name": None, "path": "/m/sd15"}
+    assert parse_model("xl=/m/sdxl") == {"name": "xl", "path": "/m/sdxl"}
+    assert parse_model("shapes=default") == {"name": "shapes", "path": None}
+    assert _named({"name": None, "path": str(tmp_path / "sd21")})["name"] == "sd21"

@@ -73,3 +73,14 @@ def test_metric_specs_are_unique_and_named_sdserve():
     assert len(names) == len(set(names))
     assert all(name.startswith("sdserve_") for name in names)
     assert all(spec.buckets for spec in SPECS if spec.kind == "histogram")
+
+
+def test_throughput_latency_and_denoiser_panels_split_by_model():
+    """Several models share a server: the panels an operator compares them on group by the
+    `model` label every sdserve series carries."""
+    text = " ".join(_exprs())
+    for needed in ("sum by (model) (rate(sdserve_images_generated_total",
+                   "sum by (le, model, stage) (rate(sdserve_stage_latency_seconds_bucket",
+                   "sum by (le, model) (rate(sdserve_unet_step_seconds_bucket",
+                   "sum by (model) (sdserve_denoiser_waiting_requests)"):  # fmt: skip
+        assert needed in text, needed

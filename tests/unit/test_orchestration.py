@@ -160,3 +160,19 @@ def test_a_deadline_drops_the_request_in_the_denoiser_never_decoded(path):
     assert after.expired - before.expired == 1 and after.cancelled - before.cancelled == 1
     assert after.finished == before.finished and after.running == 0
     assert after.unet_steps - before.unet_steps < 150
+
+
+def test_a_request_names_its_model_and_unknown_names_are_invalid(path):
+    async def main():
+        params = await path.validate(diffusion_pb2.GenerateRequest(prompt="a cat"))
+        assert params.model == path.default_model == "default"
+        result = await _generate(path, prompt="a cat", steps=2, seed=1, model="default")
+        assert result.params.model == "default"
+        assert "Model: default" in Image.open(io.BytesIO(result.pngs[0])).text["parameters"]
+        with pytest.raises(InvalidArgument) as err:
+            await path.validate(diffusion_pb2.GenerateRequest(prompt="a cat", model="xl"))
+        assert err.value.field == "model" and "this server serves default" in str(err.value)
+        (served,) = await path.models()
+        assert (served.name, served.family, served.native_size) == ("default", "sd1", (64, 64))
+
+    asyncio.run(main())

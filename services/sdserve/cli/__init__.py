@@ -1,7 +1,7 @@
 """The `sdserve` command, one module per group of subcommands:
 
     serve                   serve.py      start Ray and the application, serve until Ctrl-C
-    generate                generate.py   images through a running server
+    generate, models        generate.py   images through a running server; its models
     submit, job             jobs.py       asynchronous jobs
     loadtest                loadtest.py   bounded gRPC load and a report
     make-tiny-model         models.py     a random-weight test model

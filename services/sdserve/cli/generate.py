@@ -30,6 +30,47 @@ def register(sub, parents: Parents) -> None:
         ],  # fmt: skip
     )
     gen.set_defaults(func=run)
+    models = sub.add_parser(
+        "models",
+        help="list the models a running server serves",
+        description="Call DiffusionService.ListModels and print each served model: its name "
+        "(what --model takes), family, native size, prediction type and default sampler. The "
+        "first is the default.",
+        parents=[parents.server, parents.timeout(30.0)],
+    )
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(func=list_models)
+
+
+def list_models(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        try:
+            reply = stub.ListModels(diffusion_pb2.ListModelsRequest(), timeout=args.timeout,
+                                    metadata=options.call_metadata())  # fmt: skip
+        except grpc.RpcError as exc:
+            return options.rpc_error(exc)
+    if args.json:
+        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)["models"],
+                         indent=2))  # fmt: skip
+        return 0
+    rows = [("NAME", "FAMILY", "SIZE", "PREDICTION", "SAMPLER", "INPUTS")]
+    for i, m in enumerate(reply.models):
+        inputs = "inpaint" if m.inpainting else "text+image" if m.image_inputs else "text"
+        rows.append((m.name + (" (default)" if i == 0 else ""), m.family,
+                     f"{m.native_width}x{m.native_height}", m.prediction_type,
+                     m.default_scheduler, inputs))  # fmt: skip
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def follow(call, quiet: bool = False):
@@ -80,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
         run = int(p.steps * round(p.strength, 6))
         steps = f"{run} of {p.steps} steps (strength {p.strength:g})"
     encoded = f"image {t.vae_encoder_s:.2f}s, " if p.strength else ""
+    model = f"{p.model}: " if p.model else ""
     print(
-        f"{steps} of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
+        f"{model}{steps} of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
         f"(text {t.text_encoder_s:.2f}s, {encoded}denoise {t.denoiser_s:.2f}s, "
         f"vae {t.vae_decoder_s:.2f}s)"
     )

@@ -36,6 +36,9 @@ def register(sub, parents: Parents) -> None:
     load.add_argument("--width", metavar="W[,W...]", help="width(s) in pixels")
     load.add_argument("--height", metavar="H[,H...]", help="height(s) in pixels")
     load.add_argument("--guidance", metavar="G[,G...]", help="guidance scale(s)")
+    load.add_argument(
+        "--model", metavar="NAME[,NAME...]", help="served model(s) (default: the server's default)"
+    )
     add_image_options(load, strengths=True)
     add_cheaper_step_options(load, lists=True)
     load.add_argument(

@@ -48,6 +48,10 @@ def _request_parent() -> argparse.ArgumentParser:
     """The options of one generation (generate and submit)."""
     parser = _parent()
     parser.add_argument("prompt", help="what the image should show")
+    parser.add_argument(
+        "--model", metavar="NAME", help="served model (`sdserve models` lists them; default: "
+        "the server's first)",
+    )  # fmt: skip
     parser.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to avoid")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
     parser.add_argument("--steps", type=int, help="denoising steps")
@@ -124,6 +128,7 @@ def generate_request(args: argparse.Namespace):
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         scheduler=args.scheduler or "",
+        model=args.model or "",
     )
     for field in ("width", "height", "steps", "seed", "num_images"):
         if getattr(args, field) is not None:

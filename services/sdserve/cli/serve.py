@@ -16,9 +16,12 @@ def register(sub, parents: Parents) -> None:
     )
     serve.add_argument(
         "--model",
-        metavar="DIR",
+        action="append",
+        metavar="[NAME=]DIR",
         help="diffusers-format model folder (default: the built-in model, trained on synthetic "
-        "shapes: try 'a red circle on a blue background')",
+        "shapes: try 'a red circle on a blue background'). Repeat as NAME=DIR to serve several "
+        "models, each with its own stage deployments; the first is the default. NAME=default "
+        "is the built-in model",
     )
     serve.add_argument(
         "--grpc-port", type=int, metavar="PORT", help="public gRPC port (default 9000)"
@@ -67,10 +70,13 @@ def run(args: argparse.Namespace) -> int:
     from sdserve.config import load_config
     from sdserve.serve.server import serve_forever
 
+    models = [parse_model(m) for m in args.model or ()]
+    one = len(models) == 1 and models[0]["name"] is None
     config = load_config(
         args.config,
         overrides={
-            ("model", "path"): args.model,
+            ("model", "path"): models[0]["path"] if one else None,
+            ("models",): [_named(m) for m in models] if models and not one else None,
             ("server", "grpc_port"): args.grpc_port,
             ("server", "http_port"): args.http_port,
             ("server", "ray_address"): args.address,
@@ -82,3 +88,20 @@ def run(args: argparse.Namespace) -> int:
     )
     serve_forever(config)
     return 0
+
+
+def parse_model(text: str) -> dict:
+    """--model DIR or NAME=DIR (NAME=default: the built-in model) as a `models` entry."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return {"name": None, "path": text}
+    if not name:
+        raise SystemExit(f"--model {text}: the name before '=' is empty")
+    return {"name": name, "path": None if path in ("", "default") else path}
+
+
+def _named(model: dict) -> dict:
+    """A `models` entry; a folder given without a name is called by its folder's name."""
+    from pathlib import Path
+
+    return model if model["name"] else {**model, "name": Path(model["path"]).resolve().name}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from sdserve.config import SdserveConfig
+from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stages.denoiser import DenoiserService
@@ -40,17 +40,31 @@ class InProcessStageClient(StageClient):
 
     @classmethod
     def from_config(
-        cls, config: SdserveConfig, stats: StatsLogger | None = None
+        cls,
+        config: SdserveConfig,
+        stats: StatsLogger | None = None,
+        model: ModelConfig | None = None,
+        thread: TorchThread | None = None,
     ) -> InProcessStageClient:
-        """Loads the configured model's parts onto one new torch thread."""
+        """Loads `model`'s parts (default: the config's default model) onto `thread` (default:
+        a new torch thread)."""
         stats = stats or StatsLogger()
-        thread = TorchThread("sdserve-torch")
+        thread = thread or TorchThread("sdserve-torch")
         return cls(
-            TextEncoderService.from_config(config, stats, thread),
-            DenoiserService.from_config(config, stats, thread),
-            VaeDecoderService.from_config(config, stats, thread),
-            VaeEncoderService.from_config(config, stats, thread),
+            TextEncoderService.from_config(config, stats, thread, model),
+            DenoiserService.from_config(config, stats, thread, model),
+            VaeDecoderService.from_config(config, stats, thread, model),
+            VaeEncoderService.from_config(config, stats, thread, model),
         )
+
+    @classmethod
+    def for_every_model(
+        cls, config: SdserveConfig, stats: StatsLogger | None = None
+    ) -> dict[str, InProcessStageClient]:
+        """One client per served model, all on one torch thread: {name: client}, the default
+        model first (what `StagePath` takes)."""
+        thread = TorchThread("sdserve-torch")
+        return {m.name: cls.from_config(config, stats, m, thread) for m in config.served_models}
 
     def close(self) -> None:
         """Stops the engine and the torch thread."""

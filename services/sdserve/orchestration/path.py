@@ -12,50 +12,98 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
-from sdserve.config import SdserveConfig
+from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stats import RequestServed
-from sdserve.types import GenerateEvent, GenerateParams, Preview, Progress, Queued, Result, Timings
+from sdserve.types import (
+    GenerateEvent,
+    GenerateParams,
+    Preview,
+    Progress,
+    Queued,
+    Result,
+    ServedModel,
+    Timings,
+)
 from sdserve.v1 import diffusion_pb2, stages_pb2
 
 logger = logging.getLogger(__name__)
 
 
 class StagePath:
-    """Runs requests through the three stages, many at a time."""
+    """Runs requests through the stages of the model each names, many at a time."""
 
     def __init__(
-        self, client: StageClient, config: SdserveConfig, stats: StatsLogger | None = None
+        self,
+        clients: StageClient | Mapping[str, StageClient],
+        config: SdserveConfig,
+        stats: StatsLogger | None = None,
     ):
-        self.client = client
+        """`clients`: one per served model, {name: client} with the default model first, or
+        one client for a server of one model (the config's default)."""
+        if isinstance(clients, StageClient):
+            clients = {config.model_named().name: clients}
+        self.clients = dict(clients)
+        self.default_model = next(iter(self.clients))
+        self.client = self.clients[self.default_model]
+        """The default model's stage client."""
         self.config = config
         self.stats = stats or StatsLogger()
-        self._info: stages_pb2.DenoiserInfo | None = None
-        self._model_name = config.model.path or "sdserve-default"
+        self._info: dict[str, stages_pb2.DenoiserInfo] = {}
 
-    async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
-        """The model's native size and the like; asking it also checks the Denoiser answers."""
-        if self._info is None:
-            self._info = await self.client.denoiser_info()
-        return self._info
+    async def denoiser_info(self, model: str | None = None) -> stages_pb2.DenoiserInfo:
+        """A model's native size and the like (default: the default model's); asking it also
+        checks that its Denoiser answers."""
+        model = model or self.default_model
+        if model not in self._info:
+            self._info[model] = await self.clients[model].denoiser_info()
+        return self._info[model]
+
+    async def models(self) -> list[ServedModel]:
+        """Every served model, the default first."""
+        infos = await asyncio.gather(*(self.denoiser_info(name) for name in self.clients))
+        return [ServedModel.from_info(name, info, self._defaults(name).scheduler)
+                for name, info in zip(self.clients, infos, strict=True)]  # fmt: skip
+
+    def _defaults(self, model: str) -> DefaultsConfig:
+        """The defaults of requests to `model`: the shared ones, with its own sampler."""
+        try:
+            scheduler = self.config.model_named(model).scheduler
+        except KeyError:  # a path built on clients the config does not name (tests)
+            scheduler = None
+        defaults = self.config.defaults
+        return defaults.model_copy(update={"scheduler": scheduler}) if scheduler else defaults
+
+    def _model(self, request: diffusion_pb2.GenerateRequest) -> str:
+        """The served model a request names (empty: the default). Raises InvalidArgument."""
+        name = request.model or self.default_model
+        if name not in self.clients:
+            raise InvalidArgument("model", f"unknown model {name!r}; this server serves "
+                                  f"{', '.join(self.clients)}")  # fmt: skip
+        return name
 
     async def validate(self, request: diffusion_pb2.GenerateRequest) -> GenerateParams:
         """The request's parameters, defaults filled in. Raises InvalidArgument."""
-        info = await self.denoiser_info()
+        model = self._model(request)
+        info = await self.denoiser_info(model)
         params = GenerateParams.from_pb(
             request,
             limits=self.config.limits,
-            defaults=self.config.defaults,
+            defaults=self._defaults(model),
             native_size=(info.native_width, info.native_height),
+            model=model,
         )
+        if params.init_image and info.family == "sdxl":
+            raise InvalidArgument("init_image", f"model {model!r} is an SDXL model, which "
+                                  "takes no image inputs in this version")  # fmt: skip
         if info.unet_in_channels == 9 and not params.mask_image:
             raise InvalidArgument(
-                "mask_image", "the model is an inpainting model (a 9-channel U-Net): every "
-                "request needs init_image and mask_image",
+                "mask_image", f"model {model!r} is an inpainting model (a 9-channel U-Net): "
+                "every request needs init_image and mask_image",
             )  # fmt: skip
         return params
 
@@ -75,18 +123,19 @@ class StagePath:
         the stage call in flight."""
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
+        client = self.clients[params.model or self.default_model]
         logger.info(
-            "request %s: %dx%d, %d steps of %s, guidance %g, %d image(s), seed %d",
-            request_id, params.width, params.height, params.steps, params.scheduler,
-            params.guidance_scale, params.num_images, params.seed,
+            "request %s: model %s, %dx%d, %d steps of %s, guidance %g, %d image(s), seed %d",
+            request_id, params.model, params.width, params.height, params.steps,
+            params.scheduler, params.guidance_scale, params.num_images, params.seed,
         )  # fmt: skip
 
         # 1. Encode the prompt (and the negative prompt when guidance is on), and any image
         #    input at the same time.
         _check(deadline, request_id, "before the text encoder")
         (encoded, text_s), (init, image_s) = await asyncio.gather(
-            _timed(self._encode_text(params, request_id)),
-            _timed(self._encode_image(params, request_id)),
+            _timed(self._encode_text(client, params, request_id)),
+            _timed(self._encode_image(client, params, request_id)),
         )
 
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
@@ -101,7 +150,7 @@ class StagePath:
         denoise.timeout_s = _check(deadline, request_id, "before the denoiser")
         if stream:
             latents = None
-            async for event in self._denoise_events(denoise, started):
+            async for event in self._denoise_events(client, denoise, started):
                 if isinstance(event, stages_pb2.Tensor):
                     latents = event
                 else:
@@ -109,17 +158,17 @@ class StagePath:
             if latents is None:
                 raise Internal("the Denoiser's stream ended without latents")
         else:
-            latents = (await self.client.denoise(denoise)).latents
+            latents = (await client.denoise(denoise)).latents
         denoise_s = time.perf_counter() - t
 
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
         _check(deadline, request_id, "before the VAE decoder")
         t = time.perf_counter()
-        decoded = await self.client.decode(
+        decoded = await client.decode(
             stages_pb2.DecodeRequest(
                 request_id=request_id,
                 latents=latents,
-                parameters=[params.png_parameters(s, self._model_name) for s in params.seeds],
+                parameters=[params.png_parameters(s, params.model) for s in params.seeds],
             )
         )
         vae_s = time.perf_counter() - t
@@ -129,15 +178,16 @@ class StagePath:
         seconds = {"text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}
         if init is not None:
             seconds["vae_encoder"] = image_s
-        self.stats.record(RequestServed(images=len(decoded.png), stage_seconds=seconds))
+        self.stats.record(RequestServed(len(decoded.png), seconds, params.model))
         logger.info(
             "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
             request_id, timings.total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
         yield Result(request_id, params, tuple(decoded.png), timings)
 
+    @staticmethod
     async def _encode_text(
-        self, params: GenerateParams, request_id: str
+        client: StageClient, params: GenerateParams, request_id: str
     ) -> stages_pb2.EncodeTextResponse:
         """The prompt's embeddings (and the negative prompt's when guidance is on)."""
         request = stages_pb2.EncodeTextRequest(
@@ -146,10 +196,11 @@ class StagePath:
             negative_prompt=params.negative_prompt,
             with_uncond=params.guided,
         )
-        return await self.client.encode_text(request)
+        return await client.encode_text(request)
 
+    @staticmethod
     async def _encode_image(
-        self, params: GenerateParams, request_id: str
+        client: StageClient, params: GenerateParams, request_id: str
     ) -> stages_pb2.EncodeImageResponse | None:
         """The VaeEncoder's encoding of the init image and mask; None for text-to-image."""
         if not params.init_image:
@@ -157,13 +208,14 @@ class StagePath:
         request = stages_pb2.EncodeImageRequest(
             request_id=request_id, init_image=params.init_image, mask_image=params.mask_image
         )
-        return await self.client.encode_image(request)
+        return await client.encode_image(request)
 
+    @staticmethod
     async def _denoise_events(
-        self, denoise: stages_pb2.DenoiseRequest, started: float
+        client: StageClient, denoise: stages_pb2.DenoiseRequest, started: float
     ) -> AsyncIterator[Queued | Progress | Preview | stages_pb2.Tensor]:
         """The Denoiser's stream as domain events; the final latents come last."""
-        async for event in self.client.denoise_stream(denoise):
+        async for event in client.denoise_stream(denoise):
             kind = event.WhichOneof("event")
             if kind == "queued":
                 yield Queued(position=event.queued.position, request_id=denoise.request_id)

@@ -30,24 +30,42 @@ GRPC_SERVICER_FUNCTIONS = [
 """What Serve's gRPC proxy must register (`grpc_options.grpc_servicer_functions`)."""
 
 
+STAGE_DEPLOYMENTS = {
+    "text_encoder": TextEncoderDeployment,
+    "denoiser": DenoiserDeployment,
+    "vae_decoder": VaeDecoderDeployment,
+    "vae_encoder": VaeEncoderDeployment,
+}
+"""The deployment class of each stage (in `StageHandles` order)."""
+
+
+def deployment_name(stage: str, model: str, default: bool) -> str:
+    """A stage deployment's name: "Denoiser" for the default model (so a one-model server's
+    names, dashboards and deploy files do not change), "Denoiser-NAME" for the others."""
+    base = STAGE_DEPLOYMENTS[stage].func_or_class.__name__.removesuffix("Deployment")
+    return base if default else f"{base}-{model}"
+
+
 def build_app(config: SdserveConfig) -> Application:
-    """Binds the six deployments with their per-stage placement from `config.stages`."""
+    """Binds each served model's four stage deployments (placement from the model's own
+    `stages`, else the shared `config.stages`), the job workers and the ingress."""
     tree = config.model_dump()
+    models = {}
+    for i, model in enumerate(config.served_models):
+        bound = []
+        for stage, deployment in STAGE_DEPLOYMENTS.items():
+            options = config.stage(stage, model).deployment_options()
+            name = deployment_name(stage, model.name, default=i == 0)
+            bound.append(deployment.options(name=name, **options).bind(tree, model.name))
+        models[model.name] = tuple(bound)
     stages = config.stages
-    text_encoder = TextEncoderDeployment.options(**stages.text_encoder.deployment_options()).bind(
-        tree
-    )
-    denoiser = DenoiserDeployment.options(**stages.denoiser.deployment_options()).bind(tree)
-    vae_decoder = VaeDecoderDeployment.options(**stages.vae_decoder.deployment_options()).bind(tree)
-    vae_encoder = VaeEncoderDeployment.options(**stages.vae_encoder.deployment_options()).bind(tree)
-    handles = (text_encoder, denoiser, vae_decoder, vae_encoder)
     job_worker = None
     if stages.job_worker.num_replicas or stages.job_worker.autoscaling:
         job_worker = JobWorkerDeployment.options(**stages.job_worker.deployment_options()).bind(
-            *handles, tree
+            models, tree
         )
     return PipelineIngress.options(**stages.ingress.deployment_options()).bind(
-        *handles, job_worker, tree
+        models, job_worker, tree
     )
 
 

@@ -86,3 +86,9 @@ class ServeStageClient(StageClient):
 
     async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
         return stages_pb2.DenoiserStats.FromString(await self._denoiser.Stats.remote(b""))
+
+
+def stage_clients(models: dict[str, StageHandles], transport: str) -> dict[str, ServeStageClient]:
+    """A stage client per served model: {name: client}, in the same order."""
+    return {name: ServeStageClient(StageHandles(*handles), transport)
+            for name, handles in models.items()}  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,27 +16,32 @@ from sdserve.serve import _ray
 logger = logging.getLogger("ray.serve")
 
 
-def ray_metric(spec: Spec) -> Any:
+def ray_metric(spec: Spec, model: str = "") -> Any:
     """The `ray.serve.metrics` object of a spec (Ray adds the deployment, replica and
-    application labels, and exports it on the node's metrics port)."""
+    application labels, and exports it on the node's metrics port). Every series has a `model`
+    label: the replica's model for a stage replica, the request's model where a recording
+    names one (`RequestServed`), else empty."""
     from ray.serve import metrics as serve_metrics
 
     kinds = {"counter": serve_metrics.Counter, "gauge": serve_metrics.Gauge,
              "histogram": serve_metrics.Histogram}  # fmt: skip
-    kwargs: dict[str, Any] = {"description": spec.description, "tag_keys": spec.tags}
+    kwargs: dict[str, Any] = {"description": spec.description, "tag_keys": (*spec.tags, "model")}
     if spec.kind == "histogram":
         kwargs["boundaries"] = list(spec.buckets)
-    return kinds[spec.kind](spec.name, **kwargs)
+    metric = kinds[spec.kind](spec.name, **kwargs)
+    metric.set_default_tags({"model": model})
+    return metric
 
 
-def replica_setup(config: dict) -> tuple[SdserveConfig, StatsLogger]:
+def replica_setup(config: dict, model: str = "") -> tuple[SdserveConfig, StatsLogger]:
     """Every replica's first step: validate the config tree it was given, send sdserve's log
     lines to Serve's replica log, and build its stats logger (metrics through Ray unless
-    `metrics.enabled` is false)."""
+    `metrics.enabled` is false; labelled with the replica's `model`, empty for the ingress and
+    job workers, which serve every model)."""
     tree = SdserveConfig.model_validate(config)
     route_logs_to_serve()
-    metrics = Metrics(ray_metric if tree.metrics.enabled else None)
-    return tree, StatsLogger(metrics)
+    factory = functools.partial(ray_metric, model=model) if tree.metrics.enabled else None
+    return tree, StatsLogger(Metrics(factory))
 
 
 def route_logs_to_serve() -> None:

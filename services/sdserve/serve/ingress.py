@@ -21,7 +21,7 @@ from sdserve.jobs.runner import job_request
 from sdserve.orchestration.admission import Admission
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
-from sdserve.serve.client import ServeStageClient, StageHandles
+from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
 from sdserve.serve.errors import grpc_errors
 from sdserve.stats import QueueDepth
@@ -40,19 +40,16 @@ MAX_JOB_ID_CHARS = 64
 class PipelineIngress:
     async def __init__(
         self,
-        text_encoder: DeploymentHandle,
-        denoiser: DeploymentHandle,
-        vae_decoder: DeploymentHandle,
-        vae_encoder: DeploymentHandle,
+        models: dict[str, StageHandles],
         job_worker: DeploymentHandle | None,
         config: dict,
     ):
+        """`models`: each served model's stage deployments, the default model first."""
         self.config, self.stats = replica_setup(config)  # grpc_errors records into stats
         key_file = self.config.server.api_key_file
         self._keys = ApiKeys.load(key_file) if key_file else None
-        stages = StageHandles(text_encoder, denoiser, vae_decoder, vae_encoder)
-        client = ServeStageClient(stages, self.config.server.stage_transport)
-        self._path = StagePath(client, self.config, self.stats)
+        clients = stage_clients(models, self.config.server.stage_transport)
+        self._path = StagePath(clients, self.config, self.stats)
         # Bound so that Serve deploys the JobWorker; jobs reach it through Redis, not calls.
         self._job_worker = job_worker
         # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
@@ -64,26 +61,32 @@ class PipelineIngress:
         if self.stats.metrics.enabled:
             self._poller = loop.create_task(self._poll_queue())
         admission = self.config.admission
-        self._admission = None
+        self._admission: dict[str, Admission] = {}  # per model: each has its own Denoiser
+        self._load_watch = []
         if admission.enabled:
-            self._admission = Admission(admission.max_wait_s, admission.margin, admission.slack_s)
-            self._load_watch = loop.create_task(self._poll_load(client, admission.poll_s))
+            for name, client in clients.items():
+                self._admission[name] = Admission(
+                    admission.max_wait_s, admission.margin, admission.slack_s
+                )
+                watch = self._poll_load(name, client, admission.poll_s)
+                self._load_watch.append(loop.create_task(watch))
 
-    async def _poll_load(self, client: ServeStageClient, every_s: float) -> None:
-        """Keeps load shedding's view of the Denoiser current."""
+    async def _poll_load(self, model: str, client: ServeStageClient, every_s: float) -> None:
+        """Keeps load shedding's view of a model's Denoiser current."""
         while True:
             try:
-                self._admission.update(await client.denoiser_stats())
+                self._admission[model].update(await client.denoiser_stats())
             except Exception as exc:  # shedding pauses (admits all) rather than fail requests
-                logger.warning("reading the Denoiser's load failed: %s", exc)
+                logger.warning("reading the Denoiser's load of model %s failed: %s", model, exc)
                 await asyncio.sleep(1.0)
             await asyncio.sleep(every_s)
 
     def _admitted(self, params, deadline: float | None):
         """Load shedding: admits the request for the block, or RESOURCE_EXHAUSTED at once."""
-        if self._admission is None:
+        admission = self._admission.get(params.model)
+        if admission is None:
             return contextlib.nullcontext()
-        return self._admission.admitted(params, deadline)
+        return admission.admitted(params, deadline)
 
     async def _poll_queue(self, every_s: float = 5.0) -> None:
         """Records the queue depth per priority, and whether Redis answers."""
@@ -210,6 +213,15 @@ class PipelineIngress:
         logger.info("job %s: cancel requested, now %s", record.job_id, record.state.value)
         return job_to_pb(record)
 
+    @grpc_errors(diffusion_pb2.ListModelsResponse)
+    async def ListModels(
+        self, request: diffusion_pb2.ListModelsRequest, grpc_context
+    ) -> diffusion_pb2.ListModelsResponse:
+        """DiffusionService.ListModels: the served models, the default first."""
+        self._tenant(grpc_context)
+        models = await self._path.models()
+        return diffusion_pb2.ListModelsResponse(models=[m.to_pb() for m in models])
+
     @grpc_errors(health_pb2.HealthCheckResponse)
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context
@@ -220,7 +232,7 @@ class PipelineIngress:
             raise NotFound(f"unknown service {request.service!r}")
         if self._draining:
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._path.denoiser_info()
+        await self._path.models()  # every model's Denoiser answers
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 

@@ -13,14 +13,13 @@ import json
 import logging
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import JobRunner
 from sdserve.jobs.worker import Worker
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
-from sdserve.serve.client import ServeStageClient, StageHandles
+from sdserve.serve.client import StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
 
 logger = logging.getLogger("ray.serve")
@@ -28,22 +27,15 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(name="JobWorker")
 class JobWorkerDeployment:
-    async def __init__(
-        self,
-        text_encoder: DeploymentHandle,
-        denoiser: DeploymentHandle,
-        vae_decoder: DeploymentHandle,
-        vae_encoder: DeploymentHandle,
-        config: dict,
-    ):
+    async def __init__(self, models: dict[str, StageHandles], config: dict):
+        """`models`: each served model's stage deployments, the default model first."""
         self.config, self.stats = replica_setup(config)
-        stages = StageHandles(text_encoder, denoiser, vae_decoder, vae_encoder)
-        client = ServeStageClient(stages, self.config.server.stage_transport)
+        clients = stage_clients(models, self.config.server.stage_transport)
         # Serve passes the request id of the current context on to the stages it calls, and
         # every replica's log lines carry it: one job can be followed across replicas. (Each
         # job runs in a task of the worker's own, so the id set there is the job's alone.)
         jobs = self.config.jobs
-        runner = JobRunner(StagePath(client, self.config, self.stats), _ray.set_request_id,
+        runner = JobRunner(StagePath(clients, self.config, self.stats), _ray.set_request_id,
                            jobs.progress_interval_s, jobs.timeout_s)  # fmt: skip
         self._queue = JobQueue.from_config(self.config.jobs)
         self._worker = Worker(

@@ -203,7 +203,10 @@ def serve_forever(config: SdserveConfig) -> None:
             signal.signal(signal.SIGINT, _on_signal)
             signal.signal(signal.SIGTERM, _on_signal)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        logger.info("deploying the sdserve application (model: %s)", config.model.path or "default")
+        logger.info(
+            "deploying the sdserve application (models: %s)",
+            ", ".join(f"{m.name} = {m.path or 'the built-in model'}" for m in config.served_models),
+        )
         deploy(config)
         deployed = True
         wait_healthy(target)

@@ -1,5 +1,8 @@
 """The stage deployments: thin shells that parse a stage message, call the stage service
 (`sdserve.stages`) and serialize its answer. Serve routes calls by method name.
+
+Each served model has its own four deployments (`sdserve.serve.app`); a replica is given the
+whole config tree and the name of its model.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from sdserve.v1 import stages_pb2
 
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
-    def __init__(self, config: dict):
-        tree, stats = replica_setup(config)
-        self.service = TextEncoderService.from_config(tree, stats)
+    def __init__(self, config: dict, model: str):
+        tree, stats = replica_setup(config, model)
+        self.service = TextEncoderService.from_config(tree, stats, model=tree.model_named(model))
 
     async def Encode(self, request: bytes) -> bytes:
         """Serialized `EncodeTextRequest` -> serialized `EncodeTextResponse`."""
@@ -32,9 +35,9 @@ class TextEncoderDeployment:
 
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
-    async def __init__(self, config: dict):
-        tree, stats = replica_setup(config)
-        self.service = DenoiserService.from_config(tree, stats)
+    async def __init__(self, config: dict, model: str):
+        tree, stats = replica_setup(config, model)
+        self.service = DenoiserService.from_config(tree, stats, model=tree.model_named(model))
         self._refresh = asyncio.get_running_loop().create_task(_refresh_every(stats, 2.0))
 
     def __del__(self):  # Serve is removing the replica
@@ -62,9 +65,9 @@ class DenoiserDeployment:
 
 @serve.deployment(name="VaeDecoder")
 class VaeDecoderDeployment:
-    def __init__(self, config: dict):
-        tree, stats = replica_setup(config)
-        self.service = VaeDecoderService.from_config(tree, stats)
+    def __init__(self, config: dict, model: str):
+        tree, stats = replica_setup(config, model)
+        self.service = VaeDecoderService.from_config(tree, stats, model=tree.model_named(model))
 
     async def Decode(self, request: bytes) -> bytes:
         """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
@@ -74,9 +77,9 @@ class VaeDecoderDeployment:
 
 @serve.deployment(name="VaeEncoder")
 class VaeEncoderDeployment:
-    def __init__(self, config: dict):
-        tree, stats = replica_setup(config)
-        self.service = VaeEncoderService.from_config(tree, stats)
+    def __init__(self, config: dict, model: str):
+        tree, stats = replica_setup(config, model)
+        self.service = VaeEncoderService.from_config(tree, stats, model=tree.model_named(model))
 
     async def Encode(self, request: bytes) -> bytes:
         """Serialized `EncodeImageRequest` -> serialized `EncodeImageResponse`."""

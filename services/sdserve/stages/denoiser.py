@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdserve.config import EngineConfig, SdserveConfig
+from sdserve.config import EngineConfig, ModelConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
@@ -74,14 +74,19 @@ class DenoiserService:
 
     @classmethod
     def from_config(
-        cls, config: SdserveConfig, stats: StatsLogger, torch_thread: TorchThread | None = None
+        cls,
+        config: SdserveConfig,
+        stats: StatsLogger,
+        torch_thread: TorchThread | None = None,
+        model: ModelConfig | None = None,
     ) -> DenoiserService:
-        """Loads `unet/` and `scheduler/` of the configured model on the torch thread (a new
-        one unless given) and starts the engine there."""
+        """Loads `unet/` and `scheduler/` of `model` (default: the config's default model) on
+        the torch thread (a new one unless given) and starts the engine there."""
+        model = model or config.model_named()
         thread = torch_thread or TorchThread("denoiser")
-        denoiser = thread.call(load_stage, Denoiser, config, "denoiser", stats)
+        denoiser = thread.call(load_stage, Denoiser, model, "denoiser", stats)
         rows = (2, 2 * config.engine.max_batch_size)  # one guided image; a full batch
-        plan = thread.call(thread_plan, config, "denoiser", denoiser, *rows)
+        plan = thread.call(thread_plan, config, "denoiser", denoiser, model, *rows)
         return cls(denoiser, config.engine, stats, thread, plan)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from sdserve.config import SdserveConfig
+from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.constants import resolve_model_dir
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline.threads import ThreadPlan, measure_plan, set_threads
@@ -67,12 +67,14 @@ class OneCallStage:
 
     @classmethod
     def from_config(cls, config: SdserveConfig, stats: StatsLogger,
-                    torch_thread: TorchThread | None = None):  # fmt: skip
-        """Loads the part from the configured model on the torch thread (a new one unless
-        given) and measures its thread plan there."""
+                    torch_thread: TorchThread | None = None,
+                    model: ModelConfig | None = None):  # fmt: skip
+        """Loads the part of `model` (default: the config's default model) on the torch
+        thread (a new one unless given) and measures its thread plan there."""
+        model = model or config.model_named()
         thread = torch_thread or TorchThread(cls.stage.replace("_", "-"))
-        part = thread.call(load_stage, cls.part_cls, config, cls.stage, stats)
-        return cls(part, thread, thread.call(thread_plan, config, cls.stage, part))
+        part = thread.call(load_stage, cls.part_cls, model, cls.stage, stats)
+        return cls(part, thread, thread.call(thread_plan, config, cls.stage, part, model))
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the torch thread, with the plan's threads for small work."""
@@ -85,30 +87,37 @@ class OneCallStage:
         return await self.torch.run(call)
 
 
-def load_stage(stage_cls: type[T], config: SdserveConfig, stage: str, stats: StatsLogger) -> T:
-    """Builds a pipeline stage (TextEncoder, Denoiser, VaeDecoder) from the config tree; `stage`
-    names its entry in `config.stages`. Call it on the stage's TorchThread.
+def load_stage(stage_cls: type[T], model: ModelConfig, stage: str, stats: StatsLogger) -> T:
+    """Builds a pipeline stage (TextEncoder, Denoiser, VaeDecoder, VaeEncoder) of one served
+    model; `stage` names its entry in `config.stages`. Call it on the stage's TorchThread.
 
     Records the load time, and on CUDA starts reporting the stage's GPU memory."""
     started = time.perf_counter()
-    path = resolve_model_dir(config.model.path)
-    loaded = stage_cls(path, config.model.device, config.model.dtype)
+    path = resolve_model_dir(model.path)
+    loaded = stage_cls(path, model.device, model.dtype)
     seconds = time.perf_counter() - started
     stats.record(ModelLoaded(stage=stage, seconds=seconds))
     device = getattr(loaded, "device", None)
-    logger.info("%s loaded %s on %s in %.1fs", stage_cls.__name__, path, device, seconds)
+    logger.info("%s of model %s loaded %s on %s in %.1fs", stage_cls.__name__, model.name, path,
+                device, seconds)  # fmt: skip
     if device is not None and getattr(device, "type", "") == "cuda" and stats.metrics.enabled:
         _report_gpu_memory(stats, stage, device)
     return loaded
 
 
 def thread_plan(
-    config: SdserveConfig, stage: str, loaded, small_rows: int = 1, large_rows: int = 1
+    config: SdserveConfig,
+    stage: str,
+    loaded,
+    model: ModelConfig | None = None,
+    small_rows: int = 1,
+    large_rows: int = 1,
 ) -> ThreadPlan | None:
-    """The stage's torch threads from `stages.<stage>.torch_threads`: measured (auto, on a CPU),
-    fixed (a number), or None (leave what Ray set). Call it on the stage's TorchThread after
-    `load_stage`; `loaded.calibration_forward(rows)` is what gets timed."""
-    setting = getattr(config.stages, stage).torch_threads
+    """The stage's torch threads from `stages.<stage>.torch_threads` (or the model's own stage
+    settings): measured (auto, on a CPU), fixed (a number), or None (leave what Ray set). Call
+    it on the stage's TorchThread after `load_stage`; `loaded.calibration_forward(rows)` is what
+    gets timed."""
+    setting = config.stage(stage, model).torch_threads
     if isinstance(setting, int):
         set_threads(setting)
         return ThreadPlan.fixed(setting)

@@ -89,6 +89,97 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
+class ListModelsRequest(_message.Message):
+    """Input of ListModels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    """The served models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """One per model, the default (the one a request that names none gets) first."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class ModelInfo(_message.Message):
+    """One served model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    NATIVE_WIDTH_FIELD_NUMBER: _builtins.int
+    NATIVE_HEIGHT_FIELD_NUMBER: _builtins.int
+    PREDICTION_TYPE_FIELD_NUMBER: _builtins.int
+    DEFAULT_SCHEDULER_FIELD_NUMBER: _builtins.int
+    INPAINTING_FIELD_NUMBER: _builtins.int
+    IMAGE_INPUTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use (`GenerateRequest.model`)."""
+    family: _builtins.str
+    """Model family: "sd1" (SD 1.x), "sd2" (SD 2.x) or "sdxl"."""
+    native_width: _builtins.int
+    """The size it was trained at and that requests get when they set none, in pixels."""
+    native_height: _builtins.int
+    """Native height in pixels."""
+    prediction_type: _builtins.str
+    """What its U-Net predicts: "epsilon" or "v_prediction"."""
+    default_scheduler: _builtins.str
+    """The sampler requests to it get when they name none."""
+    inpainting: _builtins.bool
+    """Whether it is an inpainting model (takes only requests with init_image and mask_image)."""
+    image_inputs: _builtins.bool
+    """Whether it takes image inputs (init_image, mask_image)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        family: _builtins.str = ...,
+        native_width: _builtins.int = ...,
+        native_height: _builtins.int = ...,
+        prediction_type: _builtins.str = ...,
+        default_scheduler: _builtins.str = ...,
+        inpainting: _builtins.bool = ...,
+        image_inputs: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_scheduler", b"default_scheduler", "family", b"family", "image_inputs", b"image_inputs", "inpainting", b"inpainting", "name", b"name", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
 class SubmitJobRequest(_message.Message):
     """A job to queue."""
 
@@ -265,6 +356,7 @@ class GenerateRequest(_message.Message):
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
     GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -316,6 +408,10 @@ class GenerateRequest(_message.Message):
     """DeepCache: the whole U-Net every N steps, only its shallow branch on cached deep features
     in between; 1..`limits.max_cache_interval`. Unset or 1: off.
     """
+    model: _builtins.str
+    """The model to run, by name (ListModels lists them). Empty: the server's default model, the
+    first one it serves.
+    """
     def __init__(
         self,
         *,
@@ -334,10 +430,11 @@ class GenerateRequest(_message.Message):
         mask_image: _builtins.bytes = ...,
         guidance_stop: _builtins.float | None = ...,
         cache_interval: _builtins.int | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_interval: _TypeAlias = _typing.Literal["cache_interval"]  # noqa: Y015
     _WhichOneofArgType__cache_interval: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval"]  # noqa: Y015
@@ -594,6 +691,7 @@ class ResolvedParameters(_message.Message):
     STRENGTH_FIELD_NUMBER: _builtins.int
     GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     """Image width in pixels."""
     height: _builtins.int
@@ -610,6 +708,8 @@ class ResolvedParameters(_message.Message):
     """The guidance stop used (1: guidance on every step)."""
     cache_interval: _builtins.int
     """The DeepCache interval used (1: off)."""
+    model: _builtins.str
+    """The model that ran it."""
     def __init__(
         self,
         *,
@@ -621,10 +721,11 @@ class ResolvedParameters(_message.Message):
         strength: _builtins.float = ...,
         guidance_stop: _builtins.float = ...,
         cache_interval: _builtins.int = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "model", b"model", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

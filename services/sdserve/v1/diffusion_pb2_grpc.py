@@ -65,6 +65,11 @@ class DiffusionServiceStub:
                 request_serializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/sdserve.v1.DiffusionService/ListModels',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class DiffusionServiceServicer:
@@ -124,6 +129,13 @@ class DiffusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this server serves, the default first (what `GenerateRequest.model` names).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +168,11 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_diffusion__pb2.Job.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +338,33 @@ class DiffusionService:
             '/sdserve.v1.DiffusionService/CancelJob',
             sdserve_dot_v1_dot_diffusion__pb2.GetJobRequest.SerializeToString,
             sdserve_dot_v1_dot_diffusion__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/ListModels',
+            sdserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

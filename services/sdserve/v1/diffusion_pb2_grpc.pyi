@@ -67,6 +67,8 @@ class DiffusionServiceStub:
     """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
     denoising step and is never decoded. An ended job is returned unchanged.
     """
+    ListModels: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.ListModelsRequest, _diffusion_pb2.ListModelsResponse]
+    """The models this server serves, the default first (what `GenerateRequest.model` names)."""
 
 @_typing.type_check_only
 class DiffusionServiceAsyncStub(DiffusionServiceStub):
@@ -102,6 +104,8 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
     """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
     denoising step and is never decoded. An ended job is returned unchanged.
     """
+    ListModels: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.ListModelsRequest, _diffusion_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The models this server serves, the default first (what `GenerateRequest.model` names)."""
 
 class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Text-to-image generation."""
@@ -170,5 +174,13 @@ class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cancels a job. A queued job ends CANCELLED at once; a running one stops at its next
         denoising step and is never decoded. An ended job is returned unchanged.
         """
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _diffusion_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.ListModelsResponse, _abc.Awaitable[_diffusion_pb2.ListModelsResponse]]:
+        """The models this server serves, the default first (what `GenerateRequest.model` names)."""
 
 def add_DiffusionServiceServicer_to_server(servicer: DiffusionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -176,7 +176,15 @@ class ServerConfig(Strict):
     """Port of Ray Serve's gRPC proxy, which serves DiffusionService."""
 
     http_port: int = Field(8000, ge=0, le=65535)
-    """Port of Serve's HTTP proxy. sdserve serves nothing over HTTP, but Serve always starts one."""
+    """Port of Serve's HTTP proxy, which serves the OpenAI-compatible HTTP API
+    (`POST /v1/images/generations`, sdserve/http_api.py)."""
+
+    ssl_keyfile: str | None = None
+    """HTTPS for the HTTP API: the private key file (with `ssl_certfile`; Serve's own option).
+    Serve's gRPC proxy has no TLS option: put a TLS-terminating proxy in front of it."""
+
+    ssl_certfile: str | None = None
+    """HTTPS for the HTTP API: the certificate (chain) file."""
 
     host: str = "127.0.0.1"
     """Address the local Ray node binds to (`sdserve serve` without `--address`)."""
@@ -200,6 +208,14 @@ class ServerConfig(Strict):
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads
     clients over them), or only on the head node (one public address)."""
+
+
+class HttpConfig(Strict):
+    """The OpenAI-compatible HTTP API (sdserve/http_api.py)."""
+
+    image_ttl_s: int = Field(3600, ge=1)
+    """How long an image made with `response_format: url` stays downloadable (kept in the job
+    queue's Redis)."""
 
 
 class MetricsConfig(Strict):
@@ -231,6 +247,7 @@ class SdserveConfig(Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
@@ -239,6 +256,8 @@ class SdserveConfig(Strict):
             raise ValueError("limits.min_size is larger than limits.max_size")
         if self.defaults.steps > self.limits.max_steps:
             raise ValueError("defaults.steps is larger than limits.max_steps")
+        if (self.server.ssl_keyfile is None) != (self.server.ssl_certfile is None):
+            raise ValueError("server.ssl_keyfile and server.ssl_certfile go together")
         if self.models and self.model != ModelConfig():  # (a dumped tree holds both)
             raise ValueError("set either model (one model) or models (several), not both")
         names = [m.name for m in self.models]

@@ -150,7 +150,21 @@ class Report:
 
 
 Sender = Callable[[diffusion_pb2.GenerateRequest], Awaitable[int]]
-"""Sends one request and returns the number of images; raises grpc.aio.AioRpcError on errors."""
+"""Sends one request and returns the number of images; raises grpc.aio.AioRpcError or
+`SendError` on errors."""
+
+
+class SendError(Exception):
+    """A request failed with `code` (a gRPC code name, or HTTP_<status>)."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
+
+    @staticmethod
+    def code_of(exc: Exception) -> str:
+        """The code name of a failed send: a SendError's, or a gRPC error's."""
+        return exc.code if isinstance(exc, SendError) else exc.code().name
 
 
 async def drive(
@@ -186,8 +200,8 @@ async def drive(
         kind = f"{request.model}:{kind}" if request.model else kind
         try:
             code, images = "OK", await send(request)
-        except grpc.aio.AioRpcError as exc:
-            code, images = exc.code().name, 0
+        except (grpc.aio.AioRpcError, SendError) as exc:
+            code, images = SendError.code_of(exc), 0
         finally:
             in_flight -= 1
         latency = time.perf_counter() - t0
@@ -322,20 +336,24 @@ def main(args) -> int:
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:
         requests = 50
-    report = asyncio.run(
-        run_loadtest(
-            args.server,
-            mix=mix,
-            concurrency=None if args.rate else args.concurrency,
-            rate=args.rate,
-            requests=requests,
-            duration_s=duration,
-            timeout_s=args.timeout,
-            application=args.application or "",
-            metadata=args.metadata or (),
-            on_progress=None if args.quiet else progress_line,
-        )
+    common = dict(
+        mix=mix,
+        concurrency=None if args.rate else args.concurrency,
+        rate=args.rate,
+        requests=requests,
+        duration_s=duration,
+        timeout_s=args.timeout,
+        metadata=args.metadata or (),
+        on_progress=None if args.quiet else progress_line,
     )
+    if args.http:
+        from sdserve.loadtest_http import run_http_loadtest
+
+        report = asyncio.run(run_http_loadtest(args.http, **common))
+    else:
+        report = asyncio.run(
+            run_loadtest(args.server, application=args.application or "", **common)
+        )
     if not args.quiet:
         sys.stderr.write("\n")
     summary = report.summary()

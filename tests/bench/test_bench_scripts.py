@@ -117,3 +117,13 @@ def test_cheap_steps_bench_runs(tmp_path):
         assert r["exact"]["shallow_rows_per_image"] == 0 < r["both"]["shallow_rows_per_image"]
         assert r["guidance_stop 0.4"]["rows_per_image"] < r["exact"]["rows_per_image"]
         assert r["both"]["gflops_per_image"] < r["exact"]["gflops_per_image"]
+
+
+def test_http_bench_runs(tmp_path):
+    out = tmp_path / "http.json"
+    _run("bench/bench_http.py", "--smoke", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    for api in ("grpc", "http"):
+        assert [r["errors"] for r in report["rounds"][api]] == [{}]
+        assert report["rounds"][api][0]["ok"] == 4
+    assert report["http_over_grpc"] > 0 and report["diffusers_one_at_a_time"]["ok"] == 2

@@ -54,3 +54,21 @@ def test_open_loop_is_bounded_and_counts_errors_by_code(server, tmp_path):
     assert summary["requests"] == 6
     assert summary["ok"] == 3 and summary["errors"] == {"INVALID_ARGUMENT": 3}
     assert "INVALID_ARGUMENT 3" in run.stdout
+
+
+def test_http_mode_mixes_models_and_counts_http_errors_by_code(server, tmp_path):
+    """--http sends the same loads to the OpenAI-compatible API; --model mixes served models
+    (split per model in the summary); a bad size comes back as INVALID_ARGUMENT."""
+    url = f"http://127.0.0.1:{server.config.server.http_port}"
+    run, report = _loadtest(
+        server, "--http", url, "--concurrency", "2", "--requests", "8", "--steps", "2",
+        "--model", "default,sdxl", "--width", "64,64,64,60", "--height", "64",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = report["summary"]
+    assert summary["requests"] == 8 and summary["ok"] == 6
+    assert summary["errors"] == {"INVALID_ARGUMENT": 2}
+    assert {k: v["ok"] for k, v in summary["by_kind"].items()} == {
+        "default:text": 4, "sdxl:text": 2
+    }  # fmt: skip

@@ -41,12 +41,13 @@ def _wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float) -> list[
     raise AssertionError(f"{text!r} never printed; output:\n{''.join(lines[-40:])}")
 
 
-def _start(tiny_model, tmp_path, grpc_port, *extra: str) -> subprocess.Popen:
+def _start(tiny_model, tmp_path, grpc_port, *extra: str, http_port: int | None = None
+           ) -> subprocess.Popen:  # fmt: skip
     """`sdserve serve` in its own session (so that a test can kill all of it), once serving."""
     exe = Path(sys.executable).with_name("sdserve")
     proc = subprocess.Popen(
         [str(exe), "serve", "--model", str(tiny_model), "--grpc-port", str(grpc_port),
-         "--http-port", str(free_port()), *extra],
+         "--http-port", str(http_port or free_port()), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -88,20 +89,41 @@ def _config(tmp_path, **jobs) -> str:
     return str(path)
 
 
+def _self_signed(tmp_path) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for 127.0.0.1 (openssl, as an operator makes one)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)  # fmt: skip
+    return key, cert
+
+
 def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tmp_path):
     """No JobWorker here (stages.job_worker.num_replicas: 0) and a queue cap of 2: the third
     SubmitJob answers RESOURCE_EXHAUSTED and creates nothing. With Redis gone, Generate still
-    serves and the job RPCs answer UNAVAILABLE saying how to start one. SIGINT stops it all."""
+    serves and the job RPCs answer UNAVAILABLE saying how to start one. The HTTP API answers over
+    HTTPS (--ssl-keyfile/--ssl-certfile). SIGINT stops it all."""
+    import httpx
+
     redis = RedisServer(tmp_path / "redis").start()
-    grpc_port = free_port()
+    grpc_port, http_port = free_port(), free_port()
+    key, cert = _self_signed(tmp_path)
     config = _config(
         tmp_path,
         redis_url=redis.url,
         max_queue_length=2,
         stages={"job_worker": {"num_replicas": 0}},
     )
-    proc = _start(tiny_model, tmp_path, grpc_port, "--config", config)
+    proc = _start(tiny_model, tmp_path, grpc_port, "--config", config, "--ssl-keyfile",
+                  str(key), "--ssl-certfile", str(cert), http_port=http_port)  # fmt: skip
     try:
+        https = httpx.get(f"https://127.0.0.1:{http_port}/healthz", verify=str(cert), timeout=30)
+        assert https.status_code == 200 and https.json()["status"] == "ok"
+        body = {"prompt": "x", "size": "32x32", "num_inference_steps": 2}
+        reply = httpx.post(f"https://127.0.0.1:{http_port}/v1/images/generations", json=body,
+                           verify=str(cert), timeout=60)  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["data"][0]["b64_json"]
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=30

@@ -1,7 +1,8 @@
 """`sdserve generate`: images through a running server, with a progress bar.
 
-It imports only grpc and the generated messages, so it starts fast; it does no validation of
-its own: what the server answers is what the user sees.
+It calls the server through `sdserve.client` (grpc and the generated messages only), imported
+when the command runs, so it starts fast; it does no validation of its own: what the server
+answers is what the user sees.
 """
 
 from __future__ import annotations
@@ -44,25 +45,20 @@ def register(sub, parents: Parents) -> None:
 
 def list_models(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
-    import grpc
-    from google.protobuf.json_format import MessageToDict
+    from sdserve.client import Client, ClientError
 
-    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
-
-    with grpc.insecure_channel(args.server) as channel:
-        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-        try:
-            reply = stub.ListModels(diffusion_pb2.ListModelsRequest(), timeout=args.timeout,
-                                    metadata=options.call_metadata())  # fmt: skip
-        except grpc.RpcError as exc:
-            return options.rpc_error(exc)
+    try:
+        with Client(args.server, timeout=args.timeout) as client:
+            models = client.models()
+    except ClientError as exc:
+        return options.rpc_error(exc)
     if args.json:
-        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)["models"],
-                         indent=2))  # fmt: skip
+        print(json.dumps([_camel_case(asdict(m)) for m in models], indent=2))
         return 0
     rows = [("NAME", "FAMILY", "SIZE", "PREDICTION", "SAMPLER", "INPUTS")]
-    for i, m in enumerate(reply.models):
+    for i, m in enumerate(models):
         inputs = "inpaint" if m.inpainting else "text+image" if m.image_inputs else "text"
         rows.append((m.name + (" (default)" if i == 0 else ""), m.family,
                      f"{m.native_width}x{m.native_height}", m.prediction_type,
@@ -73,49 +69,52 @@ def list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def follow(call, quiet: bool = False):
-    """Consumes a GenerateStream call, drawing a progress bar; returns its GenerateResponse."""
+def _camel_case(fields: dict) -> dict:
+    """Keys as protobuf's JSON mapping writes them (native_width: nativeWidth)."""
+    return {k.split("_")[0] + "".join(w.title() for w in k.split("_")[1:]): v
+            for k, v in fields.items()}  # fmt: skip
+
+
+def follow(events, quiet: bool = False):
+    """Consumes a `Client.stream`, drawing a progress bar; returns its GenerateResult. Closes
+    the stream however it ends, which cancels the request on the server if it has not ended."""
+    from contextlib import closing
+
     from tqdm import tqdm
 
+    from sdserve.client import GenerateResult, Progress, Queued
+
     bar = tqdm(desc="queued", unit="step", disable=True if quiet else None, leave=False)
-    try:
-        for event in call:
-            kind = event.WhichOneof("event")
-            if kind == "queued":
-                bar.set_description(f"queued (position {event.queued.position})")
-            elif kind == "progress":
-                bar.total = event.progress.total
+    with closing(events), closing(bar):
+        for event in events:
+            if isinstance(event, Queued):
+                bar.set_description(f"queued (position {event.position})")
+            elif isinstance(event, Progress):
+                bar.total = event.total
                 bar.set_description("denoising")
-                bar.update(event.progress.step - bar.n)
-            elif kind == "result":
-                return event.result
-    finally:
-        bar.close()
+                bar.update(event.step - bar.n)
+            elif isinstance(event, GenerateResult):
+                return event
     raise RuntimeError("the server ended the stream without a result")
 
 
 def run(args: argparse.Namespace) -> int:
-    import grpc
+    from sdserve.client import Client, ClientError
 
-    from sdserve.v1 import diffusion_pb2_grpc
-
-    request = options.generate_request(args)
     started = time.perf_counter()
-    with grpc.insecure_channel(args.server) as channel:
-        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-        call = stub.GenerateStream(request, timeout=args.timeout, metadata=options.call_metadata())
-        try:
-            reply = follow(call, quiet=args.quiet)
-        except grpc.RpcError as exc:
-            return options.rpc_error(exc)
-        except KeyboardInterrupt:
-            call.cancel()  # frees the request's batch slot on the server
-            print("cancelled", file=sys.stderr)
-            return 130
+    try:
+        with Client(args.server, timeout=args.timeout) as client:
+            result = follow(client.stream(args.prompt, **options.request_options(args)),
+                            quiet=args.quiet)  # fmt: skip
+    except ClientError as exc:
+        return options.rpc_error(exc)
+    except KeyboardInterrupt:  # follow closed the stream: the request's batch slot is freed
+        print("cancelled", file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - started
 
-    options.write_images(reply, args.output)
-    p, t = reply.parameters, reply.timings
+    options.write_images(result, args.output)
+    p, t = result.parameters, result.timings
     steps = f"{p.steps} steps"
     if p.strength:  # image-to-image: diffusers runs the last int(steps * strength)
         run = int(p.steps * round(p.strength, 6))

@@ -52,92 +52,72 @@ def register(sub, parents: Parents) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    import grpc
+    from sdserve.client import Client, ClientError
 
-    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
-
-    submit = diffusion_pb2.SubmitJobRequest(
-        request=options.generate_request(args),
-        idempotency_key=args.idempotency_key or "",
-        priority=diffusion_pb2.JobPriority.Value(f"JOB_PRIORITY_{args.priority.upper()}"),
-    )
-    with grpc.insecure_channel(args.server) as channel:
-        try:
-            reply = diffusion_pb2_grpc.DiffusionServiceStub(channel).SubmitJob(
-                submit, timeout=args.timeout, metadata=options.call_metadata()
-            )
-        except grpc.RpcError as exc:
-            return options.rpc_error(exc)
-    print(reply.job_id)
-    if not reply.created:
+    try:
+        with Client(args.server, timeout=args.timeout) as client:
+            submitted = client.submit(args.prompt, priority=args.priority,
+                                      idempotency_key=args.idempotency_key,
+                                      **options.request_options(args))  # fmt: skip
+    except ClientError as exc:
+        return options.rpc_error(exc)
+    print(submitted.job_id)
+    if not submitted.created:
         print("(an existing job: same idempotency key)", file=sys.stderr)
     return 0
 
 
-def _state(job) -> str:
-    from sdserve.v1 import diffusion_pb2
-
-    return diffusion_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
-
-
 def describe(job) -> str:
-    """One line (two with an error) about a Job message."""
-    state = _state(job)
-    parts = [f"{job.job_id}: {state}"]
-    if state == "RUNNING":
+    """One line (two with an error) about a `sdserve.client.Job`."""
+    parts = [f"{job.job_id}: {job.state}"]
+    if job.state == "RUNNING":
         parts.append(f"step {job.step}/{job.total_steps}")
     parts.append(f"attempts {job.attempts}")
     if job.finished_at:
         parts.append(f"took {job.finished_at - job.created_at:.1f}s from submission")
     elif job.created_at:
         parts.append(f"submitted {time.time() - job.created_at:.1f}s ago")
-    if job.cancel_requested and state == "RUNNING":
+    if job.cancel_requested and job.state == "RUNNING":
         parts.append("cancel requested")
     line = ", ".join(parts)
     return f"{line}\n  error: {job.error}" if job.error else line
 
 
-def _watch(stub, request, args: argparse.Namespace):
-    """Follows WatchJob with a progress bar; returns the last Job, or None on Ctrl-C."""
+def _wait(client, args: argparse.Namespace):
+    """Follows the job with a progress bar; returns its last state, or None on Ctrl-C."""
     from tqdm import tqdm
 
-    call = stub.WatchJob(request, timeout=args.timeout, metadata=options.call_metadata())
     bar = tqdm(desc="queued", unit="step", disable=True if args.quiet else None, leave=False)
-    job = None
+
+    def show(job) -> None:
+        bar.set_description(job.state.lower())
+        if job.total_steps:
+            bar.total = job.total_steps
+        bar.update(job.step - bar.n)
+
     try:
-        for job in call:
-            bar.set_description(_state(job).lower())
-            if job.total_steps:
-                bar.total = job.total_steps
-            bar.update(job.step - bar.n)
-    except KeyboardInterrupt:
-        call.cancel()  # stops watching; the job goes on (cancel it with --cancel)
+        return client.wait(args.job_id, on_progress=show, timeout=args.timeout)
+    except KeyboardInterrupt:  # the watch is cancelled; the job goes on
         print(f"stopped watching; the job goes on: {args.job_id}", file=sys.stderr)
         return None
     finally:
         bar.close()
-    return job
 
 
 def run_job(args: argparse.Namespace) -> int:
-    import grpc
+    from sdserve.client import Client, ClientError
 
-    from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
-
-    request = diffusion_pb2.GetJobRequest(job_id=args.job_id)
-    with grpc.insecure_channel(args.server) as channel:
-        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-        try:
-            metadata = options.call_metadata()
+    try:
+        with Client(args.server, timeout=30) as client:
             if args.cancel:
-                job = stub.CancelJob(request, timeout=30, metadata=metadata)
+                job = client.cancel(args.job_id)
             elif not args.wait:
-                job = stub.GetJob(request, timeout=30, metadata=metadata)
-            elif (job := _watch(stub, request, args)) is None:
+                job = client.job(args.job_id)
+            elif (job := _wait(client, args)) is None:
                 return 130
-        except grpc.RpcError as exc:
-            return options.rpc_error(exc)
+    except ClientError as exc:
+        return options.rpc_error(exc)
     print(describe(job))
-    if job.HasField("result") and (args.wait or args.output):
+    if job.result is not None and (args.wait or args.output):
         options.write_images(job.result, args.output)
-    return 0 if job.state != diffusion_pb2.JOB_STATE_FAILED else 1
+    return 0 if job.state != "FAILED" else 1

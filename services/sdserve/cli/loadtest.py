@@ -58,6 +58,12 @@ def register(sub, parents: Parents) -> None:
     load.add_argument(
         "--application", metavar="NAME", help="the Serve application, when the proxy serves several"
     )
+    load.add_argument(
+        "--http",
+        metavar="URL",
+        help="load the OpenAI-compatible HTTP API at URL (http://127.0.0.1:8000: POST "
+        "/v1/images/generations, b64_json) instead of gRPC at --server",
+    )
     load.set_defaults(func=run)
 
 

@@ -119,33 +119,25 @@ def add_image_options(parser: argparse.ArgumentParser, strengths: bool = False) 
     )
 
 
-def generate_request(args: argparse.Namespace):
-    """The GenerateRequest that the request options describe (unset ones stay unset, so the
-    server's defaults apply)."""
-    from sdserve.v1 import diffusion_pb2
-
-    request = diffusion_pb2.GenerateRequest(
-        prompt=args.prompt,
+def request_options(args: argparse.Namespace) -> dict:
+    """The client options (`sdserve.client.OPTIONS`) that the request options describe; unset
+    ones are None, so that the server's defaults apply."""
+    return dict(
         negative_prompt=args.negative_prompt,
-        scheduler=args.scheduler or "",
-        model=args.model or "",
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        num_images=args.num_images,
+        init_image=args.init_image,
+        strength=args.strength,
+        mask_image=args.mask,
+        guidance_stop=args.guidance_stop,
+        cache_interval=args.cache_interval,
+        model=args.model,
     )
-    for field in ("width", "height", "steps", "seed", "num_images"):
-        if getattr(args, field) is not None:
-            setattr(request, field, getattr(args, field))
-    if args.guidance is not None:
-        request.guidance_scale = args.guidance
-    if args.init_image is not None:
-        request.init_image = args.init_image
-    if args.mask is not None:
-        request.mask_image = args.mask
-    if args.strength is not None:
-        request.strength = args.strength
-    if args.guidance_stop is not None:
-        request.guidance_stop = args.guidance_stop
-    if args.cache_interval is not None:
-        request.cache_interval = args.cache_interval
-    return request
 
 
 def output_paths(output: str | None, seeds: list[int]) -> list[Path]:
@@ -157,28 +149,24 @@ def output_paths(output: str | None, seeds: list[int]) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(seeds))]
 
 
-def write_images(reply, output: str | None) -> None:
-    """Writes a GenerateResponse's images as PNG files and says where."""
-    paths = output_paths(output, [image.seed for image in reply.images])
-    for image, path in zip(reply.images, paths, strict=True):
+def write_images(result, output: str | None) -> None:
+    """Writes a GenerateResult's images as PNG files and says where."""
+    paths = output_paths(output, [image.seed for image in result.images])
+    for image, path in zip(result.images, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image.png)
+        image.save(path)
         print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
 
 
-API_KEY_VARIABLE = "SDSERVE_API_KEY"
-"""The environment variable the CLI takes its API key from (never a flag: flags show in `ps`)."""
-
-
 def call_metadata() -> tuple[tuple[str, str], ...] | None:
-    """The gRPC metadata of every call: `authorization: Bearer $SDSERVE_API_KEY` when set."""
-    import os
+    """The gRPC metadata of every call: `authorization: Bearer $SDSERVE_API_KEY` when set (the
+    key is never a flag: flags show in `ps`)."""
+    from sdserve.client._calls import call_metadata
 
-    key = os.environ.get(API_KEY_VARIABLE, "").strip()
-    return (("authorization", f"Bearer {key}"),) if key else None
+    return call_metadata()
 
 
 def rpc_error(exc) -> int:
-    """Prints a gRPC error as `CODE: message` on stderr; returns EXIT_RPC_ERROR."""
-    print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+    """Prints a ClientError as `CODE: message` on stderr; returns EXIT_RPC_ERROR."""
+    print(exc, file=sys.stderr)
     return EXIT_RPC_ERROR

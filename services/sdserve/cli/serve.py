@@ -11,8 +11,10 @@ def register(sub, parents: Parents) -> None:
     serve = sub.add_parser(
         "serve",
         help="start Ray and the sdserve application, serve until Ctrl-C",
-        description="Start (or join) a Ray cluster, deploy the TextEncoder, Denoiser, VaeDecoder "
-        "and Pipeline deployments, and serve DiffusionService over gRPC until SIGINT/SIGTERM.",
+        description="Start (or join) a Ray cluster, deploy each model's TextEncoder, VaeEncoder, "
+        "Denoiser and VaeDecoder deployments, the JobWorkers and the Pipeline, and serve "
+        "DiffusionService over gRPC and the OpenAI-compatible Images API over HTTP until "
+        "SIGINT/SIGTERM.",
     )
     serve.add_argument(
         "--model",
@@ -30,7 +32,11 @@ def register(sub, parents: Parents) -> None:
         "--http-port",
         type=int,
         metavar="PORT",
-        help="port of Serve's HTTP proxy, unused by sdserve (default 8000)",
+        help="port of the OpenAI-compatible HTTP API, Serve's HTTP proxy (default 8000)",
+    )
+    serve.add_argument("--ssl-keyfile", metavar="PATH", help="HTTPS for the HTTP API: key file")
+    serve.add_argument(
+        "--ssl-certfile", metavar="PATH", help="HTTPS for the HTTP API: certificate file"
     )
     serve.add_argument("--host", help="address of the local Ray node (default 127.0.0.1)")
     serve.add_argument(
@@ -79,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             ("models",): [_named(m) for m in models] if models and not one else None,
             ("server", "grpc_port"): args.grpc_port,
             ("server", "http_port"): args.http_port,
+            ("server", "ssl_keyfile"): args.ssl_keyfile,
+            ("server", "ssl_certfile"): args.ssl_certfile,
             ("server", "ray_address"): args.address,
             ("server", "host"): args.host,
             ("jobs", "redis_url"): args.redis_url,

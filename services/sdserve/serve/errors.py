@@ -1,4 +1,5 @@
-"""The one error interceptor: exceptions -> gRPC status codes, and the per-RPC metrics.
+"""The one error interceptor: exceptions -> gRPC status codes, and the per-RPC metrics (the
+HTTP API maps the same codes to HTTP statuses: `status_name`).
 
 Ray Serve's gRPC proxy takes no server interceptors, so every public RPC method of the ingress
 is wrapped with `@grpc_errors(ResponseType)`. It sets the status on Serve's `grpc_context` and
@@ -43,6 +44,13 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
         grpc.StatusCode.INTERNAL,
         f"internal error ({type(exc).__name__}); look for request {request_id} in the server logs",
     )
+
+
+def status_name(exc: BaseException, request_id: str = "") -> tuple[str, str]:
+    """`status_for` with the code's name ("INVALID_ARGUMENT"): what the HTTP API maps to an
+    HTTP status, so that both APIs answer one error alike."""
+    code, message = status_for(exc, request_id)
+    return code.name, message
 
 
 def grpc_errors(response_type: type) -> Callable:

@@ -1,6 +1,7 @@
 """The Pipeline deployment: serves DiffusionService (and grpc.health.v1.Health) through Ray
-Serve's gRPC proxy. Generate/GenerateStream run the stage path; the job RPCs talk to the Redis
-job queue, and JobWorker replicas run the jobs.
+Serve's gRPC proxy, and the OpenAI-compatible HTTP API (`sdserve.http_api`) through its HTTP
+proxy. Generate/GenerateStream and the HTTP API run the stage path; the job RPCs talk to the
+Redis job queue, and JobWorker replicas run the jobs.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from collections.abc import AsyncIterator
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
 
 from sdserve.auth import ApiKeys
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
+from sdserve.http_api import HttpApi
+from sdserve.jobs.images import ImageStore
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import job_request
 from sdserve.orchestration.admission import Admission
@@ -23,7 +28,7 @@ from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
 from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
-from sdserve.serve.errors import grpc_errors
+from sdserve.serve.errors import grpc_errors, status_name
 from sdserve.stats import QueueDepth
 from sdserve.types import Result, job_priority_name, job_to_pb
 from sdserve.v1 import diffusion_pb2
@@ -54,6 +59,11 @@ class PipelineIngress:
         self._job_worker = job_worker
         # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
         self._jobs = JobQueue.from_config(self.config.jobs)
+        images = ImageStore(self._jobs.redis, self._jobs.url, self._jobs.prefix,
+                            self.config.http.image_ttl_s)  # fmt: skip
+        self._http = HttpApi(self._path, keys=self._keys, images=images, stats=self.stats,
+                             admitted=self._admitted, draining=lambda: self._draining,
+                             error_status=status_name)  # fmt: skip
         self._draining = False
         loop = asyncio.get_running_loop()
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
@@ -123,6 +133,10 @@ class PipelineIngress:
     def _refuse_if_draining(self) -> None:
         if self._draining:
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
+
+    async def __call__(self, request: Request) -> Response:
+        """The HTTP API (what Serve's HTTP proxy sends the application): `sdserve.http_api`."""
+        return await self._http.handle(request, _ray.current_request_id())
 
     @grpc_errors(diffusion_pb2.GenerateResponse)
     async def Generate(

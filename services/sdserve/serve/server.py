@@ -98,16 +98,19 @@ def deploy(config: SdserveConfig) -> None:
 
     serve.start(
         proxy_location=config.server.proxy_location,
-        http_options=HTTPOptions(host=config.server.host, port=config.server.http_port),
+        http_options=HTTPOptions(
+            host=config.server.host,
+            port=config.server.http_port,
+            ssl_keyfile=config.server.ssl_keyfile,
+            ssl_certfile=config.server.ssl_certfile,
+        ),
         grpc_options=gRPCOptions(
             port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS
         ),
     )
     set_draining(config.server.app_name, False)  # a flag left by an earlier run of this app
-    # A route prefix registers the ingress with the proxies; gRPC ignores its value.
-    serve.run(
-        build_app(config), name=config.server.app_name, route_prefix=f"/{config.server.app_name}"
-    )
+    # The HTTP API's paths start at the root (/v1/images/generations); gRPC ignores the prefix.
+    serve.run(build_app(config), name=config.server.app_name, route_prefix="/")
 
 
 def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -> None:
@@ -219,6 +222,9 @@ def serve_forever(config: SdserveConfig) -> None:
                 logger.warning("could not write %s: %s", PROMETHEUS_TARGETS, exc)
         for endpoint in metrics_endpoints():
             print(f"metrics for Prometheus: http://{endpoint}/metrics", flush=True)
+        scheme = "https" if config.server.ssl_certfile else "http"
+        http = f"{scheme}://{config.server.host}:{config.server.http_port}"
+        print(f"OpenAI-compatible Images API: {http}/v1/images/generations", flush=True)
         print(f"sdserve is serving DiffusionService on {target} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass

@@ -1,0 +1,169 @@
+"""What Client and AsyncClient share: each public method is an `Rpc` (the stub method, the
+request built from the method's arguments, the conversion of each reply to a client type), and
+`ClientBase` holds the channel, the stub, the metadata and the deadline. The two clients differ
+only in how they wait: blocking, or awaiting on grpc.aio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+
+from sdserve.client.types import (
+    PRIORITIES,
+    ClientError,
+    GenerateResult,
+    Job,
+    ModelInfo,
+    Submitted,
+    event_from_pb,
+)
+from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+OPTIONS = (
+    "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler",
+    "num_images", "init_image", "strength", "mask_image", "guidance_stop", "cache_interval",
+    "model",
+)  # fmt: skip
+"""GenerateRequest's optional fields: the `**options` of generate, stream and submit."""
+
+IMAGE_OPTIONS = ("init_image", "mask_image")
+
+API_KEY_VARIABLE = "SDSERVE_API_KEY"
+"""Where a client without an `api_key` takes its key from."""
+
+
+def call_metadata(api_key: str | None = None, application: str | None = None):
+    """The metadata of every call: `authorization: Bearer KEY` (KEY: `api_key`, or when that is
+    None $SDSERVE_API_KEY; none when empty) and `application` (Serve's application name)."""
+    key = (os.environ.get(API_KEY_VARIABLE, "") if api_key is None else api_key).strip()
+    pairs = ((("authorization", f"Bearer {key}"),) if key else ()) + (
+        (("application", application),) if application else ()
+    )
+    return pairs or None
+
+
+def image_bytes(name: str, value: Any) -> bytes:
+    """An image option's bytes: bytes as given, a path's contents, a PIL image as PNG."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str | os.PathLike):
+        return Path(value).read_bytes()
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"{name}: expected bytes, a path or a PIL image, got {type(value).__name__}")
+
+
+def generate_request(
+    prompt: str, options: Mapping[str, Any], preview_every: int = 0
+) -> diffusion_pb2.GenerateRequest:
+    """The request for `prompt` and `options` (GenerateRequest's field names). Options that are
+    None stay unset, so that the server's defaults apply.
+
+    Raises:
+        TypeError: naming the options GenerateRequest does not have (nothing is sent).
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are "
+                        f"{', '.join(OPTIONS)}")  # fmt: skip
+    fields = {name: value for name, value in options.items() if value is not None}
+    for name in set(IMAGE_OPTIONS) & set(fields):
+        fields[name] = image_bytes(name, fields[name])
+    return diffusion_pb2.GenerateRequest(prompt=prompt, preview_every=preview_every, **fields)
+
+
+class Rpc(NamedTuple):
+    """One call: `method` of the stub with `request`; `convert` turns each reply into its type."""
+
+    method: str
+    request: Any
+    convert: Callable[[Any], Any]
+
+
+def generate(prompt: str, options: Mapping[str, Any]) -> Rpc:
+    return Rpc("Generate", generate_request(prompt, options), GenerateResult.from_pb)
+
+
+def stream(prompt: str, preview_every: int, options: Mapping[str, Any]) -> Rpc:
+    return Rpc("GenerateStream", generate_request(prompt, options, preview_every), event_from_pb)
+
+
+def submit(prompt: str, priority: str, idempotency_key: str | None, options) -> Rpc:
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
+    request = diffusion_pb2.SubmitJobRequest(request=generate_request(prompt, options),
+                                             idempotency_key=idempotency_key or "",
+                                             priority=PRIORITIES[priority])  # fmt: skip
+    return Rpc("SubmitJob", request, Submitted.from_pb)
+
+
+def job(method: str, job_id: str) -> Rpc:
+    """GetJob, WatchJob or CancelJob."""
+    return Rpc(method, diffusion_pb2.GetJobRequest(job_id=job_id), Job.from_pb)
+
+
+def models() -> Rpc:
+    return Rpc("ListModels", diffusion_pb2.ListModelsRequest(),
+               lambda reply: [ModelInfo.from_pb(m) for m in reply.models])  # fmt: skip
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Raises a grpc.RpcError as a ClientError (with the RpcError as its __cause__)."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise ClientError.from_rpc(exc) from exc
+
+
+def last_job(job: Job | None) -> Job:
+    """WatchJob's last Job; a stream that sent none is a server bug."""
+    if job is None:
+        raise RuntimeError("the server ended WatchJob without sending the job")
+    return job
+
+
+class ClientBase:
+    """The constructor and the call start that both clients share."""
+
+    _open_channel: Callable[[str], Any]
+    """grpc.insecure_channel or grpc.aio.insecure_channel."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:9000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        application: str | None = None,
+        channel: Any = None,
+    ):
+        """`target` is the server's HOST:PORT. `api_key`: None takes $SDSERVE_API_KEY, "" sends
+        none. `timeout`: every call's deadline in seconds. `application`: the Serve application,
+        when the proxy serves several. `channel`: a channel of your own (the client then does
+        not close it, and ignores `target`)."""
+        self.target = target
+        self.timeout = timeout
+        self._metadata = call_metadata(api_key, application)
+        self._owns_channel = channel is None
+        self._channel = self._open_channel(target) if channel is None else channel
+        self._stub = diffusion_pb2_grpc.DiffusionServiceStub(self._channel)
+
+    def _start(self, rpc: Rpc, timeout: float | None = None):
+        """Starts the call: its reply or reply stream (sync), an awaitable call (asyncio)."""
+        return getattr(self._stub, rpc.method)(
+            rpc.request,
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
+        )

@@ -1,0 +1,187 @@
+"""The HTTP API: OpenAI's Images API over the same request path as the gRPC API.
+
+    POST /v1/images/generations      generate (JSON, or server-sent events with `stream: true`)
+    GET  /v1/images/{id}/{index}.png an image made with `response_format: url`, until it expires
+    GET  /v1/models                  the served models, in OpenAI's list shape
+    GET  /healthz                    200 once every model's Denoiser answers; 503 while draining
+
+It takes Starlette requests and returns Starlette responses, and knows nothing of Ray: the
+Pipeline deployment (`sdserve.serve.ingress`) hands it the requests Serve's HTTP proxy routes
+to the application, and tests drive it over the in-process stage client. Errors are OpenAI's
+error JSON with the HTTP status of the gRPC code (400, 401, 404, 429, 503, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from sdserve import openai_images as oai
+from sdserve.auth import ApiKeys
+from sdserve.errors import InvalidArgument, NotFound, SdserveError, Unavailable
+from sdserve.jobs.images import ImageStore
+from sdserve.metrics import StatsLogger
+from sdserve.orchestration.path import StagePath
+from sdserve.stats import RpcDone
+from sdserve.types import GenerateParams, Preview, Progress, Result
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PATH = re.compile(r"^/v1/images/([0-9a-f]{32})/(\d{1,3})\.png$")
+
+
+def default_status(exc: BaseException, request_id: str) -> tuple[str, str]:
+    """(gRPC code name, message) of an error (the Pipeline passes the gRPC interceptor's)."""
+    if isinstance(exc, SdserveError):
+        return exc.code, str(exc)
+    return "INTERNAL", (f"internal error ({type(exc).__name__}); look for request "
+                        f"{request_id} in the server logs")  # fmt: skip
+
+
+class HttpApi:
+    """Serves the routes above; `await api.handle(request, request_id)` -> a Response."""
+
+    def __init__(
+        self,
+        path: StagePath,
+        *,
+        keys: ApiKeys | None = None,
+        images: ImageStore | None = None,
+        stats: StatsLogger | None = None,
+        admitted: Callable = lambda params, deadline: contextlib.nullcontext(),
+        draining: Callable[[], bool] = lambda: False,
+        error_status: Callable[[BaseException, str], tuple[str, str]] = default_status,
+    ):
+        self.path, self.keys, self.images = path, keys, images
+        self.stats = stats or StatsLogger()
+        self.admitted, self.draining, self.error_status = admitted, draining, error_status
+
+    async def handle(self, request: Request, request_id: str = "") -> Response:
+        """Routes one request; every error becomes OpenAI's error JSON."""
+        started = time.perf_counter()
+        method, route = request.method, request.url.path
+        code = "OK"
+        try:
+            if route == "/v1/images/generations" and method == "POST":
+                return await self._generations(request, request_id)
+            if method == "GET" and (match := IMAGE_PATH.match(route)):
+                route = "/v1/images/{id}/{index}.png"
+                return await self._image(match[1], int(match[2]))
+            if route == "/v1/models" and method == "GET":
+                self._tenant(request)
+                return JSONResponse(await self._models())
+            if route == "/healthz" and method == "GET":
+                return await self._health()
+            raise NotFound(f"no route {method} {route}")
+        except Exception as exc:
+            code, message = self.error_status(exc, request_id)
+            log = logger.exception if code == "INTERNAL" else logger.info
+            log("HTTP %s %s (request %s): %s %s", method, route, request_id, code, message)
+            status, body = oai.error_body(code, message, getattr(exc, "field", None))
+            headers = {}
+            if getattr(exc, "retry_after_s", None) is not None:
+                headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+            return JSONResponse(body, status_code=status, headers=headers)
+        finally:
+            seconds = time.perf_counter() - started
+            self.stats.record(RpcDone(f"HTTP {method} {route}", code, seconds))
+
+    def _tenant(self, request: Request) -> str:
+        """The caller's tenant from `Authorization: Bearer KEY` ("" without keys); raises
+        Unauthenticated."""
+        if self.keys is None:
+            return ""
+        return self.keys.tenant({"authorization": request.headers.get("authorization", "")})
+
+    async def _generations(self, request: Request, request_id: str) -> Response:
+        self._tenant(request)
+        if self.draining():
+            raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError:
+            raise InvalidArgument("body", "is not valid JSON") from None
+        parsed = oai.parse_generation(body)
+        params = await self.path.validate(parsed.request)
+        if parsed.stream:
+            events = self._stream(params, parsed.partial_images, request_id)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})  # fmt: skip
+        with self.admitted(params, None):
+            result = await self._result(params, request_id)
+        size = f"{params.width}x{params.height}"
+        urls = None
+        if parsed.response_format == "url":
+            urls = await self._keep(result.pngs, request)
+        extra = {"request_id": result.request_id, "seeds": params.seeds,
+                 "model": params.model, "steps": params.steps}  # fmt: skip
+        return JSONResponse(oai.images_response(list(result.pngs), params.prompt, urls=urls,
+                                                size=size, extra=extra))  # fmt: skip
+
+    async def _result(self, params: GenerateParams, request_id: str) -> Result:
+        async for event in self.path.run(params, request_id=request_id):
+            if isinstance(event, Result):
+                return event
+        raise RuntimeError("the request path ended without a result")
+
+    async def _keep(self, pngs, request: Request) -> list[str]:
+        """Stores the images in Redis and returns their URLs on this server."""
+        if self.images is None:
+            raise Unavailable("response_format url needs the job queue's Redis")
+        image_id = await self.images.put(pngs)
+        base = str(request.base_url).rstrip("/")
+        return [f"{base}/v1/images/{image_id}/{i}.png" for i in range(len(pngs))]
+
+    async def _stream(self, params: GenerateParams, partial: int, request_id: str
+                      ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Server-sent events: up to `partial` partial images (the Denoiser's cheap previews,
+        spread over the steps), then the completed image. An error after the stream started
+        is an `error` event."""
+        size = f"{params.width}x{params.height}"
+        runs = int(params.steps * params.strength) if params.init_image else params.steps
+        every = max(1, runs // (partial + 1)) if partial else 0
+        sent, total = 0, runs
+        try:
+            with self.admitted(params, None):
+                events = self.path.run(params, request_id=request_id, stream=True,
+                                       preview_every=every)  # fmt: skip
+                async for event in events:
+                    if isinstance(event, Progress):
+                        total = event.total
+                    elif isinstance(event, Preview) and sent < partial and event.step < total:
+                        yield oai.stream_event("partial_image", event.pngs[0], size=size,
+                                               index=sent)  # fmt: skip
+                        sent += 1
+                    elif isinstance(event, Result):
+                        yield oai.stream_event("completed", event.pngs[0], size=size)
+        except Exception as exc:
+            code, message = self.error_status(exc, request_id)
+            logger.info("HTTP stream of request %s: %s %s", request_id, code, message)
+            yield oai.error_event(code, message, getattr(exc, "field", None))
+
+    async def _image(self, image_id: str, index: int) -> Response:
+        png = await self.images.get(image_id, index) if self.images is not None else None
+        if png is None:
+            raise NotFound(f"no image {image_id}/{index} (unknown, or it expired)")
+        return Response(png, media_type="image/png")
+
+    async def _models(self) -> dict:
+        models = await self.path.models()
+        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "sdserve",
+                 **{k: v for k, v in asdict(m).items() if k != "name"}}
+                for m in models]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    async def _health(self) -> Response:
+        if self.draining():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        names = [m.name for m in await self.path.models()]
+        return JSONResponse({"status": "ok", "models": names})

@@ -1,0 +1,217 @@
+"""OpenAI's Images API in sdserve's terms: a `POST /v1/images/generations` body becomes a
+`GenerateRequest` (which the request path validates like any gRPC request), and results, stream
+events and errors become the JSON OpenAI's clients expect.
+
+OpenAI's fields: `prompt`, `model`, `n`, `size` ("WxH" or "auto"), `response_format` (`b64_json`,
+the default, or `url`), `stream` with `partial_images` (0-3), `user`; `output_format` must be
+`png`, and `quality`, `style`, `background`, `moderation` and `output_compression` are accepted
+and ignored. sdserve's own fields ride along under their diffusers names (`negative_prompt`,
+`num_inference_steps`, `guidance_scale`, `seed`, `scheduler`) or their API names (`strength`,
+`init_image` and `mask_image` as base64 PNG/JPEG, `guidance_stop`, `cache_interval`). Anything
+else is refused, naming the field, rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sdserve.errors import InvalidArgument
+from sdserve.v1 import diffusion_pb2
+
+MAX_PARTIAL_IMAGES = 3
+IGNORED = frozenset({"quality", "style", "background", "moderation", "output_compression"})
+"""OpenAI fields that mean nothing for a diffusion model: accepted, not used."""
+NUMBERS = {  # body field -> (GenerateRequest field, type)
+    "n": ("num_images", int),
+    "num_inference_steps": ("steps", int),
+    "guidance_scale": ("guidance_scale", float),
+    "seed": ("seed", int),
+    "strength": ("strength", float),
+    "guidance_stop": ("guidance_stop", float),
+    "cache_interval": ("cache_interval", int),
+}
+TEXTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
+         "scheduler": "scheduler"}  # fmt: skip
+IMAGES = {"init_image": "init_image", "mask_image": "mask_image"}
+OWN = {"size", "response_format", "stream", "partial_images", "output_format", "user"}
+
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+"""The HTTP status of each gRPC status code (500 for the rest)."""
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               404: "not_found_error", 429: "rate_limit_error"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImagesRequest:
+    """A parsed `POST /v1/images/generations` body."""
+
+    request: diffusion_pb2.GenerateRequest
+    response_format: str = "b64_json"
+    stream: bool = False
+    partial_images: int = 0
+    user: str = ""
+
+
+def parse_generation(body: Any) -> ImagesRequest:
+    """Reads a request body (parsed JSON). Raises InvalidArgument naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "must be a JSON object")
+    for name in body:
+        if name not in TEXTS | NUMBERS | IMAGES | {n: n for n in OWN | IGNORED}:
+            raise InvalidArgument(name, "is not a parameter of this API")
+    if "prompt" not in body:
+        raise InvalidArgument("prompt", "is required")
+    request = diffusion_pb2.GenerateRequest()
+    for name, field in TEXTS.items():
+        if body.get(name) is not None:
+            setattr(request, field, _typed(body, name, str))
+    for name, (field, kind) in NUMBERS.items():
+        if body.get(name) is not None:
+            value = _typed(body, name, kind)
+            if kind is int and not 0 <= value < 2**64:
+                raise InvalidArgument(name, f"must be a non-negative integer, got {value}")
+            setattr(request, field, value)
+    for name, field in IMAGES.items():
+        if body.get(name) is not None:
+            setattr(request, field, _image(body, name))
+    _size(body.get("size"), request)
+    if body.get("output_format", "png") != "png":
+        raise InvalidArgument("output_format", "must be png (the only format sdserve writes)")
+    response_format = body.get("response_format") or "b64_json"
+    if response_format not in ("b64_json", "url"):
+        raise InvalidArgument(
+            "response_format", f"must be b64_json or url, got {response_format!r}"
+        )
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidArgument("stream", "must be true or false")
+    partial = _typed(body, "partial_images", int) if body.get("partial_images") is not None else 0
+    if not 0 <= partial <= MAX_PARTIAL_IMAGES:
+        raise InvalidArgument("partial_images", f"must be within 0..{MAX_PARTIAL_IMAGES}")
+    if stream and request.HasField("num_images") and request.num_images != 1:
+        raise InvalidArgument("n", "must be 1 when stream is true")
+    user = _typed(body, "user", str) if body.get("user") is not None else ""
+    return ImagesRequest(request, response_format, stream, partial, user)
+
+
+def _typed(body: dict, name: str, kind: type):
+    value = body[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        what = {str: "a string", int: "an integer", float: "a number"}[kind]
+        raise InvalidArgument(name, f"must be {what}, got {json.dumps(value)[:40]}")
+    if kind is float and not math.isfinite(value):
+        raise InvalidArgument(name, "must be finite")
+    return value
+
+
+def _image(body: dict, name: str) -> bytes:
+    text = _typed(body, name, str)
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(name, "must be base64-encoded PNG or JPEG bytes") from None
+
+
+def _size(size: Any, request: diffusion_pb2.GenerateRequest) -> None:
+    """ "WxH" sets width and height; "auto" or none leaves the model's native size."""
+    if size is None or size == "auto":
+        return
+    width, sep, height = str(size).partition("x")
+    if not (isinstance(size, str) and sep and width.isdigit() and height.isdigit()):
+        raise InvalidArgument("size", f'must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto", '
+                              f"got {json.dumps(size)[:40]}")  # fmt: skip
+    request.width, request.height = int(width), int(height)
+
+
+def generation_body(request: diffusion_pb2.GenerateRequest) -> dict:
+    """The body that asks for `request` (the load tester's HTTP mode; the inverse of
+    `parse_generation` for the fields a request sets)."""
+    body: dict[str, Any] = {"prompt": request.prompt}
+    for name, field in TEXTS.items():
+        if name != "prompt" and getattr(request, field):
+            body[name] = getattr(request, field)
+    for name, (field, _) in NUMBERS.items():
+        if request.HasField(field):
+            body[name] = getattr(request, field)
+    for name, field in IMAGES.items():
+        if getattr(request, field):
+            body[name] = base64.b64encode(getattr(request, field)).decode()
+    if request.HasField("width") and request.HasField("height"):
+        body["size"] = f"{request.width}x{request.height}"
+    return body
+
+
+def images_response(pngs: list[bytes] | None, prompt: str, *, urls: list[str] | None = None,
+                    size: str = "", extra: dict | None = None) -> dict:  # fmt: skip
+    """`{created, data: [{b64_json | url, revised_prompt}], size, output_format}`, plus
+    sdserve's own `sdserve` object (request id, seeds, resolved parameters)."""
+    if urls is not None:
+        data = [{"url": url, "revised_prompt": prompt} for url in urls]
+    else:
+        data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": prompt}
+                for png in pngs or []]  # fmt: skip
+    body = {"created": int(time.time()), "data": data, "size": size, "output_format": "png"}
+    if extra:
+        body["sdserve"] = extra
+    return body
+
+
+def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None) -> bytes:
+    """One server-sent event as OpenAI sends them: `image_generation.partial_image` (with its
+    `partial_image_index`) or `image_generation.completed`."""
+    event = {
+        "type": f"image_generation.{kind}",
+        "b64_json": base64.b64encode(png).decode(),
+        "created_at": int(time.time()),
+        "size": size,
+        "quality": "auto",
+        "background": "opaque",
+        "output_format": "png",
+    }
+    if index is not None:
+        event["partial_image_index"] = index
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+BODY_NAMES = {field: name for name, (field, _) in NUMBERS.items()} | {
+    "width": "size", "height": "size"
+}  # fmt: skip
+"""The body field of each GenerateRequest field that is named differently."""
+
+
+def error_body(code: str, message: str, field: str | None = None) -> tuple[int, dict]:
+    """(HTTP status, OpenAI's error JSON) for a gRPC status code name, its message and the
+    invalid field (named as in the body: `n`, `size`, ...)."""
+    status = HTTP_STATUS.get(code, 500)
+    param = BODY_NAMES.get(field, field) if field else None
+    error = {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+             "param": param, "code": code.lower()}  # fmt: skip
+    return status, {"error": error}
+
+
+def error_event(code: str, message: str, field: str | None = None) -> bytes:
+    """An error in the middle of a stream (OpenAI's clients raise it as an APIError)."""
+    _, body = error_body(code, message, field)
+    return f"event: error\ndata: {json.dumps(body)}\n\n".encode()

@@ -30,23 +30,7 @@ from sdserve.loadtest import Mix, drive, run_loadtest
 from sdserve.loadtest_http import run_http_loadtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import PROMPTS, InProcessDiffusers, free_port  # noqa: E402
-
-
-def start() -> tuple[str, str]:
-    """sdserve on free ports (no JobWorker): (gRPC target, HTTP base URL)."""
-    from sdserve.serve import server
-
-    tree = SdserveConfig().model_dump()
-    tree["server"].update(grpc_port=free_port(), http_port=free_port())
-    tree["metrics"]["export_port"] = free_port()
-    tree["stages"]["job_worker"]["num_replicas"] = 0
-    config = SdserveConfig.model_validate(tree)
-    server.start_ray(config)
-    server.deploy(config)
-    target = f"127.0.0.1:{config.server.grpc_port}"
-    server.wait_healthy(target, timeout_s=600)
-    return target, f"http://127.0.0.1:{config.server.http_port}"
+from bench_serving import PROMPTS, InProcessDiffusers, deploy_sdserve_only  # noqa: E402
 
 
 def mix(steps: int) -> Mix:
@@ -93,13 +77,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.requests, args.concurrency, args.steps = 1, 4, 2, 2
-    from sdserve.serve import server
-
-    target, url = start()
+    target, shutdown, url = deploy_sdserve_only(SdserveConfig())
     try:
         results = rounds(target, url, args)
     finally:
-        server.shutdown()
+        shutdown()
     baseline = diffusers_baseline(args)
     medians = {api: statistics.median(r["images_per_s"] for r in runs)
                for api, runs in results.items()}  # fmt: skip

@@ -118,7 +118,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="a small flood, a short soak")
     parser.add_argument("--out", help="JSON (default bench/results/overload-flood|soak.json)")
     args = parser.parse_args()
-    target, shutdown = deploy_sdserve_only(SdserveConfig())
+    target, shutdown, _ = deploy_sdserve_only(SdserveConfig())
     try:
         if args.soak or args.smoke:
             soaked = soak(target, 0.2 if args.smoke else args.soak)

@@ -226,7 +226,8 @@ def deploy(model: Path, target_ports: dict, redis_url: str) -> str:
 
 
 def deploy_sdserve_only(config: SdserveConfig):
-    """Starts Ray and sdserve alone (free ports, no JobWorker); returns (target, shutdown)."""
+    """Starts Ray and sdserve alone (free ports, no JobWorker); returns (gRPC target,
+    shutdown, HTTP API base URL)."""
     from sdserve.serve import server as sdserve_server
 
     tree = config.model_dump()
@@ -238,7 +239,7 @@ def deploy_sdserve_only(config: SdserveConfig):
     sdserve_server.deploy(config)
     target = f"127.0.0.1:{config.server.grpc_port}"
     sdserve_server.wait_healthy(target, timeout_s=600)
-    return target, sdserve_server.shutdown
+    return target, sdserve_server.shutdown, f"http://127.0.0.1:{config.server.http_port}"
 
 
 def free_port() -> int:

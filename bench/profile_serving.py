@@ -99,7 +99,7 @@ def main() -> int:
         model, size, steps = model_for(args.model, Path(tmp))
         steps = args.steps or steps
         config = SdserveConfig.model_validate({"model": {"path": str(model)}})
-        target, shutdown = deploy_sdserve_only(config)
+        target, shutdown, _ = deploy_sdserve_only(config)
         try:
             mix = Mix(prompts=PROMPTS, steps=(steps,), schedulers=("ddim",), widths=(size,),
                       heights=(size,), guidances=(7.5,))  # fmt: skip

@@ -7,7 +7,8 @@ timestep. An image therefore does not depend on what it was batched with.
 
 SDXL's U-Net also takes, per row, the second text encoder's pooled embeddings and the size
 conditioning (`added_cond_kwargs`, as `StableDiffusionXLPipeline.__call__` phase 7 builds
-them): each SDXL sample carries its own (`TextTime`).
+them): each SDXL sample carries its own (`TextTime`). Likewise each sample carries its request's
+LoRA adapters and scales (`Sample.loras`), applied to its rows only (`lora.rows`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -29,8 +31,12 @@ from sdserve.pipeline.images import (
     start_latents,
     strength_timesteps,
 )
+from sdserve.pipeline.lora_layers import LoraLayers
 from sdserve.pipeline.schedulers import make_scheduler
 from sdserve.pipeline.step import TextTime, pooled_width, takes_text_time, time_ids, unet_step
+
+if TYPE_CHECKING:
+    from sdserve.pipeline.lora import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ class Sample:
             input the last `int(steps * strength)` of them.
         image: what an image-to-image or inpainting sample needs at every step.
         text_time: SDXL's pooled embeddings and size conditioning (None for SD 1.x/2.x).
+        loras: its request's LoRA adapters, each with its scale (empty: none).
     """
 
     cond: torch.Tensor
@@ -71,6 +78,7 @@ class Sample:
     deep_cache: torch.Tensor | None = None
     """DeepCache: the deep features of the last full step, (uncond, cond) rows or (cond,)."""
     text_time: TextTime | None = None
+    loras: tuple[tuple[LoraAdapter, float], ...] = ()
 
     @property
     def guided_now(self) -> bool:
@@ -108,6 +116,7 @@ def make_sample(
     cache_interval: int = 1,
     cache_levels: int = 0,
     text_time: TextTime | None = None,
+    loras: Sequence[tuple[LoraAdapter, float]] = (),
 ) -> Sample:
     """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
     (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed.
@@ -152,6 +161,7 @@ def make_sample(
         cache_interval=cache_interval,
         cache_levels=cache_levels,
         text_time=text_time,
+        loras=tuple((adapter, float(scale)) for adapter, scale in loras),
     )
 
 
@@ -265,6 +275,7 @@ class Denoiser:
         seeds: Sequence[int],
         pooled: torch.Tensor | None = None,
         uncond_pooled: torch.Tensor | None = None,
+        loras: Sequence[tuple[LoraAdapter, float]] = (),
         on_step: Callable[[int, int], None] | None = None,
         **image_kwargs,
     ) -> torch.Tensor:
@@ -276,6 +287,7 @@ class Denoiser:
             seeds: one per image; image i starts from its own `Generator().manual_seed(seeds[i])`.
             pooled: SDXL: the prompt's pooled text embeddings, shape (1, projection_dim).
             uncond_pooled: SDXL: the negative prompt's, or None when guidance_scale <= 1.
+            loras: the request's LoRA adapters, each with its scale.
             on_step: called with (steps done, steps in all) after every U-Net forward.
             image_kwargs: `init` and `strength` for image-to-image and inpainting;
                 `guidance_stop` and `cache_interval` for cheaper steps.
@@ -295,6 +307,7 @@ class Denoiser:
             seeds=seeds,
             pooled=pooled,
             uncond_pooled=uncond_pooled,
+            loras=loras,
             **image_kwargs,
         )
         while not job.done:
@@ -322,6 +335,7 @@ class Denoiser:
         guidance_stop: float = 1.0,
         cache_interval: int = 1,
         cache_levels: int = 0,
+        loras: Sequence[tuple[LoraAdapter, float]] = (),
         **job_kwargs,
     ) -> DenoiseJob:
         """Prepares a request's images (timesteps, initial noise, step kwargs) as diffusers
@@ -329,10 +343,12 @@ class Denoiser:
         `DenoiseJob` (on_event, deadline, preview_every).
 
         An SDXL U-Net needs `pooled` (1, projection_dim), and `uncond_pooled` with guidance;
-        other U-Nets ignore them.
+        other U-Nets ignore them. `loras`: the request's LoRA adapters (loaded for this U-Net,
+        `lora.load_lora`), each with its scale.
 
         Raises:
-            ValueError: an input the U-Net needs is missing or has the wrong width.
+            ValueError: an input the U-Net needs is missing or has the wrong width, or an
+                adapter names a module the U-Net does not have.
         """
         if self.inpainting and (init is None or init.mask is None):
             raise ValueError("an inpainting U-Net needs an init image and a mask")
@@ -343,6 +359,8 @@ class Denoiser:
                                       width=width, height=height)  # fmt: skip
         cond = cond.to(self.device, self.dtype)
         uncond = uncond.to(self.device, self.dtype) if guided else None
+        for adapter, _ in loras:  # wraps its layers now, so that a misfit fails this request
+            LoraLayers.of(self.unet).install(adapter)
         samples = [
             make_sample(
                 cond=cond,
@@ -362,6 +380,7 @@ class Denoiser:
                 cache_interval=cache_interval,
                 cache_levels=cache_levels,
                 text_time=text_time,
+                loras=loras,
             )
             for seed in seeds
         ]

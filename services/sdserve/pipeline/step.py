@@ -4,7 +4,9 @@ Rows that need the whole U-Net share one forward; rows on a DeepCache shallow st
 shallow forward per branch depth. Each sample then gets its classifier-free guidance (when it
 is still guided), its own scheduler's step, and for 4-channel inpainting the kept area blended
 back. An SDXL U-Net also gets each row's pooled text embeddings and size conditioning
-(`added_cond_kwargs`, from the sample's `TextTime`).
+(`added_cond_kwargs`, from the sample's `TextTime`). Rows of samples with LoRA adapters get
+them in the same forward (`lora.rows`: a guided sample's unconditional row too, as diffusers
+applies adapters to both halves of the CFG batch); without any, the forward is unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdserve.pipeline import deepcache
+from sdserve.pipeline import deepcache, lora
 from sdserve.pipeline.images import blend_kept_area
 
 if TYPE_CHECKING:
@@ -136,17 +138,20 @@ def _forward(unet, samples: list[Sample], shallow: int | None) -> dict:
     timesteps = torch.stack([t_of[id(s)].float() for s in rows]).to(x.device)
     context = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
     added = _added_cond_kwargs(guided, samples)
-    if shallow is not None:  # the branch depth of these rows
-        deep = torch.cat([s.deep_cache[:1] for s in guided] + [s.deep_cache[-1:] for s in samples])
-        eps = deepcache.shallow_forward(unet, x, timesteps, context, deep, shallow, added)
-    else:
-        levels = sorted({s.cache_levels for s in samples if s.cache_interval > 1})
-        with contextlib.ExitStack() as stack:
-            captured = {n: stack.enter_context(deepcache.capture(unet, n)) for n in levels}
-            eps = unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
-                       return_dict=False)[0]  # fmt: skip
-        for n in levels:
-            _keep_deep_features(guided, samples, captured[n][0], n)
+    plan = [s.loras for s in rows]  # each row's LoRA adapters
+    with lora.rows(unet, plan) if any(plan) else contextlib.nullcontext():
+        if shallow is not None:  # the branch depth of these rows
+            deep = torch.cat([s.deep_cache[:1] for s in guided]
+                             + [s.deep_cache[-1:] for s in samples])  # fmt: skip
+            eps = deepcache.shallow_forward(unet, x, timesteps, context, deep, shallow, added)
+        else:
+            levels = sorted({s.cache_levels for s in samples if s.cache_interval > 1})
+            with contextlib.ExitStack() as stack:
+                captured = {n: stack.enter_context(deepcache.capture(unet, n)) for n in levels}
+                eps = unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
+                           return_dict=False)[0]  # fmt: skip
+            for n in levels:
+                _keep_deep_features(guided, samples, captured[n][0], n)
     uncond_row = {id(s): i for i, s in enumerate(guided)}
     out = {}
     for j, sample in enumerate(samples):

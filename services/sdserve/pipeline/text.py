@@ -1,20 +1,24 @@
 """The text-encoder stage: tokenizer + CLIP text model -> prompt embeddings.
 
-Mirrors `StableDiffusionPipeline.encode_prompt` in diffusers (no LoRA, no clip_skip), so the
+Mirrors `StableDiffusionPipeline.encode_prompt` in diffusers (no clip_skip), so the
 embeddings match diffusers' bit for bit on the same weights. An SDXL folder has two text
 encoders; there it mirrors `StableDiffusionXLPipeline.encode_prompt`: both encoders'
 penultimate hidden states side by side, and the second one's pooled, projected output.
+A request's LoRA adapters apply to its own encodes only (`lora.rows`), as diffusers applies
+them to the prompt and the negative prompt; the encoders' weights are never changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sdserve.pipeline import models
+from sdserve.pipeline import lora, models
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +134,14 @@ class TextEncoder:
             embed("a photograph of an astronaut riding a horse")
 
     def encode(
-        self, prompt: str, negative_prompt: str = "", with_uncond: bool = True
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        with_uncond: bool = True,
+        loras: Sequence[tuple[lora.LoraAdapter, float]] = (),
     ) -> PromptEmbeddings:
-        """Encodes a prompt and, when `with_uncond`, the negative prompt ("" when none).
+        """Encodes a prompt and, when `with_uncond`, the negative prompt ("" when none), with
+        the text-encoder factors of `loras` (adapters loaded for this encoder, and scales).
 
         SDXL: an empty negative prompt gives zeros for `uncond` and `uncond_pooled` when the
         folder's `force_zeros_for_empty_prompt` is set (its default), as diffusers does for
@@ -143,6 +152,15 @@ class TextEncoder:
             dtype; uncond the same or None when `with_uncond` is False; for SDXL pooled and
             uncond_pooled of shape (1, projection_dim).
         """
+        with contextlib.ExitStack() as stack:
+            if any(adapter.text_encoder or adapter.text_encoder_2 for adapter, _ in loras):
+                plan = [tuple(loras)]  # one row per encode
+                stack.enter_context(lora.rows(self.model, plan, "text_encoder"))
+                if self.model_2 is not None:
+                    stack.enter_context(lora.rows(self.model_2, plan, "text_encoder_2"))
+            return self._encode(prompt, negative_prompt, with_uncond)
+
+    def _encode(self, prompt: str, negative_prompt: str, with_uncond: bool) -> PromptEmbeddings:
         if self.model_2 is None:
             cond = self._embed(prompt)
             return PromptEmbeddings(cond, self._embed(negative_prompt) if with_uncond else None)

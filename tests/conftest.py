@@ -16,6 +16,30 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_loras(tiny_model) -> dict[str, Path]:
+    """LoRA adapters in the tiny model's `loras/` folder: "ink" (diffusers format, in a folder,
+    with text-encoder weights), "grain" (one kohya-style file), and "broken" (a safetensors file
+    that is no LoRA)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdserve.pipeline.denoise import Denoiser
+    from sdserve.pipeline.text import TextEncoder
+    from sdserve.testing.loras import write_random_lora
+
+    folder = tiny_model / "loras"
+    unet, text = Denoiser(tiny_model).unet, TextEncoder(tiny_model).model
+    files = {
+        "ink": write_random_lora(unet, folder / "ink" / "pytorch_lora_weights.safetensors",
+                                 seed=1, text_encoder=text, alpha=2),
+        "grain": write_random_lora(unet, folder / "grain.safetensors", seed=2, kohya=True,
+                                   alpha=2),
+    }  # fmt: skip
+    save_file({"weight": torch.zeros(2, 2)}, folder / "broken.safetensors")
+    return files
+
+
+@pytest.fixture(scope="session")
 def tiny_inpaint_model(tmp_path_factory) -> Path:
     """The tiny model with a 9-channel inpainting U-Net (`--arch tiny-inpaint`)."""
     from sdserve.testing.tiny import make_tiny_model

@@ -49,6 +49,15 @@ class LimitsConfig(Strict):
     max_cache_interval: int = Field(10, ge=1)
     """Largest DeepCache interval a request may ask for (`cache_interval`)."""
 
+    max_loras_per_request: int = Field(4, ge=0)
+    """Most LoRA adapters one request may apply."""
+
+    min_lora_scale: float = -2.0
+    """Smallest LoRA scale a request may ask for."""
+
+    max_lora_scale: float = 2.0
+    """Largest LoRA scale a request may ask for."""
+
 
 class DefaultsConfig(Strict):
     """Values used for request fields the client leaves unset."""
@@ -76,6 +85,15 @@ class EngineConfig(Strict):
 
     max_batch_size: int = Field(16, ge=1)
     """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
+
+    lora_cache_mb: int = Field(1024, ge=1)
+    """Memory for loaded LoRA adapters per Denoiser (and TextEncoder) replica; the least
+    recently used adapter not in use is dropped beyond it."""
+
+    lora_policy: Literal["mixed", "one_set"] = "mixed"
+    """mixed: one U-Net forward holds rows with different adapters (each row its own). one_set:
+    a forward holds rows of one adapter set only, as servers that apply one adapter per batch
+    do; for comparison (bench/bench_lora.py)."""
 
     deepcache_levels: int = Field(0, ge=0)
     """Depth of DeepCache's shallow branch (requests' `cache_interval`): 0 runs only the last
@@ -125,6 +143,11 @@ class ModelConfig(Strict):
 
     stages: ModelStagesConfig = Field(default_factory=ModelStagesConfig)
     """This model's own deployment settings (replicas, GPUs, ...), stage by stage."""
+
+    lora_dir: str | None = None
+    """Its LoRA adapters (`GenerateRequest.loras`): NAME.safetensors files or NAME/ folders.
+    None: `loras/` inside the model folder (the built-in model ships `loras/cyan`). Every node
+    running its TextEncoder or Denoiser must see it."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""

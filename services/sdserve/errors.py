@@ -65,3 +65,9 @@ class Unauthenticated(SdserveError):
     """The call carries no API key, or one the server does not know."""
 
     code = "UNAUTHENTICATED"
+
+
+class FailedPrecondition(SdserveError):
+    """The server cannot do it as it stands (a broken adapter file)."""
+
+    code = "FAILED_PRECONDITION"

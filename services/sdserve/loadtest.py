@@ -44,6 +44,8 @@ class Mix:
     cache_intervals: tuple[int | None, ...] = (None,)
     models: tuple[str, ...] = ("",)
     """Served model names ("": the server's default)."""
+    loras: tuple[tuple[tuple[str, float], ...], ...] = ((),)
+    """LoRA adapter sets, one per request in turn: ((name, scale), ...) each; () for none."""
 
     def request(self, i: int) -> diffusion_pb2.GenerateRequest:
         def pick(options):
@@ -64,6 +66,8 @@ class Mix:
             prompt=pick(self.prompts), scheduler=pick(self.schedulers), seed=i,
             model=pick(self.models),
         )  # fmt: skip
+        for name, scale in pick(self.loras):
+            request.loras.add(name=name, scale=scale)
         optional = {
             "steps": self.steps,
             "width": self.widths,
@@ -310,6 +314,17 @@ def progress_line(report: Report, in_flight: int) -> None:
     sys.stderr.flush()
 
 
+def lora_set(spec: str) -> tuple[tuple[str, float], ...]:
+    """ "none", or NAME[:SCALE] joined by "+": "cyan:0.8+pixel" -> (("cyan", 0.8), ("pixel", 1))."""
+    if spec in ("", "none"):
+        return ()
+    out = []
+    for part in spec.split("+"):
+        name, _, scale = part.partition(":")
+        out.append((name, float(scale) if scale else 1.0))
+    return tuple(out)
+
+
 def _split(text: str | None, cast) -> tuple:
     if text is None:
         return (None,)
@@ -332,6 +347,7 @@ def main(args) -> int:
         guidance_stops=_split(args.guidance_stop, float),
         cache_intervals=_split(args.cache_interval, int),
         models=_split(args.model, str) if args.model else ("",),
+        loras=tuple(lora_set(spec) for spec in args.lora) if args.lora else ((),),
     )
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:

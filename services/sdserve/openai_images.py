@@ -7,7 +7,8 @@ the default, or `url`), `stream` with `partial_images` (0-3), `user`; `output_fo
 `png`, and `quality`, `style`, `background`, `moderation` and `output_compression` are accepted
 and ignored. sdserve's own fields ride along under their diffusers names (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `seed`, `scheduler`) or their API names (`strength`,
-`init_image` and `mask_image` as base64 PNG/JPEG, `guidance_stop`, `cache_interval`). Anything
+`init_image` and `mask_image` as base64 PNG/JPEG, `guidance_stop`, `cache_interval`, `loras`
+as a list of {"name", "scale"}). Anything
 else is refused, naming the field, rather than silently dropped.
 """
 
@@ -39,7 +40,7 @@ NUMBERS = {  # body field -> (GenerateRequest field, type)
 TEXTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
          "scheduler": "scheduler"}  # fmt: skip
 IMAGES = {"init_image": "init_image", "mask_image": "mask_image"}
-OWN = {"size", "response_format", "stream", "partial_images", "output_format", "user"}
+OWN = {"size", "response_format", "stream", "partial_images", "output_format", "user", "loras"}
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -93,6 +94,7 @@ def parse_generation(body: Any) -> ImagesRequest:
         if body.get(name) is not None:
             setattr(request, field, _image(body, name))
     _size(body.get("size"), request)
+    _loras(body.get("loras"), request)
     if body.get("output_format", "png") != "png":
         raise InvalidArgument("output_format", "must be png (the only format sdserve writes)")
     response_format = body.get("response_format") or "b64_json"
@@ -145,6 +147,21 @@ def _size(size: Any, request: diffusion_pb2.GenerateRequest) -> None:
     request.width, request.height = int(width), int(height)
 
 
+def _loras(loras: Any, request: diffusion_pb2.GenerateRequest) -> None:
+    """`loras`: a list of {"name": ..., "scale": ...} (or of names, at scale 1)."""
+    if loras is None:
+        return
+    if not isinstance(loras, list):
+        raise InvalidArgument("loras", 'must be a list of {"name": ..., "scale": ...}')
+    for i, lora in enumerate(loras):
+        lora = {"name": lora} if isinstance(lora, str) else lora
+        if not isinstance(lora, dict) or set(lora) - {"name", "scale"} or "name" not in lora:
+            raise InvalidArgument(f"loras[{i}]", 'must be {"name": ..., "scale": ...}')
+        weight = request.loras.add(name=_typed(lora, "name", str))
+        if lora.get("scale") is not None:
+            weight.scale = _typed(lora, "scale", float)
+
+
 def generation_body(request: diffusion_pb2.GenerateRequest) -> dict:
     """The body that asks for `request` (the load tester's HTTP mode; the inverse of
     `parse_generation` for the fields a request sets)."""
@@ -160,6 +177,9 @@ def generation_body(request: diffusion_pb2.GenerateRequest) -> dict:
             body[name] = base64.b64encode(getattr(request, field)).decode()
     if request.HasField("width") and request.HasField("height"):
         body["size"] = f"{request.width}x{request.height}"
+    if request.loras:
+        body["loras"] = [{"name": w.name, **({"scale": w.scale} if w.HasField("scale") else {})}
+                         for w in request.loras]  # fmt: skip
     return body
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sdserve.config import SCHEDULER_NAMES, DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
 from sdserve.image_inputs import check_image_inputs, check_strength
+from sdserve.request_fields import check_cheaper_steps, check_loras
 from sdserve.v1 import diffusion_pb2
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class GenerateParams:
     """DeepCache: the whole U-Net every this many steps (1: off)."""
     model: str = ""
     """The served model that runs it ("": the server's default)."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA adapters of that model, (name, scale) each."""
 
     @property
     def seeds(self) -> list[int]:
@@ -114,6 +117,8 @@ class GenerateParams:
             image_fields = dict(init_image=images.init_image, mask_image=images.mask_image,
                                 strength=strength)  # fmt: skip
         image_fields.update(check_cheaper_steps(request, limits))
+        if request.loras:
+            image_fields["loras"] = check_loras(request, limits)
         return cls(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -146,7 +151,11 @@ class GenerateParams:
             guidance_stop=self.guidance_stop,
             cache_interval=self.cache_interval,
             model=self.model,
+            loras=self.loras_pb(),
         )
+
+    def loras_pb(self) -> list[diffusion_pb2.LoraWeight]:
+        return [diffusion_pb2.LoraWeight(name=n, scale=s) for n, s in self.loras]
 
     def resolved_pb(self) -> diffusion_pb2.ResolvedParameters:
         return diffusion_pb2.ResolvedParameters(
@@ -159,6 +168,7 @@ class GenerateParams:
             guidance_stop=self.guidance_stop,
             cache_interval=self.cache_interval,
             model=self.model,
+            loras=self.loras_pb(),
         )
 
     def png_parameters(self, seed: int, model: str = "") -> str:
@@ -181,6 +191,8 @@ class GenerateParams:
             fields.append(f"DeepCache interval: {self.cache_interval}")
         if model:
             fields.append(f"Model: {model}")
+        if self.loras:
+            fields.append("LoRA: " + " ".join(f"{n}:{s:g}" for n, s in self.loras))
         fields.append("Generator: sdserve")
         lines.append(", ".join(fields))
         return "\n".join(lines)
@@ -232,24 +244,6 @@ class ServedModel:
     def from_pb(cls, pb: diffusion_pb2.ModelInfo) -> ServedModel:
         return cls(pb.name, pb.family, (pb.native_width, pb.native_height), pb.prediction_type,
                    pb.default_scheduler, pb.inpainting)  # fmt: skip
-
-
-def check_cheaper_steps(request, limits: LimitsConfig) -> dict:
-    """guidance_stop (0 < f <= 1) and cache_interval (1..limits.max_cache_interval)."""
-    fields = {}
-    if request.HasField("guidance_stop"):
-        stop = round(request.guidance_stop, 6)  # a float32: 0.4 arrives as 0.40000001
-        if not (math.isfinite(stop) and 0 < stop <= 1):
-            raise InvalidArgument("guidance_stop", f"must be within (0, 1], got {stop:g}")
-        fields["guidance_stop"] = stop
-    if request.HasField("cache_interval"):
-        n = request.cache_interval
-        if not 1 <= n <= limits.max_cache_interval:
-            raise InvalidArgument(
-                "cache_interval", f"must be within 1..{limits.max_cache_interval}, got {n}"
-            )
-        fields["cache_interval"] = n
-    return fields
 
 
 def _checked_size(request, limits: LimitsConfig, default: tuple[int, int], images) -> dict:

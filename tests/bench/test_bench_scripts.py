@@ -127,3 +127,13 @@ def test_http_bench_runs(tmp_path):
         assert [r["errors"] for r in report["rounds"][api]] == [{}]
         assert report["rounds"][api][0]["ok"] == 4
     assert report["http_over_grpc"] > 0 and report["diffusers_one_at_a_time"]["ok"] == 2
+
+
+def test_lora_bench_runs(tmp_path):
+    out = tmp_path / "lora.json"
+    _run("bench/bench_lora.py", "--smoke", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"none", "mixed", "one_set"}
+    forwards = {k: v[0]["forwards"] for k, v in report["runs"].items()}
+    assert forwards["one_set"] > forwards["mixed"]  # one adapter set per forward: more of them
+    assert report["diffusers_one_at_a_time"]["ok"] == 2

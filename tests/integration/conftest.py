@@ -32,7 +32,7 @@ one-model tests see a one-model server's names), the built-in default model and 
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tiny_sdxl_model, tmp_path_factory, redis_server):
+def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_server):
     """sdserve on the tiny model (the default), the built-in model and a tiny SDXL, on free
     ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the session's own
     redis-server and two JobWorker replicas."""

@@ -52,7 +52,9 @@ def _response(n: int = 2) -> pb.GenerateResponse:
         images=[pb.Image(png=_png(), seed=7 + i, width=16, height=8) for i in range(n)],
         timings=pb.StageTimings(**TIMINGS),
         request_id="req-1",
-        parameters=pb.ResolvedParameters(**PARAMETERS),
+        parameters=pb.ResolvedParameters(
+            **PARAMETERS, loras=[pb.LoraWeight(name="cyan", scale=0.8)]
+        ),
     )
 
 
@@ -60,7 +62,7 @@ def test_generate_result_from_pb(tmp_path):
     result = GenerateResult.from_pb(_response())
     assert result.request_id == "req-1"
     assert [(im.seed, im.width, im.height) for im in result.images] == [(7, 16, 8), (8, 16, 8)]
-    assert asdict(result.parameters) == PARAMETERS
+    assert asdict(result.parameters) == {**PARAMETERS, "loras": (("cyan", 0.8),)}
     assert asdict(result.timings) == TIMINGS
     image = result.images[0].image
     assert image.size == (16, 8) and image.getpixel((0, 0)) == (255, 0, 0)
@@ -246,3 +248,12 @@ def test_a_given_channel_stays_open_and_real_rpc_errors_are_client_errors():
             Client(channel=channel, timeout=2.0).models()
     assert raised.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     assert isinstance(raised.value.__cause__, grpc.RpcError)
+
+
+def test_lora_options_in_every_form():
+    from sdserve.client._calls import generate_request
+
+    request = generate_request("x", {"loras": ["ink", "grain:0.5", ("a", 2), {"name": "b"}]})
+    assert [(w.name, w.HasField("scale"), w.scale) for w in request.loras] == [
+        ("ink", False, 0.0), ("grain", True, 0.5), ("a", True, 2.0), ("b", False, 0.0)
+    ]  # fmt: skip

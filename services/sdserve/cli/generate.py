@@ -41,6 +41,32 @@ def register(sub, parents: Parents) -> None:
     )
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=list_models)
+    loras = sub.add_parser(
+        "loras",
+        help="list a served model's LoRA adapters",
+        description="Call DiffusionService.ListLoras and print the adapters in a model's adapter "
+        "folder (what --lora takes), their file sizes and whether they are loaded.",
+        parents=[parents.server, parents.timeout(30.0)],
+    )
+    loras.add_argument("--model", default="", help="served model (default: the default one)")
+    loras.set_defaults(func=list_loras)
+
+
+def list_loras(args: argparse.Namespace) -> int:
+    from sdserve.client import Client, ClientError
+
+    try:
+        with Client(args.server, timeout=args.timeout) as client:
+            loras = client.loras(args.model)
+    except ClientError as exc:
+        return options.rpc_error(exc)
+    if not loras:
+        print("no LoRA adapters (put NAME.safetensors files or NAME/ folders in the model's "
+              "loras/ folder, or set its lora_dir)")  # fmt: skip
+    for lora in loras:
+        state = "loaded" if lora.loaded else "on disk"
+        print(f"{lora.name:<24} {lora.file_bytes / 2**20:8.1f} MB  {state}  ({lora.model})")
+    return 0
 
 
 def list_models(args: argparse.Namespace) -> int:

@@ -39,6 +39,13 @@ def register(sub, parents: Parents) -> None:
     load.add_argument(
         "--model", metavar="NAME[,NAME...]", help="served model(s) (default: the server's default)"
     )
+    load.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME[:SCALE][+NAME[:SCALE]...]|none",
+        help="a LoRA adapter set for a share of the requests; repeat for a mix: requests take "
+        "the sets in turn (none: no adapter)",
+    )
     add_image_options(load, strengths=True)
     add_cheaper_step_options(load, lists=True)
     load.add_argument(

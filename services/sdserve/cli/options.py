@@ -66,6 +66,13 @@ def _request_parent() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-images", type=int, metavar="K", help="images to generate (default 1)"
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME[:SCALE]",
+        help="apply a LoRA adapter of the model (`sdserve loras` lists them), at SCALE "
+        "(default 1); repeat for several",
+    )
     add_image_options(parser)
     add_cheaper_step_options(parser)
     return parser
@@ -137,6 +144,7 @@ def request_options(args: argparse.Namespace) -> dict:
         guidance_stop=args.guidance_stop,
         cache_interval=args.cache_interval,
         model=args.model,
+        loras=args.lora,
     )
 
 

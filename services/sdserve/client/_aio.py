@@ -11,7 +11,7 @@ import grpc.aio
 
 from sdserve.client import _calls
 from sdserve.client._calls import Rpc, rpc_errors
-from sdserve.client.types import Event, GenerateResult, Job, ModelInfo, Submitted
+from sdserve.client.types import Event, GenerateResult, Job, LoraInfo, ModelInfo, Submitted
 
 
 class AsyncClient(_calls.ClientBase):
@@ -79,6 +79,10 @@ class AsyncClient(_calls.ClientBase):
     async def cancel(self, job_id: str) -> Job:
         """As `Client.cancel`."""
         return await self._unary(_calls.job("CancelJob", job_id))
+
+    async def loras(self, model: str = "") -> list[LoraInfo]:
+        """As `Client.loras`."""
+        return await self._unary(_calls.loras(model))
 
     async def models(self) -> list[ModelInfo]:
         """As `Client.models`."""

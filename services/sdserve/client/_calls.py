@@ -20,6 +20,7 @@ from sdserve.client.types import (
     ClientError,
     GenerateResult,
     Job,
+    LoraInfo,
     ModelInfo,
     Submitted,
     event_from_pb,
@@ -29,7 +30,7 @@ from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 OPTIONS = (
     "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler",
     "num_images", "init_image", "strength", "mask_image", "guidance_stop", "cache_interval",
-    "model",
+    "model", "loras",
 )  # fmt: skip
 """GenerateRequest's optional fields: the `**options` of generate, stream and submit."""
 
@@ -80,7 +81,23 @@ def generate_request(
     fields = {name: value for name, value in options.items() if value is not None}
     for name in set(IMAGE_OPTIONS) & set(fields):
         fields[name] = image_bytes(name, fields[name])
+    if "loras" in fields:
+        fields["loras"] = [lora_weight(lora) for lora in fields["loras"]]
     return diffusion_pb2.GenerateRequest(prompt=prompt, preview_every=preview_every, **fields)
+
+
+def lora_weight(lora: Any) -> diffusion_pb2.LoraWeight:
+    """A `loras` entry: "NAME" or "NAME:SCALE", (name, scale), or {"name": ..., "scale": ...}."""
+    if isinstance(lora, str):
+        name, _, scale = lora.partition(":")
+        lora = (name, float(scale)) if scale else (name,)
+    if isinstance(lora, Mapping):
+        lora = (lora["name"], lora.get("scale"))
+    name, scale = (*lora, None)[:2]
+    weight = diffusion_pb2.LoraWeight(name=name)
+    if scale is not None:
+        weight.scale = float(scale)
+    return weight
 
 
 class Rpc(NamedTuple):
@@ -111,6 +128,11 @@ def submit(prompt: str, priority: str, idempotency_key: str | None, options) -> 
 def job(method: str, job_id: str) -> Rpc:
     """GetJob, WatchJob or CancelJob."""
     return Rpc(method, diffusion_pb2.GetJobRequest(job_id=job_id), Job.from_pb)
+
+
+def loras(model: str = "") -> Rpc:
+    return Rpc("ListLoras", diffusion_pb2.ListLorasRequest(model=model),
+               lambda reply: [LoraInfo.from_pb(f, reply.model) for f in reply.loras])  # fmt: skip
 
 
 def models() -> Rpc:

@@ -10,7 +10,7 @@ import grpc
 
 from sdserve.client import _calls
 from sdserve.client._calls import Rpc, rpc_errors
-from sdserve.client.types import Event, GenerateResult, Job, ModelInfo, Submitted
+from sdserve.client.types import Event, GenerateResult, Job, LoraInfo, ModelInfo, Submitted
 
 
 class Client(_calls.ClientBase):
@@ -86,6 +86,10 @@ class Client(_calls.ClientBase):
         """Cancels the job (CancelJob): a queued job ends CANCELLED at once, a running one at
         its next step. An ended job is returned unchanged."""
         return self._unary(_calls.job("CancelJob", job_id))
+
+    def loras(self, model: str = "") -> list[LoraInfo]:
+        """A served model's LoRA adapters (ListLoras; default: the default model's)."""
+        return self._unary(_calls.loras(model))
 
     def models(self) -> list[ModelInfo]:
         """The served models (ListModels), the default first."""

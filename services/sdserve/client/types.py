@@ -100,11 +100,15 @@ class Parameters:
     cache_interval: int
     """DeepCache's interval (1: off)."""
     model: str
+    loras: tuple[tuple[str, float], ...] = ()
+    """The LoRA adapters it ran with: (name, scale) each."""
 
     @classmethod
     def from_pb(cls, pb: diffusion_pb2.ResolvedParameters) -> Parameters:
-        values = _same_fields(cls, pb).items()  # its float fields are float32s
-        return cls(**{name: _f32(v) if isinstance(v, float) else v for name, v in values})
+        values = {f.name: getattr(pb, f.name) for f in fields(cls) if f.name != "loras"}
+        loras = tuple((w.name, _f32(w.scale)) for w in pb.loras)
+        return cls(**{name: _f32(v) if isinstance(v, float) else v for name, v in values.items()},
+                   loras=loras)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -270,3 +274,18 @@ class ModelInfo(_SameFields):
     """An inpainting model takes only requests with init_image and mask_image."""
     image_inputs: bool
     """Whether it takes init_image and mask_image."""
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A LoRA adapter a served model has (`loras=[(name, scale)]` takes its name)."""
+
+    name: str
+    model: str
+    file_bytes: int
+    loaded: bool
+    """Whether the model's Denoiser holds it in memory now (adapters load on first use)."""
+
+    @classmethod
+    def from_pb(cls, pb: diffusion_pb2.LoraInfo, model: str) -> LoraInfo:
+        return cls(pb.name, model, pb.file_bytes, pb.loaded)

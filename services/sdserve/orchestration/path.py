@@ -86,6 +86,24 @@ class StagePath:
                                   f"{', '.join(self.clients)}")  # fmt: skip
         return name
 
+    async def loras(self, model: str = "") -> tuple[str, list[stages_pb2.LoraFile]]:
+        """(the model's name, its adapter files as its Denoiser sees them now)."""
+        model = self._model(diffusion_pb2.GenerateRequest(model=model))
+        self._info[model] = await self.clients[model].denoiser_info()
+        return model, list(self._info[model].loras)
+
+    async def _check_loras(self, model: str, loras: tuple[tuple[str, float], ...]) -> None:
+        """Every adapter a request names exists for its model (the list is read again when
+        one is not known yet: adapters may be added while serving). Raises InvalidArgument."""
+        known = {f.name for f in (await self.denoiser_info(model)).loras}
+        if any(name not in known for name, _ in loras):
+            known = {f.name for f in (await self.loras(model))[1]}
+        for i, (name, _) in enumerate(loras):
+            if name not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                raise InvalidArgument(f"loras[{i}].name", f"model {model!r} has no adapter "
+                                      f"{name!r}; it has: {listed}")  # fmt: skip
+
     async def validate(self, request: diffusion_pb2.GenerateRequest) -> GenerateParams:
         """The request's parameters, defaults filled in. Raises InvalidArgument."""
         model = self._model(request)
@@ -97,6 +115,8 @@ class StagePath:
             native_size=(info.native_width, info.native_height),
             model=model,
         )
+        if params.loras:
+            await self._check_loras(model, params.loras)
         if params.init_image and info.family == "sdxl":
             raise InvalidArgument("init_image", f"model {model!r} is an SDXL model, which "
                                   "takes no image inputs in this version")  # fmt: skip
@@ -195,6 +215,7 @@ class StagePath:
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
             with_uncond=params.guided,
+            loras=_lora_scales(params),
         )
         return await client.encode_text(request)
 
@@ -261,9 +282,14 @@ def _denoise_request(
         scheduler=params.scheduler,
         seeds=params.seeds,
         preview_every=preview_every,
+        loras=_lora_scales(params),
     )
     for name, field in (("uncond", "uncond"), ("cond_pooled", "cond_pooled"),
                         ("uncond_pooled", "uncond_pooled")):  # fmt: skip
         if encoded.HasField(name):
             getattr(denoise, field).CopyFrom(getattr(encoded, name))
     return denoise
+
+
+def _lora_scales(params: GenerateParams) -> list[stages_pb2.LoraScale]:
+    return [stages_pb2.LoraScale(name=name, scale=scale) for name, scale in params.loras]

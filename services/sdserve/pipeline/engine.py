@@ -106,9 +106,16 @@ class DenoiseEngine:
         strategy: str = "step",
         on_stats: Callable[[StepStats], None] | None = None,
         threads_for_rows: Callable[[int], int] | None = None,
+        lora_policy: str = "mixed",
     ):
         if strategy not in ("step", "request"):
             raise ValueError(f"unknown batching strategy {strategy!r}")
+        if lora_policy not in ("mixed", "one_set"):
+            raise ValueError(f"unknown LoRA policy {lora_policy!r}")
+        self.lora_policy = lora_policy
+        """mixed: rows of different LoRA adapters share a forward. one_set: a forward takes
+        the rows of one adapter set, the sets taking turns (for comparison)."""
+        self._set_turn = 0
         self.unet = unet
         self.max_batch_size = max_batch_size
         self.strategy = strategy
@@ -254,6 +261,8 @@ class DenoiseEngine:
         if not jobs:
             return None
 
+        if self.lora_policy == "one_set":
+            jobs = self._one_adapter_set(jobs)
         samples = [s for job in jobs for s in job.samples if not s.done]
         rows = len(samples) + sum(s.guided_now for s in samples)
         shallow_rows = sum(1 + s.guided_now for s in samples if s.shallow)
@@ -279,6 +288,17 @@ class DenoiseEngine:
         if self.on_stats is not None:
             self.on_stats(stats)
         return stats
+
+    def _one_adapter_set(self, jobs: list[DenoiseJob]) -> list[DenoiseJob]:
+        """The jobs of one adapter set (the sets of `jobs` take turns)."""
+
+        def key(job: DenoiseJob) -> tuple:
+            return tuple((id(a), scale) for a, scale in job.samples[0].loras)
+
+        sets = list(dict.fromkeys(key(job) for job in jobs))
+        chosen = sets[self._set_turn % len(sets)]
+        self._set_turn += 1
+        return [job for job in jobs if key(job) == chosen]
 
     def _report(self, shape: tuple[int, ...], jobs: list[DenoiseJob]) -> None:
         """After a forward: step events (with latents on preview steps), finished requests."""

@@ -236,6 +236,17 @@ class PipelineIngress:
         models = await self._path.models()
         return diffusion_pb2.ListModelsResponse(models=[m.to_pb() for m in models])
 
+    @grpc_errors(diffusion_pb2.ListLorasResponse)
+    async def ListLoras(
+        self, request: diffusion_pb2.ListLorasRequest, grpc_context
+    ) -> diffusion_pb2.ListLorasResponse:
+        """DiffusionService.ListLoras: a model's adapter files, as its Denoiser sees them."""
+        self._tenant(grpc_context)
+        model, files = await self._path.loras(request.model)
+        loras = [diffusion_pb2.LoraInfo(name=f.name, file_bytes=f.file_bytes, loaded=f.loaded)
+                 for f in files]  # fmt: skip
+        return diffusion_pb2.ListLorasResponse(model=model, loras=loras)
+
     @grpc_errors(health_pb2.HealthCheckResponse)
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context

@@ -26,8 +26,10 @@ from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
+from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.threads import ThreadPlan
 from sdserve.pipeline.vae import preview_pixels, to_png
+from sdserve.stages.loras import Adapters
 from sdserve.stages.runtime import TorchThread, load_stage, thread_plan
 from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
 from sdserve.stages.vae_encoder import encoded_from_pb
@@ -63,10 +65,13 @@ class DenoiserService:
         if self.cache_levels >= len(denoiser.unet.down_blocks):
             raise ValueError(f"engine.deepcache_levels must be below the U-Net's "
                              f"{len(denoiser.unet.down_blocks)} levels")  # fmt: skip
+        self.adapters: Adapters | None = None
+        """The model's LoRA adapters (their U-Net weights), loaded on first use."""
         self.engine = eng.DenoiseEngine(
             denoiser.unet,
             max_batch_size=engine.max_batch_size,
             strategy=engine.batching,
+            lora_policy=engine.lora_policy,
             on_stats=stats.record,
             threads_for_rows=threads.threads_for if threads is not None else None,
         )
@@ -87,7 +92,11 @@ class DenoiserService:
         denoiser = thread.call(load_stage, Denoiser, model, "denoiser", stats)
         rows = (2, 2 * config.engine.max_batch_size)  # one guided image; a full batch
         plan = thread.call(thread_plan, config, "denoiser", denoiser, model, *rows)
-        return cls(denoiser, config.engine, stats, thread, plan)
+        service = cls(denoiser, config.engine, stats, thread, plan)
+        service.adapters = Adapters.for_model(
+            config, model, lambda path, name: load_lora(path, name, unet=denoiser.unet)
+        )
+        return service
 
     def close(self) -> None:
         """Stops the engine (requests still in it get no answer)."""
@@ -118,6 +127,7 @@ class DenoiserService:
             unet_in_channels=self.denoiser.unet.config.in_channels,
             family=self.denoiser.family,
             prediction_type=self.denoiser.prediction_type,
+            loras=self.adapters.listing() if self.adapters else [],
         )
 
     def stats_message(self) -> stages_pb2.DenoiserStats:
@@ -187,6 +197,7 @@ class DenoiserService:
         self, req: stages_pb2.DenoiseRequest, job_id: str, on_event: Callable[[eng.Event], None]
     ) -> None:
         """Torch thread: builds the request's samples as diffusers does and submits them."""
+        loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
         job: DenoiseJob = self.denoiser.make_job(
             job_id,
             tensor_from_pb(req.cond),
@@ -208,6 +219,7 @@ class DenoiserService:
             cache_levels=self.cache_levels,
             pooled=_optional_tensor(req, "cond_pooled"),
             uncond_pooled=_optional_tensor(req, "uncond_pooled"),
+            loras=loras,
         )
         self.engine.submit(job)
 

@@ -74,7 +74,12 @@ class OneCallStage:
         model = model or config.model_named()
         thread = torch_thread or TorchThread(cls.stage.replace("_", "-"))
         part = thread.call(load_stage, cls.part_cls, model, cls.stage, stats)
-        return cls(part, thread, thread.call(thread_plan, config, cls.stage, part, model))
+        stage = cls(part, thread, thread.call(thread_plan, config, cls.stage, part, model))
+        stage.configure(config, model)
+        return stage
+
+    def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
+        """Takes what else the stage needs from the config (nothing, unless overridden)."""
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the torch thread, with the plan's threads for small work."""

@@ -89,6 +89,116 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
+class ListLorasRequest(_message.Message):
+    """Input of ListLoras."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The served model whose adapters to list; empty: the default model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLorasRequest: _TypeAlias = ListLorasRequest  # noqa: Y015
+
+@_typing.final
+class ListLorasResponse(_message.Message):
+    """The adapters of one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model they belong to."""
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraInfo]:
+        """One per adapter file, by name."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        loras: _abc.Iterable[Global___LoraInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loras", b"loras", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLorasResponse: _TypeAlias = ListLorasResponse  # noqa: Y015
+
+@_typing.final
+class LoraInfo(_message.Message):
+    """One LoRA adapter file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use: the file's name without .safetensors, or its folder's name."""
+    file_bytes: _builtins.int
+    """The file's size in bytes."""
+    loaded: _builtins.bool
+    """Whether the Denoiser holds it in memory now (adapters load on first use)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
+        loaded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_bytes", b"file_bytes", "loaded", b"loaded", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraInfo: _TypeAlias = LoraInfo  # noqa: Y015
+
+@_typing.final
+class LoraWeight(_message.Message):
+    """A LoRA adapter applied to one request, and its strength."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name (ListLoras lists them)."""
+    scale: _builtins.float
+    """Its scale: 1 as trained, 0 off; within `limits.min_lora_scale`..`max_lora_scale`.
+    Unset: 1.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___LoraWeight: _TypeAlias = LoraWeight  # noqa: Y015
+
+@_typing.final
 class ListModelsRequest(_message.Message):
     """Input of ListModels."""
 
@@ -357,6 +467,7 @@ class GenerateRequest(_message.Message):
     GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -412,6 +523,12 @@ class GenerateRequest(_message.Message):
     """The model to run, by name (ListModels lists them). Empty: the server's default model, the
     first one it serves.
     """
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
+        """LoRA adapters of that model, each at its scale, at most `limits.max_loras_per_request`.
+        Requests with different adapters share the Denoiser's U-Net forwards.
+        """
+
     def __init__(
         self,
         *,
@@ -431,10 +548,11 @@ class GenerateRequest(_message.Message):
         guidance_stop: _builtins.float | None = ...,
         cache_interval: _builtins.int | None = ...,
         model: _builtins.str = ...,
+        loras: _abc.Iterable[Global___LoraWeight] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "loras", b"loras", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_interval: _TypeAlias = _typing.Literal["cache_interval"]  # noqa: Y015
     _WhichOneofArgType__cache_interval: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval"]  # noqa: Y015
@@ -692,6 +810,7 @@ class ResolvedParameters(_message.Message):
     GUIDANCE_STOP_FIELD_NUMBER: _builtins.int
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     """Image width in pixels."""
     height: _builtins.int
@@ -710,6 +829,10 @@ class ResolvedParameters(_message.Message):
     """The DeepCache interval used (1: off)."""
     model: _builtins.str
     """The model that ran it."""
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
+        """The LoRA adapters it ran with, scales filled in."""
+
     def __init__(
         self,
         *,
@@ -722,10 +845,11 @@ class ResolvedParameters(_message.Message):
         guidance_stop: _builtins.float = ...,
         cache_interval: _builtins.int = ...,
         model: _builtins.str = ...,
+        loras: _abc.Iterable[Global___LoraWeight] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "model", b"model", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "loras", b"loras", "model", b"model", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,11 @@ class DiffusionServiceStub:
                 request_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/sdserve.v1.DiffusionService/ListLoras',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasResponse.FromString,
+                _registered_method=True)
 
 
 class DiffusionServiceServicer:
@@ -136,6 +141,13 @@ class DiffusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLoras(self, request, context):
+        """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +185,11 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +382,33 @@ class DiffusionService:
             '/sdserve.v1.DiffusionService/ListModels',
             sdserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.SerializeToString,
             sdserve_dot_v1_dot_diffusion__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/ListLoras',
+            sdserve_dot_v1_dot_diffusion__pb2.ListLorasRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.ListLorasResponse.FromString,
             options,
             channel_credentials,
             insecure,

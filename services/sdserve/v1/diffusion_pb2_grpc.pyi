@@ -69,6 +69,8 @@ class DiffusionServiceStub:
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.ListModelsRequest, _diffusion_pb2.ListModelsResponse]
     """The models this server serves, the default first (what `GenerateRequest.model` names)."""
+    ListLoras: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.ListLorasRequest, _diffusion_pb2.ListLorasResponse]
+    """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names)."""
 
 @_typing.type_check_only
 class DiffusionServiceAsyncStub(DiffusionServiceStub):
@@ -106,6 +108,8 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.ListModelsRequest, _diffusion_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The models this server serves, the default first (what `GenerateRequest.model` names)."""
+    ListLoras: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.ListLorasRequest, _diffusion_pb2.ListLorasResponse]  # type: ignore[assignment]
+    """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names)."""
 
 class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Text-to-image generation."""
@@ -182,5 +186,13 @@ class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_diffusion_pb2.ListModelsResponse, _abc.Awaitable[_diffusion_pb2.ListModelsResponse]]:
         """The models this server serves, the default first (what `GenerateRequest.model` names)."""
+
+    @_abc_1.abstractmethod
+    def ListLoras(
+        self,
+        request: _diffusion_pb2.ListLorasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.ListLorasResponse, _abc.Awaitable[_diffusion_pb2.ListLorasResponse]]:
+        """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names)."""
 
 def add_DiffusionServiceServicer_to_server(servicer: DiffusionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

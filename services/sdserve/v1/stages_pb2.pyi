@@ -67,6 +67,7 @@ class EncodeTextRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
     WITH_UNCOND_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     prompt: _builtins.str
@@ -75,6 +76,10 @@ class EncodeTextRequest(_message.Message):
     """The negative prompt; "" stands for none, as in diffusers."""
     with_uncond: _builtins.bool
     """Whether to encode the negative prompt too (guidance_scale > 1)."""
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraScale]:
+        """LoRA adapters whose text-encoder weights apply to this request's encodes."""
+
     def __init__(
         self,
         *,
@@ -82,14 +87,41 @@ class EncodeTextRequest(_message.Message):
         prompt: _builtins.str = ...,
         negative_prompt: _builtins.str = ...,
         with_uncond: _builtins.bool = ...,
+        loras: _abc.Iterable[Global___LoraScale] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["negative_prompt", b"negative_prompt", "prompt", b"prompt", "request_id", b"request_id", "with_uncond", b"with_uncond"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loras", b"loras", "negative_prompt", b"negative_prompt", "prompt", b"prompt", "request_id", b"request_id", "with_uncond", b"with_uncond"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EncodeTextRequest: _TypeAlias = EncodeTextRequest  # noqa: Y015
+
+@_typing.final
+class LoraScale(_message.Message):
+    """A LoRA adapter, by name, at a scale (validated by the ingress)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name in the model's adapter folder."""
+    scale: _builtins.float
+    """Its scale."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraScale: _TypeAlias = LoraScale  # noqa: Y015
 
 @_typing.final
 class EncodeTextResponse(_message.Message):
@@ -159,6 +191,7 @@ class DenoiseRequest(_message.Message):
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     COND_POOLED_FIELD_NUMBER: _builtins.int
     UNCOND_POOLED_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -213,6 +246,10 @@ class DenoiseRequest(_message.Message):
     def uncond_pooled(self) -> Global___Tensor:
         """SDXL only: the negative prompt's pooled embedding; unset when guidance is off."""
 
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraScale]:
+        """LoRA adapters applied to this request's rows of the U-Net forwards."""
+
     def __init__(
         self,
         *,
@@ -234,10 +271,11 @@ class DenoiseRequest(_message.Message):
         cache_interval: _builtins.int = ...,
         cond_pooled: Global___Tensor | None = ...,
         uncond_pooled: Global___Tensor | None = ...,
+        loras: _abc.Iterable[Global___LoraScale] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "init", b"init", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,6 +539,7 @@ class DenoiserInfo(_message.Message):
     UNET_IN_CHANNELS_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
     PREDICTION_TYPE_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     native_width: _builtins.int
     """The model's native image width in pixels."""
     native_height: _builtins.int
@@ -517,6 +556,10 @@ class DenoiserInfo(_message.Message):
     """What the U-Net predicts (the scheduler config's prediction_type): "epsilon",
     "v_prediction" or "sample".
     """
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraFile]:
+        """The LoRA adapters in the model's adapter folder, read when this message is made."""
+
     def __init__(
         self,
         *,
@@ -526,14 +569,45 @@ class DenoiserInfo(_message.Message):
         unet_in_channels: _builtins.int = ...,
         family: _builtins.str = ...,
         prediction_type: _builtins.str = ...,
+        loras: _abc.Iterable[Global___LoraFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "loras", b"loras", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DenoiserInfo: _TypeAlias = DenoiserInfo  # noqa: Y015
+
+@_typing.final
+class LoraFile(_message.Message):
+    """A LoRA adapter file the Denoiser can load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name."""
+    file_bytes: _builtins.int
+    """The file's size in bytes."""
+    loaded: _builtins.bool
+    """Whether it is loaded now."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
+        loaded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_bytes", b"file_bytes", "loaded", b"loaded", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraFile: _TypeAlias = LoraFile  # noqa: Y015
 
 @_typing.final
 class EncodeImageRequest(_message.Message):

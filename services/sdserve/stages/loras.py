@@ -1,0 +1,75 @@
+"""A stage's LoRA adapters: the model's adapter folder, and the adapters loaded from it, least
+recently used out first (the TextEncoder loads an adapter's text-encoder weights, the Denoiser
+its U-Net weights, each on first use, on its torch thread)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sdserve.config import ModelConfig, SdserveConfig
+from sdserve.constants import resolve_model_dir
+from sdserve.errors import FailedPrecondition, InvalidArgument
+from sdserve.pipeline.lora import LoraAdapter, LoraCache
+from sdserve.pipeline.lora_files import lora_dir, lora_files
+from sdserve.v1 import stages_pb2
+
+logger = logging.getLogger(__name__)
+
+Applied = tuple[tuple[LoraAdapter, float], ...]
+"""A request's adapters, loaded, with their scales (what the pipeline takes as `loras`)."""
+
+
+class Adapters:
+    """Resolves a request's (name, scale) pairs to loaded adapters. Call on the torch thread."""
+
+    def __init__(self, folder: Path, max_bytes: int, load: Callable[[Path, str], LoraAdapter]):
+        self.folder = folder
+        self.cache = LoraCache(max_bytes)
+        self._load = load
+
+    @classmethod
+    def for_model(cls, config: SdserveConfig, model: ModelConfig,
+                  load: Callable[[Path, str], LoraAdapter]) -> Adapters:  # fmt: skip
+        folder = lora_dir(resolve_model_dir(model.path), model.lora_dir)
+        return cls(folder, config.engine.lora_cache_mb * 2**20, load)
+
+    def files(self) -> dict[str, Path]:
+        return lora_files(self.folder)
+
+    def resolve(
+        self, loras: Sequence[stages_pb2.LoraScale]
+    ) -> tuple[tuple[LoraAdapter, float], ...]:
+        """The adapters of a stage message's `loras`, loaded. Raises InvalidArgument for a name
+        with no file, FailedPrecondition for a file that is not a LoRA of this model."""
+        if not loras:
+            return ()
+        files = self.files()
+        out = []
+        for i, lora in enumerate(loras):
+            path = files.get(lora.name)
+            if path is None:
+                raise InvalidArgument(f"loras[{i}].name", f"no adapter {lora.name!r} in "
+                                      f"{self.folder}")  # fmt: skip
+            out.append((self.cache.get(lora.name, lambda p=path, n=lora.name: self._read(p, n)),
+                        lora.scale))  # fmt: skip
+        return tuple(out)
+
+    def _read(self, path: Path, name: str) -> LoraAdapter:
+        started = time.perf_counter()
+        try:
+            adapter = self._load(path, name)
+        except (ValueError, OSError) as exc:
+            raise FailedPrecondition(f"adapter {name!r}: {exc}") from exc
+        logger.info("loaded LoRA adapter %s from %s (%.1f MB) in %.2fs", name, path,
+                    adapter.nbytes / 2**20, time.perf_counter() - started)  # fmt: skip
+        return adapter
+
+    def listing(self) -> list[stages_pb2.LoraFile]:
+        """Every adapter file, and whether it is loaded."""
+        loaded = set(self.cache.names())
+        return [stages_pb2.LoraFile(name=name, file_bytes=path.stat().st_size,
+                                    loaded=name in loaded)
+                for name, path in self.files().items()]  # fmt: skip

@@ -16,10 +16,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_loras(tiny_model) -> dict[str, Path]:
-    """LoRA adapters in the tiny model's `loras/` folder: "ink" (diffusers format, in a folder,
-    with text-encoder weights), "grain" (one kohya-style file), and "broken" (a safetensors file
-    that is no LoRA)."""
+def tiny_loras(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """An adapter folder for the tiny model (its `lora_dir`): "ink" (diffusers format, in a
+    folder, with text-encoder weights), "grain" (one kohya-style file), and "broken" (a
+    safetensors file that is no LoRA)."""
     import torch
     from safetensors.torch import save_file
 
@@ -27,7 +27,7 @@ def tiny_loras(tiny_model) -> dict[str, Path]:
     from sdserve.pipeline.text import TextEncoder
     from sdserve.testing.loras import write_random_lora
 
-    folder = tiny_model / "loras"
+    folder = tmp_path_factory.mktemp("loras")
     unet, text = Denoiser(tiny_model).unet, TextEncoder(tiny_model).model
     files = {
         "ink": write_random_lora(unet, folder / "ink" / "pytorch_lora_weights.safetensors",
@@ -67,14 +67,15 @@ def diffusers_pipe(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def in_process_path(tiny_model):
-    """The request path over the in-process stage client on the tiny model: the serving code
-    (StagePath, the stage services, the engine) without Ray."""
+def in_process_path(tiny_model, tiny_loras):
+    """The request path over the in-process stage client on the tiny model (with the test
+    adapters): the serving code (StagePath, the stage services, the engine) without Ray."""
     from sdserve.config import ModelConfig, SdserveConfig
     from sdserve.orchestration.in_process import InProcessStageClient
     from sdserve.orchestration.path import StagePath
 
-    config = SdserveConfig(model=ModelConfig(path=str(tiny_model)))
+    lora_dir = str(tiny_loras["grain"].parent)
+    config = SdserveConfig(model=ModelConfig(path=str(tiny_model), lora_dir=lora_dir))
     client = InProcessStageClient.from_config(config)
     yield StagePath(client, config)
     client.close()

@@ -41,12 +41,13 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
     keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items()))
     paths = (str(tiny_model), None, str(tiny_sdxl_model))
+    loras = str(tiny_loras["grain"].parent)  # the default model's adapters
     # The default model's Denoiser reserves a CPU (the shared default); the others reserve
     # none, so that all three fit on a 2-core machine (each model's own stage settings).
     no_cpu = ModelStagesConfig(denoiser=StageConfig(num_cpus=0, max_ongoing_requests=4096))
     config = SdserveConfig(
         models=[
-            ModelConfig(name=name, path=path, **({"stages": no_cpu} if i else {}))
+            ModelConfig(name=name, path=path, **({"stages": no_cpu} if i else {"lora_dir": loras}))
             for i, (name, path) in enumerate(zip(SERVED_MODELS, paths, strict=True))
         ],
         server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys)),

@@ -64,7 +64,7 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     try:
         sdserve_server.deploy(config)
         target = f"127.0.0.1:{config.server.grpc_port}"
-        sdserve_server.wait_healthy(target)
+        sdserve_server.wait_healthy(target, timeout_s=300)  # 13 deployments on 2 busy cores
         yield Server(target=target, config=config)
     finally:
         sdserve_server.shutdown()

@@ -1,5 +1,5 @@
-"""The built-in default model's commands: `train-default-model`, `eval-default-model` and
-`check-image` (the code is in sdserve.shapes)."""
+"""The built-in default model's commands: `train-default-model`, `eval-default-model`,
+`train-lora` and `check-image` (the code is in sdserve.shapes)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sdserve.cli.options import Parents
+from sdserve.cli.shapes_lora import add_lora_eval_options, register_train_lora, run_eval_lora
 
 
 def register(sub, parents: Parents) -> None:
@@ -47,16 +48,19 @@ def register(sub, parents: Parents) -> None:
     )
     evaluate.add_argument("--model", metavar="DIR",
                           help="model folder (default: the built-in default model)")  # fmt: skip
-    evaluate.add_argument("-n", type=int, default=96, help="prompts (default %(default)s)")
+    evaluate.add_argument("-n", type=int,
+                          help="prompts (default 96; with --lora, 32 per group: the 32 "
+                          "prompts with its color that train-lora holds out)")  # fmt: skip
     evaluate.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                           help="classifier-free guidance scale (default %(default)s)")  # fmt: skip
     evaluate.add_argument(
         "--runs",
         type=parse_runs,
-        default=list(DEFAULT_RUNS),
         metavar="SAMPLER:STEPS[:gsF][:ciN],...",
         help="gsF: stop guidance after the fraction F of the steps; ciN: DeepCache at interval "
-        "N (e.g. ddim:25:gs0.4:ci3); default " + ",".join(f"{s}:{n}" for s, n in DEFAULT_RUNS),
+        "N (e.g. ddim:25:gs0.4:ci3); default "
+        + ",".join(f"{s}:{n}" for s, n in DEFAULT_RUNS)
+        + " (with --lora: ddim:25)",
     )
     evaluate.add_argument(
         "--deepcache-levels", type=int, default=0, metavar="K",
@@ -68,11 +72,13 @@ def register(sub, parents: Parents) -> None:
         "--grid", metavar="PNG", help="write the first run's first 16 images, with their prompts"
     )
     evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    add_lora_eval_options(evaluate)
     evaluate.set_defaults(func=run_eval)
+    register_train_lora(sub)
 
     check = sub.add_parser(
         "check-image",
-        help="check an image against a prompt of the default model's grammar",
+        help="check an image against a prompt of the default model's grammar (or with cyan)",
         description="Print the image's foreground color, background color and shape, as the "
         "model-independent checker of `eval-default-model` sees them, next to the prompt's. "
         "Exits with 1 when one differs.",
@@ -88,10 +94,28 @@ def register(sub, parents: Parents) -> None:
     check.set_defaults(func=run_check)
 
 
+def progress_bars(descriptions: dict[str, str] | None = None):
+    """A `progress(phase, step, total, loss)` callback that shows a tqdm bar per phase."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, step: int, total: int, loss: float) -> None:
+        if phase not in bars:
+            desc = (descriptions or {}).get(phase, f"training the {phase}")
+            bars[phase] = tqdm(total=total, desc=desc, unit="step")
+        bar = bars[phase]
+        bar.update(step - bar.n)
+        if loss:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == total:
+            bar.close()
+
+    return progress
+
+
 def run_train(args: argparse.Namespace) -> int:
     import json
-
-    from tqdm import tqdm
 
     from sdserve.shapes.recipe import TrainConfig
     from sdserve.shapes.train import new_model, train
@@ -104,18 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 1
     started = time.perf_counter()
     new_model(out, seed=args.seed)
-    bars: dict[str, tqdm] = {}
-
-    def progress(phase: str, step: int, total: int, loss: float) -> None:
-        if phase not in bars:
-            bars[phase] = tqdm(total=total, desc=f"training the {phase}", unit="step")
-        bar = bars[phase]
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if step == total:
-            bar.close()
-
-    report = train(out, config, progress)
+    report = train(out, config, progress_bars())
     print(json.dumps(report, indent=2))
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
     return 0
@@ -160,9 +173,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from sdserve.constants import DEFAULT_MODEL_DIR
     from sdserve.shapes.adherence import ShapeClassifier
     from sdserve.shapes.evaluate import eval_captions, grid, load_pipeline, measure, table
+    from sdserve.shapes.recipe import DEFAULT_RUNS
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.lora:
+        return run_eval_lora(args)
+    args.n = args.n or 96
+    args.runs = args.runs or list(DEFAULT_RUNS)
     pipe = load_pipeline(args.model or DEFAULT_MODEL_DIR)
     shapes = ShapeClassifier.fit()
     captions = eval_captions(args.n)
@@ -190,8 +208,13 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from sdserve.shapes.adherence import ShapeClassifier, background_color, foreground_color
-    from sdserve.shapes.synthetic import parse_prompt
+    from sdserve.shapes.adherence import (
+        ShapeClassifier,
+        background_color,
+        foreground_color,
+        palette_for,
+    )
+    from sdserve.shapes.synthetic import ALL_COLORS, parse_prompt
 
     image = Image.open(args.image)
     if args.background_mask:
@@ -202,16 +225,17 @@ def run_check(args: argparse.Namespace) -> int:
         background = (~foreground_mask(image)).astype(np.uint8) * 255
         Image.fromarray(background, "L").save(args.background_mask)
         print(f"wrote {args.background_mask} (white: the background)")
-    caption = parse_prompt(args.prompt)
+    caption = parse_prompt(args.prompt, colors=ALL_COLORS)  # the 8 colors and cyan
     if caption is None:
         grammar = "a [small|large] COLOR SHAPE on a COLOR background"
         print(f"{args.prompt!r} is not in the default model's grammar ({grammar!r}); "
               "nothing to check")  # fmt: skip
         return 0
+    colors = palette_for(caption)  # as eval-default-model judges it
     checks = [
-        ("foreground color", caption.color, foreground_color(image)),
-        ("background color", caption.background, background_color(image)),
-        ("shape", caption.shape, ShapeClassifier.fit().predict(image)),
+        ("foreground color", caption.color, foreground_color(image, colors)),
+        ("background color", caption.background, background_color(image, colors)),
+        ("shape", caption.shape, ShapeClassifier.fit().predict(image, colors)),
     ]
     for what, wanted, seen in checks:
         print(f"  {what}: {seen} " + ("(as prompted)" if seen == wanted else f"(prompt: {wanted})"))

@@ -184,54 +184,68 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
     )
 
 
+def token_ids(tokenizer, texts) -> dict[str, torch.Tensor]:
+    """Each text's input ids, padded to the tokenizer's length."""
+    texts = sorted(set(texts))
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    return dict(zip(texts, ids, strict=True))
+
+
+def denoising_loss(pipe, noise_scheduler, latents: torch.Tensor, prompts: list[str], ids_of,
+                   rng: random.Random, config) -> torch.Tensor:  # fmt: skip
+    """One batch of DDPM's epsilon-prediction loss on scaled `latents`, Min-SNR-gamma weighted,
+    with `config.uncond_p` of the prompts replaced by "" (classifier-free guidance). `config`:
+    anything with batch_size, uncond_p and snr_gamma (the base model's and the adapters')."""
+    from diffusers.training_utils import compute_snr
+
+    idx = torch.randint(0, len(latents), (config.batch_size,))
+    texts = ["" if rng.random() < config.uncond_p else prompts[i] for i in idx.tolist()]
+    cond = pipe.text_encoder(torch.stack([ids_of[t] for t in texts]))[0]
+    x0 = latents[idx]
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),))
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    per_sample = (pipe.unet(noisy, t, cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
+    snr = compute_snr(noise_scheduler, t)
+    weight = torch.clamp(snr, max=config.snr_gamma) / snr  # Min-SNR-gamma, epsilon target
+    return (per_sample * weight).mean()
+
+
+def optimizer_step(loss: torch.Tensor, params, opt, schedule, ema=None) -> None:
+    """Backward, gradient norm clipped at 1, AdamW and schedule steps, then the EMA's."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    schedule.step()
+    if ema is not None:
+        ema.step(params)
+
+
 def train_denoiser(pipe, latents: torch.Tensor, prompts: list[str], config: TrainConfig,
                    progress: Progress | None) -> None:  # fmt: skip
     """Trains the text encoder and the U-Net on scaled `latents`, then leaves their EMA in them."""
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
     rng = random.Random(config.seed)
-    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    ids_of = {
-        text: tokenizer(
-            text,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]  # fmt: skip
-        for text in {"", *prompts}
-    }
-    text_encoder.train()
-    unet.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ids_of = token_ids(pipe.tokenizer, ["", *prompts])
+    pipe.text_encoder.train()
+    pipe.unet.train()
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     ema = EMAModel(params, decay=config.ema_decay)
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     schedule = _cosine_with_warmup(opt, config.warmup_steps, config.unet_steps)
     for step in range(1, config.unet_steps + 1):
-        idx = torch.randint(0, len(latents), (config.batch_size,))
-        texts = ["" if rng.random() < config.uncond_p else prompts[i] for i in idx.tolist()]
-        cond = text_encoder(torch.stack([ids_of[t] for t in texts]))[0]
-        x0 = latents[idx]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),))
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        per_sample = (unet(noisy, t, cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
-        snr = compute_snr(noise_scheduler, t)
-        weight = torch.clamp(snr, max=config.snr_gamma) / snr  # Min-SNR-gamma, epsilon target
-        loss = (per_sample * weight).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
-        ema.step(params)
+        loss = denoising_loss(pipe, noise_scheduler, latents, prompts, ids_of, rng, config)
+        optimizer_step(loss, params, opt, schedule, ema)
         if progress:
             progress("unet", step, config.unet_steps, loss.item())
     ema.copy_to(params)
-    text_encoder.eval()
-    unet.eval()
+    pipe.text_encoder.eval()
+    pipe.unet.eval()
 
 
 def train(model_dir: str | Path, config: TrainConfig, progress: Progress | None = None) -> dict:

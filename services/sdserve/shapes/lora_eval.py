@@ -1,0 +1,196 @@
+"""Prompt adherence of an adapter of the default model, through sdserve's own per-row path
+(issue 17).
+
+Unlike `evaluate.py` (diffusers' pipeline, the base weights alone), the images here are made
+the way the server makes them: `TextEncoder.encode(..., loras=...)`, `Denoiser.make_job(...,
+loras=...)` and one `DenoiseEngine`, which batches every request's rows into the same U-Net
+forwards, each row with its own adapters (`lora.rows`). Four groups of single-image requests are
+interleaved, so that every batch holds rows with and without the adapter:
+
+- (a) `new+lora`: held-out prompts with the new color (as the shape's color in half of them, as
+  the background in the others), WITH the adapter: the share judged the new color where the
+  prompt puts it;
+- (b) `base-lora`: ordinary prompts of the 8 colors WITHOUT it: the share with both colors right;
+- (c) `new-lora`: the prompts of (a), same seeds, WITHOUT the adapter: judged the new color;
+- (d) `base+lora`: the prompts of (b) WITH the adapter (for information).
+
+The prompts with the new color are `lora_recipe.held_out_captions`: distinct prompts, the first
+32 of which `train-lora` leaves out of its data (of the 144 the grammar has with the color), so
+(a) measures prompts the adapter never saw. The ordinary prompts and the noise are seeded with
+`recipe.EVAL_SEED` (training uses small seeds); image i of a group starts from the noise of
+seed `EVAL_SEED + i`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from sdserve.shapes.adherence import ShapeClassifier, background_color, check, foreground_color
+from sdserve.shapes.lora_recipe import WEIGHT_NAME, held_out_captions
+from sdserve.shapes.recipe import EVAL_SEED
+from sdserve.shapes.synthetic import Caption, random_caption
+
+GROUPS = {
+    "new+lora": "(a) new color, with the adapter: judged the new color",
+    "base-lora": "(b) 8 colors, without it (same batches): both colors right",
+    "new-lora": "(c) new color, without the adapter: judged the new color",
+    "base+lora": "(d) 8 colors, with the adapter (information): both colors right",
+}
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    group: str
+    images: int
+    score: float
+    """(a), (c): the share judged the new color where the prompt puts it; (b), (d): the share
+    with the foreground and the background color both right."""
+    color: float
+    background: float
+    shape: float
+    new_color_anywhere: float
+    """The share in which the checker, knowing every color, sees the new color as the
+    foreground or the background (for (b) and (d): how often the new color leaks)."""
+
+
+@dataclass
+class LoraEvaluation:
+    adapter: str
+    color: str
+    scale: float
+    sampler: str
+    steps: int
+    guidance: float
+    groups: dict[str, GroupResult] = field(default_factory=dict)
+    forwards: int = 0
+    mixed_forwards: int = 0
+    """U-Net forwards whose batch held rows with the adapter and rows without it."""
+    seconds_per_image: float = 0.0
+    images: dict[str, list] = field(default_factory=dict, repr=False)
+    """The images of each group, in prompt order."""
+    captions: list[Caption] = field(default_factory=list, repr=False)
+    """The prompts with the new color (of groups (a) and (c)), in order."""
+
+    def summary(self) -> dict:
+        """What a JSON report holds (no images)."""
+        keep = ("adapter", "color", "scale", "sampler", "steps", "guidance", "forwards",
+                "mixed_forwards", "seconds_per_image")  # fmt: skip
+        out = {k: getattr(self, k) for k in keep}
+        out["groups"] = {g: asdict(r) for g, r in self.groups.items()}
+        return out
+
+
+def resolve_lora(name: str, model_dir: str | Path) -> Path:
+    """An adapter file: `name` as a file, or a folder holding `pytorch_lora_weights.safetensors`,
+    or the model's own `loras/NAME/` (the default model ships `loras/cyan/`)."""
+    for path in (Path(name), Path(model_dir) / "loras" / name):
+        if path.is_file():
+            return path
+        if (path / WEIGHT_NAME).is_file():
+            return path / WEIGHT_NAME
+    raise FileNotFoundError(f"no LoRA {name!r}: neither a file, nor a folder with {WEIGHT_NAME}, "
+                            f"nor {Path(model_dir) / 'loras' / name}")  # fmt: skip
+
+
+def ordinary_captions(n: int, seed: int = EVAL_SEED) -> list[Caption]:
+    rng = random.Random(seed)
+    return [random_caption(rng) for _ in range(n)]
+
+
+def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, steps: int,
+                  guidance: float, batch_size: int, **knobs) -> tuple[list, int, int]:  # fmt: skip
+    """One image per (prompt, seed, loras) row, all submitted to one engine, in that order.
+    Returns (images, U-Net forwards, forwards that mixed rows with and without adapters)."""
+    from sdserve.pipeline.engine import DenoiseEngine, Finished
+
+    text, denoiser, vae = parts
+    engine = DenoiseEngine(denoiser.unet, max_batch_size=batch_size)
+    width, height = denoiser.native_size
+    latents: dict[str, object] = {}
+    for i, (prompt, seed, loras) in enumerate(rows):
+        emb = text.encode(prompt, "", guidance > 1, loras=loras)
+
+        def on_event(event, key=str(i)):
+            if isinstance(event, Finished):
+                latents[key] = event.latents
+
+        engine.submit(denoiser.make_job(str(i), emb.cond, emb.uncond, width=width, height=height,
+                                        steps=steps, guidance_scale=guidance, scheduler=sampler,
+                                        seeds=[seed], loras=loras, on_event=on_event,
+                                        **knobs))  # fmt: skip
+    forwards = mixed = 0
+    while engine.counts() != (0, 0):
+        stats = engine.step()
+        if stats is not None:
+            kinds = {bool(rows[int(r)][2]) for r in stats.request_ids}
+            forwards, mixed = forwards + 1, mixed + (len(kinds) == 2)
+    images = [Image.fromarray(vae.decode(latents[str(i)])[0]) for i in range(len(rows))]
+    return images, forwards, mixed
+
+
+def _group_result(group: str, color: str, captions: list[Caption], images,
+                  shapes: ShapeClassifier) -> GroupResult:  # fmt: skip
+    verdicts = [check(image, c, shapes) for image, c in zip(images, captions, strict=True)]
+    n = len(verdicts)
+    if group.startswith("new"):
+        hits = [v.background if c.background == color else v.color
+                for v, c in zip(verdicts, captions, strict=True)]  # fmt: skip
+    else:
+        hits = [v.color and v.background for v in verdicts]
+    anywhere = [color in (foreground_color(image), background_color(image)) for image in images]
+    return GroupResult(group, n, sum(hits) / n, sum(v.color for v in verdicts) / n,
+                       sum(v.background for v in verdicts) / n,
+                       sum(v.shape for v in verdicts) / n, sum(anywhere) / n)  # fmt: skip
+
+
+def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale: float = 1.0,
+                  n: int = 32, sampler: str = "ddim", steps: int = 25, guidance: float = 7.5,
+                  batch_size: int = 32, **knobs) -> LoraEvaluation:  # fmt: skip
+    """The four groups (module docstring) for the adapter file `lora`, `n` prompts each."""
+    from sdserve.pipeline.denoise import Denoiser
+    from sdserve.pipeline.lora import load_lora
+    from sdserve.pipeline.text import TextEncoder
+    from sdserve.pipeline.vae import VaeDecoder
+
+    parts = (TextEncoder(model_dir), Denoiser(model_dir), VaeDecoder(model_dir))
+    path = Path(lora)
+    name = path.parent.name if path.name == WEIGHT_NAME else path.stem
+    adapter = load_lora(path, name, parts[1].unet, parts[0].model)
+    loras = ((adapter, scale),)
+    captions = {"new": held_out_captions(color, n), "base": ordinary_captions(n)}
+    groups = {g: (captions[g[:-5]], loras if g.endswith("+lora") else ()) for g in GROUPS}
+    rows = [(groups[g][0][i].prompt, EVAL_SEED + i, groups[g][1])
+            for i in range(n) for g in GROUPS]  # fmt: skip
+    started = time.perf_counter()
+    images, forwards, mixed = generate_rows(parts, rows, sampler=sampler, steps=steps,
+                                            guidance=guidance, batch_size=batch_size,
+                                            **knobs)  # fmt: skip
+    result = LoraEvaluation(str(lora), color, scale, sampler, steps, guidance, forwards=forwards,
+                            mixed_forwards=mixed,
+                            seconds_per_image=(time.perf_counter() - started) / len(rows),
+                            captions=captions["new"])  # fmt: skip
+    shapes = ShapeClassifier.fit()
+    for k, g in enumerate(GROUPS):
+        result.groups[g] = _group_result(g, color, groups[g][0], images[k :: len(GROUPS)], shapes)
+        result.images[g] = images[k :: len(GROUPS)]
+    return result
+
+
+def lora_table(result: LoraEvaluation) -> str:
+    """A markdown table of the four groups."""
+    lines = [
+        f"| group ({result.sampler} {result.steps} steps, guidance {result.guidance:g}, "
+        f"adapter scale {result.scale:g}) | images | score | foreground color "
+        f"| background color | shape | {result.color} seen |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g, r in result.groups.items():
+        shares = (r.color, r.background, r.shape, r.new_color_anywhere)
+        lines.append(f"| {GROUPS[g]} | {r.images} | **{r.score:.1%}** | "
+                     + " | ".join(f"{x:.1%}" for x in shares) + " |")  # fmt: skip
+    return "\n".join(lines)

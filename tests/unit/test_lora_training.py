@@ -1,0 +1,171 @@
+"""The default model's own adapter (issue 17): the checker knows cyan, `sdserve train-lora` writes
+an adapter that sdserve's pipeline loads, and the shipped `loras/cyan` draws cyan where the base
+model does not, through the per-row path (rows with and without it in the same forwards)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from sdserve.cli import main
+from sdserve.constants import DEFAULT_MODEL_DIR
+from sdserve.shapes.adherence import (
+    ShapeClassifier,
+    background_color,
+    check,
+    foreground_color,
+    palette_for,
+)
+from sdserve.shapes.synthetic import (
+    ALL_COLORS,
+    COLORS,
+    EXTRA_COLORS,
+    Caption,
+    caption_with,
+    dataset,
+    parse_prompt,
+    random_caption,
+    render,
+)
+
+SHIPPED = DEFAULT_MODEL_DIR / "loras" / "cyan" / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ShapeClassifier.fit()
+
+
+def test_cyan_is_opt_in_and_the_grammar_of_the_base_model_is_unchanged():
+    from sdserve.shapes.train import grammar_words
+
+    assert len(COLORS) == 8 and "cyan" not in COLORS and "cyan" not in grammar_words()
+    assert EXTRA_COLORS["cyan"] not in COLORS.values() and ALL_COLORS == COLORS | EXTRA_COLORS
+    prompt = "a large cyan circle on a red background"
+    assert parse_prompt(prompt) is None
+    assert parse_prompt(prompt, colors=ALL_COLORS) == Caption("cyan", "circle", "red", "large")
+    rng, again = random.Random(4), random.Random(4)
+    assert [random_caption(rng) for _ in range(50)] == [
+        random_caption(again, colors=COLORS) for _ in range(50)
+    ]
+    drawn = {random_caption(rng, colors=ALL_COLORS).color for _ in range(200)}
+    assert "cyan" in drawn
+
+
+def test_the_evaluation_prompts_are_held_out_of_the_training_data():
+    from sdserve.shapes.lora_recipe import LoraTrainConfig, held_out_captions
+    from sdserve.shapes.lora_train import training_captions
+
+    held = held_out_captions("cyan")
+    assert len({c.prompt for c in held}) == 32 and held_out_captions("cyan", 40)[:32] == held
+    assert [c.background == "cyan" for c in held] == [i % 2 == 1 for i in range(32)]
+    config = LoraTrainConfig()
+    trained = training_captions(config)
+    seen = {c.prompt for c in trained}
+    assert seen.isdisjoint(c.prompt for c in held)
+    assert sum("cyan" in p for p in seen) == 144 - 32  # every other cyan prompt is trained on
+    n_cyan = round(config.samples * config.new_color_share)
+    assert sum(c.color == "cyan" for c in trained) == round(n_cyan * config.fg_share)
+    assert sum("cyan" in (c.color, c.background) for c in trained) == n_cyan
+
+
+def test_checker_judges_cyan_renders_cyan_and_the_8_colors_as_before(shapes):
+    rng = random.Random(11)
+    cyans = [caption_with(rng, "cyan", as_background=i % 2 == 1) for i in range(60)]
+    for caption in cyans:
+        image = render(caption, rng)
+        verdict = check(image, caption, shapes)
+        assert verdict.color and verdict.background, caption
+        where = background_color(image) if caption.background == "cyan" else foreground_color(image)
+        assert where == "cyan", caption  # also with every color the checker knows
+    for caption, image in dataset(300, seed=99):  # as test_adherence: every color right
+        assert palette_for(caption) == tuple(COLORS)
+        verdict = check(image, caption, shapes)
+        assert verdict.color and verdict.background, caption
+        assert foreground_color(image) == caption.color  # the full palette changes nothing
+        assert background_color(image) == caption.background
+
+
+def test_check_image_knows_cyan(tmp_path, capsys):
+    caption = Caption("yellow", "square", "cyan", "large")
+    path = tmp_path / "cyan.png"
+    render(caption, random.Random(0)).save(path)
+    assert main(["check-image", str(path), caption.prompt]) == 0
+    assert "background color: cyan (as prompted)" in capsys.readouterr().out
+    assert main(["check-image", str(path), "a red square on a cyan background"]) == 1
+    out = capsys.readouterr().out
+    assert "foreground color: yellow (prompt: red)" in out
+    assert "background color: cyan (as prompted)" in out
+
+
+def _denoise(model_dir, prompt: str, loras=(), steps: int = 4) -> torch.Tensor:
+    text, denoiser = _parts(model_dir)
+    emb = text.encode(prompt, "", True, loras=loras)
+    return denoiser.denoise(emb.cond, emb.uncond, width=64, height=64, steps=steps,
+                            guidance_scale=7.5, scheduler="ddim", seeds=[3],
+                            loras=loras)  # fmt: skip
+
+
+_PARTS: dict = {}
+
+
+def _parts(model_dir):
+    from sdserve.pipeline.denoise import Denoiser
+    from sdserve.pipeline.text import TextEncoder
+
+    if model_dir not in _PARTS:
+        _PARTS[model_dir] = (TextEncoder(model_dir), Denoiser(model_dir))
+    return _PARTS[model_dir]
+
+
+def test_a_few_train_lora_steps_write_an_adapter_that_loads_and_changes_the_output(tmp_path):
+    from sdserve.pipeline.lora import load_lora
+
+    out = tmp_path / "cyan"
+    argv = ["train-lora", str(out), "--steps", "3", "--rank", "2", "--samples", "24",
+            "--batch-size", "4", "--lr", "0.02", "--eval-prompts", "0"]  # fmt: skip
+    assert main(argv) == 0
+    weights = out / "pytorch_lora_weights.safetensors"
+    card = (out / "README.md").read_text()
+    assert "sdserve train-lora" in card and "--steps 3 --rank 2" in card and "cyan" in card
+    text, denoiser = _parts(DEFAULT_MODEL_DIR)
+    adapter = load_lora(weights, "cyan", denoiser.unet, text.model)
+    assert adapter.unet and adapter.text_encoder  # both parts were trained
+    assert all(f.rank == 2 and f.scale == 1.0 for f in adapter.unet.values())
+    prompt = "a cyan circle on a red background"
+    base = _denoise(DEFAULT_MODEL_DIR, prompt)
+    adapted = _denoise(DEFAULT_MODEL_DIR, prompt, loras=((adapter, 1.0),))
+    assert (adapted - base).abs().max() > 1e-3
+    assert torch.equal(_denoise(DEFAULT_MODEL_DIR, prompt), base)  # base weights untouched
+
+
+def test_ctrl_c_stops_the_training_and_keeps_what_was_trained(tmp_path):
+    from sdserve.shapes.lora_recipe import LoraTrainConfig
+    from sdserve.shapes.lora_train import train_lora
+
+    def progress(phase, step, total, loss):
+        if phase == "lora" and step == 2:
+            raise KeyboardInterrupt
+
+    config = LoraTrainConfig(steps=6, rank=2, samples=16, batch_size=4, invert_steps=1)
+    report = train_lora(tmp_path / "stopped", config, progress=progress)
+    assert report["interrupted"] and report["steps_done"] == 2
+    assert (tmp_path / "stopped" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_shipped_adapter_draws_cyan_where_the_base_model_does_not(tmp_path, capsys):
+    """A small version of the adapter's card: 4 held-out cyan prompts (2 as the shape's color,
+    2 as the background) and 4 ordinary ones, with and without the adapter, in shared batches."""
+    assert SHIPPED.is_file() and (SHIPPED.parent / "README.md").is_file()
+    out = tmp_path / "eval.json"
+    assert main(["eval-default-model", "--lora", "cyan", "-n", "4", "--json", str(out)]) == 0
+    assert "(a) new color, with the adapter" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())
+    groups = {g: r["score"] for g, r in result["groups"].items()}
+    print(groups)
+    assert result["mixed_forwards"] == result["forwards"] == 25  # every forward mixed them
+    assert groups["new+lora"] >= 0.75 and groups["new-lora"] <= 0.25, groups
+    assert groups["base-lora"] == 1.0 and groups["base+lora"] >= 0.75, groups

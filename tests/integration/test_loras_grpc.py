@@ -81,3 +81,19 @@ def test_the_http_api_takes_loras(server, stub):
     )  # fmt: skip
     png = base64.b64decode(reply.data[0].b64_json)
     assert png == stub.Generate(_request((("grain", 1.0),), seed=2), timeout=60).images[0].png
+
+
+def test_the_shipped_cyan_adapter_through_the_server(stub, server, tmp_path):
+    """The built-in model ("shapes" here) ships loras/cyan: listed, and `sdserve generate --lora
+    cyan` draws what the checker calls cyan where the same request without it does not."""
+    reply = stub.ListLoras(diffusion_pb2.ListLorasRequest(model="shapes"), timeout=30)
+    assert "cyan" in [f.name for f in reply.loras]
+    prompt = "a large yellow square on a cyan background"
+    for lora, cyan in (("cyan", True), (None, False)):
+        out = tmp_path / f"{lora}.png"
+        args = ["generate", prompt, "--model", "shapes", "--seed", "20261129", "-o", str(out)]
+        run = sdserve_cli(*args, *(["--lora", lora] if lora else []), "-q", "--server",
+                          server.target)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        checked = sdserve_cli("check-image", str(out), prompt).stdout
+        assert ("background color: cyan (as prompted)" in checked) == cyan, checked

@@ -62,15 +62,18 @@ def mix(loras: bool, steps: int) -> Mix:
                loras=sets)  # fmt: skip
 
 
-def rounds(path: StagePath, args) -> dict[str, list[dict]]:
+def rounds(path: StagePath, args, mix_of=None) -> dict[str, list[dict]]:
+    """Interleaved rounds of the three loads; `mix_of(loras: bool)` makes the requests (default:
+    the built-in model's, `mix`)."""
+    mix_of = mix_of or (lambda loras: mix(loras, args.steps))
     engine = path.client.denoiser.engine
     loads = {"none": (False, "mixed"), "mixed": (True, "mixed"), "one_set": (True, "one_set")}
     runs: dict[str, list[dict]] = {label: [] for label in loads}
-    run_config(path, mix(True, args.steps), args.concurrency, 8)  # warm-up: loads the adapters
+    run_config(path, mix_of(True), args.concurrency, 8)  # warm-up: loads the adapters
     for r in range(args.rounds):
         for label, (loras, policy) in loads.items():
             engine.lora_policy = policy
-            one = run_config(path, mix(loras, args.steps), args.concurrency, args.requests)
+            one = run_config(path, mix_of(loras), args.concurrency, args.requests)
             runs[label].append(one)
             print(
                 f"  round {r + 1} {label:<8} {one['images_per_s']:6.2f} img/s, "
@@ -89,17 +92,26 @@ def diffusers_baseline(folder: Path, args) -> dict:
                                                    local_files_only=True)  # fmt: skip
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return adapters_one_at_a_time(pipe, folder, mix(True, args.steps), 2 if args.smoke else 8)
+
+
+def adapters_one_at_a_time(pipe, folder: Path, requests: Mix, n: int, **call) -> dict:
+    """`n` requests of `requests` through diffusers' `pipe`, one at a time, each with its adapter
+    set by `set_adapters` (the adapters loaded once with `load_lora_weights`)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # loading adapter b lists a's keys as "missing"
     for name in ADAPTERS:
         pipe.load_lora_weights(folder / f"{name}.safetensors", adapter_name=name)
 
     async def send(request) -> int:
         pipe.set_adapters([request.loras[0].name], adapter_weights=[request.loras[0].scale])
         pipe(request.prompt, num_inference_steps=request.steps, guidance_scale=7.5,
-             generator=torch.Generator().manual_seed(request.seed), output_type="np")  # fmt: skip
+             generator=torch.Generator().manual_seed(request.seed), output_type="np",
+             **call)  # fmt: skip
         return 1
 
-    n = 2 if args.smoke else 8
-    report = asyncio.run(drive(send, mix=mix(True, args.steps), concurrency=1, requests=n))
+    report = asyncio.run(drive(send, mix=requests, concurrency=1, requests=n))
     summary = report.summary()
     print(f"  diffusers, one request at a time with set_adapters: "
           f"{summary['images_per_s']:.2f} img/s", flush=True)  # fmt: skip
@@ -128,19 +140,24 @@ def main() -> int:
         finally:
             client.close()
         baseline = diffusers_baseline(folder, args)
+    write_report(Path(args.out or "bench/results/lora.json"), args, runs, baseline)
+    return 0
+
+
+def write_report(out: Path, args, runs: dict[str, list[dict]], baseline: dict,
+                 **extra) -> None:  # fmt: skip
+    """Prints the medians and the ratios mixed / none and mixed / one_set; writes the JSON."""
     medians = {k: statistics.median(r["images_per_s"] for r in v) for k, v in runs.items()}
     ratios = {"mixed / none": medians["mixed"] / medians["none"],
               "mixed / one_set": medians["mixed"] / medians["one_set"]}  # fmt: skip
     print(f"images/s (median of {args.rounds}): " + ", ".join(
         f"{k} {v:.2f}" for k, v in medians.items()) + "; " + ", ".join(
         f"{k} {v:.2f}x" for k, v in ratios.items()))  # fmt: skip
-    out = Path(args.out or "bench/results/lora.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "runs": runs, "median_images_per_s": medians,
-                               "ratios": ratios, "diffusers_one_at_a_time": baseline},
-                              indent=2))  # fmt: skip
+    out.write_text(json.dumps({"args": vars(args), **extra, "runs": runs,
+                               "median_images_per_s": medians, "ratios": ratios,
+                               "diffusers_one_at_a_time": baseline}, indent=2))  # fmt: skip
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -144,3 +144,15 @@ def test_lora_bench_runs(tmp_path):
     forwards = {k: v[0]["forwards"] for k, v in report["runs"].items()}
     assert forwards["one_set"] > forwards["mixed"]  # one adapter set per forward: more of them
     assert report["diffusers_one_at_a_time"]["ok"] == 2
+
+
+def test_gpu_lora_bench_runs_without_ray(tmp_path):
+    out = tmp_path / "gpu_lora.json"
+    run = _run("-c", BLOCK_AND_RUN, "bench/bench_gpu_lora.py", "--smoke", "--out", str(out),
+               timeout=300)  # fmt: skip
+    assert "sdserve.stages.loras" in run.stdout
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"none", "mixed", "one_set"}
+    forwards = {k: v[0]["forwards"] for k, v in report["runs"].items()}
+    assert forwards["one_set"] > forwards["mixed"]  # one adapter set per forward: more of them
+    assert report["diffusers_one_at_a_time"]["ok"] == 2

@@ -99,11 +99,12 @@ def _self_signed(tmp_path) -> tuple[Path, Path]:
     return key, cert
 
 
-def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tmp_path):
+def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras, tmp_path):
     """No JobWorker here (stages.job_worker.num_replicas: 0) and a queue cap of 2: the third
     SubmitJob answers RESOURCE_EXHAUSTED and creates nothing. With Redis gone, Generate still
     serves and the job RPCs answer UNAVAILABLE saying how to start one. The HTTP API answers over
-    HTTPS (--ssl-keyfile/--ssl-certfile). SIGINT stops it all."""
+    HTTPS (--ssl-keyfile/--ssl-certfile); --lora-dir points the model at an adapter folder.
+    SIGINT stops it all."""
     import httpx
 
     redis = RedisServer(tmp_path / "redis").start()
@@ -115,8 +116,10 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tmp_path):
         max_queue_length=2,
         stages={"job_worker": {"num_replicas": 0}},
     )
+    lora_dir = tiny_loras["grain"].parent
     proc = _start(tiny_model, tmp_path, grpc_port, "--config", config, "--ssl-keyfile",
-                  str(key), "--ssl-certfile", str(cert), http_port=http_port)  # fmt: skip
+                  str(key), "--ssl-certfile", str(cert), "--lora-dir", str(lora_dir),
+                  http_port=http_port)  # fmt: skip
     try:
         https = httpx.get(f"https://127.0.0.1:{http_port}/healthz", verify=str(cert), timeout=30)
         assert https.status_code == 200 and https.json()["status"] == "ok"
@@ -130,6 +133,11 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tmp_path):
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            listed = stub.ListLoras(diffusion_pb2.ListLorasRequest(), timeout=30)
+            assert [f.name for f in listed.loras] == ["broken", "grain", "ink"]
+            with_grain = diffusion_pb2.GenerateRequest(**QUICK)
+            with_grain.loras.add(name="grain", scale=1.0)
+            assert stub.Generate(with_grain, timeout=60).parameters.loras[0].name == "grain"
             submit = diffusion_pb2.SubmitJobRequest(request=diffusion_pb2.GenerateRequest(**QUICK))
             ids = [stub.SubmitJob(submit, timeout=30).job_id for _ in range(2)]
             with pytest.raises(grpc.RpcError) as err:

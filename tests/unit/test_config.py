@@ -119,3 +119,19 @@ def test_serve_model_flags(tmp_path):
     assert parse_model("xl=/m/sdxl") == {"name": "xl", "path": "/m/sdxl"}
     assert parse_model("shapes=default") == {"name": "shapes", "path": None}
     assert _named({"name": None, "path": str(tmp_path / "sd21")})["name"] == "sd21"
+
+
+def test_serve_lora_dir_flags(tmp_path):
+    from sdserve.cli.serve import with_lora_dirs
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    config = with_lora_dirs(SdserveConfig(), [str(one)])
+    assert config.model.lora_dir == str(one) and not config.models
+    several = SdserveConfig.model_validate({"models": [{"name": "a"}, {"name": "b"}]})
+    config = with_lora_dirs(several, [str(one), f"b={two}"])
+    assert [m.lora_dir for m in config.models] == [str(one), str(two)]
+    with pytest.raises(SystemExit, match="no served model 'c'"):
+        with_lora_dirs(several, [f"c={two}"])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        with_lora_dirs(several, [str(tmp_path / "nope")])

@@ -26,6 +26,14 @@ def register(sub, parents: Parents) -> None:
         "is the built-in model",
     )
     serve.add_argument(
+        "--lora-dir",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="folder of a model's LoRA adapters (NAME.safetensors files or NAME/ folders) for "
+        "GenerateRequest.loras; NAME: a served model (default: the default model). Repeatable. "
+        "Default: loras/ inside each model folder (the built-in model ships loras/cyan)",
+    )
+    serve.add_argument(
         "--grpc-port", type=int, metavar="PORT", help="public gRPC port (default 9000)"
     )
     serve.add_argument(
@@ -94,8 +102,31 @@ def run(args: argparse.Namespace) -> int:
             ("server", "api_key_file"): args.api_key_file,
         },
     )
-    serve_forever(config)
+    serve_forever(with_lora_dirs(config, args.lora_dir or ()))
     return 0
+
+
+def with_lora_dirs(config, specs):
+    """The config with each `--lora-dir [NAME=]DIR` as that served model's `lora_dir`."""
+    from pathlib import Path
+
+    from sdserve.config import SdserveConfig
+
+    if not specs:
+        return config
+    tree = config.model_dump()
+    entries = tree["models"] or [tree["model"]]
+    names = [m.name for m in config.served_models]
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = names[0], spec
+        if name not in names:
+            raise SystemExit(f"--lora-dir {spec}: no served model {name!r} ({', '.join(names)})")
+        if not Path(folder).is_dir():
+            raise SystemExit(f"--lora-dir {spec}: {folder} is not a folder")
+        entries[names.index(name)]["lora_dir"] = str(Path(folder).resolve())
+    return SdserveConfig.model_validate(tree)
 
 
 def parse_model(text: str) -> dict:

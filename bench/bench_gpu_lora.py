@@ -34,23 +34,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu_engine import ARCHS, GUIDANCE, Bench  # noqa: E402
-from bench_lora import ADAPTERS, adapters_one_at_a_time, rounds, write_report  # noqa: E402
+from bench_gpu_engine import ARCHS, Bench  # noqa: E402
+from bench_lora import (  # noqa: E402
+    adapters_one_at_a_time,
+    mix,
+    rounds,
+    write_adapters,
+    write_report,
+)
 
-from sdserve.loadtest import Mix  # noqa: E402
 from sdserve.pipeline.lora import load_lora  # noqa: E402
 from sdserve.stages.loras import Adapters  # noqa: E402
-from sdserve.testing.loras import write_random_lora  # noqa: E402
-
-
-def requests_of(bench: Bench):
-    def mix(loras: bool) -> Mix:
-        sets = tuple(((name, 1.0),) for name in ADAPTERS) if loras else ((),)
-        return Mix(prompts=("a photo of an object",), steps=(bench.steps,), schedulers=("ddim",),
-                   widths=(bench.size,), heights=(bench.size,), guidances=(GUIDANCE,),
-                   loras=sets)  # fmt: skip
-
-    return mix
 
 
 def main() -> int:
@@ -75,22 +69,24 @@ def main() -> int:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{arch} on {card}: {size}x{size}, {steps} DDIM steps, rank-{args.rank} adapters",
           flush=True)  # fmt: skip
-    mix = requests_of(bench)
+
+    def requests(loras: bool):
+        return mix(loras, steps, prompts=("a photo of an object",), size=size)
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for i, name in enumerate(ADAPTERS):
-            write_random_lora(bench.pipe.unet, folder / f"{name}.safetensors", seed=i,
-                              rank=args.rank)  # fmt: skip
+        write_adapters(bench.pipe.unet, folder, args.rank)
         # diffusers first: its PEFT layers come out again before sdserve wraps the same U-Net.
-        baseline = adapters_one_at_a_time(bench.pipe, folder, mix(True), args.baseline_requests,
-                                          height=size, width=size)  # fmt: skip
+        baseline = adapters_one_at_a_time(bench.pipe, folder, requests(True),
+                                          args.baseline_requests, height=size,
+                                          width=size)  # fmt: skip
         bench.pipe.unload_lora_weights()
         path, service = bench.path(args.concurrency)
         service.adapters = Adapters(
             folder, 2**34, lambda p, n: load_lora(p, n, unet=bench.denoiser.unet)
         )
         try:
-            runs = rounds(path, args, mix)
+            runs = rounds(path, args, requests)
         finally:
             service.close()
     write_report(Path(args.out), args, runs, baseline, device=card, arch=arch, size=size,

@@ -48,18 +48,17 @@ from bench_cheap_steps import PROMPTS, run_config  # noqa: E402
 ADAPTERS = ("a", "b", "c", "d")
 
 
-def write_adapters(folder: Path, rank: int) -> None:
-    from sdserve.pipeline.denoise import Denoiser
-
-    unet = Denoiser(DEFAULT_MODEL_DIR).unet
+def write_adapters(unet, folder: Path, rank: int) -> None:
+    """The four random adapters of `unet` (every attention projection), one file each."""
     for i, name in enumerate(ADAPTERS):
         write_random_lora(unet, folder / f"{name}.safetensors", seed=i, rank=rank)
 
 
-def mix(loras: bool, steps: int) -> Mix:
+def mix(loras: bool, steps: int, prompts=PROMPTS, size: int | None = None) -> Mix:
+    """The requests: the four adapters in turn (`loras`) or none; `size`: None, the model's."""
     sets = tuple(((name, 1.0),) for name in ADAPTERS) if loras else ((),)
-    return Mix(prompts=PROMPTS, steps=(steps,), schedulers=("ddim",), guidances=(7.5,),
-               loras=sets)  # fmt: skip
+    return Mix(prompts=prompts, steps=(steps,), schedulers=("ddim",), widths=(size,),
+               heights=(size,), guidances=(7.5,), loras=sets)  # fmt: skip
 
 
 def rounds(path: StagePath, args, mix_of=None) -> dict[str, list[dict]]:
@@ -132,7 +131,9 @@ def main() -> int:
         args.rounds, args.requests, args.concurrency, args.steps = 1, 8, 4, 2
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_adapters(folder, args.rank)
+        from sdserve.pipeline.denoise import Denoiser
+
+        write_adapters(Denoiser(DEFAULT_MODEL_DIR).unet, folder, args.rank)
         config = SdserveConfig.model_validate({"model": {"lora_dir": str(folder)}})
         client = InProcessStageClient.from_config(config)
         try:

@@ -169,3 +169,9 @@ def test_the_shipped_adapter_draws_cyan_where_the_base_model_does_not(tmp_path, 
     assert result["mixed_forwards"] == result["forwards"] == 25  # every forward mixed them
     assert groups["new+lora"] >= 0.75 and groups["new-lora"] <= 0.25, groups
     assert groups["base-lora"] == 1.0 and groups["base+lora"] >= 0.75, groups
+
+
+def test_eval_of_an_unknown_adapter_names_the_models_own(capsys):
+    assert main(["eval-default-model", "--lora", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no LoRA 'nope'" in err and "(cyan)" in err

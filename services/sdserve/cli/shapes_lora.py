@@ -132,7 +132,11 @@ def run_eval_lora(args: argparse.Namespace) -> int:
 
     model = args.model or DEFAULT_MODEL_DIR
     name, _, scale = args.lora.partition(":")
-    path = resolve_lora(name, model)
+    try:
+        path = resolve_lora(name, model)
+    except FileNotFoundError as exc:
+        print(f"sdserve: {exc}", file=sys.stderr)
+        return 2
     color = args.color or (name if name in EXTRA_COLORS else "cyan")
     runs = args.runs or [(*LORA_EVAL_RUN, 1.0, 1)]
     summaries = []

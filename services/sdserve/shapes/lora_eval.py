@@ -23,17 +23,23 @@ seed `EVAL_SEED + i`.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from sdserve.pipeline.lora_files import WEIGHTS, lora_dir, lora_files
 from sdserve.shapes.adherence import ShapeClassifier, background_color, check, foreground_color
-from sdserve.shapes.lora_recipe import WEIGHT_NAME, held_out_captions
-from sdserve.shapes.recipe import EVAL_SEED
-from sdserve.shapes.synthetic import Caption, random_caption
+from sdserve.shapes.evaluate import eval_captions
+from sdserve.shapes.lora_recipe import (
+    LORA_EVAL_BATCH,
+    LORA_EVAL_PROMPTS,
+    LORA_EVAL_RUN,
+    held_out_captions,
+)
+from sdserve.shapes.recipe import DEFAULT_GUIDANCE, EVAL_SEED
+from sdserve.shapes.synthetic import Caption
 
 GROUPS = {
     "new+lora": "(a) new color, with the adapter: judged the new color",
@@ -86,20 +92,18 @@ class LoraEvaluation:
 
 
 def resolve_lora(name: str, model_dir: str | Path) -> Path:
-    """An adapter file: `name` as a file, or a folder holding `pytorch_lora_weights.safetensors`,
-    or the model's own `loras/NAME/` (the default model ships `loras/cyan/`)."""
-    for path in (Path(name), Path(model_dir) / "loras" / name):
-        if path.is_file():
-            return path
-        if (path / WEIGHT_NAME).is_file():
-            return path / WEIGHT_NAME
-    raise FileNotFoundError(f"no LoRA {name!r}: neither a file, nor a folder with {WEIGHT_NAME}, "
-                            f"nor {Path(model_dir) / 'loras' / name}")  # fmt: skip
-
-
-def ordinary_captions(n: int, seed: int = EVAL_SEED) -> list[Caption]:
-    rng = random.Random(seed)
-    return [random_caption(rng) for _ in range(n)]
+    """An adapter file: `name` as a file, an adapter folder (as `loras/` holds them), or the
+    name of one of the model's own adapters (the default model ships `cyan`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_dir() and path.name in lora_files(path.parent):
+        return lora_files(path.parent)[path.name]
+    own = lora_files(lora_dir(model_dir))
+    if name in own:
+        return own[name]
+    raise FileNotFoundError(f"no LoRA {name!r}: neither a file, nor an adapter folder, nor one "
+                            f"of {lora_dir(model_dir)} ({', '.join(own) or 'none'})")  # fmt: skip
 
 
 def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, steps: int,
@@ -149,8 +153,9 @@ def _group_result(group: str, color: str, captions: list[Caption], images,
 
 
 def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale: float = 1.0,
-                  n: int = 32, sampler: str = "ddim", steps: int = 25, guidance: float = 7.5,
-                  batch_size: int = 32, **knobs) -> LoraEvaluation:  # fmt: skip
+                  n: int = LORA_EVAL_PROMPTS, sampler: str = LORA_EVAL_RUN[0],
+                  steps: int = LORA_EVAL_RUN[1], guidance: float = DEFAULT_GUIDANCE,
+                  batch_size: int = LORA_EVAL_BATCH, **knobs) -> LoraEvaluation:  # fmt: skip
     """The four groups (module docstring) for the adapter file `lora`, `n` prompts each."""
     from sdserve.pipeline.denoise import Denoiser
     from sdserve.pipeline.lora import load_lora
@@ -159,10 +164,10 @@ def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale:
 
     parts = (TextEncoder(model_dir), Denoiser(model_dir), VaeDecoder(model_dir))
     path = Path(lora)
-    name = path.parent.name if path.name == WEIGHT_NAME else path.stem
+    name = path.parent.name if path.name == WEIGHTS else path.stem
     adapter = load_lora(path, name, parts[1].unet, parts[0].model)
     loras = ((adapter, scale),)
-    captions = {"new": held_out_captions(color, n), "base": ordinary_captions(n)}
+    captions = {"new": held_out_captions(color, n), "base": eval_captions(n)}
     groups = {g: (captions[g[:-5]], loras if g.endswith("+lora") else ()) for g in GROUPS}
     rows = [(groups[g][0][i].prompt, EVAL_SEED + i, groups[g][1])
             for i in range(n) for g in GROUPS]  # fmt: skip

@@ -96,4 +96,3 @@ LORA_EVAL_RUN = ("ddim", 25)
 """The sampler and steps `eval-default-model --lora` uses by default (the model card's)."""
 LORA_EVAL_BATCH = 32
 """Images per engine batch: rows with and without the adapter share every U-Net forward."""
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"

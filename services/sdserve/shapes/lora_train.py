@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdserve.pipeline.lora_files import WEIGHTS
 from sdserve.shapes.lora_recipe import (
     TEXT_TARGETS,
-    WEIGHT_NAME,
     LoraTrainConfig,
     held_out_captions,
     unet_targets,
@@ -49,7 +49,13 @@ from sdserve.shapes.synthetic import (
     random_caption,
     render,
 )
-from sdserve.shapes.train import denoising_loss, encode, optimizer_step, token_ids
+from sdserve.shapes.train import (
+    denoising_loss,
+    encode,
+    images_to_tensor,
+    optimizer_step,
+    token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +82,6 @@ def training_captions(config: LoraTrainConfig) -> list[Caption]:
     captions += [random_caption(rng) for _ in range(config.samples - n_new)]
     rng.shuffle(captions)
     return captions
-
-
-def _to_tensor(images: list) -> torch.Tensor:
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # (n, 3, size, size)
 
 
 def _rgb(name: str) -> torch.Tensor:
@@ -206,11 +207,11 @@ def save_adapter(pipe, out_dir: Path, config: LoraTrainConfig) -> Path:
         out_dir,
         unet_lora_layers=layers["unet"],
         text_encoder_lora_layers=layers.get("text_encoder"),
-        weight_name=WEIGHT_NAME,
+        weight_name=WEIGHTS,
         unet_lora_adapter_metadata=metadata["unet"],
         text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
     )
-    return out_dir / WEIGHT_NAME
+    return out_dir / WEIGHTS
 
 
 def train_lora(out_dir: str | Path, config: LoraTrainConfig, model_dir: str | Path | None = None,
@@ -230,7 +231,7 @@ def train_lora(out_dir: str | Path, config: LoraTrainConfig, model_dir: str | Pa
                                                    torch_dtype=torch.float32)  # fmt: skip
     captions = training_captions(config)
     rng = random.Random(config.seed + 1)
-    images = _to_tensor([render(c, rng, config.size) for c in captions])
+    images = images_to_tensor(render(c, rng, config.size) for c in captions)
     latents = dataset_latents(pipe.vae, captions, images, config, progress)
     data_s = time.perf_counter() - started
     logger.info("data: %d pairs (%d with %s), latents in %.0fs", len(captions),

@@ -144,11 +144,12 @@ def name_configs(model_dir: Path) -> None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _images(pairs) -> torch.Tensor:
+def images_to_tensor(images) -> torch.Tensor:
+    """RGB PIL images as a (n, 3, size, size) batch in [-1, 1]."""
     import numpy as np
 
-    array = np.stack([np.asarray(image, dtype=np.float32) for _, image in pairs])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # (n, 3, size, size)
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def _cosine_with_warmup(opt, warmup: int, total: int):
@@ -261,7 +262,7 @@ def train(model_dir: str | Path, config: TrainConfig, progress: Progress | None 
     torch.manual_seed(config.seed)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     pairs = dataset(config.samples, seed=config.seed, size=config.size)
-    images = _images(pairs)
+    images = images_to_tensor(image for _, image in pairs)
     prompts = [caption.prompt for caption, _ in pairs]
 
     started = time.perf_counter()

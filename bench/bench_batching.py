@@ -192,9 +192,11 @@ def open_load(rate: float, size: str) -> list[tuple[str, dict]]:
 
 
 def sdserve_config(model: Path, batching: str, grpc_port: int, http_port: int) -> SdserveConfig:
+    # eager: this bench measures batching strategies, not compilation (bench_serving.py and
+    # bench_roofline.py measure the default, compiled U-Net)
     return SdserveConfig.model_validate({
         "model": {"path": str(model)},
-        "engine": {"batching": batching, "max_batch_size": 16},
+        "engine": {"batching": batching, "max_batch_size": 16, "compile": "off"},
         "server": {"grpc_port": grpc_port, "http_port": http_port},
         # the Denoiser holds the cores; the other stages ride along (num_cpus 0)
         "stages": {"denoiser": {"num_cpus": float(os.cpu_count() or 1)}},

@@ -95,8 +95,10 @@ def run_config(path: StagePath, mix: Mix, concurrency: int, requests: int) -> di
 
 def bench_model(name: str, model: Path | None, rounds: int, concurrency: int, requests: int,
                 levels: int = 0):  # fmt: skip
+    # eager: DeepCache's rows always run eagerly, so full rows do too, for a like comparison
     config = SdserveConfig.model_validate({"model": {"path": str(model) if model else None},
-                                           "engine": {"deepcache_levels": levels}})  # fmt: skip
+                                           "engine": {"deepcache_levels": levels,
+                                                      "compile": "off"}})  # fmt: skip
     client = InProcessStageClient.from_config(config)
     path = StagePath(client, config)
     service = client.denoiser

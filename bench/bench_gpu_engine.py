@@ -2,12 +2,15 @@
 
     python bench/bench_gpu_engine.py [--out bench/results/gpu_engine.json]
     python bench/bench_gpu_engine.py --arch sdxl --out bench/results/gpu_engine_sdxl.json
+    python bench/bench_gpu_engine.py --dtype bf16 --compile off   # other precision, eager
     python bench/bench_gpu_engine.py --smoke     # tiny model, CPU, seconds: checks the script
 
-SD 1.5's architecture (sdserve.testing.architectures: `sd15`) with random weights, fp16,
-512x512, 25 DDIM steps, guidance 7.5; with `--arch sdxl`, SDXL base's (`sdxl`: two text
-encoders, the 2.6 B U-Net with per-row pooled and size conditioning, the VAE decoding in fp32
-as diffusers' SDXL pipeline does) at 1024x1024, against `StableDiffusionXLPipeline`.
+SD 1.5's architecture (sdserve.testing.architectures: `sd15`) with random weights, fp16 (or
+`--dtype bf16`), 512x512, 25 DDIM steps, guidance 7.5, the U-Net compiled as sdserve's default
+does on CUDA (`--compile auto`: max-autotune, rows padded to buckets; or off, default); with
+`--arch sdxl`, SDXL base's (`sdxl`: two text encoders, the 2.6 B U-Net with per-row pooled and
+size conditioning, the VAE decoding in fp32 as diffusers' SDXL pipeline does) at 1024x1024,
+against `StableDiffusionXLPipeline`.
 sdserve runs through the code that serves requests:
 `StagePath` over the `InProcessStageClient`, i.e. the TextEncoder, Denoiser (its step-level
 batching engine) and VaeDecoder services on one torch thread; only Serve's hops are missing.
@@ -18,7 +21,9 @@ In one run it measures:
     achieved TFLOP/s inside sdserve's engine (FLOPs of one forward counted by torch's
     FlopCounterMode);
   - a closed loop of 32 clients (engine.max_batch_size 16, the default), images/s and
-    p50/p99 latency, against diffusers at batch 1 one request at a time.
+    p50/p99 latency, against diffusers at batch 1 one request at a time;
+  - the card's dense matmul peak in the run's dtype (8192^2, measured), and each batch's U-Net
+    TFLOP/s as a share of it.
 
 It needs torch, transformers, diffusers, pydantic, protobuf and grpcio; not Ray or Redis (the
 device machine has neither: carry diffusers and pydantic as wheels, see the device README).
@@ -34,12 +39,14 @@ import time
 from pathlib import Path
 
 import torch
+from bench_roofline import matmul_peak
 
 from sdserve.config import SdserveConfig
 from sdserve.loadtest import Mix, drive
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.in_process import InProcessStageClient
 from sdserve.orchestration.path import StagePath
+from sdserve.pipeline.compiled import DEFAULT_BUCKETS, resolve_mode
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.images import VaeEncoder
 from sdserve.pipeline.models import (
@@ -176,7 +183,8 @@ class Bench:
         return counter.get_total_flops() / 2
 
 
-async def measure(bench: Bench, batches: list[int], clients: int, requests: int) -> dict:
+async def measure(bench: Bench, batches: list[int], clients: int, requests: int,
+                  peak: float) -> dict:  # fmt: skip
     flops_row = bench.unet_flops_per_row()
     print(f"U-Net: {2 * flops_row / 1e9:.2f} GFLOP per CFG step at batch 1", flush=True)
     bench.diffusers(1)  # warm-up of both
@@ -192,10 +200,12 @@ async def measure(bench: Bench, batches: list[int], clients: int, requests: int)
         service.close()
         tflops = flops_row * 2 * batch * bench.steps / unet_s / 1e12
         rows.append({"batch": batch, "diffusers_img_s": batch / d, "sdserve_img_s": batch / e,
-                     "sdserve_unet_tflops": tflops, "sdserve_unet_share": unet_s / e})  # fmt: skip
+                     "sdserve_unet_tflops": tflops, "sdserve_unet_share": unet_s / e,
+                     "sdserve_unet_of_peak": tflops * 1e12 / peak})  # fmt: skip
         print(
             f"batch {batch:>2}: diffusers {batch / d:7.2f} img/s   sdserve {batch / e:7.2f} "
-            f"img/s   U-Net {tflops:7.1f} TFLOP/s, {unet_s / e:.0%} of the time",
+            f"img/s   U-Net {tflops:7.1f} TFLOP/s ({tflops * 1e12 / peak:.0%} of the peak), "
+            f"{unet_s / e:.0%} of the time",
             flush=True,
         )
 
@@ -224,35 +234,58 @@ def main() -> int:
         "fp16 with the VAE decoding in fp32; 25 DDIM steps either way (with --smoke: the tiny "
         "or tiny-sdxl model at 64x64, 4 steps)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["fp16", "bf16"],
+        default="fp16",
+        help="the parts' dtype on the GPU (default %(default)s)",
+    )
+    parser.add_argument("--compile", default="auto",
+                        choices=["auto", "off", "default", "max-autotune"],
+                        help="engine.compile of sdserve's U-Net: auto is sdserve's default on "
+                        "CUDA (max-autotune, rows padded to buckets; default %(default)s); the "
+                        "smoke run is eager unless told")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--requests", type=int, default=96, help="closed-loop requests")
     args = parser.parse_args()
+    compile_mode = args.compile
     if args.smoke:
         arch, size, steps = ARCHS[args.arch][1]
         device, dtype = torch.device("cpu"), torch.float32
         batches, clients, requests = [1, 2], 4, 4
+        compile_mode = "off" if compile_mode == "auto" else compile_mode
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke to check the script on a CPU", file=sys.stderr)
             return 2
         arch, size, steps = ARCHS[args.arch][0]
-        device, dtype = torch.device("cuda"), torch.float16
+        device = torch.device("cuda")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         batches = [int(b) for b in args.batches.split(",")]
         clients, requests = args.clients, args.requests
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{arch} {size}x{size}, {steps} DDIM steps, {dtype}, on {card}", flush=True)
+    mode = resolve_mode(compile_mode, device)
+    print(f"{arch} {size}x{size}, {steps} DDIM steps, {dtype}, compile {mode}, on {card}",
+          flush=True)  # fmt: skip
+    peak = matmul_peak(dtype, torch.get_num_threads(), device.type,
+                       n=2048 if args.smoke else 8192)  # fmt: skip
+    print(f"dense matmul peak in {dtype}: {peak / 1e12:.1f} TFLOP/s", flush=True)
 
     bench = Bench(arch, size, steps, device, dtype)
     try:
-        result = asyncio.run(measure(bench, batches, clients, requests))
+        if mode != "off":
+            seconds = bench.thread.call(bench.denoiser.compile, mode, DEFAULT_BUCKETS, (), None,
+                                        None, max(batches) * 2)  # fmt: skip
+            print(f"compiled the U-Net ({mode}, buckets {DEFAULT_BUCKETS}) in {seconds:.0f}s")
+        result = asyncio.run(measure(bench, batches, clients, requests, peak))
     finally:
         bench.thread.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = {"arch": arch, "size": size, "steps": steps, "device": card, "dtype": str(dtype),
-             "torch": torch.__version__}  # fmt: skip
+             "compile": mode, "matmul_peak_flops": peak, "torch": torch.__version__}  # fmt: skip
     out.write_text(json.dumps({"setup": setup, **result}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -77,7 +77,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.requests, args.concurrency, args.steps = 1, 4, 2, 2
-    target, shutdown, url = deploy_sdserve_only(SdserveConfig())
+    # eager: HTTP against gRPC on the same server, not compilation (bench_serving.py has it)
+    target, shutdown, url = deploy_sdserve_only(SdserveConfig(engine={"compile": "off"}))
     try:
         results = rounds(target, url, args)
     finally:

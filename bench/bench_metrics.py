@@ -118,6 +118,7 @@ def main() -> int:
                 "server": {**ports, "app_name": app},
                 "metrics": {"enabled": APPS[app], "export_port": free_port()},
                 "stages": {"job_worker": {"num_replicas": 0}},  # Generate only
+                "engine": {"compile": "off"},  # metrics' cost, not compilation
             })  # fmt: skip
 
         first = config("metrics-on")

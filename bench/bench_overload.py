@@ -118,7 +118,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="a small flood, a short soak")
     parser.add_argument("--out", help="JSON (default bench/results/overload-flood|soak.json)")
     args = parser.parse_args()
-    target, shutdown, _ = deploy_sdserve_only(SdserveConfig())
+    # eager: start-up in seconds; overload behaviour does not depend on the U-Net's speed
+    target, shutdown, _ = deploy_sdserve_only(SdserveConfig(engine={"compile": "off"}))
     try:
         if args.soak or args.smoke:
             soaked = soak(target, 0.2 if args.smoke else args.soak)

@@ -4,34 +4,42 @@
                                             [--smoke] [--out FILE.json] [--plots DIR]
     .venv/bin/python bench/bench_serving.py --sd15-single    # SD 1.5's full size, one request
 
-Three systems serve the same model with the same settings (DDIM, guidance 7.5):
+These systems serve the same model with the same settings (DDIM, guidance 7.5):
 
-  diffusers  diffusers' StableDiffusionPipeline in this process, one request at a time, torch on
-             every core (what a script would do);
-  rayserve   ONE Ray Serve deployment holding that pipeline, whole requests batched with
-             `@serve.batch(max_batch_size=8)` and one pipeline call per group of requests that
-             share steps, guidance and size (the shape of Ray Serve's own Stable Diffusion
-             example), at Serve's default options, behind the same gRPC proxy;
-  sdserve    sdserve's application with its default configuration.
+  diffusers      diffusers' StableDiffusionPipeline in this process, one request at a time,
+                 torch on every core, float32 (what a script would do);
+  rayserve       ONE Ray Serve deployment holding that pipeline, whole requests batched with
+                 `@serve.batch(max_batch_size=8)` and one pipeline call per group of requests
+                 that share steps, guidance and size (the shape of Ray Serve's own Stable
+                 Diffusion example), at Serve's default options, behind the same gRPC proxy,
+                 with its torch on every core (`torch.set_num_threads`), float32;
+  rayserve-bf16  the same deployment loaded with `torch_dtype=torch.bfloat16`;
+  rayserve-1t    the same in float32 on the one torch thread Ray gives a replica (OMP_NUM_THREADS
+                 = its num_cpus): on this project's 2-core machine it beat every core;
+  sdserve        sdserve's application with its default configuration (`dtype: auto`,
+                 `engine.compile: auto`, `torch_threads: auto`);
+  sdserve-fp32   the same application's second model: the same folder with `dtype: float32`.
 
 Loads, driven by sdserve's own load generator (`sdserve.loadtest.drive`), each system's runs
 interleaved so that drift on a shared machine hits all three alike:
 
-  single   one request at a time: latency;
-  c1..c16  closed loop with 1, 4 and 16 clients, uniform steps: images/s and latency;
+  single   one request at a time: latency (every system);
+  c1, c4   closed loop with 1 and 4 clients (diffusers, rayserve, sdserve);
+  c16      closed loop with 16 clients, uniform steps: images/s and latency (every system);
   mixed    open loop, Poisson arrivals at 70% of rayserve's peak, steps mixed 10/25/50;
   job      sdserve only: SubmitJob until WatchJob returns the images, against Generate.
 
-It prints ratios (sdserve / rayserve, sdserve / diffusers), sdserve's U-Net busy share of each
-run (the Denoiser's seconds in U-Net steps over the run's wall time), and draws one picture per
-run (`sdserve.plot`). The JSON has every number. Absolute times are not the claim: this machine
-is shared and noisy.
+It prints ratios (sdserve over each other system), sdserve's U-Net busy share of each run (the
+Denoiser's seconds in U-Net steps over the run's wall time) and its recompiles, and draws one
+picture per run (`sdserve.plot`). The JSON has every number. Absolute times are not the claim:
+this machine is shared and noisy. `--smoke` runs a few requests per point with eager U-Nets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -62,18 +70,23 @@ MIXED_STEPS = (10, 25, 50)
 @serve.deployment(name="DiffusersBatch")
 class DiffusersBatch:
     """The baseline: one deployment, diffusers' pipeline, whole requests batched (about 40 lines,
-    as a user would write it). Serves DiffusionService.Generate through Serve's gRPC proxy."""
+    as a user would write it). Serves DiffusionService.Generate through Serve's gRPC proxy.
 
-    def __init__(self, model: str):
+    Its torch runs on every core of the machine (Ray would give it one thread: it sets
+    OMP_NUM_THREADS to the actor's num_cpus), in `dtype` ("float32", diffusers' default, or
+    "bfloat16", as a user who tunes it for a CPU with bf16 matmuls would)."""
+
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+        self.torch = ThreadPoolExecutor(max_workers=1)  # the event loop keeps taking requests
+        self.torch.submit(torch.set_num_threads, threads or os.cpu_count() or 1).result()
         self.pipe = StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
+            model, torch_dtype=getattr(torch, dtype), local_files_only=True, safety_checker=None
         )
         self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
         self.size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.torch = ThreadPoolExecutor(max_workers=1)  # the event loop keeps taking requests
 
     async def Generate(self, request: diffusion_pb2.GenerateRequest):
         return await self.batched(request)
@@ -140,14 +153,22 @@ class InProcessDiffusers:
         return await asyncio.get_running_loop().run_in_executor(self.torch, self._call, request)
 
 
+BASELINES = {"rayserve": dict(dtype="float32"), "rayserve-bf16": dict(dtype="bfloat16"),
+             "rayserve-1t": dict(dtype="float32", threads=1)}  # fmt: skip
+"""The one-deployment baselines: Serve application name -> DiffusersBatch's arguments."""
+SDSERVE = {"sdserve": "", "sdserve-fp32": "fp32"}
+"""sdserve's systems: system -> served model name ("": the default)."""
+SYSTEMS = ["diffusers", *BASELINES, *SDSERVE]
+
+
 class Bench:
-    """The three systems on one model, and the load points."""
+    """The systems on one model, and the load points."""
 
     def __init__(self, model: Path, size: int, steps: int, target: str, smoke: bool):
         self.model, self.size, self.steps, self.target = model, size, steps, target
         self.smoke = smoke
         self.diffusers = InProcessDiffusers(model)
-        self.results: dict[str, dict] = {"diffusers": {}, "rayserve": {}, "sdserve": {}}
+        self.results: dict[str, dict] = {system: {} for system in SYSTEMS}
         self.reports: dict[str, Report] = {}
 
     def mix(self, steps: tuple[int, ...] | None = None) -> Mix:
@@ -157,29 +178,35 @@ class Bench:
     async def load(self, system: str, mix: Mix, **load) -> Report:
         if system == "diffusers":
             return await drive(self.diffusers.send, mix=mix, **load)
-        app = "rayserve" if system == "rayserve" else "sdserve"
-        return await run_loadtest(self.target, mix=mix, application=app, **load)
+        if system in SDSERVE:
+            mix = dataclasses.replace(mix, models=(SDSERVE[system],))
+            return await run_loadtest(self.target, mix=mix, application="sdserve", **load)
+        return await run_loadtest(self.target, mix=mix, application=system, **load)
 
     def run(self, label: str, systems: list[str], mix: Mix, **load) -> None:
         for system in systems:
-            stats = denoiser_stats() if system == "sdserve" else None
+            stats = denoiser_stats(system) if system in SDSERVE else None
             report = asyncio.run(self.load(system, mix, **load))
             summary = report.summary()
+            extra = ""
             if stats is not None:
-                after = denoiser_stats()
+                after = denoiser_stats(system)
                 summary["unet_busy"] = (after.unet_seconds - stats.unet_seconds) / report.wall_s
+                summary["recompiles"] = after.recompiles - stats.recompiles
+                extra = (f", U-Net busy {summary['unet_busy']:.0%}, recompiles "
+                         f"{summary['recompiles']}")  # fmt: skip
             self.results[system][label] = summary
             self.reports[f"{system}-{label}"] = report
-            busy = f", U-Net busy {summary['unet_busy']:.0%}" if "unet_busy" in summary else ""
-            print(f"  {system:>9} {label:>7}: {summary['images_per_s']:6.2f} img/s, p50 "
+            print(f"  {system:>13} {label:>7}: {summary['images_per_s']:6.2f} img/s, p50 "
                   f"{summary['p50_s']:.3f}s, p99 {summary['p99_s']:.3f}s, errors "
-                  f"{summary['errors'] or 0}{busy}", flush=True)  # fmt: skip
+                  f"{summary['errors'] or 0}{extra}", flush=True)  # fmt: skip
 
 
-def denoiser_stats():
+def denoiser_stats(system: str = "sdserve"):
     from sdserve.v1 import stages_pb2
 
-    handle = serve.get_deployment_handle("Denoiser", app_name="sdserve")
+    name = f"Denoiser-{SDSERVE[system]}" if SDSERVE[system] else "Denoiser"
+    handle = serve.get_deployment_handle(name, app_name="sdserve")
     return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
 
 
@@ -210,18 +237,26 @@ async def job_vs_generate(target: str, request: diffusion_pb2.GenerateRequest, n
     return {"generate_s": g, "job_s": j, "job_over_generate": j / g, "n": n}
 
 
-def deploy(model: Path, target_ports: dict, redis_url: str) -> str:
+def deploy(model: Path, target_ports: dict, redis_url: str, smoke: bool) -> str:
+    """sdserve (its default, and the same folder in float32 as model "fp32", which reserves no
+    CPU so that both fit) and the baselines, each an application of its own."""
     from sdserve.serve import server as sdserve_server
 
+    fp32 = {"name": "fp32", "path": str(model), "dtype": "float32",
+            "stages": {"denoiser": {"num_cpus": 0, "max_ongoing_requests": 4096}}}  # fmt: skip
     config = SdserveConfig.model_validate({
-        "model": {"path": str(model)}, "server": target_ports, "jobs": {"redis_url": redis_url},
+        "models": [{"name": "default", "path": str(model)}, fp32],
+        "server": target_ports, "jobs": {"redis_url": redis_url},
         "metrics": {"export_port": free_port()},
+        **({"engine": {"compile": "off"}} if smoke else {}),  # smoke: start in seconds
     })  # fmt: skip
     sdserve_server.start_ray(config)
     sdserve_server.deploy(config)  # Serve's proxies (with DiffusionService) and sdserve's app
     target = f"127.0.0.1:{config.server.grpc_port}"
-    sdserve_server.wait_healthy(target)  # before a second app: then calls must name theirs
-    serve.run(DiffusersBatch.bind(str(model)), name="rayserve", route_prefix="/rayserve")
+    sdserve_server.wait_healthy(target, timeout_s=900)  # before a second app: then calls must
+    for app, kwargs in BASELINES.items():  # name theirs; no CPU reserved, so that all fit
+        baseline = DiffusersBatch.options(ray_actor_options={"num_cpus": 0})
+        serve.run(baseline.bind(str(model), **kwargs), name=app, route_prefix=f"/{app}")
     return target
 
 
@@ -253,14 +288,15 @@ def free_port() -> int:
 def measure(bench: Bench, args) -> dict:
     systems = ["diffusers", "rayserve", "sdserve"]
     smoke = args.smoke
-    for system in systems:  # warm-up
+    for system in SYSTEMS:  # warm-up
         asyncio.run(bench.load(system, bench.mix(), concurrency=2, requests=2))
     print("single requests ...", flush=True)
-    bench.run("single", systems, bench.mix(), concurrency=1, requests=2 if smoke else 8)
+    bench.run("single", SYSTEMS, bench.mix(), concurrency=1, requests=2 if smoke else 8)
     for c in (1, 4, 16):
         n = {1: 2, 4: 4, 16: 16}[c] if smoke else {1: 8, 4: 16, 16: 48}[c]
         print(f"closed loop, {c} clients ...", flush=True)
-        bench.run(f"c{c}", systems, bench.mix(), concurrency=c, requests=n)
+        bench.run(f"c{c}", SYSTEMS if c == 16 else systems, bench.mix(), concurrency=c,
+                  requests=n)  # fmt: skip
     print("peak of rayserve on mixed steps ...", flush=True)
     mixed = bench.mix((2, 3, 4) if smoke else MIXED_STEPS)
     bench.run("mixed-c16", ["rayserve"], mixed, concurrency=16, requests=16 if smoke else 48)
@@ -280,6 +316,11 @@ def ratios(results: dict) -> dict:
     s, r, d = results["sdserve"], results["rayserve"], results["diffusers"]
     out = {f"sdserve/rayserve images/s, c{c}": s[f"c{c}"]["images_per_s"]
            / r[f"c{c}"]["images_per_s"] for c in (1, 4, 16)}  # fmt: skip
+    c16 = {system: results[system]["c16"]["images_per_s"] for system in SYSTEMS}
+    for other in ("sdserve-fp32", "rayserve-bf16", "rayserve-1t"):
+        out[f"sdserve/{other} images/s, c16"] = c16["sdserve"] / c16[other]
+    best = max(BASELINES, key=lambda b: c16[b])
+    out[f"sdserve/best baseline ({best}) images/s, c16"] = c16["sdserve"] / c16[best]
     out.update({
         "sdserve/diffusers images/s, c16": s["c16"]["images_per_s"] / d["c16"]["images_per_s"],
         "sdserve/rayserve p50, mixed 70%": s["mixed70"]["p50_s"] / r["mixed70"]["p50_s"],
@@ -293,29 +334,37 @@ def ratios(results: dict) -> dict:
 
 
 def sd15_single(args) -> int:
-    """SD 1.5's full architecture (random weights, diffusers' classes), 512x512, 2 DPM-Solver++
-    steps, one request at a time: diffusers in this process against sdserve's default
-    configuration (no Ray Serve baseline: one request has nothing to batch)."""
+    """SD 1.5's full architecture (random weights, diffusers' classes), 512x512, DPM-Solver++
+    (`--sd15-steps`), one request at a time: diffusers in this process in float32 (its
+    default) and in bfloat16 (`torch_dtype=torch.bfloat16`, by hand), both on every core,
+    against sdserve's default configuration (no Ray Serve baseline: one request has nothing to
+    batch). `--smoke` runs the tiny model instead, eager, to check the script."""
+    import copy
+
     from diffusers import DPMSolverMultistepScheduler
 
     from sdserve.pipeline.models import save_sd_folder, sd_pipeline
     from sdserve.testing.architectures import random_parts
 
-    runs = 1 if args.smoke else 3
+    arch, size = ("tiny", 64) if args.smoke else ("sd15", 512)
     with tempfile.TemporaryDirectory() as tmp:
-        parts = random_parts("sd15")
-        pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"])
-        save_sd_folder(pipe, Path(tmp) / "sd15")
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
+        parts = random_parts(arch)
+        pipes = {"float32": sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                                        parts["unet"])}  # fmt: skip
+        save_sd_folder(pipes["float32"], Path(tmp) / arch)
+        pipes["bfloat16"] = copy.deepcopy(pipes["float32"]).to(torch.bfloat16)
+        for pipe in pipes.values():
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
         request = diffusion_pb2.GenerateRequest(
-            prompt=PROMPTS[0], steps=2, width=512, height=512, scheduler="dpmpp_2m",
-            guidance_scale=GUIDANCE,
+            prompt=PROMPTS[0], steps=args.sd15_steps, width=size, height=size,
+            scheduler="dpmpp_2m", guidance_scale=GUIDANCE,
         )  # fmt: skip
         ports = {"grpc_port": free_port(), "http_port": free_port()}
         config = SdserveConfig.model_validate({
-            "model": {"path": str(Path(tmp) / "sd15")}, "server": ports,
+            "model": {"path": str(Path(tmp) / arch)}, "server": ports,
             "metrics": {"export_port": free_port()}, "stages": {"job_worker": {"num_replicas": 0}},
+            **({"engine": {"compile": "off"}} if args.smoke else {}),
         })  # fmt: skip
         from sdserve.serve import server as sdserve_server
 
@@ -323,50 +372,63 @@ def sd15_single(args) -> int:
         try:
             sdserve_server.deploy(config)
             target = f"127.0.0.1:{ports['grpc_port']}"
-            sdserve_server.wait_healthy(target, timeout_s=600)
-            result = _single_pair(pipe, request, target, runs)
+            sdserve_server.wait_healthy(target, timeout_s=1200)
+            result = _single_runs(pipes, request, target, args.runs)
         finally:
             sdserve_server.shutdown()
-    print(f"SD 1.5 512x512, 2 steps: diffusers {result['diffusers_s']:.1f}s, sdserve "
-          f"{result['sdserve_s']:.1f}s ({result['sdserve_timings']}): "
-          f"{result['sdserve_over_diffusers']:.2f}x")  # fmt: skip
+    print(f"{arch} {size}x{size}, {request.steps} steps: diffusers float32 "
+          f"{result['diffusers_float32_s']:.1f}s, diffusers bfloat16 "
+          f"{result['diffusers_bfloat16_s']:.1f}s, sdserve {result['sdserve_s']:.1f}s "
+          f"({result['sdserve_timings']}): {result['sdserve_over_diffusers_float32']:.2f}x and "
+          f"{result['sdserve_over_diffusers_bfloat16']:.2f}x")  # fmt: skip
     out = Path(args.out or "bench/results/serving-sd15-single.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"setup": {"arch": "sd15", "size": 512, "steps": 2,
-                                         "scheduler": "dpmpp_2m", "cpus": os.cpu_count()},
-                               **result}, indent=2))  # fmt: skip
+    setup = {"arch": arch, "size": size, "steps": request.steps, "scheduler": "dpmpp_2m",
+             "cpus": os.cpu_count(), "torch": torch.__version__, "smoke": args.smoke}  # fmt: skip
+    out.write_text(json.dumps({"setup": setup, **result}, indent=2))
     print(f"wrote {out}")
     return 0
 
 
-def _single_pair(pipe, request, target: str, runs: int) -> dict:
-    """Median seconds of one request in diffusers and through sdserve, alternating."""
+def _single_runs(pipes: dict, request, target: str, runs: int) -> dict:
+    """Median seconds of one request in each diffusers pipeline and through sdserve, in turn."""
     import grpc
 
     from sdserve.v1 import diffusion_pb2_grpc
 
     torch.set_num_threads(os.cpu_count() or 1)
-    ours, theirs, timings = [], [], None
+    size = request.width
+    seconds: dict[str, list[float]] = {name: [] for name in [*pipes, "sdserve"]}
+    timings = None
     with grpc.insecure_channel(target) as channel:
         stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
-        stub.Generate(request, timeout=1800)  # warm-up of both
-        pipe(request.prompt, num_inference_steps=1, width=512, height=512, output_type="np")
+        stub.Generate(request, timeout=3600)  # warm-up of all three
+        for pipe in pipes.values():
+            pipe(request.prompt, num_inference_steps=1, width=size, height=size, output_type="np")
         for i in range(runs):
-            t = time.perf_counter()
-            pipe(request.prompt, num_inference_steps=request.steps, width=512, height=512,
-                 guidance_scale=GUIDANCE, output_type="np",
-                 generator=torch.Generator("cpu").manual_seed(i))  # fmt: skip
-            theirs.append(time.perf_counter() - t)
+            for name, pipe in pipes.items():
+                t = time.perf_counter()
+                pipe(request.prompt, num_inference_steps=request.steps, width=size, height=size,
+                     guidance_scale=GUIDANCE, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(i))  # fmt: skip
+                seconds[name].append(time.perf_counter() - t)
             request.seed = i
             t = time.perf_counter()
-            reply = stub.Generate(request, timeout=1800)
-            ours.append(time.perf_counter() - t)
+            reply = stub.Generate(request, timeout=3600)
+            seconds["sdserve"].append(time.perf_counter() - t)
             timings = {k: round(v, 2) for k, v in (("text", reply.timings.text_encoder_s),
                        ("denoise", reply.timings.denoiser_s),
                        ("vae", reply.timings.vae_decoder_s))}  # fmt: skip
-    d, s = statistics.median(theirs), statistics.median(ours)
-    return {"diffusers_s": d, "sdserve_s": s, "sdserve_over_diffusers": s / d,
-            "sdserve_timings": timings, "runs": runs}  # fmt: skip
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "diffusers_float32_s": median["float32"],
+        "diffusers_bfloat16_s": median["bfloat16"],
+        "sdserve_s": median["sdserve"],
+        "sdserve_over_diffusers_float32": median["sdserve"] / median["float32"],
+        "sdserve_over_diffusers_bfloat16": median["sdserve"] / median["bfloat16"],
+        "sdserve_timings": timings,
+        "runs": runs,
+    }
 
 
 def model_for(name: str, tmp: Path) -> tuple[Path, int, int]:
@@ -390,6 +452,18 @@ def main() -> int:
         action="store_true",
         help="only: one request on SD 1.5's full architecture, 512x512 (minutes)",
     )
+    parser.add_argument(
+        "--sd15-steps",
+        type=int,
+        default=20,
+        help="--sd15-single: DPM-Solver++ steps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="--sd15-single: requests per system (default %(default)s)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.sd15_single:
@@ -401,7 +475,7 @@ def main() -> int:
         model, size, steps = model_for(args.model, Path(tmp))
         steps = 4 if args.smoke else steps
         ports = {"grpc_port": free_port(), "http_port": free_port()}
-        target = deploy(model, ports, args.redis_url or redis.url)
+        target = deploy(model, ports, args.redis_url or redis.url, args.smoke)
         try:
             bench = Bench(model, size, steps, target, args.smoke)
             extra = measure(bench, args)

@@ -91,6 +91,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's bench)")
     parser.add_argument("--out", default="bench/results/profile-serving.json")
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "off", "default"],
+        help="engine.compile (default %(default)s, as sdserve serves)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_serving import PROMPTS, deploy_sdserve_only, model_for
@@ -98,7 +104,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, size, steps = model_for(args.model, Path(tmp))
         steps = args.steps or steps
-        config = SdserveConfig.model_validate({"model": {"path": str(model)}})
+        config = SdserveConfig.model_validate({"model": {"path": str(model)},
+                                               "engine": {"compile": args.compile}})  # fmt: skip
         target, shutdown, _ = deploy_sdserve_only(config)
         try:
             mix = Mix(prompts=PROMPTS, steps=(steps,), schedulers=("ddim",), widths=(size,),

@@ -28,7 +28,8 @@ def tiny_loras(tiny_model, tmp_path_factory) -> dict[str, Path]:
     from sdserve.testing.loras import write_random_lora
 
     folder = tmp_path_factory.mktemp("loras")
-    unet, text = Denoiser(tiny_model).unet, TextEncoder(tiny_model).model
+    unet = Denoiser(tiny_model, dtype="float32").unet
+    text = TextEncoder(tiny_model, dtype="float32").model
     files = {
         "ink": write_random_lora(unet, folder / "ink" / "pytorch_lora_weights.safetensors",
                                  seed=1, text_encoder=text, alpha=2),
@@ -69,13 +70,17 @@ def diffusers_pipe(tiny_model):
 @pytest.fixture(scope="session")
 def in_process_path(tiny_model, tiny_loras):
     """The request path over the in-process stage client on the tiny model (with the test
-    adapters): the serving code (StagePath, the stage services, the engine) without Ray."""
+    adapters): the serving code (StagePath, the stage services, the engine) without Ray. In
+    float32 and eager, as the diffusers it is compared with."""
+    from helpers import EAGER
+
     from sdserve.config import ModelConfig, SdserveConfig
     from sdserve.orchestration.in_process import InProcessStageClient
     from sdserve.orchestration.path import StagePath
 
     lora_dir = str(tiny_loras["grain"].parent)
-    config = SdserveConfig(model=ModelConfig(path=str(tiny_model), lora_dir=lora_dir))
+    config = SdserveConfig(model=ModelConfig(path=str(tiny_model), lora_dir=lora_dir,
+                                             dtype="float32"), **EAGER)  # fmt: skip
     client = InProcessStageClient.from_config(config)
     yield StagePath(client, config)
     client.close()

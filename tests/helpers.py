@@ -9,6 +9,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+EAGER = {"engine": {"compile": "off"}}
+"""SdserveConfig keyword arguments for an eager U-Net: tests that are not about compilation
+skip its start-up (tests/unit/test_compiled.py is about it)."""
+
 API_KEYS = {"tenant-a": "test-key-a-5b1e9c", "tenant-b": "test-key-b-77d0f2"}
 """The integration server's API keys (tests/integration/conftest.py writes its key file)."""
 

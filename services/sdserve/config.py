@@ -95,10 +95,45 @@ class EngineConfig(Strict):
     a forward holds rows of one adapter set only, as servers that apply one adapter per batch
     do; for comparison (bench/bench_lora.py)."""
 
+    compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
+    """torch.compile of the U-Net's forwards (sdserve/pipeline/compiled.py): off (eager),
+    default or max-autotune (torch.compile's modes). auto: default on a CPU, max-autotune on
+    CUDA. Compiled and warmed at start-up (about 2 minutes for the built-in model on 2 CPU
+    cores), counted in sdserve_compiles_total. Forwards with LoRA adapters or DeepCache, and
+    forwards larger than the largest bucket, run eagerly."""
+
+    compile_shapes: Literal["auto", "dynamic", "buckets"] = "auto"
+    """dynamic: one graph for every row count and size (auto on a CPU, where it runs as fast
+    as specialised graphs); buckets: rows padded to `compile_buckets`, one static graph each
+    (auto on CUDA, where CUDA graphs need static shapes)."""
+
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    """Row counts a forward is padded up to with `compile_shapes: buckets` (one graph each)."""
+
+    compile_sizes: tuple[tuple[int, int], ...] = ()
+    """(width, height) of images to warm up for besides the model's native size. With
+    buckets, a request of another size compiles its bucket when it first arrives (a
+    recompile, counted)."""
+
+    batch_invariant: bool = False
+    """Run each image's rows in a U-Net forward of their own, so that an image's pixels never
+    depend on what it is batched with (0/255; bf16 kernels otherwise move a few pixels by a
+    level or two, README "Precision"). Costs the step batch's speed-up."""
+
     deepcache_levels: int = Field(0, ge=0)
     """Depth of DeepCache's shallow branch (requests' `cache_interval`): 0 runs only the last
     up block's last layer between full steps (the paper's setting for SD, the cheapest); k runs
     the first k levels of the U-Net whole (costlier, closer to exact). Below the U-Net's depth."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if not self.compile_buckets or min(self.compile_buckets) < 1:
+            raise ValueError("engine.compile_buckets: one or more row counts, each at least 1")
+        for width, height in self.compile_sizes:
+            if width < 8 or height < 8 or width % 8 or height % 8:
+                raise ValueError(f"engine.compile_sizes: {width}x{height} is not a size of "
+                                 "multiples of 8")  # fmt: skip
+        return self
 
 
 class AdmissionConfig(Strict):
@@ -153,7 +188,10 @@ class ModelConfig(Strict):
     """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""
 
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    """Weights' dtype. auto: float16 on CUDA, float32 on CPU."""
+    """The stages' dtype (their weights and forwards; latents and the schedulers' arithmetic
+    stay float32). auto: float16 on CUDA; bfloat16 on a CPU with bf16 matmuls in hardware
+    (AMX or avx512_bf16, as torch reports it), float32 on other CPUs (sdserve/pipeline/
+    precision.py)."""
 
 
 class JobsConfig(Strict):

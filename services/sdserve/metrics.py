@@ -94,6 +94,10 @@ SPECS = [
     Spec("sdserve_redis_up", "gauge", "1 when the job queue's Redis answered the last poll."),
     Spec("sdserve_model_load_seconds", "gauge",
          "Time the replica took to load its part of the model.", ("stage",)),
+    Spec("sdserve_compiles", "counter",
+         "U-Net graphs the Denoiser compiled (engine.compile), by bucket (rows of the padded "
+         "forward) and phase: warmup (start-up) or serving (a recompile).",
+         ("bucket", "phase")),
     Spec("sdserve_gpu_memory_bytes", "gauge",
          "CUDA memory of a stage replica, kind = allocated | reserved (CUDA only).",
          ("stage", "kind")),
@@ -157,6 +161,10 @@ class DenoiserCounters:
     deadline passed."""
     expired: int = 0
     failed: int = 0
+    compiles: int = 0
+    """U-Net graphs compiled (torch.compile), warm-up included."""
+    recompiles: int = 0
+    """Of `compiles`, those after warm-up (while serving)."""
 
 
 BUSY_WINDOW_S = 10.0
@@ -188,6 +196,7 @@ class StatsLogger:
             stats.QueueDepth: self._queue,
             stats.ModelLoaded: self._loaded,
             stats.GpuMemory: self._gpu,
+            stats.UNetCompiled: self._compiled,
         }
 
     def record(self, item: Any) -> None:
@@ -276,6 +285,13 @@ class StatsLogger:
 
     def _loaded(self, s: stats.ModelLoaded) -> None:
         self.metrics.model_load_seconds.set(s.seconds, tags={"stage": s.stage})
+
+    def _compiled(self, s: stats.UNetCompiled) -> None:
+        self.denoiser.compiles += 1
+        self.denoiser.recompiles += not s.warmup
+        phase = "warmup" if s.warmup else "serving"
+        bucket = str(s.bucket) if s.bucket else "dynamic"
+        self.metrics.compiles.inc(tags={"bucket": bucket, "phase": phase})
 
     def _gpu(self, s: stats.GpuMemory) -> None:
         for kind, value in (("allocated", s.allocated), ("reserved", s.reserved)):

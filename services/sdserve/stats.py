@@ -104,6 +104,20 @@ class ModelLoaded:
 
 
 @dataclass(frozen=True)
+class UNetCompiled:
+    """The Denoiser compiled a graph of its U-Net (torch.compile, `engine.compile`)."""
+
+    bucket: int
+    """Rows of the padded forward it compiled for; 0 for a dynamic graph (any rows)."""
+    latent_shape: tuple[int, ...]
+    """(channels, h, w) of the latents."""
+    seconds: float
+    """Time of the forward that compiled (compilation and one run)."""
+    warmup: bool
+    """During start-up's warm-up; False: a recompile while serving."""
+
+
+@dataclass(frozen=True)
 class GpuMemory:
     """CUDA memory of a stage replica, in bytes."""
 

@@ -198,54 +198,6 @@ class GenerateParams:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """One model a server serves (what ListModels returns)."""
-
-    name: str
-    family: str
-    """"sd1", "sd2" or "sdxl"."""
-    native_size: tuple[int, int]
-    """(width, height) in pixels."""
-    prediction_type: str
-    default_scheduler: str
-    inpainting: bool
-
-    @property
-    def image_inputs(self) -> bool:
-        """Whether it takes init_image (and mask_image): SDXL does not in this version."""
-        return self.family != "sdxl"
-
-    @classmethod
-    def from_info(cls, name: str, info, default_scheduler: str) -> ServedModel:
-        """From its Denoiser's `DenoiserInfo` (a stage message)."""
-        return cls(
-            name=name,
-            family=info.family or "sd1",
-            native_size=(info.native_width, info.native_height),
-            prediction_type=info.prediction_type or "epsilon",
-            default_scheduler=default_scheduler,
-            inpainting=info.unet_in_channels == 9,
-        )
-
-    def to_pb(self) -> diffusion_pb2.ModelInfo:
-        return diffusion_pb2.ModelInfo(
-            name=self.name,
-            family=self.family,
-            native_width=self.native_size[0],
-            native_height=self.native_size[1],
-            prediction_type=self.prediction_type,
-            default_scheduler=self.default_scheduler,
-            inpainting=self.inpainting,
-            image_inputs=self.image_inputs,
-        )
-
-    @classmethod
-    def from_pb(cls, pb: diffusion_pb2.ModelInfo) -> ServedModel:
-        return cls(pb.name, pb.family, (pb.native_width, pb.native_height), pb.prediction_type,
-                   pb.default_scheduler, pb.inpainting)  # fmt: skip
-
-
 def _checked_size(request, limits: LimitsConfig, default: tuple[int, int], images) -> dict:
     """{"width": w, "height": h}: the request's, or `default` (the init image's size, or the
     model's native one) for unset fields. An init image fixes the size."""

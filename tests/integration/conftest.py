@@ -9,6 +9,7 @@ import pytest
 from helpers import API_KEYS, free_port, with_metadata
 
 from sdserve.config import (
+    EngineConfig,
     JobsConfig,
     MetricsConfig,
     ModelConfig,
@@ -45,11 +46,17 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     # The default model's Denoiser reserves a CPU (the shared default); the others reserve
     # none, so that all three fit on a 2-core machine (each model's own stage settings).
     no_cpu = ModelStagesConfig(denoiser=StageConfig(num_cpus=0, max_ongoing_requests=4096))
+    # The tiny models compute in float32, as the diffusers their images are compared with; the
+    # built-in model in this machine's default dtype (auto). Every U-Net runs eagerly: the
+    # compiled path is tests/unit/test_compiled.py's, and compiling would add minutes here.
+    own = ({"lora_dir": loras, "dtype": "float32"}, {"stages": no_cpu},
+           {"stages": no_cpu, "dtype": "float32"})  # fmt: skip
     config = SdserveConfig(
         models=[
-            ModelConfig(name=name, path=path, **({"stages": no_cpu} if i else {"lora_dir": loras}))
+            ModelConfig(name=name, path=path, **own[i])
             for i, (name, path) in enumerate(zip(SERVED_MODELS, paths, strict=True))
         ],
+        engine=EngineConfig(compile="off"),
         server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys)),
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick; every step

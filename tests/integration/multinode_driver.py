@@ -159,6 +159,7 @@ def main(model: str, redis_url: str, out: str, scenario: str = "node-loss") -> N
         },
         "jobs": {"redis_url": redis_url, "key_prefix": f"multinode{free_port()}:",
                  "lease_s": 2.0},
+        "engine": {"compile": "off"},  # placement is the subject; start in seconds
     })  # fmt: skip
     target = f"127.0.0.1:{config.server.grpc_port}"
     try:

@@ -46,8 +46,9 @@ def _start(tiny_model, tmp_path, grpc_port, *extra: str, http_port: int | None =
     """`sdserve serve` in its own session (so that a test can kill all of it), once serving."""
     exe = Path(sys.executable).with_name("sdserve")
     proc = subprocess.Popen(
+        # eager: compiling the U-Net on start-up is tests/unit/test_compiled.py's subject
         [str(exe), "serve", "--model", str(tiny_model), "--grpc-port", str(grpc_port),
-         "--http-port", str(http_port or free_port()), *extra],
+         "--http-port", str(http_port or free_port()), "--compile", "off", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+from helpers import EAGER
 
 from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.jobs.queue import JobQueue, JobState, wait_for
@@ -110,8 +111,9 @@ def test_a_retried_job_keeps_the_parameters_it_was_submitted_with(redis_server, 
 
     request = diffusion_pb2.GenerateRequest(prompt="a job", seed=5)  # defaults for the rest
     other = SdserveConfig(
-        model=ModelConfig(path=str(tiny_model)),
+        model=ModelConfig(path=str(tiny_model), dtype="float32"),
         defaults=DefaultsConfig(steps=3, scheduler="euler", guidance_scale=2),
+        **EAGER,
     )
     redeployed = StagePath(path.client, other)
 

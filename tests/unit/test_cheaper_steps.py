@@ -47,7 +47,9 @@ def _in_process_path(deepcache_levels: int = 0):
     from sdserve.orchestration.in_process import InProcessStageClient
     from sdserve.orchestration.path import StagePath
 
-    config = SdserveConfig.model_validate({"engine": {"deepcache_levels": deepcache_levels}})
+    # float32 and eager, as the peers it is compared with
+    engine = {"deepcache_levels": deepcache_levels, "compile": "off"}
+    config = SdserveConfig.model_validate({"model": {"dtype": "float32"}, "engine": engine})
     client = InProcessStageClient.from_config(config)
     return StagePath(client, config)
 

@@ -135,3 +135,25 @@ def test_serve_lora_dir_flags(tmp_path):
         with_lora_dirs(several, [f"c={two}"])
     with pytest.raises(SystemExit, match="is not a folder"):
         with_lora_dirs(several, [str(tmp_path / "nope")])
+
+
+def test_serve_dtype_flag_sets_every_served_model():
+    from sdserve.cli.serve import with_dtype
+
+    assert with_dtype(SdserveConfig(), None) == SdserveConfig()
+    assert with_dtype(SdserveConfig(), "float32").model.dtype == "float32"
+    several = SdserveConfig.model_validate({"models": [{"name": "a"}, {"name": "b"}]})
+    assert [m.dtype for m in with_dtype(several, "bfloat16").models] == ["bfloat16"] * 2
+
+
+def test_engine_compile_settings_are_checked():
+    engine = SdserveConfig().engine
+    assert (engine.compile, engine.compile_shapes, engine.batch_invariant) == (
+        "auto",
+        "auto",
+        False,
+    )
+    for bad in ({"compile": "fast"}, {"compile_buckets": [0, 4]}, {"compile_sizes": [[60, 64]]},
+                {"compile_shapes": "static"}):  # fmt: skip
+        with pytest.raises(ValueError):
+            SdserveConfig.model_validate({"engine": bad})

@@ -25,7 +25,9 @@ from sdserve.pipeline.vae import VaeDecoder
 
 @pytest.fixture(scope="module")
 def parts(tiny_model):
-    return TextEncoder(tiny_model), Denoiser(tiny_model), VaeDecoder(tiny_model)
+    f32 = "float32"  # compared with diffusers in float32
+    return (TextEncoder(tiny_model, dtype=f32), Denoiser(tiny_model, dtype=f32),
+            VaeDecoder(tiny_model, dtype=f32))  # fmt: skip
 
 
 class Recorder:
@@ -256,6 +258,10 @@ class FailingUNet(torch.nn.Module):
     def __init__(self, unet, fail_at, error):
         super().__init__()
         self.unet, self.fail_at, self.error, self.calls = unet, set(fail_at), error, 0
+
+    @property
+    def dtype(self):  # what the step casts its input to, as diffusers' ModelMixin has
+        return self.unet.dtype
 
     def forward(self, *args, **kwargs):
         self.calls += 1

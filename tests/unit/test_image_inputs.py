@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from helpers import diffusers_image
+from helpers import EAGER, diffusers_image
 from PIL import Image
 
 from sdserve.config import ModelConfig, SdserveConfig
@@ -50,7 +50,9 @@ def _pixels(png: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def inpaint_path(tiny_inpaint_model):
     """The request path on the 9-channel inpainting model."""
-    config = SdserveConfig(model=ModelConfig(path=str(tiny_inpaint_model)))
+    # float32 and eager, as the diffusers it is compared with
+    model = ModelConfig(path=str(tiny_inpaint_model), dtype="float32")
+    config = SdserveConfig(model=model, **EAGER)
     client = InProcessStageClient.from_config(config)
     yield StagePath(client, config)
     client.close()

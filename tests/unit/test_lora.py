@@ -49,8 +49,9 @@ class World:
 
     def __init__(self, model_dir: Path, tmp: Path):
         self.model_dir = model_dir
-        self.text, self.denoiser = TextEncoder(model_dir), Denoiser(model_dir)
-        self.vae = VaeDecoder(model_dir)
+        f32 = "float32"  # compared with diffusers/PEFT in float32
+        self.text, self.denoiser = TextEncoder(model_dir, dtype=f32), Denoiser(model_dir, dtype=f32)
+        self.vae = VaeDecoder(model_dir, dtype=f32)
         self.params = self.weights()
         self.before = self.solo(REQUESTS[0])
         self.before_emb = self.text.encode(PROMPT, "", True)
@@ -218,7 +219,7 @@ def test_rows_without_adapters_get_exactly_the_base_output(world):
 
 def _merged_denoiser(world: World, adapter: LoraAdapter, scale: float) -> Denoiser:
     """A fresh U-Net with the adapter merged into its weights: W + scale * alpha/r * B A."""
-    denoiser = Denoiser(world.model_dir)
+    denoiser = Denoiser(world.model_dir, dtype="float32")
     with torch.no_grad():
         for name, f in adapter.unet.items():
             layer = base_layer(denoiser.unet.get_submodule(name))

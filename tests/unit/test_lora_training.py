@@ -117,7 +117,8 @@ def _parts(model_dir):
     from sdserve.pipeline.text import TextEncoder
 
     if model_dir not in _PARTS:
-        _PARTS[model_dir] = (TextEncoder(model_dir), Denoiser(model_dir))
+        _PARTS[model_dir] = (TextEncoder(model_dir, dtype="float32"),
+                             Denoiser(model_dir, dtype="float32"))  # fmt: skip
     return _PARTS[model_dir]
 
 

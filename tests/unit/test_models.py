@@ -72,9 +72,15 @@ def test_the_default_model_ships_with_sdserve():
     assert size <= 20 * 2**20
 
 
-def test_device_and_dtype_defaults():
+def test_device_and_dtype_defaults(monkeypatch):
     import torch
 
-    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    from sdserve.pipeline import precision
+
+    assert precision.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert precision.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert precision.resolve_dtype("float32", torch.device("cuda")) == torch.float32
+    # auto on a CPU: bfloat16 where oneDNN has bf16 matmuls in hardware, else float32
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda has_bf16=has_bf16: has_bf16)
+        assert precision.resolve_dtype("auto", torch.device("cpu")) == expected

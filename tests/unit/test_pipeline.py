@@ -1,4 +1,7 @@
-"""The pipeline stages in-process (no Ray): peer equivalence with diffusers, batch invariance."""
+"""The pipeline stages in-process (no Ray): peer equivalence with diffusers, batch invariance.
+
+Every stage runs in float32 here, as diffusers' pipeline does at its defaults; bfloat16 against
+diffusers in bfloat16 is tests/unit/test_precision.py."""
 
 import numpy as np
 import pytest
@@ -13,7 +16,9 @@ from sdserve.pipeline.vae import VaeDecoder
 
 @pytest.fixture(scope="module")
 def stages(tiny_model):
-    return TextEncoder(tiny_model), Denoiser(tiny_model), VaeDecoder(tiny_model)
+    f32 = "float32"  # as diffusers' pipeline at its defaults
+    return (TextEncoder(tiny_model, dtype=f32), Denoiser(tiny_model, dtype=f32),
+            VaeDecoder(tiny_model, dtype=f32))  # fmt: skip
 
 
 def _generate(stages, **kwargs):

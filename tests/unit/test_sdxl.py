@@ -33,7 +33,9 @@ def sd2_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sdxl(sdxl_model):
-    return TextEncoder(sdxl_model), Denoiser(sdxl_model), VaeDecoder(sdxl_model)
+    f32 = "float32"  # compared with diffusers in float32
+    return (TextEncoder(sdxl_model, dtype=f32), Denoiser(sdxl_model, dtype=f32),
+            VaeDecoder(sdxl_model, dtype=f32))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +207,9 @@ def test_sd2_v_prediction_matches_diffusers(sd2_model, scheduler):
     pipe = StableDiffusionPipeline.from_pretrained(sd2_model, dtype=torch.float32,
                                                    local_files_only=True)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
-    stages = TextEncoder(sd2_model), Denoiser(sd2_model), VaeDecoder(sd2_model)
+    f32 = "float32"  # as the pipeline above
+    stages = (TextEncoder(sd2_model, dtype=f32), Denoiser(sd2_model, dtype=f32),
+              VaeDecoder(sd2_model, dtype=f32))  # fmt: skip
     assert stages[1].prediction_type == "v_prediction"
     kwargs = dict(CALL, negative_prompt="blurry", guidance=7.5)
     ours = _ours(stages, seeds=[3], scheduler=scheduler, **kwargs)
@@ -256,7 +260,7 @@ def test_sdxl_vae_upcasts_float16_and_denormalizes(sdxl_model, tiny_model):
 
 
 def test_embeddings_are_a_dataclass_for_sd1(tiny_model):
-    emb = TextEncoder(tiny_model).encode("a red circle", "", with_uncond=False)
+    emb = TextEncoder(tiny_model, dtype="float32").encode("a red circle", "", with_uncond=False)
     assert emb.uncond is None and emb.pooled is None and emb.uncond_pooled is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         emb.cond = None

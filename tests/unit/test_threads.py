@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+from helpers import EAGER
 
 from sdserve.pipeline import threads
 from sdserve.pipeline.threads import ThreadPlan, measure_plan
@@ -41,7 +42,7 @@ def test_a_real_stage_measures_its_plan(tiny_model):
     from sdserve.metrics import StatsLogger
     from sdserve.stages.denoiser import DenoiserService
 
-    config = SdserveConfig(model=ModelConfig(path=str(tiny_model)))
+    config = SdserveConfig(model=ModelConfig(path=str(tiny_model)), **EAGER)
     service = DenoiserService.from_config(config, StatsLogger())
     try:
         assert service.engine.threads_for_rows is not None

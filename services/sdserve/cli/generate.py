@@ -35,8 +35,9 @@ def register(sub, parents: Parents) -> None:
         "models",
         help="list the models a running server serves",
         description="Call DiffusionService.ListModels and print each served model: its name "
-        "(what --model takes), family, native size, prediction type and default sampler. The "
-        "first is the default.",
+        "(what --model takes), family, native size, prediction type, default sampler, and how "
+        "its stages compute (device, dtype, the Denoiser's torch.compile mode). The first is "
+        "the default.",
         parents=[parents.server, parents.timeout(30.0)],
     )
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -83,16 +84,31 @@ def list_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_camel_case(asdict(m)) for m in models], indent=2))
         return 0
-    rows = [("NAME", "FAMILY", "SIZE", "PREDICTION", "SAMPLER", "INPUTS")]
+    rows = [("NAME", "FAMILY", "SIZE", "PREDICTION", "SAMPLER", "INPUTS", "DEVICE", "DTYPE",
+             "COMPILE")]  # fmt: skip
     for i, m in enumerate(models):
         inputs = "inpaint" if m.inpainting else "text+image" if m.image_inputs else "text"
         rows.append((m.name + (" (default)" if i == 0 else ""), m.family,
                      f"{m.native_width}x{m.native_height}", m.prediction_type,
-                     m.default_scheduler, inputs))  # fmt: skip
+                     m.default_scheduler, inputs, *_stage_columns(m.stages)))  # fmt: skip
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _stage_columns(stages) -> tuple[str, str, str]:
+    """(device, dtype, compile) of a model's stages: one value when they agree, else each
+    stage's ("denoiser=bfloat16 vae_decoder=float32 ..."); compile is the Denoiser's."""
+
+    def column(attr: str) -> str:
+        values = [getattr(s, attr) for s in stages]
+        if len(set(values)) <= 1:
+            return values[0] if values else "?"
+        return " ".join(f"{s.stage}={v}" for s, v in zip(stages, values, strict=True))
+
+    denoiser = [s.compile for s in stages if s.stage == "denoiser"]
+    return column("device"), column("dtype"), denoiser[0] if denoiser else "?"
 
 
 def _camel_case(fields: dict) -> dict:

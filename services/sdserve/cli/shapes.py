@@ -14,7 +14,7 @@ from sdserve.cli.shapes_lora import add_lora_eval_options, register_train_lora, 
 
 def register(sub, parents: Parents) -> None:
     # The recipe module is torch-free, so that --help shows these defaults quickly.
-    from sdserve.shapes.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS, TrainConfig
+    from sdserve.shapes.recipe import TrainConfig
 
     train = sub.add_parser(
         "train-default-model",
@@ -37,6 +37,13 @@ def register(sub, parents: Parents) -> None:
     train.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="U-Net batch size (default %(default)s)")  # fmt: skip
     train.set_defaults(func=run_train)
+    register_eval(sub)
+    register_train_lora(sub)
+    register_check(sub)
+
+
+def register_eval(sub) -> None:
+    from sdserve.shapes.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS
 
     evaluate = sub.add_parser(
         "eval-default-model",
@@ -72,10 +79,17 @@ def register(sub, parents: Parents) -> None:
         "--grid", metavar="PNG", help="write the first run's first 16 images, with their prompts"
     )
     evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    evaluate.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+        help="make the images through sdserve's own path (its TextEncoder, the Denoiser's "
+        "batching engine, its VaeDecoder) in this dtype (auto: what the server would choose "
+        "on this machine), instead of diffusers' pipeline in float32",
+    )  # fmt: skip
     add_lora_eval_options(evaluate)
     evaluate.set_defaults(func=run_eval)
-    register_train_lora(sub)
 
+
+def register_check(sub) -> None:
     check = sub.add_parser(
         "check-image",
         help="check an image against a prompt of the default model's grammar (or with cyan)",
@@ -181,7 +195,14 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_eval_lora(args)
     args.n = args.n or 96
     args.runs = args.runs or list(DEFAULT_RUNS)
-    pipe = load_pipeline(args.model or DEFAULT_MODEL_DIR)
+    if args.dtype:
+        from sdserve.pipeline.precision import dtype_name
+        from sdserve.shapes.served import ServedParts
+
+        pipe = ServedParts.load(args.model or DEFAULT_MODEL_DIR, args.dtype)
+        print(f"images through sdserve's path in {dtype_name(pipe.denoiser.dtype)}")
+    else:
+        pipe = load_pipeline(args.model or DEFAULT_MODEL_DIR)
     shapes = ShapeClassifier.fit()
     captions = eval_captions(args.n)
     results = []

@@ -259,7 +259,20 @@ class Submitted(_SameFields):
 
 
 @dataclass(frozen=True)
-class ModelInfo(_SameFields):
+class ModelStage(_SameFields):
+    """How one stage of a served model computes."""
+
+    stage: str
+    """"text_encoder", "vae_encoder", "denoiser" or "vae_decoder"."""
+    device: str
+    dtype: str
+    """"float32", "float16" or "bfloat16" (latents stay float32 whatever this is)."""
+    compile: str
+    """torch.compile mode: "off", "default" or "max-autotune"."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
     """One served model (`model=` takes its name)."""
 
     name: str
@@ -274,6 +287,13 @@ class ModelInfo(_SameFields):
     """An inpainting model takes only requests with init_image and mask_image."""
     image_inputs: bool
     """Whether it takes init_image and mask_image."""
+    stages: tuple[ModelStage, ...] = ()
+    """How each stage computes, in request order."""
+
+    @classmethod
+    def from_pb(cls, pb: diffusion_pb2.ModelInfo) -> ModelInfo:
+        plain = {f.name: getattr(pb, f.name) for f in fields(cls) if f.name != "stages"}
+        return cls(**plain, stages=tuple(ModelStage.from_pb(s) for s in pb.stages))
 
 
 @dataclass(frozen=True)

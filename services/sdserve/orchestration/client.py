@@ -48,5 +48,10 @@ class StageClient(abc.ABC):
         """Facts about the Denoiser's model (its native size); also a health check."""
 
     @abc.abstractmethod
+    async def stage_infos(self) -> list[stages_pb2.StageInfo]:
+        """How each stage computes (device, dtype, compile mode), in request order:
+        text_encoder, vae_encoder, denoiser, vae_decoder."""
+
+    @abc.abstractmethod
     async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
         """A Denoiser's counters and load (with several replicas, the one the call reaches)."""

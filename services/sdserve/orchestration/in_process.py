@@ -94,5 +94,9 @@ class InProcessStageClient(StageClient):
     async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
         return self.denoiser.info()
 
+    async def stage_infos(self) -> list[stages_pb2.StageInfo]:
+        return [self.text_encoder.info(), self.vae_encoder.info(), self.denoiser.info().stage,
+                self.vae_decoder.info()]  # fmt: skip
+
     async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
         return self.denoiser.stats_message()

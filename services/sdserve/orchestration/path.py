@@ -18,6 +18,7 @@ from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
+from sdserve.served_models import ServedModel
 from sdserve.stats import RequestServed
 from sdserve.types import (
     GenerateEvent,
@@ -26,7 +27,6 @@ from sdserve.types import (
     Progress,
     Queued,
     Result,
-    ServedModel,
     Timings,
 )
 from sdserve.v1 import diffusion_pb2, stages_pb2
@@ -66,8 +66,9 @@ class StagePath:
     async def models(self) -> list[ServedModel]:
         """Every served model, the default first."""
         infos = await asyncio.gather(*(self.denoiser_info(name) for name in self.clients))
-        return [ServedModel.from_info(name, info, self._defaults(name).scheduler)
-                for name, info in zip(self.clients, infos, strict=True)]  # fmt: skip
+        stages = await asyncio.gather(*(c.stage_infos() for c in self.clients.values()))
+        return [ServedModel.from_info(name, info, self._defaults(name).scheduler, runs)
+                for name, info, runs in zip(self.clients, infos, stages, strict=True)]  # fmt: skip
 
     def _defaults(self, model: str) -> DefaultsConfig:
         """The defaults of requests to `model`: the shared ones, with its own sampler."""

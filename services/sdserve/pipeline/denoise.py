@@ -13,7 +13,6 @@ LoRA adapters and scales (`Sample.loras`), applied to its rows only (`lora.rows`
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,147 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve.pipeline import models
-from sdserve.pipeline.images import (
-    EncodedImage,
-    ImageConditioning,
-    start_latents,
-    strength_timesteps,
-)
+from sdserve.pipeline.compiled import DEFAULT_BUCKETS, CompiledUNet, OnCompile
+from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora_layers import LoraLayers
-from sdserve.pipeline.schedulers import make_scheduler
+from sdserve.pipeline.precision import resolve_dtype
+from sdserve.pipeline.sample import Sample, make_sample
 from sdserve.pipeline.step import TextTime, pooled_width, takes_text_time, time_ids, unet_step
+from sdserve.pipeline.threads import set_threads
 
 if TYPE_CHECKING:
     from sdserve.pipeline.lora import LoraAdapter
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Sample:
-    """One image being denoised.
-
-    Attributes:
-        cond: prompt embeddings, shape (1, seq_len, hidden).
-        uncond: negative-prompt embeddings of the same shape, or None without guidance.
-        guidance_scale: CFG scale; used only when `uncond` is set.
-        scheduler: this image's own scheduler instance, timesteps already set.
-        generator: this image's own CPU generator (initial noise, ancestral samplers' noise).
-        latents: shape (1, latent_channels, height // f, width // f).
-        timesteps: the timesteps this image runs: all of its scheduler's, or for an image
-            input the last `int(steps * strength)` of them.
-        image: what an image-to-image or inpainting sample needs at every step.
-        text_time: SDXL's pooled embeddings and size conditioning (None for SD 1.x/2.x).
-        loras: its request's LoRA adapters, each with its scale (empty: none).
-    """
-
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-    guidance_scale: float
-    scheduler: object
-    generator: torch.Generator
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    step_kwargs: dict = field(default_factory=dict)
-    index: int = 0
-    image: ImageConditioning | None = None
-    guidance_until: int | None = None
-    """The last step index that runs guidance (None: every step)."""
-    cache_interval: int = 1
-    """DeepCache: the whole U-Net every this many steps, the shallow branch in between."""
-    cache_levels: int = 0
-    """DeepCache: the shallow branch's depth (`deepcache.shallow_forward`)."""
-    deep_cache: torch.Tensor | None = None
-    """DeepCache: the deep features of the last full step, (uncond, cond) rows or (cond,)."""
-    text_time: TextTime | None = None
-    loras: tuple[tuple[LoraAdapter, float], ...] = ()
-
-    @property
-    def guided_now(self) -> bool:
-        """Whether this step computes the unconditional row (guidance on and not stopped)."""
-        return self.uncond is not None and (
-            self.guidance_until is None or self.index <= self.guidance_until
-        )
-
-    @property
-    def shallow(self) -> bool:
-        """Whether this step runs only the U-Net's shallow branch on cached deep features."""
-        return self.cache_interval > 1 and self.index % self.cache_interval != 0
-
-    @property
-    def done(self) -> bool:
-        return self.index >= len(self.timesteps)
-
-
-def make_sample(
-    *,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    guidance_scale: float,
-    scheduler_name: str,
-    scheduler_config: dict,
-    steps: int,
-    seed: int,
-    latent_shape: tuple[int, int, int],
-    device: torch.device,
-    dtype: torch.dtype,
-    init: EncodedImage | None = None,
-    strength: float = 1.0,
-    inpainting_unet: bool = False,
-    guidance_stop: float = 1.0,
-    cache_interval: int = 1,
-    cache_levels: int = 0,
-    text_time: TextTime | None = None,
-    loras: Sequence[tuple[LoraAdapter, float]] = (),
-) -> Sample:
-    """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
-    (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed.
-
-    With `init`, the image starts from that image as the image-to-image pipeline (no mask) or
-    the inpainting pipeline (a mask) does: `strength` cuts the timesteps to the last
-    `int(steps * strength)` and picks the noise level of the first latents.
-
-    `guidance_stop` < 1 ends guidance after step int(len(timesteps) * guidance_stop), as
-    diffusers' documented dynamic-CFG callback does; `cache_interval` > 1 turns DeepCache on."""
-    scheduler = make_scheduler(scheduler_name, scheduler_config)
-    scheduler.set_timesteps(steps, device=device)
-    timesteps = scheduler.timesteps
-    generator = torch.Generator("cpu").manual_seed(seed % 2**64)
-    image = None
-    if init is None:
-        latents = randn_tensor((1, *latent_shape), generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
-    else:
-        timesteps = strength_timesteps(scheduler, steps, strength)
-        latents, image = start_latents(
-            init, scheduler=scheduler, timesteps=timesteps, strength=strength,
-            generator=generator, inpainting_unet=inpainting_unet, device=device, dtype=dtype,
-        )  # fmt: skip
-    accepted = set(inspect.signature(scheduler.step).parameters)
-    step_kwargs: dict = {}
-    if "eta" in accepted:
-        step_kwargs["eta"] = 0.0
-    if "generator" in accepted:
-        step_kwargs["generator"] = generator
-    return Sample(
-        cond=cond,
-        uncond=uncond if guidance_scale > 1 else None,
-        guidance_scale=guidance_scale,
-        scheduler=scheduler,
-        generator=generator,
-        latents=latents,
-        timesteps=timesteps,
-        step_kwargs=step_kwargs,
-        image=image,
-        guidance_until=int(len(timesteps) * guidance_stop) if guidance_stop < 1 else None,
-        cache_interval=cache_interval,
-        cache_levels=cache_levels,
-        text_time=text_time,
-        loras=tuple((adapter, float(scale)) for adapter, scale in loras),
-    )
 
 
 @dataclass(eq=False)
@@ -200,7 +72,7 @@ class Denoiser:
         root = models.check_model_dir(model_dir, ("unet", "scheduler"))
         device_ = models.resolve_device(device)
         self._set_parts(
-            models.load_unet(root, device_, models.resolve_dtype(dtype, device_)),
+            models.load_unet(root, device_, resolve_dtype(dtype, device_)),
             models.load_scheduler_config(root),
             models.vae_scale_factor(models.read_config(root, "vae")),
             models.model_family(root),
@@ -220,6 +92,8 @@ class Denoiser:
     def _set_parts(self, unet, scheduler_config: dict, vae_scale_factor: int, family: str) -> None:
         self.unet = unet
         self.device, self.dtype = unet.device, unet.dtype
+        self.forward: CompiledUNet | None = None
+        """The compiled plain forward, once `compile` has run (None: eager)."""
         self.scheduler_config = dict(scheduler_config)
         self.vae_scale_factor = vae_scale_factor
         self.family = family
@@ -235,21 +109,53 @@ class Denoiser:
         or "sample"; the schedulers read it from the same config."""
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    @torch.inference_mode()
-    def calibration_forward(self, rows: int) -> None:
-        """One U-Net forward over `rows` batch rows at the native size, random inputs (for
-        timing: `sdserve.pipeline.threads`)."""
+    def example_inputs(self, rows: int, latent_shape: tuple[int, int, int] | None = None):
+        """Random U-Net inputs of `rows` batch rows at `latent_shape` (default: the native
+        size's): (x, timesteps, context, added_cond_kwargs), as `unet_step` builds them."""
         config = self.unet.config
-        _, h, w = self.latent_shape(*self.native_size)
+        _, h, w = latent_shape or self.latent_shape(*self.native_size)
         x = torch.randn(rows, config.in_channels, h, w).to(self.device, self.dtype)
         context = torch.randn(rows, 77, config.cross_attention_dim).to(self.device, self.dtype)
         t = torch.full((rows,), 500.0, device=self.device)
         added = None
         if takes_text_time(self.unet):
             pooled = torch.randn(rows, pooled_width(self.unet)).to(self.device, self.dtype)
-            ids = time_ids(*self.native_size, dtype=self.dtype, device=self.device)
+            ids = time_ids(w * self.vae_scale_factor, h * self.vae_scale_factor,
+                           dtype=self.dtype, device=self.device)  # fmt: skip
             added = {"text_embeds": pooled, "time_ids": ids.repeat(rows, 1)}
+        return x, t, context, added
+
+    @torch.inference_mode()
+    def calibration_forward(self, rows: int) -> None:
+        """One U-Net forward over `rows` batch rows at the native size, random inputs (for
+        timing: `sdserve.pipeline.threads`)."""
+        x, t, context, added = self.example_inputs(rows)
         self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
+
+    def compile(
+        self,
+        mode: str = "default",
+        buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+        sizes: Sequence[tuple[int, int]] = (),
+        on_compile: OnCompile | None = None,
+        threads_for_rows: Callable[[int], int] | None = None,
+        max_rows: int = 32,
+    ) -> float:
+        """Compiles the U-Net's plain forward (`compiled.CompiledUNet`; `buckets` None: one
+        dynamic graph for up to `max_rows` rows) and warms it at the native size and each
+        (width, height) of `sizes`, each bucket on the threads `threads_for_rows` gives it
+        (inductor builds its CPU kernels for the thread count of the moment). Later forwards
+        (`denoise`, the engine's `forward`) use it. Returns the seconds it took."""
+        self.forward = CompiledUNet(self.unet, mode, buckets, on_compile, max_rows)
+        shapes = list(dict.fromkeys(self.latent_shape(w, h)
+                                    for w, h in [self.native_size, *sizes]))  # fmt: skip
+
+        def example(rows: int, shape: tuple[int, int, int]) -> tuple:
+            if threads_for_rows is not None:
+                set_threads(threads_for_rows(rows))
+            return self.example_inputs(rows, shape)
+
+        return self.forward.warm_up(shapes, example)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """One image's latents (the U-Net's output channels: a 9-channel inpainting U-Net
@@ -311,7 +217,7 @@ class Denoiser:
             **image_kwargs,
         )
         while not job.done:
-            unet_step(self.unet, job.samples)
+            unet_step(self.unet, job.samples, self.forward)
             if on_step is not None:
                 on_step(job.samples[0].index, job.total)
         return torch.cat([s.latents for s in job.samples])

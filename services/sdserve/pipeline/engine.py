@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sdserve.pipeline.denoise import DenoiseJob
-from sdserve.pipeline.step import unet_step
+from sdserve.pipeline.step import FullForward, unet_step
 from sdserve.pipeline.threads import set_threads
 from sdserve.stats import StepStats
 
@@ -107,6 +107,8 @@ class DenoiseEngine:
         on_stats: Callable[[StepStats], None] | None = None,
         threads_for_rows: Callable[[int], int] | None = None,
         lora_policy: str = "mixed",
+        forward: FullForward | None = None,
+        batch_invariant: bool = False,
     ):
         if strategy not in ("step", "request"):
             raise ValueError(f"unknown batching strategy {strategy!r}")
@@ -123,6 +125,11 @@ class DenoiseEngine:
         self.threads_for_rows = threads_for_rows
         """Torch threads for a forward of so many rows (`threads.ThreadPlan.threads_for`);
         None: leave torch's setting alone."""
+        self.forward = forward
+        """The U-Net's plain forward (a `compiled.CompiledUNet`), or None: eager."""
+        self.batch_invariant = batch_invariant
+        """Each image's rows in a forward of their own: its pixels never depend on its
+        neighbours in the batch (at the cost of batching)."""
         self._lock = threading.Lock()
         self._waiting: deque[DenoiseJob] = deque()
         self._running: dict[tuple[int, ...], list[DenoiseJob]] = {}
@@ -267,10 +274,11 @@ class DenoiseEngine:
         rows = len(samples) + sum(s.guided_now for s in samples)
         shallow_rows = sum(1 + s.guided_now for s in samples if s.shallow)
         if self.threads_for_rows is not None:
-            set_threads(self.threads_for_rows(rows))
+            set_threads(self.threads_for_rows(self._padded(rows)))
         started = time.perf_counter()
         try:
-            unet_step(self.unet, samples)
+            for group in [[s] for s in samples] if self.batch_invariant else [samples]:
+                unet_step(self.unet, group, self.forward)
         except Exception as exc:
             self._fail_forward(shape, jobs, exc)
             return None
@@ -288,6 +296,11 @@ class DenoiseEngine:
         if self.on_stats is not None:
             self.on_stats(stats)
         return stats
+
+    def _padded(self, rows: int) -> int:
+        """The rows a forward of `rows` computes: its bucket when compiled."""
+        bucket_for = getattr(self.forward, "bucket_for", None)
+        return (bucket_for(rows) or rows) if bucket_for is not None else rows
 
     def _one_adapter_set(self, jobs: list[DenoiseJob]) -> list[DenoiseJob]:
         """The jobs of one adapter set (the sets of `jobs` take turns)."""

@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from sdserve.pipeline import models
+from sdserve.pipeline.precision import resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class VaeEncoder:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         root = models.check_model_dir(model_dir, ("vae",))
         self.device = models.resolve_device(device)
-        self.dtype = models.resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self._set_vae(models.load_vae(root, self.device, self.dtype))
 
     @classmethod

@@ -86,13 +86,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: float16 on CUDA, float32 on CPU (fp16 matmuls on CPU are slow and inexact)."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 def _variant(root: Path, part: str, weights: str) -> str | None:
     """Loads the fp16 variant only when it is the only weights file present."""
     if (root / part / weights).is_file():

@@ -12,7 +12,7 @@ applies adapters to both halves of the CFG batch); without any, the forward is u
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from sdserve.pipeline import deepcache, lora
 from sdserve.pipeline.images import blend_kept_area
 
 if TYPE_CHECKING:
-    from sdserve.pipeline.denoise import Sample
+    from sdserve.pipeline.sample import Sample
 
 
 def takes_text_time(unet) -> bool:
@@ -96,21 +96,32 @@ def _added_cond_kwargs(guided: list[Sample], samples: list[Sample]) -> dict | No
     }
 
 
+FullForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "dict | None"], torch.Tensor]
+"""forward(x, timesteps, context, added_cond_kwargs) -> eps: the U-Net's plain forward (no
+adapters, no DeepCache), e.g. compiled and padded to a bucket (`sdserve.pipeline.compiled`)."""
+
+
 @torch.inference_mode()
-def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
+def unet_step(unet: torch.nn.Module, samples: Sequence[Sample],
+              forward: FullForward | None = None) -> None:  # fmt: skip
     """Advances every sample by one step.
 
     One U-Net forward covers the samples that need the whole U-Net, and one shallow forward
     (DeepCache) the samples on a cached step. Each forward's batch is [uncond rows of the
     samples guided at this step..., cond rows of all...], with one timestep per row, so samples
     at different steps share it. All samples must have the same latent shape.
+
+    The forward's input is cast to the U-Net's dtype and its output back to float32: latents,
+    guidance and the scheduler's arithmetic stay in float32 whatever the weights' dtype.
+    `forward` runs the forwards that need neither LoRA adapters nor DeepCache (None: the
+    U-Net itself, eagerly).
     """
     eps: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
     groups: dict[int | None, list[Sample]] = {}  # None: the full U-Net; else the branch depth
     for sample in samples:
         groups.setdefault(sample.cache_levels if sample.shallow else None, []).append(sample)
     for levels, group in groups.items():
-        eps.update(_forward(unet, group, levels))
+        eps.update(_forward(unet, group, levels, forward))
     for sample in samples:
         u, eps_text = eps[id(sample)]
         noise_pred = eps_text
@@ -127,31 +138,37 @@ def unet_step(unet: torch.nn.Module, samples: Sequence[Sample]) -> None:
         sample.index += 1
 
 
-def _forward(unet, samples: list[Sample], shallow: int | None) -> dict:
+def _forward(unet, samples: list[Sample], shallow: int | None,
+             forward: FullForward | None) -> dict:  # fmt: skip
     """One forward over the samples' rows: {id(sample): (eps of its uncond row or None, eps of
     its cond row)}. A full forward also refreshes the deep cache of the samples that use one."""
     guided = [s for s in samples if s.guided_now]
     t_of = {id(s): s.timesteps[s.index] for s in samples}
     scaled = {id(s): s.scheduler.scale_model_input(s.latents, t_of[id(s)]) for s in samples}
     rows = guided + list(samples)
-    x = torch.cat([_unet_input(scaled[id(s)], s) for s in rows])
+    x = torch.cat([_unet_input(scaled[id(s)], s, unet.dtype) for s in rows])
     timesteps = torch.stack([t_of[id(s)].float() for s in rows]).to(x.device)
     context = torch.cat([s.uncond for s in guided] + [s.cond for s in samples])
     added = _added_cond_kwargs(guided, samples)
     plan = [s.loras for s in rows]  # each row's LoRA adapters
-    with lora.rows(unet, plan) if any(plan) else contextlib.nullcontext():
-        if shallow is not None:  # the branch depth of these rows
-            deep = torch.cat([s.deep_cache[:1] for s in guided]
-                             + [s.deep_cache[-1:] for s in samples])  # fmt: skip
-            eps = deepcache.shallow_forward(unet, x, timesteps, context, deep, shallow, added)
-        else:
-            levels = sorted({s.cache_levels for s in samples if s.cache_interval > 1})
-            with contextlib.ExitStack() as stack:
-                captured = {n: stack.enter_context(deepcache.capture(unet, n)) for n in levels}
-                eps = unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
-                           return_dict=False)[0]  # fmt: skip
-            for n in levels:
-                _keep_deep_features(guided, samples, captured[n][0], n)
+    levels = sorted({s.cache_levels for s in samples if s.cache_interval > 1})
+    if shallow is None and not levels and not any(plan) and forward is not None:
+        eps = forward(x, timesteps, context, added)  # the plain forward: compiled, padded
+    else:
+        with lora.rows(unet, plan) if any(plan) else contextlib.nullcontext():
+            if shallow is not None:  # the branch depth of these rows
+                deep = torch.cat([s.deep_cache[:1] for s in guided]
+                                 + [s.deep_cache[-1:] for s in samples])  # fmt: skip
+                eps = deepcache.shallow_forward(unet, x, timesteps, context, deep, shallow, added)
+            else:
+                with contextlib.ExitStack() as stack:
+                    captured = {n: stack.enter_context(deepcache.capture(unet, n))
+                                for n in levels}  # fmt: skip
+                    eps = unet(x, timesteps, encoder_hidden_states=context,
+                               added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+                for n in levels:
+                    _keep_deep_features(guided, samples, captured[n][0], n)
+    eps = eps.float()  # guidance and the scheduler's step run in float32
     uncond_row = {id(s): i for i, s in enumerate(guided)}
     out = {}
     for j, sample in enumerate(samples):
@@ -173,9 +190,10 @@ def _keep_deep_features(guided: list[Sample], samples: list[Sample], deep: torch
             sample.deep_cache = torch.cat(parts)
 
 
-def _unet_input(scaled: torch.Tensor, sample: Sample) -> torch.Tensor:
-    """A row of the U-Net's input: the scaled latents, then a 9-channel inpainting model's mask
-    and masked-image latents."""
+def _unet_input(scaled: torch.Tensor, sample: Sample, dtype: torch.dtype) -> torch.Tensor:
+    """A row of the U-Net's input in its dtype: the scaled latents, then a 9-channel inpainting
+    model's mask and masked-image latents."""
     if sample.image is None or not sample.image.extra_channels:
-        return scaled
-    return torch.cat([scaled, *sample.image.extra_channels], dim=1)
+        return scaled.to(dtype)
+    return torch.cat([scaled.to(dtype), *(x.to(dtype) for x in sample.image.extra_channels)],
+                     dim=1)  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sdserve.pipeline import lora, models
+from sdserve.pipeline.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class TextEncoder:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         root = models.check_model_dir(model_dir, ("tokenizer", "text_encoder"))
         self.device = models.resolve_device(device)
-        self.dtype = models.resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         second = None
         if models.model_family(root) == "sdxl":
             models.check_model_dir(root, ("tokenizer_2", "text_encoder_2"))

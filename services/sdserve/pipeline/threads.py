@@ -11,7 +11,11 @@ Denoiser's engine sets the threads before each forward from its number of batch 
 bound is far from both kinds of model on purpose (the built-in model's largest batch takes
 about 0.05 s, SD 1.5's U-Net several seconds): replicas calibrate while their neighbours load,
 and a bound near either would flip with the noise. Timing one thread against every core and
-keeping the faster was tried first, and its choice did flip between runs here.
+keeping the faster was tried first, and its choice did flip between runs here. Measured again
+in serving (16 clients, the built-in model's compiled bf16 U-Net): one thread ran a full batch
+step in 124 ms, two in 156 ms, because at that load Ray's proxy, the ingress, the other
+stages and the clients keep the second core busy, and OpenMP threads that wait at a barrier
+for a descheduled sibling stall.
 On a GPU none of this matters and nothing is measured.
 """
 

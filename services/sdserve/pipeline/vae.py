@@ -20,6 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdserve.pipeline import models
+from sdserve.pipeline.precision import resolve_dtype
 
 
 class VaeDecoder:
@@ -28,7 +29,7 @@ class VaeDecoder:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         root = models.check_model_dir(model_dir, ("vae",))
         self.device = models.resolve_device(device)
-        vae = models.load_vae(root, self.device, models.resolve_dtype(dtype, self.device))
+        vae = models.load_vae(root, self.device, resolve_dtype(dtype, self.device))
         if models.model_family(root) == "sdxl" and _needs_upcast(vae):
             vae = vae.to(torch.float32)  # diffusers' upcast: the same fp16 weights, in fp32
         self.vae, self.dtype = vae, vae.dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -83,6 +84,15 @@ class ServeStageClient(StageClient):
 
     async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
         return stages_pb2.DenoiserInfo.FromString(await self._denoiser.Info.remote(b""))
+
+    async def stage_infos(self) -> list[stages_pb2.StageInfo]:
+        text, image, denoiser, vae = await asyncio.gather(
+            self._text.Info.remote(b""), self._vae_encoder.Info.remote(b""),
+            self._denoiser.Info.remote(b""), self._vae.Info.remote(b""),
+        )  # fmt: skip
+        info = stages_pb2.StageInfo.FromString
+        return [info(text), info(image), stages_pb2.DenoiserInfo.FromString(denoiser).stage,
+                info(vae)]  # fmt: skip
 
     async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
         return stages_pb2.DenoiserStats.FromString(await self._denoiser.Stats.remote(b""))

@@ -32,6 +32,10 @@ class TextEncoderDeployment:
         req = stages_pb2.EncodeTextRequest.FromString(request)
         return (await self.service.encode(req)).SerializeToString()
 
+    def Info(self, request: bytes = b"") -> bytes:
+        """Serialized `StageInfo`: how this stage computes."""
+        return self.service.info().SerializeToString()
+
 
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
@@ -74,6 +78,10 @@ class VaeDecoderDeployment:
         req = stages_pb2.DecodeRequest.FromString(request)
         return (await self.service.decode(req)).SerializeToString()
 
+    def Info(self, request: bytes = b"") -> bytes:
+        """Serialized `StageInfo`: how this stage computes."""
+        return self.service.info().SerializeToString()
+
 
 @serve.deployment(name="VaeEncoder")
 class VaeEncoderDeployment:
@@ -85,6 +93,10 @@ class VaeEncoderDeployment:
         """Serialized `EncodeImageRequest` -> serialized `EncodeImageResponse`."""
         req = stages_pb2.EncodeImageRequest.FromString(request)
         return (await self.service.encode(req)).SerializeToString()
+
+    def Info(self, request: bytes = b"") -> bytes:
+        """Serialized `StageInfo`: how this stage computes."""
+        return self.service.info().SerializeToString()
 
 
 async def _refresh_every(stats: StatsLogger, seconds: float) -> None:

@@ -87,7 +87,19 @@ def generate(pipe, prompts: list[str], *, sampler: str, steps: int, guidance: fl
     """One image per prompt; image i's noise comes from `seed + i` whatever the batching.
     `guidance_stop` < 1 runs diffusers' dynamic-CFG callback, `cache_interval` > 1 the DeepCache
     package's helper: the references that sdserve's engine equals (tests/unit/
-    test_cheaper_steps.py)."""
+    test_cheaper_steps.py). `pipe` may also be sdserve's own parts (`served.ServedParts`)."""
+    if hasattr(pipe, "denoiser"):  # sdserve's path
+        return pipe.generate(
+            prompts,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            batch_size=batch_size,
+            guidance_stop=guidance_stop,
+            cache_interval=cache_interval,
+            cache_levels=cache_levels,
+        )
     helper = None
     if cache_interval > 1:
         from DeepCache import DeepCacheSDHelper  # a dev dependency (pip install DeepCache)

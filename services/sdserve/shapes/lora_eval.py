@@ -27,8 +27,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from sdserve.pipeline.lora_files import WEIGHTS, lora_dir, lora_files
 from sdserve.shapes.adherence import ShapeClassifier, background_color, check, foreground_color
 from sdserve.shapes.evaluate import eval_captions
@@ -39,6 +37,7 @@ from sdserve.shapes.lora_recipe import (
     held_out_captions,
 )
 from sdserve.shapes.recipe import DEFAULT_GUIDANCE, EVAL_SEED
+from sdserve.shapes.served import generate_rows
 from sdserve.shapes.synthetic import Caption
 
 GROUPS = {
@@ -106,37 +105,6 @@ def resolve_lora(name: str, model_dir: str | Path) -> Path:
                             f"of {lora_dir(model_dir)} ({', '.join(own) or 'none'})")  # fmt: skip
 
 
-def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, steps: int,
-                  guidance: float, batch_size: int, **knobs) -> tuple[list, int, int]:  # fmt: skip
-    """One image per (prompt, seed, loras) row, all submitted to one engine, in that order.
-    Returns (images, U-Net forwards, forwards that mixed rows with and without adapters)."""
-    from sdserve.pipeline.engine import DenoiseEngine, Finished
-
-    text, denoiser, vae = parts
-    engine = DenoiseEngine(denoiser.unet, max_batch_size=batch_size)
-    width, height = denoiser.native_size
-    latents: dict[str, object] = {}
-    for i, (prompt, seed, loras) in enumerate(rows):
-        emb = text.encode(prompt, "", guidance > 1, loras=loras)
-
-        def on_event(event, key=str(i)):
-            if isinstance(event, Finished):
-                latents[key] = event.latents
-
-        engine.submit(denoiser.make_job(str(i), emb.cond, emb.uncond, width=width, height=height,
-                                        steps=steps, guidance_scale=guidance, scheduler=sampler,
-                                        seeds=[seed], loras=loras, on_event=on_event,
-                                        **knobs))  # fmt: skip
-    forwards = mixed = 0
-    while engine.counts() != (0, 0):
-        stats = engine.step()
-        if stats is not None:
-            kinds = {bool(rows[int(r)][2]) for r in stats.request_ids}
-            forwards, mixed = forwards + 1, mixed + (len(kinds) == 2)
-    images = [Image.fromarray(vae.decode(latents[str(i)])[0]) for i in range(len(rows))]
-    return images, forwards, mixed
-
-
 def _group_result(group: str, color: str, captions: list[Caption], images,
                   shapes: ShapeClassifier) -> GroupResult:  # fmt: skip
     verdicts = [check(image, c, shapes) for image, c in zip(images, captions, strict=True)]
@@ -157,15 +125,13 @@ def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale:
                   steps: int = LORA_EVAL_RUN[1], guidance: float = DEFAULT_GUIDANCE,
                   batch_size: int = LORA_EVAL_BATCH, **knobs) -> LoraEvaluation:  # fmt: skip
     """The four groups (module docstring) for the adapter file `lora`, `n` prompts each."""
-    from sdserve.pipeline.denoise import Denoiser
     from sdserve.pipeline.lora import load_lora
-    from sdserve.pipeline.text import TextEncoder
-    from sdserve.pipeline.vae import VaeDecoder
+    from sdserve.shapes.served import ServedParts
 
-    parts = (TextEncoder(model_dir), Denoiser(model_dir), VaeDecoder(model_dir))
+    parts = ServedParts.load(model_dir)
     path = Path(lora)
     name = path.parent.name if path.name == WEIGHTS else path.stem
-    adapter = load_lora(path, name, parts[1].unet, parts[0].model)
+    adapter = load_lora(path, name, parts.denoiser.unet, parts.text.model)
     loras = ((adapter, scale),)
     captions = {"new": held_out_captions(color, n), "base": eval_captions(n)}
     groups = {g: (captions[g[:-5]], loras if g.endswith("+lora") else ()) for g in GROUPS}

@@ -14,6 +14,7 @@ cancelled in the engine: it leaves the batch at the next step and is never decod
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,16 +26,19 @@ from sdserve.config import EngineConfig, ModelConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
+from sdserve.pipeline.compiled import resolve_mode, resolve_shapes
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.threads import ThreadPlan
 from sdserve.pipeline.vae import preview_pixels, to_png
 from sdserve.stages.loras import Adapters
-from sdserve.stages.runtime import TorchThread, load_stage, thread_plan
+from sdserve.stages.runtime import TorchThread, load_stage, stage_info, thread_plan
 from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
 from sdserve.stages.vae_encoder import encoded_from_pb
-from sdserve.stats import RequestAdmitted, RequestEnded
+from sdserve.stats import RequestAdmitted, RequestEnded, UNetCompiled
 from sdserve.v1 import stages_pb2
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class DenoiserService:
                              f"{len(denoiser.unet.down_blocks)} levels")  # fmt: skip
         self.adapters: Adapters | None = None
         """The model's LoRA adapters (their U-Net weights), loaded on first use."""
+        self.threads = threads
         self.engine = eng.DenoiseEngine(
             denoiser.unet,
             max_batch_size=engine.max_batch_size,
@@ -74,6 +79,8 @@ class DenoiserService:
             lora_policy=engine.lora_policy,
             on_stats=stats.record,
             threads_for_rows=threads.threads_for if threads is not None else None,
+            forward=denoiser.forward,
+            batch_invariant=engine.batch_invariant,
         )
         self.engine.start(torch_thread.executor)
 
@@ -92,6 +99,7 @@ class DenoiserService:
         denoiser = thread.call(load_stage, Denoiser, model, "denoiser", stats)
         rows = (2, 2 * config.engine.max_batch_size)  # one guided image; a full batch
         plan = thread.call(thread_plan, config, "denoiser", denoiser, model, *rows)
+        plan = thread.call(compile_unet, denoiser, config.engine, stats, plan, model.name)
         service = cls(denoiser, config.engine, stats, thread, plan)
         service.adapters = Adapters.for_model(
             config, model, lambda path, name: load_lora(path, name, unet=denoiser.unet)
@@ -120,6 +128,7 @@ class DenoiserService:
     def info(self) -> stages_pb2.DenoiserInfo:
         """The model's native size and latent scale."""
         width, height = self.denoiser.native_size
+        mode = self.denoiser.forward.mode if self.denoiser.forward is not None else "off"
         return stages_pb2.DenoiserInfo(
             native_width=width,
             native_height=height,
@@ -128,6 +137,7 @@ class DenoiserService:
             family=self.denoiser.family,
             prediction_type=self.denoiser.prediction_type,
             loras=self.adapters.listing() if self.adapters else [],
+            stage=stage_info("denoiser", self.denoiser, self.threads, mode),
         )
 
     def stats_message(self) -> stages_pb2.DenoiserStats:
@@ -151,6 +161,8 @@ class DenoiserService:
             capacity=self.stats.capacity(),
             unet_rows=c.unet_rows,
             shallow_rows=c.shallow_rows,
+            compiles=c.compiles,
+            recompiles=c.recompiles,
         )
 
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
@@ -263,6 +275,38 @@ class DenoiserService:
                 return message
             return _WithPreview(message, preview_pixels(event.latents, req.width, req.height))
         return None
+
+
+def compile_unet(denoiser: Denoiser, engine: EngineConfig, stats: StatsLogger,
+                 plan: ThreadPlan | None, model: str) -> ThreadPlan | None:  # fmt: skip
+    """Compiles and warms the Denoiser's U-Net as `engine.compile` says (nothing when off), and
+    returns the thread plan to serve with: a compiled U-Net runs every forward on the full
+    batch's threads (inductor builds its CPU kernels for the thread count it compiles at).
+    Call it on the stage's torch thread, after the thread plan is measured."""
+    mode = resolve_mode(engine.compile, denoiser.device)
+    if mode == "off":
+        return plan
+    if plan is not None:
+        plan = ThreadPlan.fixed(plan.large)
+    dynamic = resolve_shapes(engine.compile_shapes, denoiser.device) == "dynamic"
+    logger.info("compiling the U-Net of model %s (%s, %s) at %d size(s)", model, mode,
+                "one dynamic graph" if dynamic else f"buckets {list(engine.compile_buckets)}",
+                1 + len(engine.compile_sizes))  # fmt: skip
+
+    def compiled(bucket: int, shape: tuple[int, ...], seconds: float, warmup: bool) -> None:
+        stats.record(UNetCompiled(bucket=bucket, latent_shape=shape, seconds=seconds,
+                                  warmup=warmup))  # fmt: skip
+
+    seconds = denoiser.compile(
+        mode,
+        None if dynamic else engine.compile_buckets,
+        engine.compile_sizes,
+        compiled,
+        plan.threads_for if plan is not None else None,
+        max_rows=2 * engine.max_batch_size,
+    )
+    logger.info("compiled the U-Net of model %s in %.1fs", model, seconds)
+    return plan
 
 
 def _optional_tensor(message, name: str):

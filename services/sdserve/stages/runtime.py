@@ -13,8 +13,10 @@ from typing import TypeVar
 from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.constants import resolve_model_dir
 from sdserve.metrics import StatsLogger
+from sdserve.pipeline.precision import dtype_name
 from sdserve.pipeline.threads import ThreadPlan, measure_plan, set_threads
 from sdserve.stats import GpuMemory, ModelLoaded
+from sdserve.v1 import stages_pb2
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class OneCallStage:
     def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
         """Takes what else the stage needs from the config (nothing, unless overridden)."""
 
+    def info(self) -> stages_pb2.StageInfo:
+        """How this stage computes (its device, dtype and threads)."""
+        return stage_info(self.stage, self.part, self.threads)
+
     async def _run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the torch thread, with the plan's threads for small work."""
 
@@ -90,6 +96,19 @@ class OneCallStage:
             return fn(*args)
 
         return await self.torch.run(call)
+
+
+def stage_info(stage: str, part, threads: ThreadPlan | None,
+               compile_mode: str = "off") -> stages_pb2.StageInfo:  # fmt: skip
+    """A stage's `StageInfo` from its loaded part (which has `device` and `dtype`)."""
+    return stages_pb2.StageInfo(
+        stage=stage,
+        device=part.device.type,
+        dtype=dtype_name(part.dtype),
+        compile=compile_mode,
+        threads_small=threads.small if threads is not None else 0,
+        threads_large=threads.large if threads is not None else 0,
+    )
 
 
 def load_stage(stage_cls: type[T], model: ModelConfig, stage: str, stats: StatsLogger) -> T:
@@ -103,8 +122,9 @@ def load_stage(stage_cls: type[T], model: ModelConfig, stage: str, stats: StatsL
     seconds = time.perf_counter() - started
     stats.record(ModelLoaded(stage=stage, seconds=seconds))
     device = getattr(loaded, "device", None)
-    logger.info("%s of model %s loaded %s on %s in %.1fs", stage_cls.__name__, model.name, path,
-                device, seconds)  # fmt: skip
+    logger.info("%s of model %s loaded %s on %s in %s (dtype %s) in %.1fs", stage_cls.__name__,
+                model.name, path, device, dtype_name(loaded.dtype), model.dtype,
+                seconds)  # fmt: skip
     if device is not None and getattr(device, "type", "") == "cuda" and stats.metrics.enabled:
         _report_gpu_memory(stats, stage, device)
     return loaded

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asdserve/v1/diffusion.proto\x12\nsdserve.v1\"!\n\x10ListLorasRequest\x12\r\n\x05model\x18\x01 \x01(\t\"G\n\x11ListLorasResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05loras\x18\x02 \x03(\x0b\x32\x14.sdserve.v1.LoraInfo\"<\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nfile_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\"8\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.sdserve.v1.ModelInfo\"\xb4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0cnative_width\x18\x03 \x01(\r\x12\x15\n\rnative_height\x18\x04 \x01(\r\x12\x17\n\x0fprediction_type\x18\x05 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_scheduler\x18\x06 \x01(\t\x12\x12\n\ninpainting\x18\x07 \x01(\x08\x12\x14\n\x0cimage_inputs\x18\x08 \x01(\x08\"\x84\x01\n\x10SubmitJobRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.sdserve.v1.GenerateRequest\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12)\n\x08priority\x18\x03 \x01(\x0e\x32\x17.sdserve.v1.JobPriority\"4\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xbe\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.sdserve.v1.JobState\x12)\n\x08priority\x18\x03 \x01(\x0e\x32\x17.sdserve.v1.JobPriority\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12\x18\n\x10\x63\x61ncel_requested\x18\x0b \x01(\x08\x12,\n\x06result\x18\x0c \x01(\x0b\x32\x1c.sdserve.v1.GenerateResponse\x12\x0e\n\x06worker\x18\r \x01(\t\"\x94\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05width\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\x17\n\nnum_images\x18\t \x01(\rH\x05\x88\x01\x01\x12\x15\n\rpreview_every\x18\n \x01(\r\x12\x12\n\ninit_image\x18\x0b \x01(\x0c\x12\x15\n\x08strength\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nmask_image\x18\r \x01(\x0c\x12\x1a\n\rguidance_stop\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1b\n\x0e\x63\x61\x63he_interval\x18\x0f \x01(\rH\x08\x88\x01\x01\x12\r\n\x05model\x18\x10 \x01(\t\x12%\n\x05loras\x18\x11 \x03(\x0b\x32\x16.sdserve.v1.LoraWeightB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_imagesB\x0b\n\t_strengthB\x10\n\x0e_guidance_stopB\x11\n\x0f_cache_interval\"\xc0\x01\n\rGenerateEvent\x12$\n\x06queued\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.QueuedH\x00\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.sdserve.v1.ProgressH\x00\x12&\n\x07preview\x18\x03 \x01(\x0b\x32\x13.sdserve.v1.PreviewH\x00\x12.\n\x06result\x18\x04 \x01(\x0b\x32\x1c.sdserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\".\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\":\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\"$\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0b\n\x03png\x18\x02 \x03(\x0c\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"y\n\x0cStageTimings\x12\x16\n\x0etext_encoder_s\x18\x01 \x01(\x01\x12\x12\n\ndenoiser_s\x18\x02 \x01(\x01\x12\x15\n\rvae_decoder_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x15\n\rvae_encoder_s\x18\x05 \x01(\x01\"\xe4\x01\n\x12ResolvedParameters\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\x11\n\tscheduler\x18\x05 \x01(\t\x12\x10\n\x08strength\x18\x06 \x01(\x02\x12\x15\n\rguidance_stop\x18\x07 \x01(\x02\x12\x16\n\x0e\x63\x61\x63he_interval\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\x12%\n\x05loras\x18\n \x03(\x0b\x32\x16.sdserve.v1.LoraWeight\"\xa8\x01\n\x10GenerateResponse\x12!\n\x06images\x18\x01 \x03(\x0b\x32\x11.sdserve.v1.Image\x12)\n\x07timings\x18\x02 \x01(\x0b\x32\x18.sdserve.v1.StageTimings\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x32\n\nparameters\x18\x04 \x01(\x0b\x32\x1e.sdserve.v1.ResolvedParameters*q\n\x0bJobPriority\x12\x1c\n\x18JOB_PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_PRIORITY_HIGH\x10\x01\x12\x17\n\x13JOB_PRIORITY_NORMAL\x10\x02\x12\x14\n\x10JOB_PRIORITY_LOW\x10\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xaf\x04\n\x10\x44iffusionService\x12\x45\n\x08Generate\x12\x1b.sdserve.v1.GenerateRequest\x1a\x1c.sdserve.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.sdserve.v1.GenerateRequest\x1a\x19.sdserve.v1.GenerateEvent0\x01\x12H\n\tSubmitJob\x12\x1c.sdserve.v1.SubmitJobRequest\x1a\x1d.sdserve.v1.SubmitJobResponse\x12\x34\n\x06GetJob\x12\x19.sdserve.v1.GetJobRequest\x1a\x0f.sdserve.v1.Job\x12\x38\n\x08WatchJob\x12\x19.sdserve.v1.GetJobRequest\x1a\x0f.sdserve.v1.Job0\x01\x12\x37\n\tCancelJob\x12\x19.sdserve.v1.GetJobRequest\x1a\x0f.sdserve.v1.Job\x12K\n\nListModels\x12\x1d.sdserve.v1.ListModelsRequest\x1a\x1e.sdserve.v1.ListModelsResponse\x12H\n\tListLoras\x12\x1c.sdserve.v1.ListLorasRequest\x1a\x1d.sdserve.v1.ListLorasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asdserve/v1/diffusion.proto\x12\nsdserve.v1\"!\n\x10ListLorasRequest\x12\r\n\x05model\x18\x01 \x01(\t\"G\n\x11ListLorasResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05loras\x18\x02 \x03(\x0b\x32\x14.sdserve.v1.LoraInfo\"<\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nfile_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\"8\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.sdserve.v1.ModelInfo\"\xdc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0cnative_width\x18\x03 \x01(\r\x12\x15\n\rnative_height\x18\x04 \x01(\r\x12\x17\n\x0fprediction_type\x18\x05 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_scheduler\x18\x06 \x01(\t\x12\x12\n\ninpainting\x18\x07 \x01(\x08\x12\x14\n\x0cimage_inputs\x18\x08 \x01(\x08\x12&\n\x06stages\x18\t \x03(\x0b\x32\x16.sdserve.v1.ModelStage\"K\n\nModelStage\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07\x63ompile\x18\x04 \x01(\t\"\x84\x01\n\x10SubmitJobRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.sdserve.v1.GenerateRequest\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12)\n\x08priority\x18\x03 \x01(\x0e\x32\x17.sdserve.v1.JobPriority\"4\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xbe\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.sdserve.v1.JobState\x12)\n\x08priority\x18\x03 \x01(\x0e\x32\x17.sdserve.v1.JobPriority\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x13\n\x0btotal_steps\x18\x05 \x01(\r\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12\x18\n\x10\x63\x61ncel_requested\x18\x0b \x01(\x08\x12,\n\x06result\x18\x0c \x01(\x0b\x32\x1c.sdserve.v1.GenerateResponse\x12\x0e\n\x06worker\x18\r \x01(\t\"\x94\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05width\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x11\n\tscheduler\x18\x08 \x01(\t\x12\x17\n\nnum_images\x18\t \x01(\rH\x05\x88\x01\x01\x12\x15\n\rpreview_every\x18\n \x01(\r\x12\x12\n\ninit_image\x18\x0b \x01(\x0c\x12\x15\n\x08strength\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nmask_image\x18\r \x01(\x0c\x12\x1a\n\rguidance_stop\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1b\n\x0e\x63\x61\x63he_interval\x18\x0f \x01(\rH\x08\x88\x01\x01\x12\r\n\x05model\x18\x10 \x01(\t\x12%\n\x05loras\x18\x11 \x03(\x0b\x32\x16.sdserve.v1.LoraWeightB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_imagesB\x0b\n\t_strengthB\x10\n\x0e_guidance_stopB\x11\n\x0f_cache_interval\"\xc0\x01\n\rGenerateEvent\x12$\n\x06queued\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.QueuedH\x00\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.sdserve.v1.ProgressH\x00\x12&\n\x07preview\x18\x03 \x01(\x0b\x32\x13.sdserve.v1.PreviewH\x00\x12.\n\x06result\x18\x04 \x01(\x0b\x32\x1c.sdserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\".\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\":\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\"$\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0b\n\x03png\x18\x02 \x03(\x0c\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"y\n\x0cStageTimings\x12\x16\n\x0etext_encoder_s\x18\x01 \x01(\x01\x12\x12\n\ndenoiser_s\x18\x02 \x01(\x01\x12\x15\n\rvae_decoder_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x15\n\rvae_encoder_s\x18\x05 \x01(\x01\"\xe4\x01\n\x12ResolvedParameters\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\x11\n\tscheduler\x18\x05 \x01(\t\x12\x10\n\x08strength\x18\x06 \x01(\x02\x12\x15\n\rguidance_stop\x18\x07 \x01(\x02\x12\x16\n\x0e\x63\x61\x63he_interval\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\x12%\n\x05loras\x18\n \x03(\x0b\x32\x16.sdserve.v1.LoraWeight\"\xa8\x01\n\x10GenerateResponse\x12!\n\x06images\x18\x01 \x03(\x0b\x32\x11.sdserve.v1.Image\x12)\n\x07timings\x18\x02 \x01(\x0b\x32\x18.sdserve.v1.StageTimings\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x32\n\nparameters\x18\x04 \x01(\x0b\x32\x1e.sdserve.v1.ResolvedParameters*q\n\x0bJobPriority\x12\x1c\n\x18JOB_PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_PRIORITY_HIGH\x10\x01\x12\x17\n\x13JOB_PRIORITY_NORMAL\x10\x02\x12\x14\n\x10JOB_PRIORITY_LOW\x10\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xaf\x04\n\x10\x44iffusionService\x12\x45\n\x08Generate\x12\x1b.sdserve.v1.GenerateRequest\x1a\x1c.sdserve.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.sdserve.v1.GenerateRequest\x1a\x19.sdserve.v1.GenerateEvent0\x01\x12H\n\tSubmitJob\x12\x1c.sdserve.v1.SubmitJobRequest\x1a\x1d.sdserve.v1.SubmitJobResponse\x12\x34\n\x06GetJob\x12\x19.sdserve.v1.GetJobRequest\x1a\x0f.sdserve.v1.Job\x12\x38\n\x08WatchJob\x12\x19.sdserve.v1.GetJobRequest\x1a\x0f.sdserve.v1.Job0\x01\x12\x37\n\tCancelJob\x12\x19.sdserve.v1.GetJobRequest\x1a\x0f.sdserve.v1.Job\x12K\n\nListModels\x12\x1d.sdserve.v1.ListModelsRequest\x1a\x1e.sdserve.v1.ListModelsResponse\x12H\n\tListLoras\x12\x1c.sdserve.v1.ListLorasRequest\x1a\x1d.sdserve.v1.ListLorasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sdserve.v1.diffusion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBPRIORITY']._serialized_start=2546
-  _globals['_JOBPRIORITY']._serialized_end=2659
-  _globals['_JOBSTATE']._serialized_start=2662
-  _globals['_JOBSTATE']._serialized_end=2816
+  _globals['_JOBPRIORITY']._serialized_start=2663
+  _globals['_JOBPRIORITY']._serialized_end=2776
+  _globals['_JOBSTATE']._serialized_start=2779
+  _globals['_JOBSTATE']._serialized_end=2933
   _globals['_LISTLORASREQUEST']._serialized_start=42
   _globals['_LISTLORASREQUEST']._serialized_end=75
   _globals['_LISTLORASRESPONSE']._serialized_start=77
@@ -48,33 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=291
   _globals['_LISTMODELSRESPONSE']._serialized_end=350
   _globals['_MODELINFO']._serialized_start=353
-  _globals['_MODELINFO']._serialized_end=533
-  _globals['_SUBMITJOBREQUEST']._serialized_start=536
-  _globals['_SUBMITJOBREQUEST']._serialized_end=668
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=670
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=722
-  _globals['_GETJOBREQUEST']._serialized_start=724
-  _globals['_GETJOBREQUEST']._serialized_end=755
-  _globals['_JOB']._serialized_start=758
-  _globals['_JOB']._serialized_end=1076
-  _globals['_GENERATEREQUEST']._serialized_start=1079
-  _globals['_GENERATEREQUEST']._serialized_end=1611
-  _globals['_GENERATEEVENT']._serialized_start=1614
-  _globals['_GENERATEEVENT']._serialized_end=1806
-  _globals['_QUEUED']._serialized_start=1808
-  _globals['_QUEUED']._serialized_end=1854
-  _globals['_PROGRESS']._serialized_start=1856
-  _globals['_PROGRESS']._serialized_end=1914
-  _globals['_PREVIEW']._serialized_start=1916
-  _globals['_PREVIEW']._serialized_end=1952
-  _globals['_IMAGE']._serialized_start=1954
-  _globals['_IMAGE']._serialized_end=2019
-  _globals['_STAGETIMINGS']._serialized_start=2021
-  _globals['_STAGETIMINGS']._serialized_end=2142
-  _globals['_RESOLVEDPARAMETERS']._serialized_start=2145
-  _globals['_RESOLVEDPARAMETERS']._serialized_end=2373
-  _globals['_GENERATERESPONSE']._serialized_start=2376
-  _globals['_GENERATERESPONSE']._serialized_end=2544
-  _globals['_DIFFUSIONSERVICE']._serialized_start=2819
-  _globals['_DIFFUSIONSERVICE']._serialized_end=3378
+  _globals['_MODELINFO']._serialized_end=573
+  _globals['_MODELSTAGE']._serialized_start=575
+  _globals['_MODELSTAGE']._serialized_end=650
+  _globals['_SUBMITJOBREQUEST']._serialized_start=653
+  _globals['_SUBMITJOBREQUEST']._serialized_end=785
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=787
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=839
+  _globals['_GETJOBREQUEST']._serialized_start=841
+  _globals['_GETJOBREQUEST']._serialized_end=872
+  _globals['_JOB']._serialized_start=875
+  _globals['_JOB']._serialized_end=1193
+  _globals['_GENERATEREQUEST']._serialized_start=1196
+  _globals['_GENERATEREQUEST']._serialized_end=1728
+  _globals['_GENERATEEVENT']._serialized_start=1731
+  _globals['_GENERATEEVENT']._serialized_end=1923
+  _globals['_QUEUED']._serialized_start=1925
+  _globals['_QUEUED']._serialized_end=1971
+  _globals['_PROGRESS']._serialized_start=1973
+  _globals['_PROGRESS']._serialized_end=2031
+  _globals['_PREVIEW']._serialized_start=2033
+  _globals['_PREVIEW']._serialized_end=2069
+  _globals['_IMAGE']._serialized_start=2071
+  _globals['_IMAGE']._serialized_end=2136
+  _globals['_STAGETIMINGS']._serialized_start=2138
+  _globals['_STAGETIMINGS']._serialized_end=2259
+  _globals['_RESOLVEDPARAMETERS']._serialized_start=2262
+  _globals['_RESOLVEDPARAMETERS']._serialized_end=2490
+  _globals['_GENERATERESPONSE']._serialized_start=2493
+  _globals['_GENERATERESPONSE']._serialized_end=2661
+  _globals['_DIFFUSIONSERVICE']._serialized_start=2936
+  _globals['_DIFFUSIONSERVICE']._serialized_end=3495
 # @@protoc_insertion_point(module_scope)

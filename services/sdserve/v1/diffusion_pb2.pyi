@@ -253,6 +253,7 @@ class ModelInfo(_message.Message):
     DEFAULT_SCHEDULER_FIELD_NUMBER: _builtins.int
     INPAINTING_FIELD_NUMBER: _builtins.int
     IMAGE_INPUTS_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use (`GenerateRequest.model`)."""
     family: _builtins.str
@@ -269,6 +270,12 @@ class ModelInfo(_message.Message):
     """Whether it is an inpainting model (takes only requests with init_image and mask_image)."""
     image_inputs: _builtins.bool
     """Whether it takes image inputs (init_image, mask_image)."""
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStage]:
+        """How each of its stages computes, in request order: text_encoder, vae_encoder, denoiser,
+        vae_decoder.
+        """
+
     def __init__(
         self,
         *,
@@ -280,14 +287,51 @@ class ModelInfo(_message.Message):
         default_scheduler: _builtins.str = ...,
         inpainting: _builtins.bool = ...,
         image_inputs: _builtins.bool = ...,
+        stages: _abc.Iterable[Global___ModelStage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_scheduler", b"default_scheduler", "family", b"family", "image_inputs", b"image_inputs", "inpainting", b"inpainting", "name", b"name", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_scheduler", b"default_scheduler", "family", b"family", "image_inputs", b"image_inputs", "inpainting", b"inpainting", "name", b"name", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ModelStage(_message.Message):
+    """How one stage of a served model computes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    COMPILE_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """"text_encoder", "vae_encoder", "denoiser" or "vae_decoder"."""
+    device: _builtins.str
+    """"cpu" or "cuda"."""
+    dtype: _builtins.str
+    """Its weights' and forwards' dtype: "float32", "float16" or "bfloat16" (latents and the
+    samplers' arithmetic are float32 whatever this is).
+    """
+    compile: _builtins.str
+    """torch.compile mode of its forwards: "off", "default" or "max-autotune"."""
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        device: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        compile: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile", b"compile", "device", b"device", "dtype", b"dtype", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStage: _TypeAlias = ModelStage  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):

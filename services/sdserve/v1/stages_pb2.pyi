@@ -58,6 +58,65 @@ class Tensor(_message.Message):
 Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
 
 @_typing.final
+class StageInfoRequest(_message.Message):
+    """Input of a stage's Info."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageInfoRequest: _TypeAlias = StageInfoRequest  # noqa: Y015
+
+@_typing.final
+class StageInfo(_message.Message):
+    """How a stage replica computes (what ListModels shows per stage)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    COMPILE_FIELD_NUMBER: _builtins.int
+    THREADS_SMALL_FIELD_NUMBER: _builtins.int
+    THREADS_LARGE_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """"text_encoder", "vae_encoder", "denoiser" or "vae_decoder"."""
+    device: _builtins.str
+    """"cpu" or "cuda"."""
+    dtype: _builtins.str
+    """The dtype of its weights and forwards: "float32", "float16" or "bfloat16"."""
+    compile: _builtins.str
+    """torch.compile mode of its forwards: "off", "default" or "max-autotune"."""
+    threads_small: _builtins.int
+    """Torch threads of its small forwards (0: left as Ray set them, or a GPU stage)."""
+    threads_large: _builtins.int
+    """Torch threads of its large forwards (the Denoiser's full batches); 0 as above."""
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        device: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        compile: _builtins.str = ...,
+        threads_small: _builtins.int = ...,
+        threads_large: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile", b"compile", "device", b"device", "dtype", b"dtype", "stage", b"stage", "threads_large", b"threads_large", "threads_small", b"threads_small"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageInfo: _TypeAlias = StageInfo  # noqa: Y015
+
+@_typing.final
 class EncodeTextRequest(_message.Message):
     """Input of TextEncoderStage.Encode."""
 
@@ -446,6 +505,8 @@ class DenoiserStats(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     UNET_ROWS_FIELD_NUMBER: _builtins.int
     SHALLOW_ROWS_FIELD_NUMBER: _builtins.int
+    COMPILES_FIELD_NUMBER: _builtins.int
+    RECOMPILES_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -482,6 +543,10 @@ class DenoiserStats(_message.Message):
     """
     shallow_rows: _builtins.int
     """Of unet_rows, the rows that ran only the U-Net's shallow branch (DeepCache)."""
+    compiles: _builtins.int
+    """U-Net graphs compiled (engine.compile), start-up's warm-up included."""
+    recompiles: _builtins.int
+    """Of compiles, those after warm-up (while serving)."""
     def __init__(
         self,
         *,
@@ -501,10 +566,12 @@ class DenoiserStats(_message.Message):
         capacity: _builtins.float = ...,
         unet_rows: _builtins.int = ...,
         shallow_rows: _builtins.int = ...,
+        compiles: _builtins.int = ...,
+        recompiles: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "running", b"running", "shallow_rows", b"shallow_rows", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_rows", b"unet_rows", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "compiles", b"compiles", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "recompiles", b"recompiles", "running", b"running", "shallow_rows", b"shallow_rows", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_rows", b"unet_rows", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -540,6 +607,7 @@ class DenoiserInfo(_message.Message):
     FAMILY_FIELD_NUMBER: _builtins.int
     PREDICTION_TYPE_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
     native_width: _builtins.int
     """The model's native image width in pixels."""
     native_height: _builtins.int
@@ -560,6 +628,10 @@ class DenoiserInfo(_message.Message):
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraFile]:
         """The LoRA adapters in the model's adapter folder, read when this message is made."""
 
+    @_builtins.property
+    def stage(self) -> Global___StageInfo:
+        """How the Denoiser computes (its dtype, compile mode, threads)."""
+
     def __init__(
         self,
         *,
@@ -570,10 +642,11 @@ class DenoiserInfo(_message.Message):
         family: _builtins.str = ...,
         prediction_type: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraFile] | None = ...,
+        stage: Global___StageInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "loras", b"loras", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "loras", b"loras", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "stage", b"stage", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

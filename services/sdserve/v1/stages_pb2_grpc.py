@@ -40,6 +40,11 @@ class TextEncoderStageStub:
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/sdserve.v1.TextEncoderStage/Info',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+                _registered_method=True)
 
 
 class TextEncoderStageServicer:
@@ -53,6 +58,13 @@ class TextEncoderStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """Returns how this stage computes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextEncoderStageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_TextEncoderStageServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class TextEncoderStage:
             '/sdserve.v1.TextEncoderStage/Encode',
             sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
             sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.TextEncoderStage/Info',
+            sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -325,6 +369,11 @@ class VaeEncoderStageStub:
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/sdserve.v1.VaeEncoderStage/Info',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+                _registered_method=True)
 
 
 class VaeEncoderStageServicer:
@@ -338,6 +387,13 @@ class VaeEncoderStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """Returns how this stage computes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeEncoderStageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +401,11 @@ def add_VaeEncoderStageServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeImageResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -385,6 +446,33 @@ class VaeEncoderStage:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.VaeEncoderStage/Info',
+            sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class VaeDecoderStageStub:
     """Decodes latents to PNG images.
@@ -401,6 +489,11 @@ class VaeDecoderStageStub:
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_stages__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/sdserve.v1.VaeDecoderStage/Info',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+                _registered_method=True)
 
 
 class VaeDecoderStageServicer:
@@ -414,6 +507,13 @@ class VaeDecoderStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """Returns how this stage computes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeDecoderStageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -421,6 +521,11 @@ def add_VaeDecoderStageServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=sdserve_dot_v1_dot_stages__pb2.DecodeRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_stages__pb2.DecodeResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -451,6 +556,33 @@ class VaeDecoderStage:
             '/sdserve.v1.VaeDecoderStage/Decode',
             sdserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
             sdserve_dot_v1_dot_stages__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.VaeDecoderStage/Info',
+            sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class TextEncoderStageStub:
     def __new__(cls, channel: _aio.Channel) -> TextEncoderStageAsyncStub: ...
     Encode: _grpc.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]
     """Returns the CLIP embeddings for one prompt."""
+    Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]
+    """Returns how this stage computes."""
 
 @_typing.type_check_only
 class TextEncoderStageAsyncStub(TextEncoderStageStub):
@@ -50,6 +52,8 @@ class TextEncoderStageAsyncStub(TextEncoderStageStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Encode: _aio.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]  # type: ignore[assignment]
     """Returns the CLIP embeddings for one prompt."""
+    Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]  # type: ignore[assignment]
+    """Returns how this stage computes."""
 
 class TextEncoderStageServicer(metaclass=_abc_1.ABCMeta):
     """Tokenizes and encodes a prompt (and, for guidance, the negative prompt)."""
@@ -61,6 +65,14 @@ class TextEncoderStageServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_stages_pb2.EncodeTextResponse, _abc.Awaitable[_stages_pb2.EncodeTextResponse]]:
         """Returns the CLIP embeddings for one prompt."""
+
+    @_abc_1.abstractmethod
+    def Info(
+        self,
+        request: _stages_pb2.StageInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.StageInfo, _abc.Awaitable[_stages_pb2.StageInfo]]:
+        """Returns how this stage computes."""
 
 def add_TextEncoderStageServicer_to_server(servicer: TextEncoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -146,6 +158,8 @@ class VaeEncoderStageStub:
     def __new__(cls, channel: _aio.Channel) -> VaeEncoderStageAsyncStub: ...
     Encode: _grpc.UnaryUnaryMultiCallable[_stages_pb2.EncodeImageRequest, _stages_pb2.EncodeImageResponse]
     """Returns the VAE posterior of the init image (and, for inpainting, of the masked image)."""
+    Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]
+    """Returns how this stage computes."""
 
 @_typing.type_check_only
 class VaeEncoderStageAsyncStub(VaeEncoderStageStub):
@@ -154,6 +168,8 @@ class VaeEncoderStageAsyncStub(VaeEncoderStageStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Encode: _aio.UnaryUnaryMultiCallable[_stages_pb2.EncodeImageRequest, _stages_pb2.EncodeImageResponse]  # type: ignore[assignment]
     """Returns the VAE posterior of the init image (and, for inpainting, of the masked image)."""
+    Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]  # type: ignore[assignment]
+    """Returns how this stage computes."""
 
 class VaeEncoderStageServicer(metaclass=_abc_1.ABCMeta):
     """Encodes image inputs (image-to-image, inpainting) into latent-space distributions."""
@@ -166,6 +182,14 @@ class VaeEncoderStageServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_stages_pb2.EncodeImageResponse, _abc.Awaitable[_stages_pb2.EncodeImageResponse]]:
         """Returns the VAE posterior of the init image (and, for inpainting, of the masked image)."""
 
+    @_abc_1.abstractmethod
+    def Info(
+        self,
+        request: _stages_pb2.StageInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.StageInfo, _abc.Awaitable[_stages_pb2.StageInfo]]:
+        """Returns how this stage computes."""
+
 def add_VaeEncoderStageServicer_to_server(servicer: VaeEncoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class VaeDecoderStageStub:
@@ -177,6 +201,8 @@ class VaeDecoderStageStub:
     def __new__(cls, channel: _aio.Channel) -> VaeDecoderStageAsyncStub: ...
     Decode: _grpc.UnaryUnaryMultiCallable[_stages_pb2.DecodeRequest, _stages_pb2.DecodeResponse]
     """Returns one PNG per latent."""
+    Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]
+    """Returns how this stage computes."""
 
 @_typing.type_check_only
 class VaeDecoderStageAsyncStub(VaeDecoderStageStub):
@@ -185,6 +211,8 @@ class VaeDecoderStageAsyncStub(VaeDecoderStageStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Decode: _aio.UnaryUnaryMultiCallable[_stages_pb2.DecodeRequest, _stages_pb2.DecodeResponse]  # type: ignore[assignment]
     """Returns one PNG per latent."""
+    Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]  # type: ignore[assignment]
+    """Returns how this stage computes."""
 
 class VaeDecoderStageServicer(metaclass=_abc_1.ABCMeta):
     """Decodes latents to PNG images."""
@@ -196,5 +224,13 @@ class VaeDecoderStageServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_stages_pb2.DecodeResponse, _abc.Awaitable[_stages_pb2.DecodeResponse]]:
         """Returns one PNG per latent."""
+
+    @_abc_1.abstractmethod
+    def Info(
+        self,
+        request: _stages_pb2.StageInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.StageInfo, _abc.Awaitable[_stages_pb2.StageInfo]]:
+        """Returns how this stage computes."""
 
 def add_VaeDecoderStageServicer_to_server(servicer: VaeDecoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-from bench_roofline import matmul_peak
 
 from sdserve.config import SdserveConfig
 from sdserve.loadtest import Mix, drive
@@ -269,6 +268,9 @@ def main() -> int:
     mode = resolve_mode(compile_mode, device)
     print(f"{arch} {size}x{size}, {steps} DDIM steps, {dtype}, compile {mode}, on {card}",
           flush=True)  # fmt: skip
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks
+    from bench_roofline import matmul_peak
+
     peak = matmul_peak(dtype, torch.get_num_threads(), device.type,
                        n=2048 if args.smoke else 8192)  # fmt: skip
     print(f"dense matmul peak in {dtype}: {peak / 1e12:.1f} TFLOP/s", flush=True)

@@ -158,3 +158,24 @@ def test_gpu_lora_bench_runs_without_ray(tmp_path):
     forwards = {k: v[0]["forwards"] for k, v in report["runs"].items()}
     assert forwards["one_set"] > forwards["mixed"]  # one adapter set per forward: more of them
     assert report["diffusers_one_at_a_time"]["ok"] == 2
+
+
+def test_roofline_bench_runs_without_ray(tmp_path):
+    out = tmp_path / "roofline.json"
+    _run("-c", BLOCK_AND_RUN, "bench/bench_roofline.py", "--smoke", "--out", str(out),
+         timeout=300)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert set(report["peaks"]) == {"float32", "bfloat16"}
+    systems = {row["system"] for row in report["rows"]}
+    assert systems == {"sdserve default", "sdserve float32", "diffusers float32",
+                       "diffusers bfloat16"}  # fmt: skip
+    assert all(0 < row["of_peak"] for row in report["rows"])
+
+
+def test_precision_bench_runs_without_ray(tmp_path):
+    out = tmp_path / "precision.json"
+    _run("-c", BLOCK_AND_RUN, "bench/bench_precision.py", "--smoke", "--out", str(out),
+         timeout=300)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert len(report["adherence"]) == 3 and len(report["invariance"]) == 2
+    assert report["sd15"]["max"] >= 0

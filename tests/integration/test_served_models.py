@@ -10,6 +10,7 @@ import json
 import grpc
 import numpy as np
 import pytest
+import torch
 from helpers import sdserve_cli
 from PIL import Image
 
@@ -42,6 +43,22 @@ def test_list_models_says_what_each_model_is(stub, tiny_sdxl_model):
     assert all(m.default_scheduler == "dpmpp_2m" for m in reply.models)
     assert not models["sdxl"].image_inputs and models["shapes"].image_inputs
     assert not any(m.inpainting for m in reply.models)
+
+
+def test_list_models_says_how_each_stage_computes(stub):
+    """Each stage replica reports its dtype: the tiny models pinned to float32, the built-in
+    model at `dtype: auto` (bfloat16 on a CPU with bf16 matmuls); eager everywhere here."""
+    from sdserve.pipeline import precision
+
+    auto = precision.dtype_name(precision.auto_dtype(torch.device("cpu")))
+    reply = stub.ListModels(diffusion_pb2.ListModelsRequest(), timeout=30)
+    expected = {"default": "float32", "shapes": auto, "sdxl": "float32"}
+    for model in reply.models:
+        assert [s.stage for s in model.stages] == ["text_encoder", "vae_encoder", "denoiser",
+                                                   "vae_decoder"]  # fmt: skip
+        assert {(s.device, s.dtype, s.compile) for s in model.stages} == {
+            ("cpu", expected[model.name], "off")
+        }, model.name
 
 
 def test_an_unknown_model_is_invalid_argument_listing_the_served_ones(stub):
@@ -119,9 +136,11 @@ def test_sdserve_models_prints_each_model(server):
     table = sdserve_cli("models", "--server", server.target)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "FAMILY", "SIZE", "PREDICTION", "SAMPLER", "INPUTS"]
+    assert lines[0].split() == ["NAME", "FAMILY", "SIZE", "PREDICTION", "SAMPLER", "INPUTS",
+                                "DEVICE", "DTYPE", "COMPILE"]  # fmt: skip
     assert lines[1].startswith("default (default)") and "sd1" in lines[1]
-    assert lines[3].split()[:2] == ["sdxl", "sdxl"] and lines[3].split()[-1] == "text"
+    assert lines[3].split()[:2] == ["sdxl", "sdxl"] and lines[3].split()[5] == "text"
+    assert lines[3].split()[-3:] == ["cpu", "float32", "off"]  # its stages' device and dtype
     listed = json.loads(sdserve_cli("models", "--server", server.target, "--json").stdout)
     assert [m["name"] for m in listed] == SERVED
 

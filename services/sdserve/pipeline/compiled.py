@@ -172,11 +172,13 @@ class CompiledUNet:
     @torch.inference_mode()
     def warm_up(self, latent_shapes: Sequence[tuple[int, int, int]],
                 example: Callable[[int, tuple[int, int, int]], tuple]) -> float:  # fmt: skip
-        """Compiles and runs every bucket (dynamic: the smallest and largest row count) at
-        every latent shape (C, h, w) once; `example(rows, shape)` gives (x, timesteps,
-        context, added) of that many rows. Logs its progress; returns the seconds it took."""
+        """Compiles and runs every bucket at every latent shape (C, h, w) once (dynamic: 2 rows,
+        then 3, which must not compile again; a full batch of SD 1.5 would take minutes on a
+        CPU); `example(rows, shape)` gives (x, timesteps, context, added) of that many rows.
+        Logs its progress; returns the seconds it took."""
         started = time.perf_counter()
-        runs = [(rows, shape) for shape in latent_shapes for rows in self.buckets]
+        counts = (2, 3) if self.dynamic else self.buckets
+        runs = [(rows, shape) for shape in latent_shapes for rows in counts]
         for done, (rows, shape) in enumerate(runs, 1):
             t, compiles = time.perf_counter(), self.compiles
             self(*example(rows, shape))

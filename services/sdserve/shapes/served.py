@@ -24,12 +24,21 @@ class ServedParts:
     vae: object
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype: str = "auto") -> ServedParts:
+    def load(cls, model_dir: str | Path, dtype: str = "auto",
+             compile_mode: str = "off") -> ServedParts:  # fmt: skip
+        """The parts in `dtype`, the U-Net compiled as `engine.compile: compile_mode` would
+        (on the threads torch has now)."""
+        from sdserve.pipeline.compiled import resolve_mode
         from sdserve.pipeline.denoise import Denoiser
         from sdserve.pipeline.text import TextEncoder
         from sdserve.pipeline.vae import VaeDecoder
 
-        return cls(TextEncoder(model_dir, dtype=dtype), Denoiser(model_dir, dtype=dtype),
+        denoiser = Denoiser(model_dir, dtype=dtype)
+        mode = resolve_mode(compile_mode, denoiser.device)
+        if mode != "off":
+            denoiser.compile(mode, None if denoiser.device.type == "cpu" else (1, 2, 4, 8, 16, 32),
+                             max_rows=64)  # fmt: skip
+        return cls(TextEncoder(model_dir, dtype=dtype), denoiser,
                    VaeDecoder(model_dir, dtype=dtype))  # fmt: skip
 
     def __iter__(self):
@@ -52,7 +61,7 @@ def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, st
     from sdserve.pipeline.engine import DenoiseEngine, Finished
 
     text, denoiser, vae = parts
-    engine = DenoiseEngine(denoiser.unet, max_batch_size=batch_size)
+    engine = DenoiseEngine(denoiser.unet, max_batch_size=batch_size, forward=denoiser.forward)
     width, height = denoiser.native_size
     latents: dict[str, object] = {}
     for i, (prompt, seed, loras) in enumerate(rows):

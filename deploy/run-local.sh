@@ -11,6 +11,7 @@ LOG=${LOG:-out/sdserve-serve.log}
 mkdir -p "$(dirname "$OUT")" "$(dirname "$LOG")"
 
 echo "==> starting sdserve on the built-in model (log: $LOG)"
+echo "    (the Denoiser compiles its U-Net on start-up: about 2 minutes on 2 CPU cores)"
 "$BIN/sdserve" serve --grpc-port "$GRPC_PORT" --redis-url "$REDIS_URL" >"$LOG" 2>&1 &
 server=$!
 stop() {
@@ -22,7 +23,7 @@ stop() {
 }
 trap stop EXIT
 
-for _ in $(seq 1 600); do
+for _ in $(seq 1 1200); do
   grep -q "sdserve is serving" "$LOG" && break
   if ! kill -0 "$server" 2>/dev/null; then
     echo "sdserve serve exited before it was ready; the end of $LOG:" >&2
@@ -31,7 +32,7 @@ for _ in $(seq 1 600); do
   fi
   sleep 0.5
 done
-grep -q "sdserve is serving" "$LOG" || { echo "sdserve did not start in 5 minutes" >&2; exit 1; }
+grep -q "sdserve is serving" "$LOG" || { echo "sdserve did not start in 10 minutes" >&2; exit 1; }
 
 echo "==> generating: $PROMPT"
 "$BIN/sdserve" generate "$PROMPT" --seed "${SEED:-0}" --server "127.0.0.1:$GRPC_PORT" -o "$OUT"

@@ -172,13 +172,14 @@ class CompiledUNet:
     @torch.inference_mode()
     def warm_up(self, latent_shapes: Sequence[tuple[int, int, int]],
                 example: Callable[[int, tuple[int, int, int]], tuple]) -> float:  # fmt: skip
-        """Compiles and runs every bucket at every latent shape (C, h, w) once (dynamic: 2 rows,
-        then 3, which must not compile again; a full batch of SD 1.5 would take minutes on a
-        CPU); `example(rows, shape)` gives (x, timesteps, context, added) of that many rows.
-        Logs its progress; returns the seconds it took."""
+        """Compiles and runs every bucket at every latent shape (C, h, w) once (dynamic: the
+        fewest and the most rows; a graph compiled at 2 rows in a process that had compiled
+        another was seen to compile again at 32, so warm-up runs the largest batch too, which
+        for SD 1.5 on a CPU costs one full batch's forward at start-up); `example(rows,
+        shape)` gives (x, timesteps, context, added) of that many rows. Logs its progress;
+        returns the seconds it took."""
         started = time.perf_counter()
-        counts = (2, 3) if self.dynamic else self.buckets
-        runs = [(rows, shape) for shape in latent_shapes for rows in counts]
+        runs = [(rows, shape) for shape in latent_shapes for rows in self.buckets]
         for done, (rows, shape) in enumerate(runs, 1):
             t, compiles = time.perf_counter(), self.compiles
             self(*example(rows, shape))

@@ -24,10 +24,10 @@ class ServedParts:
     vae: object
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype: str = "auto",
-             compile_mode: str = "off") -> ServedParts:  # fmt: skip
+    def load(cls, model_dir: str | Path, dtype: str = "auto", compile_mode: str = "off",
+             max_rows: int = 64) -> ServedParts:  # fmt: skip
         """The parts in `dtype`, the U-Net compiled as `engine.compile: compile_mode` would
-        (on the threads torch has now)."""
+        (on the threads torch has now) for forwards of up to `max_rows` rows."""
         from sdserve.pipeline.compiled import resolve_mode
         from sdserve.pipeline.denoise import Denoiser
         from sdserve.pipeline.text import TextEncoder
@@ -36,8 +36,8 @@ class ServedParts:
         denoiser = Denoiser(model_dir, dtype=dtype)
         mode = resolve_mode(compile_mode, denoiser.device)
         if mode != "off":
-            denoiser.compile(mode, None if denoiser.device.type == "cpu" else (1, 2, 4, 8, 16, 32),
-                             max_rows=64)  # fmt: skip
+            buckets = None if denoiser.device.type == "cpu" else (1, 2, 4, 8, 16, 32)
+            denoiser.compile(mode, buckets, max_rows=max_rows)
         return cls(TextEncoder(model_dir, dtype=dtype), denoiser,
                    VaeDecoder(model_dir, dtype=dtype))  # fmt: skip
 

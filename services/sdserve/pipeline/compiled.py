@@ -157,17 +157,16 @@ class CompiledUNet:
         eps = self._compiled(x, timesteps, encoder_hidden_states=context,
                              added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
         if _graphs() != before:
-            label = DYNAMIC if self.dynamic else bucket
-            self._compiled_one(label, tuple(x.shape[1:]), time.perf_counter() - started)
+            self._compiled_one(bucket, tuple(x.shape[1:]), time.perf_counter() - started)
         return eps[:rows]
 
-    def _compiled_one(self, bucket: int, shape: tuple[int, ...], seconds: float) -> None:
+    def _compiled_one(self, rows: int, shape: tuple[int, ...], seconds: float) -> None:
         self.compiles += 1
         if self.warm:
-            logger.warning("U-Net recompiled for %d rows of %s after warm-up (%.1fs)", bucket,
+            logger.warning("U-Net recompiled for %d rows of %s after warm-up (%.1fs)", rows,
                            shape, seconds)  # fmt: skip
         if self.on_compile is not None:
-            self.on_compile(bucket, shape, seconds, not self.warm)
+            self.on_compile(DYNAMIC if self.dynamic else rows, shape, seconds, not self.warm)
 
     @torch.inference_mode()
     def warm_up(self, latent_shapes: Sequence[tuple[int, int, int]],

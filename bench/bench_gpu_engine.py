@@ -164,6 +164,7 @@ class Bench:
 
     def unet_flops_per_row(self) -> float:
         """FLOPs of one U-Net forward per batch row (a CFG step at batch 1 is two rows)."""
+        from bench_roofline import math_attention  # attention's FLOPs counted too
         from torch.utils.flop_counter import FlopCounterMode
 
         unet, h = self.pipe.unet, self.size // self.pipe.vae_scale_factor
@@ -176,7 +177,7 @@ class Bench:
             ids = time_ids(self.size, self.size, dtype=unet.dtype, device=self.device)
             added = {"text_embeds": pooled, "time_ids": ids.repeat(2, 1)}
         counter = FlopCounterMode(display=False)
-        with counter, torch.inference_mode():
+        with counter, torch.inference_mode(), math_attention(unet):
             unet(x, torch.tensor([500, 500], device=self.device), encoder_hidden_states=ctx,
                  added_cond_kwargs=added)  # fmt: skip
         return counter.get_total_flops() / 2

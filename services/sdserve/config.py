@@ -97,10 +97,12 @@ class EngineConfig(Strict):
 
     compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
     """torch.compile of the U-Net's forwards (sdserve/pipeline/compiled.py): off (eager),
-    default or max-autotune (torch.compile's modes). auto: default on a CPU, max-autotune on
-    CUDA. Compiled and warmed at start-up (about 2 minutes for the built-in model on 2 CPU
-    cores), counted in sdserve_compiles_total. Forwards with LoRA adapters or DeepCache, and
-    forwards larger than the largest bucket, run eagerly."""
+    default or max-autotune (torch.compile's modes). auto: max-autotune on CUDA; on a CPU,
+    default for a small U-Net (a forward of one guided image under a second, where compiling
+    was measured faster) and off for a large one (SD 1.5's ran slower compiled). Compiled and
+    warmed at start-up (about 2 minutes for the built-in model on 2 CPU cores), counted in
+    sdserve_compiles_total. Forwards with LoRA adapters or DeepCache, and forwards larger than
+    the largest bucket, run eagerly."""
 
     compile_shapes: Literal["auto", "dynamic", "buckets"] = "auto"
     """dynamic: one graph for every row count and size (auto on a CPU, where it runs as fast

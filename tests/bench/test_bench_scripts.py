@@ -169,7 +169,7 @@ def test_roofline_bench_runs_without_ray(tmp_path):
     systems = {row["system"] for row in report["rows"]}
     assert systems == {"sdserve default", "sdserve float32", "diffusers float32",
                        "diffusers bfloat16"}  # fmt: skip
-    assert all(0 < row["of_peak"] for row in report["rows"])
+    assert all(row["of_peak"] > 0 for row in report["rows"])
 
 
 def test_precision_bench_runs_without_ray(tmp_path):

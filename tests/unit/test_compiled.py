@@ -113,3 +113,23 @@ def test_padding_rows_do_not_change_a_real_rows_pixels(tiny_model, text_and_vae)
     beside = _run_together(text, denoiser, [target, dict(target, seeds=(12,))], forward)[0]
     assert np.abs(_pixels(vae, alone) - _pixels(vae, beside)).max() == 0
     assert forward.compiles == 1  # both ran the one bucket
+
+
+def test_auto_compiles_a_small_u_net_on_a_cpu_and_leaves_a_large_one_eager(tiny_model):
+    """`engine.compile: auto` on a CPU decides by a measured forward of one guided image: the
+    tiny U-Net's is milliseconds, so it compiles; SD 1.5's (seconds) runs eagerly. A setting
+    other than auto is taken as given and measures nothing."""
+    import torch
+
+    from sdserve.pipeline.compiled import BIG_FORWARD_S, resolve_mode
+
+    denoiser = Denoiser(tiny_model, dtype="float32")
+    seconds = denoiser.forward_seconds("auto")
+    assert 0 < seconds < BIG_FORWARD_S
+    assert resolve_mode("auto", denoiser.device, seconds) == "default"
+    assert resolve_mode("auto", torch.device("cpu"), 6.5) == "off"
+    assert resolve_mode("auto", torch.device("cuda"), 6.5) == "max-autotune"
+    assert denoiser.forward_seconds("off") == 0.0
+    assert resolve_mode("max-autotune", torch.device("cpu"), 6.5) == "max-autotune"
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        resolve_mode("fast", torch.device("cpu"))

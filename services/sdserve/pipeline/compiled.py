@@ -65,15 +65,26 @@ def resolve_shapes(setting: str, device: torch.device) -> str:
     return "buckets" if device.type == "cuda" else "dynamic"
 
 
-def resolve_mode(setting: str, device: torch.device) -> str:
-    """`engine.compile` on `device`: auto is "default" on a CPU (bench/bench_roofline.py) and
-    "max-autotune" on CUDA (diffusers' published H100 figure for SD 1.5: 54.5 it/s eager, 66.0
-    compiled with max-autotune)."""
+BIG_FORWARD_S = 1.0
+"""auto on a CPU compiles a U-Net whose forward of one guided image (2 rows) takes less."""
+
+
+def resolve_mode(setting: str, device: torch.device, small_forward_s: float = 0.0) -> str:
+    """`engine.compile` on `device`, for a U-Net whose forward of 2 rows takes
+    `small_forward_s`. auto is "max-autotune" on CUDA (diffusers' published H100 figure for SD
+    1.5: 54.5 it/s eager, 66.0 compiled with max-autotune). On a CPU it is "default" for a
+    small, overhead-bound U-Net (under BIG_FORWARD_S; the built-in model's served 1.1x the
+    images/s at 16 clients compiled, its lone requests 1.2x faster) and "off" for a large one:
+    SD 1.5's compute-bound forward ran slower as one dynamic graph (6.9 s for 2 rows, bf16)
+    than eagerly (5.9 s), and graphs per bucket, 6% faster, take minutes each to compile and
+    warm on a CPU (bench/bench_roofline.py)."""
     if setting != "auto":
         if setting not in MODES:
             raise ValueError(f"unknown compile mode {setting!r}")
         return setting
-    return "max-autotune" if device.type == "cuda" else "default"
+    if device.type == "cuda":
+        return "max-autotune"
+    return "default" if small_forward_s < BIG_FORWARD_S else "off"
 
 
 def _graphs() -> int:

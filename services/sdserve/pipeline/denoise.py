@@ -132,6 +132,18 @@ class Denoiser:
         x, t, context, added = self.example_inputs(rows)
         self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
 
+    @torch.inference_mode()
+    def forward_seconds(self, compile_setting: str = "auto") -> float:
+        """Seconds of an eager forward of one guided image (2 rows) on a CPU, after a warm-up:
+        what `compile: auto` decides by (`compiled.resolve_mode`). 0 where nothing depends on
+        it (another setting, or a GPU)."""
+        if compile_setting != "auto" or self.device.type != "cpu":
+            return 0.0
+        self.calibration_forward(2)
+        started = time.perf_counter()
+        self.calibration_forward(2)
+        return time.perf_counter() - started
+
     def compile(
         self,
         mode: str = "default",

@@ -34,7 +34,7 @@ class ServedParts:
         from sdserve.pipeline.vae import VaeDecoder
 
         denoiser = Denoiser(model_dir, dtype=dtype)
-        mode = resolve_mode(compile_mode, denoiser.device)
+        mode = resolve_mode(compile_mode, denoiser.device, denoiser.forward_seconds(compile_mode))
         if mode != "off":
             buckets = None if denoiser.device.type == "cpu" else (1, 2, 4, 8, 16, 32)
             denoiser.compile(mode, buckets, max_rows=max_rows)

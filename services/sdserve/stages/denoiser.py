@@ -29,7 +29,7 @@ from sdserve.pipeline import engine as eng
 from sdserve.pipeline.compiled import resolve_mode, resolve_shapes
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
 from sdserve.pipeline.lora import load_lora
-from sdserve.pipeline.threads import ThreadPlan
+from sdserve.pipeline.threads import ThreadPlan, set_threads
 from sdserve.pipeline.vae import preview_pixels, to_png
 from sdserve.stages.loras import Adapters
 from sdserve.stages.runtime import TorchThread, load_stage, stage_info, thread_plan
@@ -283,8 +283,12 @@ def compile_unet(denoiser: Denoiser, engine: EngineConfig, stats: StatsLogger,
     returns the thread plan to serve with: a compiled U-Net runs every forward on the full
     batch's threads (inductor builds its CPU kernels for the thread count it compiles at).
     Call it on the stage's torch thread, after the thread plan is measured."""
-    mode = resolve_mode(engine.compile, denoiser.device)
+    if plan is not None:
+        set_threads(plan.small)
+    mode = resolve_mode(engine.compile, denoiser.device, denoiser.forward_seconds(engine.compile))
     if mode == "off":
+        logger.info("the U-Net of model %s runs eagerly (engine.compile: %s)", model,
+                    engine.compile)  # fmt: skip
         return plan
     if plan is not None:
         plan = ThreadPlan.fixed(plan.large)

@@ -170,7 +170,8 @@ def sdserve_denoiser(unet, scheduler: dict, scale: int, dtype: str, compile_mode
     config = SdserveConfig.model_validate({"engine": {"compile": compile_mode}})
     plan = measure_plan(denoiser.calibration_forward, 2, 32)
     plan = compile_unet(denoiser, config.engine, StatsLogger(), plan, "bench")
-    return denoiser, plan.threads_for, precision.dtype_name(resolved)
+    mode = denoiser.forward.mode if denoiser.forward is not None else "off"
+    return denoiser, plan.threads_for, precision.dtype_name(resolved), mode
 
 
 def measure_model(model: str, peaks: dict, smoke: bool) -> list[dict]:
@@ -183,25 +184,27 @@ def measure_model(model: str, peaks: dict, smoke: bool) -> list[dict]:
     repeats, steps = (1, 2) if big or smoke else (5, 6)
     rows_out = []
 
-    def record(system: str, dtype: str, rows: int, seconds: float) -> None:
+    def record(system: str, dtype: str, rows: int, seconds: float, compiled="off") -> None:
         flop_s = rows * flops / seconds
         peak = peaks[dtype][cores]
         rows_out.append({"model": model, "system": system, "dtype": dtype, "rows": rows,
+                         "compile": compiled, "gflop_per_row": flops / 1e9,
                          "forward_s": seconds, "gflop_s": flop_s / 1e9,
                          "of_peak": flop_s / peak})  # fmt: skip
-        print(f"  {system:<22} {dtype:<9} {rows:>2} rows: {seconds * 1000:9.1f} ms/step, "
-              f"{flop_s / 1e9:7.1f} GFLOP/s, {flop_s / peak:6.1%} of the {dtype} peak",
+        print(f"  {system:<22} {dtype:<9} {compiled:<8} {rows:>2} rows: "
+              f"{seconds * 1000:9.1f} ms/step, {flop_s / 1e9:7.1f} GFLOP/s, "
+              f"{flop_s / peak:6.1%} of the {dtype} peak",
               flush=True)  # fmt: skip
 
     compile_mode = "off" if smoke else "auto"
     for label, dtype in (("sdserve default", "auto"), ("sdserve float32", "float32")):
-        denoiser, threads, resolved = sdserve_denoiser(unet, scheduler, scale, dtype,
-                                                       compile_mode)  # fmt: skip
+        denoiser, threads, resolved, mode = sdserve_denoiser(unet, scheduler, scale, dtype,
+                                                             compile_mode)  # fmt: skip
         for images in (1, 16):
             if big and resolved == "float32" and images == 16:
                 continue  # 3 minutes a step; diffusers' float32 row below stands for it
-            record(label, resolved, 2 * images, sdserve_steps(denoiser, threads, size, images,
-                                                              steps))  # fmt: skip
+            seconds = sdserve_steps(denoiser, threads, size, images, steps)
+            record(label, resolved, 2 * images, seconds, mode)
         del denoiser
     for dtype in ("float32", "bfloat16"):
         part = unet.to(getattr(torch, dtype))

@@ -179,3 +179,13 @@ def test_precision_bench_runs_without_ray(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["adherence"]) == 3 and len(report["invariance"]) == 2
     assert report["sd15"]["max"] >= 0
+
+
+def test_compile_bench_runs_without_ray(tmp_path):
+    out = tmp_path / "compile.json"
+    _run("-c", BLOCK_AND_RUN, "bench/bench_compile.py", "--smoke", "--out", str(out),
+         timeout=300)  # fmt: skip
+    report = json.loads(out.read_text())["models"]["tiny"]
+    assert [len(report["runs"][label]) for label in ("eager", "compiled")] == [1, 1]
+    assert all(run["images"] == 6 for runs in report["runs"].values() for run in runs)
+    assert report["recompiles_while_serving"] == {"eager": 0, "compiled": 0}

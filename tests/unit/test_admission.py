@@ -26,8 +26,13 @@ def _admission(work_ahead, capacity, **kw):
 
 
 def test_unmeasured_capacity_admits_everything():
+    """Before the Denoiser has measured its speed, nothing is refused, however much work is
+    ahead or however near the deadline; what is admitted is counted."""
     admission = _admission(10**6, 0.0, max_wait_s=1.0)
-    admission.admit(_params(), deadline=time.time() + 0.01)
+    assert admission.admit(_params(steps=10, images=2), deadline=time.time() + 0.01) == 20
+    assert admission.admit(_params(steps=5), deadline=time.time() + 0.01) == 5
+    assert admission.outstanding == 25
+    assert admission.work_ahead == 10**6
 
 
 def test_a_request_that_would_wait_too_long_is_refused_with_a_hint():

@@ -40,7 +40,8 @@ from sdserve.testing.tiny import make_tiny_model
 
 AUTO = precision.dtype_name(precision.auto_dtype(torch.device("cpu")))
 EVAL_PROMPTS = 96
-"""eval-default-model's prompt count (the figures the README's adherence table reports)."""
+"""eval-default-model's prompt count (the figures of docs/built-in-model.md's adherence
+table)."""
 CONFIGS = {"float32 eager": ("float32", "off"), f"{AUTO} eager": ("auto", "off"),
            f"{AUTO} compiled (default)": ("auto", "auto")}  # fmt: skip
 """Label -> (dtype, engine.compile)."""

@@ -11,7 +11,7 @@ drives a closed loop while it
   - samples the Denoiser replica with `py-spy record --idle` (100 Hz) and sorts the torch
     thread's samples into: the U-Net forward, scheduler steps, guidance and batching, request
     preparation, preview/latents conversion, and idle (waiting for work).
-It prints both tables (the README's performance section quotes one run) and writes the JSON.
+It prints both tables (docs/performance.md quotes one run) and writes the JSON.
 py-spy comes with Ray; it needs permission to read another process (root or ptrace).
 """
 

@@ -119,8 +119,9 @@ class EngineConfig(Strict):
 
     batch_invariant: bool = False
     """Run each image's rows in a U-Net forward of their own, so that an image's pixels never
-    depend on what it is batched with (0/255; bf16 kernels otherwise move a few pixels by a
-    level or two, README "Precision"). Costs the step batch's speed-up."""
+    depend on what it is batched with, on any backend. Measured on this project's CPU, bfloat16
+    rows already came out at 0/255 batched or alone, eager and compiled
+    (docs/precision-and-compilation.md). Costs the step batch's speed-up."""
 
     deepcache_levels: int = Field(0, ge=0)
     """Depth of DeepCache's shallow branch (requests' `cache_interval`): 0 runs only the last

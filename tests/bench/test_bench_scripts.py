@@ -1,7 +1,7 @@
 """Every benchmark script runs, in its smoke mode, so that a rename cannot break one silently.
 
 The numbers are not checked (this machine is shared and noisy; speed claims come from full runs
-reported in the README), only that each script finishes and writes its report. The GPU
+reported in docs/performance.md), only that each script finishes and writes its report. The GPU
 benchmark runs in an interpreter where Ray and Redis cannot be imported, as on the GPU machine,
 and must drive the serving code (the stage path and the Denoiser service), not a copy of it.
 """
@@ -107,8 +107,8 @@ def test_overload_bench_runs(tmp_path):
     # A smoke run checks that the script works: every request ends, and only with the codes of
     # an overloaded server. Whether shedding alone keeps admitted requests in their deadlines
     # (no DEADLINE_EXCEEDED) depends on the machine staying as fast as it measured itself: the
-    # full run's numbers are in the README. Two CI runs on this machine, shared with a training
-    # job, saw 40 DEADLINE_EXCEEDED in the flood and 417 RESOURCE_EXHAUSTED in the soak.
+    # full run's numbers are in docs/performance.md. Two CI runs on this machine, shared with a
+    # training job, saw 40 DEADLINE_EXCEEDED in the flood and 417 RESOURCE_EXHAUSTED in the soak.
     overloaded = {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
     for flood in report["flood"]:
         assert flood["flood"]["requests"] == flood["requests"]

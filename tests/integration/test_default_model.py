@@ -63,7 +63,7 @@ def test_eight_concurrent_prompts_get_their_own_colors(stub):
 
 
 def test_image_to_image_and_inpainting_follow_the_new_prompt(stub, tmp_path):
-    """The README's demo (issue 15): a red circle repainted green (image-to-image, strength
+    """The demo of docs/image-inputs.md: a red circle repainted green (image-to-image, strength
     0.75), then its background alone repainted yellow (inpainting with the checker's background
     mask), judged by `sdserve check-image`."""
 

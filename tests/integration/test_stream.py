@@ -95,7 +95,8 @@ def test_cancelled_denoiser_call_leaves_the_batch(server):
 
 # Between Serve's gRPC proxy and the ingress, Serve forwards a client's cancellation on a best
 # effort basis (ray-project/ray#52533, #44644): measured here, it missed about one call in five
-# to seven, and the proxy's own gRPC server never saw the missed ones (README, "Cancellation").
+# to seven, and the proxy's own gRPC server never saw the missed ones (docs/operations.md,
+# "Cancellation").
 # That is a limit of Serve, not a flake, so the test below measures the rate over a fixed number
 # of cancellations and states the limit, instead of retrying until one gets through. From the
 # ingress inward sdserve cancels every stage call itself (the test above; 50 of 50 in

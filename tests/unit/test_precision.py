@@ -51,7 +51,7 @@ def test_bf16_matches_diffusers_in_bf16(
     diffusers in float32). sdserve keeps the latents and the scheduler's arithmetic in float32
     between steps where diffusers keeps them in bfloat16, so single pixels differ by a few
     levels (measured up to 6/255 here, mean under 1) while sdserve's image is as close to the
-    float32 one as diffusers' bfloat16 image is (closer at 50 steps: README "Precision")."""
+    float32 one as diffusers' bfloat16 image is (docs/precision-and-compilation.md)."""
     kwargs = dict(prompt="a red circle", negative_prompt="blurry", steps=12, guidance=guidance,
                   width=64, height=48, seed=7)  # fmt: skip
     ours = _ours(bf16_stages, scheduler=scheduler, **kwargs).astype(int)

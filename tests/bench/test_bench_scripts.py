@@ -79,7 +79,7 @@ def test_metrics_bench_runs(tmp_path):
 
 def test_serving_bench_runs(tmp_path):
     out = tmp_path / "serving.json"
-    _run("bench/bench_serving.py", "--smoke", "--model", "tiny", "--out", str(out), timeout=900)
+    _run("bench/bench_serving.py", "--smoke", "--model", "tiny", "--out", str(out), timeout=540)
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"diffusers", "rayserve", "rayserve-bf16", "rayserve-1t",
                                       "sdserve", "sdserve-fp32"}  # fmt: skip

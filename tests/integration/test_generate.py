@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 
 import grpc
 import numpy as np
@@ -97,7 +98,11 @@ def test_defaults_and_response_fields(server, stub):
     t = reply.timings
     assert min(t.text_encoder_s, t.denoiser_s, t.vae_decoder_s) > 0
     assert t.total_s >= t.text_encoder_s + t.denoiser_s + t.vae_decoder_s
-    assert reply.request_id
+    assert t.vae_encoder_s == 0  # text-to-image: no VaeEncoder call
+    # Serve's request id (a UUID, what its log lines carry), one per call
+    again = stub.Generate(diffusion_pb2.GenerateRequest(prompt="a tree", seed=3, steps=2),
+                          timeout=60)  # fmt: skip
+    assert uuid.UUID(reply.request_id) != uuid.UUID(again.request_id)
 
 
 def test_num_images_have_consecutive_seeds_and_match_single_requests(stub):

@@ -60,6 +60,9 @@ def test_cli_image_input_equals_diffusers(server, tiny_model, tmp_path, kind, sc
 
 
 def test_generate_reports_the_vae_encoder_and_the_strength(stub):
+    text_only = stub.Generate(diffusion_pb2.GenerateRequest(prompt="x", steps=4, seed=1),
+                              timeout=60)  # fmt: skip
+    assert text_only.timings.vae_encoder_s == 0  # no image: the VaeEncoder is not called
     request = diffusion_pb2.GenerateRequest(prompt="x", steps=4, seed=1, init_image=_png(INIT))
     reply = stub.Generate(request, timeout=60)
     assert reply.timings.vae_encoder_s > 0

@@ -195,7 +195,7 @@ class StagePath:
         vae_s = time.perf_counter() - t
 
         timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
-                          vae_encoder_s=image_s)  # fmt: skip
+                          vae_encoder_s=image_s if init is not None else 0.0)  # fmt: skip
         seconds = {"text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}
         if init is not None:
             seconds["vae_encoder"] = image_s

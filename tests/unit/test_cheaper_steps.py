@@ -180,7 +180,8 @@ def test_exact_rows_are_unchanged_among_cheaper_ones(path):
     before = _stats(path)
     results = asyncio.run(together())
     after = _stats(path)
-    assert after.shared_steps - before.shared_steps >= 1
+    # the five share the batch's forwards from its first steps (measured: all 10 shared)
+    assert after.shared_steps - before.shared_steps >= BASE["steps"] - 2
     assert after.shallow_rows - before.shallow_rows > 0
     for solo, batched in zip(alone, results, strict=True):  # the cheap ones are exact per row too
         assert np.abs(_pixels(solo.pngs[0]) - _pixels(batched.pngs[0])).max() <= 2

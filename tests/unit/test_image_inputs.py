@@ -139,10 +139,11 @@ def test_batched_with_text_to_image_equals_solo(in_process_path):
     before = path.client.denoiser.stats_message()
     results = asyncio.run(together())
     after = path.client.denoiser.stats_message()
-    assert after.shared_steps - before.shared_steps >= 1
     assert after.finished - before.finished == 6
-    # alone: 6 + 4 + 4 x 8 = 42 forwards; batched together, far fewer
-    assert after.unet_steps - before.unet_steps < 42
+    # alone: 6 + 4 + 4 x 8 = 42 forwards; together, the 8 of the longest requests (measured:
+    # 8, every one shared), give or take a request joining up to 2 steps late
+    assert after.unet_steps - before.unet_steps <= 8 + 2
+    assert after.shared_steps - before.shared_steps >= 8 - 2
     for solo, batched in zip(alone, results[:2], strict=True):
         assert np.abs(_pixels(solo.pngs[0]) - _pixels(batched.pngs[0])).max() <= 2
 

@@ -87,8 +87,10 @@ def test_concurrent_requests_share_forwards_and_keep_their_pixels(path):
         return alone, before, together, _stats(path)
 
     alone, before, together, after = asyncio.run(main())
-    assert after.shared_steps - before.shared_steps >= 1
-    assert after.unet_steps - before.unet_steps < 6 * 10
+    # Submitted together, the six join the batch within its first steps (measured: all six at
+    # the first): at most 2 of the 10 forwards miss one of them, against 60 forwards alone.
+    assert after.unet_steps - before.unet_steps <= 10 + 2
+    assert after.shared_steps - before.shared_steps >= 10 - 2
     assert after.finished - before.finished == 6
     assert np.abs(_pixels(alone.pngs[0]) - _pixels(together[3].pngs[0])).max() <= 2
 

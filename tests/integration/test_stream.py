@@ -198,5 +198,7 @@ def test_concurrent_requests_share_u_net_steps(server, stub):
         t.join()
     assert not errors and len(replies) == 6
     after = denoiser_stats(server.config.server.app_name)
-    assert after.shared_steps - before.shared_steps >= 1  # forwards covered several requests
-    assert after.unet_steps - before.unet_steps < 6 * 20  # steps were shared
+    # Six 20-step requests sent at once join one running batch (measured here: 21 forwards, all
+    # shared, against 120 alone); the bound leaves 5 forwards for arrivals spread by the proxy.
+    assert after.unet_steps - before.unet_steps <= 20 + 5
+    assert after.shared_steps - before.shared_steps >= 20 - 5

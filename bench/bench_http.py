@@ -27,7 +27,7 @@ from pathlib import Path
 from sdserve.config import SdserveConfig
 from sdserve.constants import DEFAULT_MODEL_DIR
 from sdserve.loadtest import Mix, drive, run_loadtest
-from sdserve.loadtest_http import run_http_loadtest
+from sdserve.loadtest.http_target import run_http_loadtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import PROMPTS, InProcessDiffusers, deploy_sdserve_only  # noqa: E402

@@ -31,8 +31,9 @@ interleaved so that drift on a shared machine hits all three alike:
 
 It prints ratios (sdserve over each other system), sdserve's U-Net busy share of each run (the
 Denoiser's seconds in U-Net steps over the run's wall time) and its recompiles, and draws one
-picture per run (`sdserve.plot`). The JSON has every number. Absolute times are not the claim:
-this machine is shared and noisy. `--smoke` runs a few requests per point with eager U-Nets.
+picture per run (`sdserve.loadtest.plot`). The JSON has every number. Absolute times are not
+the claim: this machine is shared and noisy. `--smoke` runs a few requests per point with eager
+U-Nets.
 """
 
 from __future__ import annotations
@@ -496,7 +497,7 @@ def start_redis(folder: Path):
 
 
 def report(bench: Bench, extra: dict, args, out: Path, plots: Path, size: int, steps: int) -> int:
-    from sdserve.plot import plot_report
+    from sdserve.loadtest.plot import plot_report
 
     plots.mkdir(parents=True, exist_ok=True)
     for name, rep in bench.reports.items():

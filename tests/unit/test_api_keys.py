@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdserve.auth import DEFAULT_TENANT, ApiKeys
+from sdserve.api.auth import DEFAULT_TENANT, ApiKeys
 from sdserve.errors import Unauthenticated
 
 

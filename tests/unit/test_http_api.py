@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (`sdserve.http_api`) over the in-process request path, driven
+"""The OpenAI-compatible HTTP API (`sdserve.http.app`) over the in-process request path, driven
 by the official `openai` package (through Starlette's test client, no sockets) and by plain
 HTTP for what the package does not show: status codes, error shapes, server-sent events."""
 
@@ -15,10 +15,10 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from sdserve import openai_images as oai
-from sdserve.auth import ApiKeys
+from sdserve.api.auth import ApiKeys
 from sdserve.errors import InvalidArgument
-from sdserve.http_api import HttpApi
+from sdserve.http import openai_images as oai
+from sdserve.http.app import HttpApi
 from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
 

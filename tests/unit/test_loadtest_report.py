@@ -56,7 +56,7 @@ def test_open_loop_stops_at_the_duration():
 def test_plot_draws_three_panels_of_a_report(tmp_path):
     from PIL import Image
 
-    from sdserve.plot import plot_report
+    from sdserve.loadtest.plot import plot_report
 
     report = Report(mode="open", concurrency=None, rate=2.0, wall_s=5.0)
     report.records = [Record(i, i * 0.4, 0.5 + 0.1 * (i % 3), "OK", 1) for i in range(10)]

@@ -1,11 +1,18 @@
-"""`sdserve loadtest`: bounded closed- or open-loop gRPC load (the load generator is
-sdserve.loadtest)."""
+"""`sdserve loadtest`: bounded closed- or open-loop gRPC load (the load generator is the
+library sdserve.loadtest)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import sys
+from typing import TYPE_CHECKING
 
 from sdserve.cli.options import Parents, add_cheaper_step_options, add_image_options
+
+if TYPE_CHECKING:
+    from sdserve.loadtest import Report
 
 
 def register(sub, parents: Parents) -> None:
@@ -75,8 +82,88 @@ def register(sub, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdserve import loadtest
+    """`sdserve loadtest`: builds the mix from the options, drives the load, prints the summary
+    (and writes the report and picture when asked)."""
     from sdserve.cli.options import call_metadata
+    from sdserve.loadtest import Mix, format_summary, run_loadtest
 
-    args.metadata = call_metadata()
-    return loadtest.main(args)
+    mix = Mix(
+        prompts=tuple(args.prompt) if args.prompt else Mix().prompts,
+        steps=_split(args.steps, int),
+        schedulers=_split(args.scheduler, str) if args.scheduler else ("",),
+        widths=_split(args.width, int),
+        heights=_split(args.height, int),
+        guidances=_split(args.guidance, float),
+        init_image=args.init_image or b"",
+        mask_image=args.mask or b"",
+        strengths=_split(args.strength, float),
+        image_every=max(1, args.image_every),
+        guidance_stops=_split(args.guidance_stop, float),
+        cache_intervals=_split(args.cache_interval, int),
+        models=_split(args.model, str) if args.model else ("",),
+        loras=tuple(lora_set(spec) for spec in args.lora) if args.lora else ((),),
+    )
+    requests, duration = args.requests, args.duration
+    if requests is None and duration is None:
+        requests = 50
+    common = dict(
+        mix=mix,
+        concurrency=None if args.rate else args.concurrency,
+        rate=args.rate,
+        requests=requests,
+        duration_s=duration,
+        timeout_s=args.timeout,
+        metadata=call_metadata() or (),
+        on_progress=None if args.quiet else progress_line,
+    )
+    if args.http:
+        from sdserve.loadtest.http_target import run_http_loadtest
+
+        report = asyncio.run(run_http_loadtest(args.http, **common))
+    else:
+        report = asyncio.run(
+            run_loadtest(args.server, application=args.application or "", **common)
+        )
+    if not args.quiet:
+        sys.stderr.write("\n")
+    summary = report.summary()
+    print(format_summary(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+        print(f"full report: {args.out}")
+    if args.plot:
+        from sdserve.loadtest.plot import plot_report
+
+        print(f"plot: {plot_report(report, args.plot)}")
+    return 0 if summary["ok"] else 1
+
+
+def progress_line(report: Report, in_flight: int) -> None:
+    """The live line on stderr."""
+    done = len(report.records)
+    errors = sum(r.code != "OK" for r in report.records)
+    images = sum(r.images for r in report.records)
+    rate = images / report.wall_s if report.wall_s else 0.0
+    sys.stderr.write(
+        f"\r{report.wall_s:6.1f}s  done {done}  errors {errors}  in flight {in_flight}  "
+        f"{rate:.2f} img/s   "
+    )
+    sys.stderr.flush()
+
+
+def lora_set(spec: str) -> tuple[tuple[str, float], ...]:
+    """ "none", or NAME[:SCALE] joined by "+": "cyan:0.8+pixel" -> (("cyan", 0.8), ("pixel", 1))."""
+    if spec in ("", "none"):
+        return ()
+    out = []
+    for part in spec.split("+"):
+        name, _, scale = part.partition(":")
+        out.append((name, float(scale) if scale else 1.0))
+    return tuple(out)
+
+
+def _split(text: str | None, cast) -> tuple:
+    if text is None:
+        return (None,)
+    return tuple(cast(x.strip()) for x in text.split(",") if x.strip())

@@ -1,5 +1,5 @@
 """The Pipeline deployment: serves DiffusionService (and grpc.health.v1.Health) through Ray
-Serve's gRPC proxy, and the OpenAI-compatible HTTP API (`sdserve.http_api`) through its HTTP
+Serve's gRPC proxy, and the OpenAI-compatible HTTP API (`sdserve.http.app`) through its HTTP
 proxy. Generate/GenerateStream and the HTTP API run the stage path; the job RPCs talk to the
 Redis job queue, and JobWorker replicas run the jobs.
 """
@@ -17,9 +17,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sdserve.auth import ApiKeys
+from sdserve.api.auth import ApiKeys
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
-from sdserve.http_api import HttpApi
+from sdserve.http.app import HttpApi
 from sdserve.jobs.images import ImageStore
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import job_request
@@ -135,7 +135,7 @@ class PipelineIngress:
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
 
     async def __call__(self, request: Request) -> Response:
-        """The HTTP API (what Serve's HTTP proxy sends the application): `sdserve.http_api`."""
+        """The HTTP API (what Serve's HTTP proxy sends the application): `sdserve.http.app`."""
         return await self._http.handle(request, _ray.current_request_id())
 
     @grpc_errors(diffusion_pb2.GenerateResponse)

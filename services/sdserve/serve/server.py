@@ -158,7 +158,7 @@ def wait_healthy(target: str, timeout_s: float = 120.0) -> None:
 
 def describe_access(config: SdserveConfig) -> None:
     """Says who may call: the API keys' tenants, or that the API is open."""
-    from sdserve.auth import ApiKeys
+    from sdserve.api.auth import ApiKeys
 
     path = config.server.api_key_file
     if not path:

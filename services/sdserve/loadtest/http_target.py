@@ -3,7 +3,8 @@ OpenAI-compatible HTTP API instead of gRPC (`sdserve loadtest --http URL`)."""
 
 from __future__ import annotations
 
-from sdserve.loadtest import Report, SendError, drive
+from sdserve.loadtest.drive import SendError, drive
+from sdserve.loadtest.report import Report
 from sdserve.v1 import diffusion_pb2
 
 
@@ -19,7 +20,7 @@ async def run_http_loadtest(
     authorization goes as the Authorization header."""
     import httpx
 
-    from sdserve.openai_images import generation_body
+    from sdserve.http.openai_images import generation_body
 
     headers = {k: v for k, v in metadata if k == "authorization"}
     clients = kwargs.get("concurrency") or 100

@@ -24,9 +24,9 @@ from dataclasses import asdict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from sdserve import openai_images as oai
-from sdserve.auth import ApiKeys
+from sdserve.api.auth import ApiKeys
 from sdserve.errors import InvalidArgument, NotFound, SdserveError, Unavailable
+from sdserve.http import openai_images as oai
 from sdserve.jobs.images import ImageStore
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.path import StagePath

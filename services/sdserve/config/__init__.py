@@ -14,13 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from sdserve.constants import SCHEDULER_NAMES
-from sdserve.stage_config import (  # the deployments' part of the tree, re-exported here
+from sdserve.config.deployments import (  # the deployments' part of the tree, re-exported here
     AutoscalingConfig,  # noqa: F401
     StageConfig,
     StagesConfig,
     Strict,
 )
+from sdserve.constants import SCHEDULER_NAMES
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -265,7 +265,7 @@ class ServerConfig(Strict):
 
     api_key_file: str | None = None
     """A file of API keys, one per line, each optionally followed by its tenant (see
-    sdserve/auth.py). Set: every DiffusionService call needs `authorization: Bearer KEY` and
+    sdserve/api/auth.py). Set: every DiffusionService call needs `authorization: Bearer KEY` and
     sees only its tenant's jobs. None: anyone who can reach the port may call (start-up says
     so). Every node must see the file at this path."""
 

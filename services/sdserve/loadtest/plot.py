@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sdserve.loadtest import Report
+from sdserve.loadtest.report import Report
 
 OUTCOME_COLORS = {"OK": "tab:blue", "RESOURCE_EXHAUSTED": "tab:orange",
                   "DEADLINE_EXCEEDED": "tab:red", "CANCELLED": "tab:gray"}  # fmt: skip

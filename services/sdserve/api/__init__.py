@@ -1,0 +1,1 @@
+"""The public API's own terms, shared by both edges (gRPC and HTTP) and the job queue."""

@@ -56,66 +56,88 @@ async def drive(
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
     if requests is None and duration_s is None:
         raise ValueError("give requests and/or duration_s: every run is bounded")
-    mix = mix or Mix()
-    report = Report(mode="closed" if concurrency else "open", concurrency=concurrency, rate=rate)
-    started = time.perf_counter()
-    stop_at = started + duration_s if duration_s is not None else float("inf")
-    issued = 0
-    in_flight = 0
+    load = _Load(send, mix or Mix(), requests, duration_s)
+    load.report = Report(mode="closed" if concurrency else "open", concurrency=concurrency,
+                         rate=rate)  # fmt: skip
+    ticker = asyncio.create_task(load.tick(on_progress))
+    try:
+        if concurrency:
+            await load.closed_loop(concurrency)
+        else:
+            await load.open_loop(rate, max_in_flight, seed)
+    finally:
+        ticker.cancel()
+    load.report.wall_s = time.perf_counter() - load.started
+    load.report.records.sort(key=lambda r: r.index)
+    return load.report
 
-    async def one(i: int) -> None:
-        nonlocal in_flight
-        in_flight += 1
+
+class _Load:
+    """One run of `drive`: the requests it has issued, those in flight, their records."""
+
+    def __init__(self, send: Sender, mix: Mix, requests: int | None, duration_s: float | None):
+        self.send, self.mix, self.requests = send, mix, requests
+        self.started = time.perf_counter()
+        self.stop_at = self.started + duration_s if duration_s is not None else float("inf")
+        self.issued = 0
+        self.in_flight = 0
+        self.report: Report
+
+    def take(self) -> int | None:
+        """The next request's index, or None once the run's bound is reached."""
+        if time.perf_counter() >= self.stop_at or (
+            self.requests is not None and self.issued >= self.requests
+        ):
+            return None
+        self.issued += 1
+        return self.issued - 1
+
+    async def one(self, i: int) -> None:
+        """Sends request i and records how it ended."""
+        self.in_flight += 1
         t0 = time.perf_counter()
-        request = mix.request(i)
+        request = self.mix.request(i)
         kind = "inpaint" if request.mask_image else "image" if request.init_image else "text"
         kind = f"{request.model}:{kind}" if request.model else kind
         try:
-            code, images = "OK", await send(request)
+            code, images = "OK", await self.send(request)
         except (grpc.aio.AioRpcError, SendError) as exc:
             code, images = SendError.code_of(exc), 0
         finally:
-            in_flight -= 1
+            self.in_flight -= 1
         latency = time.perf_counter() - t0
-        report.records.append(Record(i, t0 - started, latency, code, images, kind))
+        self.report.records.append(Record(i, t0 - self.started, latency, code, images, kind))
 
-    def take() -> int | None:
-        nonlocal issued
-        if time.perf_counter() >= stop_at or (requests is not None and issued >= requests):
-            return None
-        issued += 1
-        return issued - 1
+    async def closed_loop(self, concurrency: int) -> None:
+        """`concurrency` clients, each sending its next request when its last one ends."""
 
-    async def progress() -> None:
+        async def client() -> None:
+            while (i := self.take()) is not None:
+                await self.one(i)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+
+    async def open_loop(self, rate: float, max_in_flight: int, seed: int) -> None:
+        """Poisson arrivals of `rate` per second; an arrival past `max_in_flight` outstanding
+        requests is recorded as CLIENT_OVERLOAD and not sent."""
+        rng = random.Random(seed)
+        tasks = []
+        next_at = time.perf_counter()
+        while (i := self.take()) is not None:
+            next_at += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            if self.in_flight >= max_in_flight:
+                self.report.records.append(
+                    Record(i, next_at - self.started, 0.0, "CLIENT_OVERLOAD", 0)
+                )
+                continue
+            tasks.append(asyncio.create_task(self.one(i)))
+        await asyncio.gather(*tasks)
+
+    async def tick(self, on_progress: Callable[[Report, int], None] | None) -> None:
+        """Calls `on_progress` every half second with the report so far."""
         while True:
             await asyncio.sleep(0.5)
             if on_progress is not None:
-                report.wall_s = time.perf_counter() - started
-                on_progress(report, in_flight)
-
-    ticker = asyncio.create_task(progress())
-    try:
-        if concurrency:
-
-            async def client() -> None:
-                while (i := take()) is not None:
-                    await one(i)
-
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-        else:
-            rng = random.Random(seed)
-            tasks = []
-            next_at = time.perf_counter()
-            while (i := take()) is not None:
-                next_at += rng.expovariate(rate)
-                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                if in_flight >= max_in_flight:
-                    report.records.append(Record(i, next_at - started, 0.0, "CLIENT_OVERLOAD", 0))
-                    continue
-                tasks.append(asyncio.create_task(one(i)))
-            await asyncio.gather(*tasks)
-    finally:
-        ticker.cancel()
-    report.wall_s = time.perf_counter() - started
-    report.records.sort(key=lambda r: r.index)
-    return report
+                self.report.wall_s = time.perf_counter() - self.started
+                on_progress(self.report, self.in_flight)

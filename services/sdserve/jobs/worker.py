@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
-import random
 import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ResponseError
 
 from sdserve.errors import SdserveError, Unavailable
@@ -50,19 +51,52 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class Backoff:
-    """Exponential backoff with jitter, for reconnecting to Redis."""
+RECONNECT = EqualJitterBackoff(cap=5.0, base=0.1)
+"""The wait before the next try while Redis is unreachable: `compute(failures)` is 0.1 s doubling
+per failure up to 5 s, drawn from its upper half (redis-py's equal jitter). Failures count from
+0 and start again after a success."""
 
-    def __init__(self, base_s: float = 0.1, cap_s: float = 5.0):
-        self.base_s, self.cap_s, self.failures = base_s, cap_s, 0
 
-    def reset(self) -> None:
-        self.failures = 0
+class _AttemptWatch:
+    """What one attempt hears while it runs: it renews the lease every `lease_s / 3`, hears
+    CancelJob at once, and reports steps; `stopped` is set once a cancel request or a lost lease
+    is seen (`lost` tells which)."""
 
-    async def sleep(self) -> None:
-        delay = min(self.cap_s, self.base_s * 2**self.failures)
-        self.failures += 1
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, token: int):
+        self.queue, self.delivery, self.consumer, self.token = queue, delivery, consumer, token
+        self.stopped = asyncio.Event()
+        self.lost = False
+
+    def seen(self, answer: Lease) -> None:
+        if answer is Lease.LOST:
+            self.lost = True
+            self.stopped.set()
+        elif answer is Lease.CANCEL_REQUESTED:
+            self.stopped.set()
+
+    async def report(self, step: int, total: int) -> None:
+        """The attempt's `Report`."""
+        if self.stopped.is_set():  # cancelled or lost: this attempt records no more steps
+            return
+        # Progress is best effort; the lease decides who owns the job.
+        with contextlib.suppress(Unavailable):
+            self.seen(await self.queue.progress(self.delivery, self.token, step, total))
+
+    async def renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.queue.lease_s / 3)
+            with contextlib.suppress(Unavailable):
+                self.seen(await self.queue.renew(self.delivery, self.consumer, self.token))
+
+    async def watch_cancel(self) -> None:
+        """Steps may be reported seldom: this hears CancelJob at once."""
+        while True:
+            try:
+                await self.queue.wait_for_cancel(self.delivery.job_id)
+                self.seen(Lease.CANCEL_REQUESTED)
+                return
+            except Unavailable:
+                await asyncio.sleep(self.queue.lease_s / 3)
 
 
 class Worker:
@@ -103,7 +137,7 @@ class Worker:
         self._stopping.set()
 
     async def _slot(self) -> None:
-        backoff = Backoff()
+        failures = 0
         backlog: list[Delivery] = []
         while not self._stopping.is_set():
             try:
@@ -112,10 +146,8 @@ class Worker:
                     self._redis_back()
                 if backlog:
                     await self._process(backlog.pop(0))
-                backoff.reset()
             except Unavailable as exc:
                 self._redis_lost(exc)
-                await backoff.sleep()
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis came back empty: recreate the groups
                     logger.warning("job worker %s: consumer group missing; recreating it",
@@ -123,10 +155,13 @@ class Worker:
                     await self._quietly(self.queue.ensure_groups())
                 else:
                     logger.exception("job worker %s: Redis error", self.consumer)
-                await backoff.sleep()
             except Exception:
                 logger.exception("job worker %s: unexpected error", self.consumer)
-                await backoff.sleep()
+            else:
+                failures = 0
+                continue
+            await asyncio.sleep(RECONNECT.compute(failures))
+            failures += 1
 
     def _redis_lost(self, exc: Exception) -> None:
         if self._redis_down_since is None:
@@ -172,49 +207,28 @@ class Worker:
             self.running -= 1
 
     async def _attempt(self, delivery: Delivery, token: int, request: bytes) -> None:
-        """Runs one attempt to its end (or until the job is cancelled or lost)."""
+        """Runs one attempt to its end (or until the job is cancelled or lost), then ends it."""
         job = delivery.job_id
         logger.info("job %s: attempt %d on %s", job, token, self.consumer)
         t0 = time.perf_counter()
-        stop = asyncio.Event()
-        lost = False
+        watch = _AttemptWatch(self.queue, delivery, self.consumer, token)
+        run = await self._run_watched(watch, request)
+        if watch.lost:
+            self._count("lost")
+            logger.warning("job %s: attempt %d lost its lease to another worker", job, token)
+            return
+        await self._settle(delivery, token, run, time.perf_counter() - t0)
 
-        def seen(answer: Lease) -> None:
-            nonlocal lost
-            if answer is Lease.LOST:
-                lost = True
-                stop.set()
-            elif answer is Lease.CANCEL_REQUESTED:
-                stop.set()
-
-        async def report(step: int, total: int) -> None:
-            if stop.is_set():  # cancelled or lost: this attempt records no more steps
-                return
-            # Progress is best effort; the lease decides who owns the job.
-            with contextlib.suppress(Unavailable):
-                seen(await self.queue.progress(delivery, token, step, total))
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(self.queue.lease_s / 3)
-                with contextlib.suppress(Unavailable):
-                    seen(await self.queue.renew(delivery, self.consumer, token))
-
-        async def watch_cancel() -> None:  # steps may be reported seldom: hear CancelJob at once
-            while True:
-                try:
-                    await self.queue.wait_for_cancel(job)
-                    seen(Lease.CANCEL_REQUESTED)
-                    return
-                except Unavailable:
-                    await asyncio.sleep(self.queue.lease_s / 3)
-
-        run = asyncio.create_task(self.run(request, job, report))
-        helpers = [asyncio.create_task(renew()), asyncio.create_task(watch_cancel())]
-        stopped = asyncio.create_task(stop.wait())
+    async def _run_watched(self, watch: _AttemptWatch, request: bytes) -> asyncio.Task | None:
+        """Runs the attempt while `watch` renews its lease and listens for CancelJob. Returns
+        the attempt's finished task, or None if a cancel request or a lost lease stopped it."""
+        job = watch.delivery.job_id
+        run = asyncio.create_task(self.run(request, job, watch.report))
+        helpers = [asyncio.create_task(watch.renew()), asyncio.create_task(watch.watch_cancel())]
+        stopped = asyncio.create_task(watch.stopped.wait())
         try:
             done, _ = await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finished = run in done
+            return run if run in done else None
         finally:  # also when this worker is shut down: the lease then runs out, and another
             for helper in helpers:  # worker takes the job over
                 helper.cancel()
@@ -227,12 +241,12 @@ class Worker:
                 await asyncio.wait({run}, timeout=self.queue.lease_s / 2)
                 run.add_done_callback(_consume)
 
-        if lost:
-            self._count("lost")
-            logger.warning("job %s: attempt %d lost its lease to another worker", job, token)
-            return
-        took = time.perf_counter() - t0
-        if not finished:  # a cancel request stopped it
+    async def _settle(self, delivery: Delivery, token: int, run: asyncio.Task | None,
+                      took: float) -> None:  # fmt: skip
+        """Ends an attempt that kept its lease: cancelled (`run` is None: a cancel request
+        stopped it), succeeded, failed for good (a `PERMANENT_ERRORS` code), or to be retried."""
+        job = delivery.job_id
+        if run is None:
             await self._end(delivery, token, Outcome.CANCELLED, error="cancelled by CancelJob")
             logger.info("job %s: cancelled after %.2fs", job, took)
             return
@@ -255,9 +269,8 @@ class Worker:
         """Ends the attempt, retrying while Redis is down, and counts what happened. If Redis
         stays down past the lease, another worker may run the job again (at least once); this
         write is then refused. Returns the job's new state (None if the attempt lost it)."""
-        backoff = Backoff()
         deadline = time.monotonic() + max(60.0, 3 * self.queue.lease_s)
-        while True:
+        for failures in itertools.count():
             try:
                 state = await self.queue.end(delivery, token, outcome, **kw)
                 if state is None:
@@ -271,7 +284,7 @@ class Worker:
                 self._redis_lost(exc)
                 if time.monotonic() > deadline:
                     raise
-                await backoff.sleep()
+                await asyncio.sleep(RECONNECT.compute(failures))
 
 
 def _consume(task: asyncio.Task) -> None:

@@ -55,8 +55,8 @@ from sdserve.pipeline.models import (
     sdxl_pipeline,
     vae_scale_factor,
 )
-from sdserve.pipeline.step import pooled_width, takes_text_time, time_ids
 from sdserve.pipeline.text import TextEncoder
+from sdserve.pipeline.text_time import pooled_width, takes_text_time, time_ids
 from sdserve.pipeline.vae import VaeDecoder
 from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.runtime import TorchThread

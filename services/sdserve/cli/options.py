@@ -178,3 +178,23 @@ def rpc_error(exc) -> int:
     """Prints a ClientError as `CODE: message` on stderr; returns EXIT_RPC_ERROR."""
     print(exc, file=sys.stderr)
     return EXIT_RPC_ERROR
+
+
+def progress_bars(descriptions: dict[str, str] | None = None):
+    """A `progress(phase, step, total, loss)` callback that shows a tqdm bar per phase."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, step: int, total: int, loss: float) -> None:
+        if phase not in bars:
+            desc = (descriptions or {}).get(phase, f"training the {phase}")
+            bars[phase] = tqdm(total=total, desc=desc, unit="step")
+        bar = bars[phase]
+        bar.update(step - bar.n)
+        if loss:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == total:
+            bar.close()
+
+    return progress

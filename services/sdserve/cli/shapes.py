@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdserve.cli.options import Parents
+from sdserve.cli.options import Parents, progress_bars
 from sdserve.cli.shapes_lora import add_lora_eval_options, register_train_lora, run_eval_lora
 
 
@@ -111,26 +111,6 @@ def register_check(sub) -> None:
         "repaints the background and keeps the shape: generate --mask MASK.png)",
     )
     check.set_defaults(func=run_check)
-
-
-def progress_bars(descriptions: dict[str, str] | None = None):
-    """A `progress(phase, step, total, loss)` callback that shows a tqdm bar per phase."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def progress(phase: str, step: int, total: int, loss: float) -> None:
-        if phase not in bars:
-            desc = (descriptions or {}).get(phase, f"training the {phase}")
-            bars[phase] = tqdm(total=total, desc=desc, unit="step")
-        bar = bars[phase]
-        bar.update(step - bar.n)
-        if loss:
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if step == total:
-            bar.close()
-
-    return progress
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora_layers import LoraLayers
 from sdserve.pipeline.precision import resolve_dtype
 from sdserve.pipeline.sample import Sample, make_sample
-from sdserve.pipeline.step import TextTime, pooled_width, takes_text_time, time_ids, unet_step
+from sdserve.pipeline.step import unet_step
+from sdserve.pipeline.text_time import TextTime, pooled_width, takes_text_time, time_ids
 from sdserve.pipeline.threads import set_threads
 
 if TYPE_CHECKING:

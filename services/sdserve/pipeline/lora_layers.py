@@ -20,15 +20,13 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from sdserve.pipeline.lora import LoraAdapter, LoraFactors
+from sdserve.pipeline.lora_adapter import LoraAdapter, LoraFactors
 
-RowPlan = Sequence[Sequence[tuple["LoraAdapter", float]]]
+RowPlan = Sequence[Sequence[tuple[LoraAdapter, float]]]
 """One entry per batch row: the (adapter, scale) pairs that row uses (empty: none)."""
 
 

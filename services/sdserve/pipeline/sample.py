@@ -22,7 +22,7 @@ from sdserve.pipeline.images import (
     strength_timesteps,
 )
 from sdserve.pipeline.schedulers import make_scheduler
-from sdserve.pipeline.step import TextTime
+from sdserve.pipeline.text_time import TextTime
 
 if TYPE_CHECKING:
     from sdserve.pipeline.lora import LoraAdapter

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from sdserve.api.proto import fields_from_pb
 from sdserve.config import SdserveConfig
 from sdserve.loadtest import Mix, drive
 from sdserve.orchestration.in_process import InProcessStageClient
@@ -74,7 +75,7 @@ def run_config(path: StagePath, mix: Mix, concurrency: int, requests: int) -> di
     service = path.client.denoiser
 
     async def send(request) -> int:
-        params = await path.validate(request)
+        params = await path.validate(fields_from_pb(request))
         result = [event async for event in path.run(params)][-1]
         return len(result.pngs)
 

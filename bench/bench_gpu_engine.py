@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from sdserve.api.proto import fields_from_pb
+from sdserve.api.types import Result
 from sdserve.config import SdserveConfig
 from sdserve.loadtest import Mix, drive
 from sdserve.metrics import StatsLogger
@@ -64,7 +66,6 @@ from sdserve.stages.text_encoder import TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
 from sdserve.stages.vae_encoder import VaeEncoderService
 from sdserve.testing.architectures import random_parts
-from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
 
 GUIDANCE = 7.5
@@ -140,7 +141,7 @@ class Bench:
         unet_before = self.stats.denoiser.unet_seconds
 
         async def one(i: int) -> None:
-            params = await path.validate(self.request(i))
+            params = await path.validate(fields_from_pb(self.request(i)))
             async for _ in path.run(params):
                 pass
 
@@ -151,7 +152,7 @@ class Bench:
 
     async def closed_loop(self, path: StagePath, clients: int, requests: int) -> dict:
         async def send(request: diffusion_pb2.GenerateRequest) -> int:
-            params = await path.validate(request)
+            params = await path.validate(fields_from_pb(request))
             async for event in path.run(params):
                 if isinstance(event, Result):
                     return len(event.pngs)

@@ -12,12 +12,13 @@ import uuid
 import pytest
 from helpers import EAGER
 
+from sdserve.api.proto import fields_from_pb
+from sdserve.api.types import Result
 from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.jobs.queue import JobQueue, JobState, wait_for
 from sdserve.jobs.runner import JobRunner
 from sdserve.jobs.worker import Worker
 from sdserve.orchestration.path import StagePath
-from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,7 +50,7 @@ def test_a_job_makes_the_images_generate_makes(redis_server, path):
         async with _worker(redis_server, path) as (queue, worker, bound):
             job_id, _ = await queue.submit(request.SerializeToString(), total_steps=5)
             record = await wait_for(queue, job_id, 60)
-            direct = [e async for e in path.run(await path.validate(request))][-1]
+            direct = [e async for e in path.run(await path.validate(fields_from_pb(request)))][-1]
             return record, worker, bound, job_id, direct
 
     record, worker, bound, job_id, direct = asyncio.run(main())
@@ -118,7 +119,7 @@ def test_a_retried_job_keeps_the_parameters_it_was_submitted_with(redis_server, 
     redeployed = StagePath(path.client, other)
 
     async def main():
-        params = await path.validate(request)  # the configuration at submission
+        params = await path.validate(fields_from_pb(request))  # the configuration at submission
         direct = [e async for e in path.run(params)][-1]
         queue = JobQueue(redis_server.url, key_prefix=f"r{uuid.uuid4().hex[:8]}:")
         worker = Worker(queue, JobRunner(redeployed), block_ms=100)

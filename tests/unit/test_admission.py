@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from sdserve.api.types import GenerateParams
 from sdserve.errors import ResourceExhausted
 from sdserve.orchestration.admission import Admission
-from sdserve.types import GenerateParams
 from sdserve.v1 import stages_pb2
 
 

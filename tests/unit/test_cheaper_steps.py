@@ -16,10 +16,10 @@ import torch
 from helpers import diffusers_image
 from PIL import Image
 
+from sdserve.api.proto import result_to_pb
+from sdserve.api.types import GenerateFields, Result
 from sdserve.errors import InvalidArgument
 from sdserve.pipeline import deepcache
-from sdserve.types import Result
-from sdserve.v1 import diffusion_pb2
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -27,7 +27,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 
 async def _generate(path, **fields) -> Result:
-    params = await path.validate(diffusion_pb2.GenerateRequest(**fields))
+    params = await path.validate(GenerateFields(**fields))
     return [event async for event in path.run(params)][-1]
 
 
@@ -199,13 +199,13 @@ def test_exact_rows_are_unchanged_among_cheaper_ones(path):
 )
 def test_out_of_range_knobs_name_their_field(path, fields, field):
     with pytest.raises(InvalidArgument) as error:
-        asyncio.run(path.validate(diffusion_pb2.GenerateRequest(prompt="x", **fields)))
+        asyncio.run(path.validate(GenerateFields(prompt="x", **fields)))
     assert error.value.field == field
 
 
 def test_the_knobs_are_in_the_response_and_the_png(path):
     result = asyncio.run(_generate(path, **BASE, guidance_stop=0.4, cache_interval=2))
-    resolved = result.to_response().parameters
+    resolved = result_to_pb(result).parameters
     assert resolved.guidance_stop == pytest.approx(0.4) and resolved.cache_interval == 2
     text = Image.open(io.BytesIO(result.pngs[0])).text["parameters"]
     assert "Guidance stop: 0.4, DeepCache interval: 2" in text

@@ -16,10 +16,10 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from sdserve.api.auth import ApiKeys
+from sdserve.api.types import GenerateFields, Result
 from sdserve.errors import InvalidArgument
 from sdserve.http import openai_images as oai
 from sdserve.http.app import HttpApi
-from sdserve.types import Result
 from sdserve.v1 import diffusion_pb2
 
 KEY = "sk-test-0123456789abcdef"
@@ -43,7 +43,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 
 async def _grpc_png(path, **fields) -> bytes:
-    params = await path.validate(diffusion_pb2.GenerateRequest(**fields))
+    params = await path.validate(GenerateFields(**fields))
     return [e async for e in path.run(params) if isinstance(e, Result)][0].pngs[0]
 
 

@@ -12,12 +12,11 @@ import pytest
 from helpers import EAGER, diffusers_image
 from PIL import Image
 
+from sdserve.api.types import GenerateFields, Progress, Result
 from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.errors import InvalidArgument
 from sdserve.orchestration.in_process import InProcessStageClient
 from sdserve.orchestration.path import StagePath
-from sdserve.types import Progress, Result
-from sdserve.v1 import diffusion_pb2
 
 
 def _png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -69,7 +68,7 @@ def _pipeline(kind: str, model_dir):
 
 
 async def _generate(path, **fields) -> Result:
-    params = await path.validate(diffusion_pb2.GenerateRequest(**fields))
+    params = await path.validate(GenerateFields(**fields))
     return [event async for event in path.run(params)][-1]
 
 
@@ -117,7 +116,7 @@ def test_equals_diffusers(channels, kind, scheduler, strength, request):
 def test_runs_steps_times_strength(in_process_path):
     async def main():
         fields = _fields("img2img", "ddim", 0.7) | {"steps": 10}
-        params = await in_process_path.validate(diffusion_pb2.GenerateRequest(**fields))
+        params = await in_process_path.validate(GenerateFields(**fields))
         return [e async for e in in_process_path.run(params, stream=True)]
 
     progress = [e for e in asyncio.run(main()) if isinstance(e, Progress)]
@@ -170,23 +169,21 @@ BIG = np.zeros((1032, 1032, 3), np.uint8)  # 1,065,024 pixels: over the default 
     ],
 )
 def test_bad_image_inputs_name_their_field(in_process_path, fields, field):
-    request = diffusion_pb2.GenerateRequest(prompt="x", **fields)
+    request = GenerateFields(prompt="x", **fields)
     with pytest.raises(InvalidArgument) as error:
         asyncio.run(in_process_path.validate(request))
     assert error.value.field == field
 
 
 def test_jpeg_init_image_and_its_size_are_taken(in_process_path):
-    request = diffusion_pb2.GenerateRequest(
-        prompt="x", init_image=_png(_init_pixels(48, 32), "JPEG")
-    )
+    request = GenerateFields(prompt="x", init_image=_png(_init_pixels(48, 32), "JPEG"))
     params = asyncio.run(in_process_path.validate(request))
     assert (params.width, params.height, params.strength) == (48, 32, 0.8)  # 0.8: the default
 
 
 def test_an_inpainting_model_needs_image_and_mask(inpaint_path):
     for fields in (dict(), dict(init_image=_png(INIT))):
-        request = diffusion_pb2.GenerateRequest(prompt="x", **fields)
+        request = GenerateFields(prompt="x", **fields)
         with pytest.raises(InvalidArgument) as error:
             asyncio.run(inpaint_path.validate(request))
         assert error.value.field == "mask_image"

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdserve.api.types import GenerateFields, Result
 from sdserve.errors import FailedPrecondition, InvalidArgument
-from sdserve.types import Result
-from sdserve.v1 import diffusion_pb2
 
 MIX = [(), (("ink", 0.8),), (("grain", 1.0),), (("ink", 0.5), ("grain", 1.2))]
 
@@ -21,11 +20,8 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def _request(loras, seed: int) -> diffusion_pb2.GenerateRequest:
-    request = diffusion_pb2.GenerateRequest(prompt="a cat", steps=5, seed=seed, scheduler="ddim")
-    for name, scale in loras:
-        request.loras.add(name=name, scale=scale)
-    return request
+def _request(loras, seed: int) -> GenerateFields:
+    return GenerateFields(prompt="a cat", steps=5, seed=seed, scheduler="ddim", loras=loras)
 
 
 async def _png(path, request) -> tuple[bytes, object]:

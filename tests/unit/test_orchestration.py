@@ -11,9 +11,9 @@ import pytest
 from helpers import diffusers_image
 from PIL import Image
 
+from sdserve.api.proto import result_to_pb
+from sdserve.api.types import GenerateFields, Preview, Progress, Queued, Result
 from sdserve.errors import InvalidArgument
-from sdserve.types import Preview, Progress, Queued, Result
-from sdserve.v1 import diffusion_pb2
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 
 async def _generate(path, **fields):
-    params = await path.validate(diffusion_pb2.GenerateRequest(**fields))
+    params = await path.validate(GenerateFields(**fields))
     return [event async for event in path.run(params)][-1]
 
 
@@ -43,7 +43,7 @@ def test_the_image_equals_diffusers(path, tiny_model, diffusers_pipe):
                              negative_prompt="blurry", steps=8, guidance=6.0, width=64,
                              height=48, seed=5)  # fmt: skip
     assert np.abs(_pixels(result.pngs[0]) - theirs.astype(int)).max() <= 2
-    response = result.to_response()
+    response = result_to_pb(result)
     assert [i.seed for i in response.images] == [5]
     assert response.parameters.steps == 8 and response.timings.total_s > 0
 
@@ -51,7 +51,7 @@ def test_the_image_equals_diffusers(path, tiny_model, diffusers_pipe):
 def test_stream_events_are_complete_and_ordered(path):
     async def main():
         params = await path.validate(
-            diffusion_pb2.GenerateRequest(prompt="a cat", steps=6, seed=1, scheduler="ddim")
+            GenerateFields(prompt="a cat", steps=6, seed=1, scheduler="ddim")
         )
         return [e async for e in path.run(params, stream=True, preview_every=3)]
 
@@ -70,7 +70,7 @@ def test_progress_can_be_coalesced(path):
     always reported, steps in between at most that often."""
 
     async def main():
-        params = await path.validate(diffusion_pb2.GenerateRequest(prompt="x", steps=20, seed=2))
+        params = await path.validate(GenerateFields(prompt="x", steps=20, seed=2))
         events = path.run(params, stream=True, progress_interval_s=60.0)
         return [e.step for e in [e async for e in events] if isinstance(e, Progress)]
 
@@ -100,7 +100,7 @@ def test_a_cancelled_request_leaves_the_batch_within_one_step(path, how):
     """50 of 50: closing the stream or cancelling the awaiting task frees the slot at once."""
 
     async def one(seed: int) -> None:
-        params = await path.validate(diffusion_pb2.GenerateRequest(
+        params = await path.validate(GenerateFields(
             prompt="a long one", steps=150, seed=seed, guidance_scale=1.0))  # fmt: skip
         if how == "close the stream":
             events = path.run(params, stream=True)
@@ -146,7 +146,7 @@ def test_a_deadline_drops_the_request_in_the_denoiser_never_decoded(path):
     from sdserve.errors import DeadlineExceeded
 
     async def main():
-        params = await path.validate(diffusion_pb2.GenerateRequest(
+        params = await path.validate(GenerateFields(
             prompt="slow", steps=150, seed=1, guidance_scale=1.0))  # fmt: skip
         before = _stats(path)
         with pytest.raises(DeadlineExceeded, match="deadline exceeded"):
@@ -166,13 +166,13 @@ def test_a_deadline_drops_the_request_in_the_denoiser_never_decoded(path):
 
 def test_a_request_names_its_model_and_unknown_names_are_invalid(path):
     async def main():
-        params = await path.validate(diffusion_pb2.GenerateRequest(prompt="a cat"))
+        params = await path.validate(GenerateFields(prompt="a cat"))
         assert params.model == path.default_model == "default"
         result = await _generate(path, prompt="a cat", steps=2, seed=1, model="default")
         assert result.params.model == "default"
         assert "Model: default" in Image.open(io.BytesIO(result.pngs[0])).text["parameters"]
         with pytest.raises(InvalidArgument) as err:
-            await path.validate(diffusion_pb2.GenerateRequest(prompt="a cat", model="xl"))
+            await path.validate(GenerateFields(prompt="a cat", model="xl"))
         assert err.value.field == "model" and "this server serves default" in str(err.value)
         (served,) = await path.models()
         assert (served.name, served.family, served.native_size) == ("default", "sd1", (64, 64))

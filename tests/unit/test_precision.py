@@ -80,6 +80,7 @@ def test_latents_stay_float32_around_a_bf16_unet(bf16_stages):
 def test_auto_on_this_machine_and_the_stages_say_so(tiny_model):
     """auto resolves per device, and ListModels reports each stage's dtype and compile mode
     (here through the in-process request path)."""
+    from sdserve.api.proto import served_model_to_pb
     from sdserve.config import ModelConfig, SdserveConfig
     from sdserve.orchestration.in_process import InProcessStageClient
     from sdserve.orchestration.path import StagePath
@@ -97,7 +98,7 @@ def test_auto_on_this_machine_and_the_stages_say_so(tiny_model):
         (name, "cpu", expected, "off")
         for name in ("text_encoder", "vae_encoder", "denoiser", "vae_decoder")
     ]
-    pb = model.to_pb()
+    pb = served_model_to_pb(model)
     assert [s.dtype for s in pb.stages] == [expected] * 4
 
 

@@ -1,14 +1,18 @@
-"""Request validation and tensor messages (no Ray, no model)."""
+"""Request validation, the public request's conversion, and tensor messages (no Ray, no model)."""
 
+import io
 import math
 
 import pytest
 import torch
+from PIL import Image
 
+from sdserve.api.proto import fields_from_pb, params_to_pb
+from sdserve.api.types import GenerateFields
+from sdserve.api.validate import validate_fields
 from sdserve.config import DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
 from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
-from sdserve.types import GenerateParams
 from sdserve.v1 import diffusion_pb2
 
 LIMITS = LimitsConfig(
@@ -43,8 +47,12 @@ BAD_REQUESTS = [
 
 
 def _parse(**fields):
-    request = diffusion_pb2.GenerateRequest(**{"prompt": "a cat", **fields})
-    return GenerateParams.from_pb(request, limits=LIMITS, defaults=DEFAULTS, native_size=(64, 48))
+    return _parse_pb(diffusion_pb2.GenerateRequest(**{"prompt": "a cat", **fields}))
+
+
+def _parse_pb(request: diffusion_pb2.GenerateRequest):
+    fields = fields_from_pb(request)
+    return validate_fields(fields, limits=LIMITS, defaults=DEFAULTS, native_size=(64, 48))
 
 
 @pytest.mark.parametrize(("field", "fields"), BAD_REQUESTS)
@@ -78,11 +86,24 @@ def test_explicit_values_are_kept():
     assert (params.width, params.height, params.steps) == (128, 32, 3)
     assert params.guidance_scale == 0.0 and not params.guided
     assert params.seeds == [2**64 - 1, 0, 1]
-    assert params.to_pb().HasField("seed")
-    assert (
-        GenerateParams.from_pb(params.to_pb(), limits=LIMITS, defaults=DEFAULTS, native_size=(8, 8))
-        == params
-    )
+    assert params_to_pb(params).HasField("seed")
+    again = fields_from_pb(params_to_pb(params))
+    assert validate_fields(again, limits=LIMITS, defaults=DEFAULTS, native_size=(8, 8)) == params
+
+
+def test_unset_fields_are_none_and_set_zeros_are_kept():
+    """The request's `optional` fields: unset is None (the default applies), a 0 sent stays 0
+    (and is refused where 0 is invalid)."""
+    request = diffusion_pb2.GenerateRequest(prompt="a cat", steps=0, guidance_scale=0.0)
+    request.loras.add(name="grain")
+    request.loras.add(name="ink", scale=0.7)
+    fields = fields_from_pb(request)
+    assert (fields.steps, fields.guidance_scale) == (0, 0.0)
+    assert fields.width is None and fields.seed is None and fields.strength is None
+    assert fields.loras[0] == ("grain", None)
+    assert fields.loras[1][0] == "ink" and fields.loras[1][1] == pytest.approx(0.7)
+    assert fields == GenerateFields(prompt="a cat", steps=0, guidance_scale=0.0,
+                                    loras=fields.loras)  # fmt: skip
 
 
 def test_png_parameters_text():
@@ -108,3 +129,17 @@ def test_tensor_unknown_dtype():
     msg.dtype = "Tensor"
     with pytest.raises(ValueError, match="unknown tensor dtype"):
         tensor_from_pb(msg)
+
+
+def test_float32_fields_come_back_as_the_client_wrote_them():
+    """The request's floats are float32 on the wire (0.7 arrives as 0.69999999, and 10 steps
+    at that strength would run 6, not diffusers' 7): validation rounds them to six decimals."""
+    init = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(init, format="PNG")
+    request = diffusion_pb2.GenerateRequest(prompt="a cat", init_image=init.getvalue(),
+                                            strength=0.7, steps=10, guidance_stop=0.4)  # fmt: skip
+    request.loras.add(name="ink", scale=0.3)
+    assert request.strength != 0.7
+    params = _parse_pb(request)
+    assert (params.strength, params.guidance_stop, params.loras) == (0.7, 0.4, (("ink", 0.3),))
+    assert int(params.steps * params.strength) == 7

@@ -25,13 +25,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from sdserve.api.auth import ApiKeys
+from sdserve.api.proto import fields_from_pb
+from sdserve.api.types import GenerateParams, Preview, Progress, Result
 from sdserve.errors import InvalidArgument, NotFound, SdserveError, Unavailable
 from sdserve.http import openai_images as oai
 from sdserve.jobs.images import ImageStore
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.path import StagePath
 from sdserve.stats import RpcDone
-from sdserve.types import GenerateParams, Preview, Progress, Result
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class HttpApi:
         except ValueError:
             raise InvalidArgument("body", "is not valid JSON") from None
         parsed = oai.parse_generation(body)
-        params = await self.path.validate(parsed.request)
+        params = await self.path.validate(fields_from_pb(parsed.request))
         if parsed.stream:
             events = self._stream(params, parsed.partial_images, request_id)
             return StreamingResponse(events, media_type="text/event-stream",

@@ -12,16 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from sdserve.api.proto import fields_from_pb, params_to_pb, result_to_pb
+from sdserve.api.types import GenerateParams, Progress, Result
 from sdserve.errors import Internal
 from sdserve.jobs.worker import Report
 from sdserve.orchestration.path import StagePath
-from sdserve.types import GenerateParams, Progress, Result
 from sdserve.v1 import diffusion_pb2
 
 
 def job_request(params: GenerateParams) -> bytes:
     """What SubmitJob stores: the validated request with every optional field set."""
-    return params.to_pb().SerializeToString()
+    return params_to_pb(params).SerializeToString()
 
 
 class JobRunner:
@@ -51,7 +52,8 @@ class JobRunner:
         request_id = f"job-{job_id}"
         if self.bind_request_id is not None:
             self.bind_request_id(request_id)
-        params = await self.path.validate(diffusion_pb2.GenerateRequest.FromString(request))
+        request_pb = diffusion_pb2.GenerateRequest.FromString(request)
+        params = await self.path.validate(fields_from_pb(request_pb))
         deadline = time.time() + self.timeout_s if self.timeout_s else None
         events = self.path.run(params, request_id=request_id, stream=True, deadline=deadline,
                                progress_interval_s=self.progress_interval_s)  # fmt: skip
@@ -59,5 +61,5 @@ class JobRunner:
             if isinstance(event, Progress):
                 await report(event.step, event.total)
             elif isinstance(event, Result):
-                return event.to_response().SerializeToString()
+                return result_to_pb(event).SerializeToString()
         raise Internal("the request path ended without a result")

@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sdserve.api.types import GenerateParams
 from sdserve.errors import ResourceExhausted
-from sdserve.types import GenerateParams
 from sdserve.v1 import stages_pb2
 
 

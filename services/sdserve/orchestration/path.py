@@ -14,14 +14,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 
-from sdserve.config import DefaultsConfig, SdserveConfig
-from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
-from sdserve.metrics import StatsLogger
-from sdserve.orchestration.client import StageClient
-from sdserve.served_models import ServedModel
-from sdserve.stats import RequestServed
-from sdserve.types import (
+from sdserve.api.served_models import ServedModel
+from sdserve.api.types import (
     GenerateEvent,
+    GenerateFields,
     GenerateParams,
     Preview,
     Progress,
@@ -29,7 +25,13 @@ from sdserve.types import (
     Result,
     Timings,
 )
-from sdserve.v1 import diffusion_pb2, stages_pb2
+from sdserve.api.validate import validate_fields
+from sdserve.config import DefaultsConfig, SdserveConfig
+from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
+from sdserve.metrics import StatsLogger
+from sdserve.orchestration.client import StageClient
+from sdserve.stats import RequestServed
+from sdserve.v1 import stages_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,9 @@ class StagePath:
         defaults = self.config.defaults
         return defaults.model_copy(update={"scheduler": scheduler}) if scheduler else defaults
 
-    def _model(self, request: diffusion_pb2.GenerateRequest) -> str:
+    def _model(self, name: str) -> str:
         """The served model a request names (empty: the default). Raises InvalidArgument."""
-        name = request.model or self.default_model
+        name = name or self.default_model
         if name not in self.clients:
             raise InvalidArgument("model", f"unknown model {name!r}; this server serves "
                                   f"{', '.join(self.clients)}")  # fmt: skip
@@ -89,7 +91,7 @@ class StagePath:
 
     async def loras(self, model: str = "") -> tuple[str, list[stages_pb2.LoraFile]]:
         """(the model's name, its adapter files as its Denoiser sees them now)."""
-        model = self._model(diffusion_pb2.GenerateRequest(model=model))
+        model = self._model(model)
         self._info[model] = await self.clients[model].denoiser_info()
         return model, list(self._info[model].loras)
 
@@ -105,12 +107,13 @@ class StagePath:
                 raise InvalidArgument(f"loras[{i}].name", f"model {model!r} has no adapter "
                                       f"{name!r}; it has: {listed}")  # fmt: skip
 
-    async def validate(self, request: diffusion_pb2.GenerateRequest) -> GenerateParams:
-        """The request's parameters, defaults filled in. Raises InvalidArgument."""
-        model = self._model(request)
+    async def validate(self, fields: GenerateFields) -> GenerateParams:
+        """The request's parameters, defaults filled in (the model's own among them), checked
+        against the limits and against the model it names. Raises InvalidArgument."""
+        model = self._model(fields.model)
         info = await self.denoiser_info(model)
-        params = GenerateParams.from_pb(
-            request,
+        params = validate_fields(
+            fields,
             limits=self.config.limits,
             defaults=self._defaults(model),
             native_size=(info.native_width, info.native_height),

@@ -18,6 +18,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sdserve.api.auth import ApiKeys
+from sdserve.api.proto import (
+    event_to_pb,
+    fields_from_pb,
+    job_priority_name,
+    job_to_pb,
+    result_to_pb,
+    served_model_to_pb,
+)
+from sdserve.api.types import Result
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
 from sdserve.http.app import HttpApi
 from sdserve.jobs.images import ImageStore
@@ -30,7 +39,6 @@ from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
 from sdserve.serve.errors import grpc_errors, status_name
 from sdserve.stats import QueueDepth
-from sdserve.types import Result, job_priority_name, job_to_pb
 from sdserve.v1 import diffusion_pb2
 
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
@@ -145,13 +153,13 @@ class PipelineIngress:
         """DiffusionService.Generate."""
         self._tenant(grpc_context)
         self._refuse_if_draining()
-        params = await self._path.validate(request)
+        params = await self._path.validate(fields_from_pb(request))
         deadline = _ray.request_deadline(grpc_context)
         with self._admitted(params, deadline):
             async for event in self._path.run(params, request_id=_ray.current_request_id(),
                                               deadline=deadline):  # fmt: skip
                 if isinstance(event, Result):
-                    return event.to_response()
+                    return result_to_pb(event)
         raise Internal("the pipeline ended without a result")
 
     @grpc_errors(diffusion_pb2.GenerateEvent)
@@ -161,7 +169,7 @@ class PipelineIngress:
         """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
         self._tenant(grpc_context)
         self._refuse_if_draining()
-        params = await self._path.validate(request)
+        params = await self._path.validate(fields_from_pb(request))
         deadline = _ray.request_deadline(grpc_context)
         with self._admitted(params, deadline):
             async for event in self._path.run(
@@ -171,7 +179,7 @@ class PipelineIngress:
                 preview_every=request.preview_every,
                 deadline=deadline,
             ):
-                yield event.to_pb()
+                yield event_to_pb(event)
 
     @grpc_errors(diffusion_pb2.SubmitJobResponse)
     async def SubmitJob(
@@ -188,7 +196,7 @@ class PipelineIngress:
             )
         priority = job_priority_name(request.priority)
         try:
-            params = await self._path.validate(request.request)
+            params = await self._path.validate(fields_from_pb(request.request))
         except InvalidArgument as exc:
             raise InvalidArgument(f"request.{exc.field}", exc.reason) from None
         job_id, created = await self._jobs.submit(
@@ -234,7 +242,7 @@ class PipelineIngress:
         """DiffusionService.ListModels: the served models, the default first."""
         self._tenant(grpc_context)
         models = await self._path.models()
-        return diffusion_pb2.ListModelsResponse(models=[m.to_pb() for m in models])
+        return diffusion_pb2.ListModelsResponse(models=[served_model_to_pb(m) for m in models])
 
     @grpc_errors(diffusion_pb2.ListLorasResponse)
     async def ListLoras(

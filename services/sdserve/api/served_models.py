@@ -1,10 +1,11 @@
-"""What a server serves (what ListModels returns): each model and how its stages compute."""
+"""What a server serves (what ListModels returns): each model and how its stages compute.
+
+Plain dataclasses: `sdserve.api.proto` makes the public `ModelInfo` of them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from sdserve.v1 import diffusion_pb2
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,8 @@ class StageRun:
 
     @classmethod
     def from_info(cls, info) -> StageRun:
-        """From a stage's `StageInfo` (a stage message)."""
+        """From a stage's `StageInfo` (`sdserve.stages.messages`)."""
         return cls(info.stage, info.device, info.dtype, info.compile or "off")
-
-    def to_pb(self) -> diffusion_pb2.ModelStage:
-        return diffusion_pb2.ModelStage(stage=self.stage, device=self.device, dtype=self.dtype,
-                                        compile=self.compile)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,8 @@ class ServedModel:
 
     @classmethod
     def from_info(cls, name: str, info, default_scheduler: str, stages=()) -> ServedModel:
-        """From its Denoiser's `DenoiserInfo` and its stages' `StageInfo`s (stage messages)."""
+        """From its Denoiser's `DenoiserInfo` and its stages' `StageInfo`s
+        (`sdserve.stages.messages`)."""
         return cls(
             name=name,
             family=info.family or "sd1",
@@ -61,22 +59,3 @@ class ServedModel:
             inpainting=info.unet_in_channels == 9,
             stages=tuple(StageRun.from_info(stage) for stage in stages),
         )
-
-    def to_pb(self) -> diffusion_pb2.ModelInfo:
-        return diffusion_pb2.ModelInfo(
-            name=self.name,
-            family=self.family,
-            native_width=self.native_size[0],
-            native_height=self.native_size[1],
-            prediction_type=self.prediction_type,
-            default_scheduler=self.default_scheduler,
-            inpainting=self.inpainting,
-            image_inputs=self.image_inputs,
-            stages=[stage.to_pb() for stage in self.stages],
-        )
-
-    @classmethod
-    def from_pb(cls, pb: diffusion_pb2.ModelInfo) -> ServedModel:
-        stages = tuple(StageRun(s.stage, s.device, s.dtype, s.compile) for s in pb.stages)
-        return cls(pb.name, pb.family, (pb.native_width, pb.native_height), pb.prediction_type,
-                   pb.default_scheduler, pb.inpainting, stages)  # fmt: skip

@@ -1,0 +1,186 @@
+"""The public API's protobuf messages (`sdserve.v1.diffusion_pb2`) to and from its domain types.
+
+Both edges and the job queue convert here, and nowhere else: the gRPC ingress parses each
+`GenerateRequest` into `GenerateFields` (`fields_from_pb`) and answers with the messages made of
+a `Result` and the stream's events; SubmitJob stores the validated request as a
+`GenerateRequest` with every field set (`params_to_pb`), and the job runner stores its result as
+a `GenerateResponse`.
+"""
+
+from __future__ import annotations
+
+from sdserve.api.served_models import ServedModel, StageRun
+from sdserve.api.types import (
+    GenerateEvent,
+    GenerateFields,
+    GenerateParams,
+    Preview,
+    Progress,
+    Queued,
+    Result,
+)
+from sdserve.errors import InvalidArgument
+from sdserve.v1 import diffusion_pb2
+
+_OPTIONAL = ("width", "height", "steps", "guidance_scale", "seed", "num_images", "strength",
+             "guidance_stop", "cache_interval")  # fmt: skip
+"""The request's `optional` fields: None in `GenerateFields` when unset."""
+
+
+def fields_from_pb(request: diffusion_pb2.GenerateRequest) -> GenerateFields:
+    """The request's fields as sent (its `preview_every` aside), to validate."""
+    optional = {name: getattr(request, name) if request.HasField(name) else None
+                for name in _OPTIONAL}  # fmt: skip
+    loras = tuple((lora.name, lora.scale if lora.HasField("scale") else None)
+                  for lora in request.loras)  # fmt: skip
+    return GenerateFields(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        scheduler=request.scheduler,
+        init_image=request.init_image,
+        mask_image=request.mask_image,
+        model=request.model,
+        loras=loras,
+        **optional,
+    )
+
+
+def params_to_pb(params: GenerateParams) -> diffusion_pb2.GenerateRequest:
+    """The request that reproduces `params` exactly (every optional field set)."""
+    return diffusion_pb2.GenerateRequest(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        seed=params.seed,
+        scheduler=params.scheduler,
+        num_images=params.num_images,
+        init_image=params.init_image,
+        mask_image=params.mask_image,
+        **({"strength": params.strength} if params.init_image else {}),
+        guidance_stop=params.guidance_stop,
+        cache_interval=params.cache_interval,
+        model=params.model,
+        loras=loras_to_pb(params.loras),
+    )
+
+
+def loras_to_pb(loras: tuple[tuple[str, float], ...]) -> list[diffusion_pb2.LoraWeight]:
+    return [diffusion_pb2.LoraWeight(name=n, scale=s) for n, s in loras]
+
+
+def resolved_to_pb(params: GenerateParams) -> diffusion_pb2.ResolvedParameters:
+    """What the server resolved the request to (a reply's `parameters`)."""
+    return diffusion_pb2.ResolvedParameters(
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        scheduler=params.scheduler,
+        strength=params.strength,
+        guidance_stop=params.guidance_stop,
+        cache_interval=params.cache_interval,
+        model=params.model,
+        loras=loras_to_pb(params.loras),
+    )
+
+
+def result_to_pb(result: Result) -> diffusion_pb2.GenerateResponse:
+    """Generate's reply (and a job's stored result)."""
+    p = result.params
+    images = [diffusion_pb2.Image(png=png, seed=seed, width=p.width, height=p.height)
+              for png, seed in zip(result.pngs, p.seeds, strict=True)]  # fmt: skip
+    return diffusion_pb2.GenerateResponse(
+        images=images,
+        timings=diffusion_pb2.StageTimings(**vars(result.timings)),
+        request_id=result.request_id,
+        parameters=resolved_to_pb(p),
+    )
+
+
+def event_to_pb(event: GenerateEvent) -> diffusion_pb2.GenerateEvent:
+    """One GenerateStream message."""
+    if isinstance(event, Queued):
+        queued = diffusion_pb2.Queued(position=event.position, request_id=event.request_id)
+        return diffusion_pb2.GenerateEvent(queued=queued)
+    if isinstance(event, Progress):
+        progress = diffusion_pb2.Progress(step=event.step, total=event.total,
+                                          elapsed_s=event.elapsed_s)  # fmt: skip
+        return diffusion_pb2.GenerateEvent(progress=progress)
+    if isinstance(event, Preview):
+        preview = diffusion_pb2.Preview(step=event.step, png=event.pngs)
+        return diffusion_pb2.GenerateEvent(preview=preview)
+    if isinstance(event, Result):
+        return diffusion_pb2.GenerateEvent(result=result_to_pb(event))
+    raise TypeError(f"not a GenerateEvent: {event!r}")
+
+
+# --- Models -----------------------------------------------------------------------------------
+
+
+def served_model_to_pb(model: ServedModel) -> diffusion_pb2.ModelInfo:
+    stages = [diffusion_pb2.ModelStage(stage=s.stage, device=s.device, dtype=s.dtype,
+                                       compile=s.compile) for s in model.stages]  # fmt: skip
+    return diffusion_pb2.ModelInfo(
+        name=model.name,
+        family=model.family,
+        native_width=model.native_size[0],
+        native_height=model.native_size[1],
+        prediction_type=model.prediction_type,
+        default_scheduler=model.default_scheduler,
+        inpainting=model.inpainting,
+        image_inputs=model.image_inputs,
+        stages=stages,
+    )
+
+
+def served_model_from_pb(pb: diffusion_pb2.ModelInfo) -> ServedModel:
+    stages = tuple(StageRun(s.stage, s.device, s.dtype, s.compile) for s in pb.stages)
+    return ServedModel(pb.name, pb.family, (pb.native_width, pb.native_height),
+                       pb.prediction_type, pb.default_scheduler, pb.inpainting,
+                       stages)  # fmt: skip
+
+
+# --- Jobs -------------------------------------------------------------------------------------
+
+_PRIORITY_NAMES = {
+    diffusion_pb2.JOB_PRIORITY_UNSPECIFIED: "normal",
+    diffusion_pb2.JOB_PRIORITY_HIGH: "high",
+    diffusion_pb2.JOB_PRIORITY_NORMAL: "normal",
+    diffusion_pb2.JOB_PRIORITY_LOW: "low",
+}
+_PRIORITY_VALUES = {"high": diffusion_pb2.JOB_PRIORITY_HIGH,
+                    "normal": diffusion_pb2.JOB_PRIORITY_NORMAL,
+                    "low": diffusion_pb2.JOB_PRIORITY_LOW}  # fmt: skip
+
+
+def job_priority_name(priority: int) -> str:
+    """The queue's name for a JobPriority value. Raises InvalidArgument for unknown values."""
+    try:
+        return _PRIORITY_NAMES[priority]
+    except KeyError:
+        raise InvalidArgument("priority", f"unknown value {priority}") from None
+
+
+def job_to_pb(record) -> diffusion_pb2.Job:
+    """A job record (`sdserve.jobs.records.JobRecord`, which lives a layer above) as the public
+    `Job` message, with its images when `record.result` is set."""
+    job = diffusion_pb2.Job(
+        job_id=record.job_id,
+        state=diffusion_pb2.JobState.Value(f"JOB_STATE_{record.state.value}"),
+        priority=_PRIORITY_VALUES.get(record.priority, diffusion_pb2.JOB_PRIORITY_NORMAL),
+        step=record.step,
+        total_steps=record.total_steps,
+        attempts=record.attempts,
+        error=record.error,
+        created_at=record.created_at,
+        started_at=record.started_at or 0.0,
+        finished_at=record.finished_at or 0.0,
+        cancel_requested=record.cancel_requested,
+        worker=record.worker,
+    )
+    if record.result is not None:
+        job.result.ParseFromString(record.result)
+    return job

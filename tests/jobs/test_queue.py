@@ -73,6 +73,18 @@ async def _wait_until(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+async def _left_for_a_retry(queue: JobQueue) -> list:
+    """What any worker could still claim from `queue` (call it once the test's workers have
+    stopped): a claim with a lease of 0, to which every pending entry's lease has run out, so it
+    takes any entry a retry could start from, pending or new. Empty: no attempt can start again,
+    whenever a worker looks."""
+    probe = _queue(queue.url, queue.prefix, lease_s=0.0)
+    try:
+        return await probe.claim("probe", block_ms=1)
+    finally:
+        await probe.close()
+
+
 def _spawn(url: str, prefix: str, mode: str, log: Path, max_attempts: int = 3):
     """Starts tests/jobs/worker_proc.py and waits for its "started" line."""
     proc = subprocess.Popen(
@@ -421,12 +433,17 @@ def test_a_runner_that_ignores_its_cancellation_is_settled_anyway(redis_server):
     """A stage call that swallows the cancellation (a Serve stream was seen to run on for
     seconds) must not keep a cancelled job RUNNING: it ends CANCELLED within the lease, and the
     attempt records no further step."""
+    reported = []  # every step the runner reported, before and after its cancellation
+    seen_enough = asyncio.Event()  # the test is done: the runner may end (it ignores cancel)
 
     async def runner(request, job_id, report):
         for step in range(1, 201):
             with contextlib.suppress(asyncio.CancelledError):  # the misbehaving call goes on
                 await asyncio.sleep(0.05)
+            if seen_enough.is_set():
+                break
             await report(step, 200)
+            reported.append(step)
         return b"finished"
 
     async def main():
@@ -443,8 +460,15 @@ def test_a_runner_that_ignores_its_cancellation_is_settled_anyway(redis_server):
             at_cancel = (await queue.cancel(job_id)).step
             record = await wait_for(queue, job_id, queue.lease_s)
             assert record.state is JobState.CANCELLED and record.result is None
-            await asyncio.sleep(0.5)  # the abandoned attempt goes on, but records nothing
-            assert (await queue.get(job_id)).step <= at_cancel + 2
+            settled = len(reported)
+
+            async def reported_five_more():  # the abandoned attempt goes on
+                return len(reported) >= settled + 5
+
+            await _wait_until(reported_five_more, 10, "the abandoned attempt to report 5 steps")
+            # ... and records none of them: the job's step is where cancelling left it
+            assert (await queue.get(job_id)).step == record.step <= at_cancel + 2
+            seen_enough.set()
         await queue.close()
 
     asyncio.run(main())
@@ -461,11 +485,11 @@ def test_invalid_argument_fails_at_once(redis_server):
     async def main():
         queue = _queue(redis_server.url)
         job_id, _ = await queue.submit(b"x", total_steps=1)
-        async with _running(Worker(queue, runner, block_ms=100)):
+        async with _running(Worker(queue, runner, block_ms=100)) as worker:
             record = await wait_for(queue, job_id, 10)
-            await asyncio.sleep(2 * LEASE_S)  # a retry would have started by now
         assert record.state is JobState.FAILED
-        assert record.attempts == 1
+        assert record.attempts == 1 and worker.counts["started"] == 1
+        assert await _left_for_a_retry(queue) == []  # so no retry can ever start
         assert "INVALID_ARGUMENT" in record.error
         assert "prompt: bad" in record.error
         assert sum((await queue.queue_lengths()).values()) == 0
@@ -514,9 +538,9 @@ def test_persistent_error_fails_after_max_attempts(redis_server):
         worker = Worker(queue, runner, block_ms=100)
         async with _running(worker):
             record = await wait_for(queue, job_id, 15)
-            await asyncio.sleep(2 * LEASE_S)  # a 4th attempt would have started by now
         assert record.state is JobState.FAILED
-        assert record.attempts == 3
+        assert record.attempts == 3 and worker.counts["started"] == 3
+        assert await _left_for_a_retry(queue) == []  # so no 4th attempt can ever start
         assert "boom 3" in record.error
         assert "RuntimeError" in record.error
         assert worker.counts["dead_lettered"] == 1 and worker.counts["retried"] == 2

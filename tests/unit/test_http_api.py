@@ -4,9 +4,11 @@ HTTP for what the package does not show: status codes, error shapes, server-sent
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from starlette.testclient import TestClient
 
 from sdserve.api.auth import ApiKeys
 from sdserve.api.types import GenerateFields, Result
-from sdserve.errors import InvalidArgument
+from sdserve.errors import InvalidArgument, ResourceExhausted
 from sdserve.http import openai_images as oai
 from sdserve.http.app import HttpApi
 from sdserve.v1 import diffusion_pb2
@@ -79,6 +81,90 @@ def test_streaming_sends_partial_images_then_the_completed_one(http):
     for event in events:
         assert Image.open(io.BytesIO(base64.b64decode(event.b64_json))).size == (64, 64)
         assert event.size == "64x64"
+
+
+def _sse(text: str) -> list[tuple[str | None, str]]:
+    """(event, data) of each event in a `text/event-stream` body, read as the SSE standard says:
+    lines end in CRLF, LF or CR; a line starting with ':' is a comment; a blank line ends an
+    event."""
+    events, name, data = [], None, []
+    for line in re.split(r"\r\n|\r|\n", text):
+        if not line:
+            if name is not None or data:
+                events.append((name, "\n".join(data)))
+            name, data = None, []
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+    return events
+
+
+def test_the_stream_on_the_wire_is_named_events_with_json_data(http):
+    body = {"prompt": "a dog", "size": "64x64", "stream": True, "partial_images": 1,
+            "num_inference_steps": 4}  # fmt: skip
+    reply = http.post("/v1/images/generations", json=body)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = _sse(reply.text)
+    assert [name for name, _ in events] == ["image_generation.partial_image",
+                                            "image_generation.completed"]  # fmt: skip
+    for name, data in events:
+        assert json.loads(data)["type"] == name
+
+
+class _SlowStart:
+    """The request path, starting each run after 50 ms (time for keep-alive pings)."""
+
+    def __init__(self, path):
+        self._path = path
+
+    def __getattr__(self, name):
+        return getattr(self._path, name)
+
+    async def run(self, *args, **kwargs):
+        await asyncio.sleep(0.05)
+        async for event in self._path.run(*args, **kwargs):
+            yield event
+
+
+def test_keep_alive_pings_are_comments_that_clients_skip(in_process_path):
+    from openai import OpenAI
+
+    api = HttpApi(_SlowStart(in_process_path))
+    api.ping_s = 0.005
+    http = _client(api)
+    body = {"prompt": "a dog", "size": "64x64", "stream": True, "num_inference_steps": 2}
+    text = http.post("/v1/images/generations", json=body).text
+    assert re.search(r"^: ping", text, re.MULTILINE), text[:200]
+    assert [name for name, _ in _sse(text)] == ["image_generation.completed"]
+    client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+    events = list(client.images.generate(prompt="a dog", size="64x64", stream=True,
+                                         extra_body={"num_inference_steps": 2}))  # fmt: skip
+    assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_an_error_after_the_stream_started_is_an_error_event(in_process_path):
+    from openai import APIError, OpenAI
+
+    def full(params, deadline):
+        raise ResourceExhausted("the queue is full")
+
+    http = _client(HttpApi(in_process_path, admitted=full))
+    body = {"prompt": "x", "size": "64x64", "stream": True, "num_inference_steps": 2}
+    reply = http.post("/v1/images/generations", json=body)
+    assert reply.status_code == 200  # the stream had started
+    [(name, data)] = _sse(reply.text)
+    assert name == "error"
+    error = json.loads(data)["error"]
+    assert error["code"] == "resource_exhausted" and error["type"] == "rate_limit_error"
+    assert error["message"] == "the queue is full"
+    client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+    with pytest.raises(APIError, match="the queue is full"):
+        list(client.images.generate(prompt="x", size="64x64", stream=True))
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from sdserve.cli.options import call_metadata
     from sdserve.loadtest import Mix, format_summary, run_loadtest
 
+    require_extras(args)
     mix = Mix(
         prompts=tuple(args.prompt) if args.prompt else Mix().prompts,
         steps=_split(args.steps, int),
@@ -137,6 +139,21 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"plot: {plot_report(report, args.plot)}")
     return 0 if summary["ok"] else 1
+
+
+EXTRA_MODULES = {"plot": "matplotlib", "http": "httpx"}
+"""The option that needs each of the `loadtest` extra's packages (pyproject.toml)."""
+
+
+def require_extras(args: argparse.Namespace) -> None:
+    """Before any load: exits with the command that installs what `--plot` or `--http` needs,
+    when that is missing (a server installed without the `loadtest` extra)."""
+    for option, module in EXTRA_MODULES.items():
+        if getattr(args, option) and importlib.util.find_spec(module) is None:
+            raise SystemExit(
+                f"sdserve loadtest --{option} needs {module}, which comes with the loadtest "
+                "extra: pip install 'sdserve[loadtest]'"
+            )
 
 
 def progress_line(report: Report, in_flight: int) -> None:

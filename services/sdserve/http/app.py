@@ -21,8 +21,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from sdserve.api.auth import ApiKeys
 from sdserve.api.proto import fields_from_pb
@@ -49,6 +50,10 @@ def default_status(exc: BaseException, request_id: str) -> tuple[str, str]:
 
 class HttpApi:
     """Serves the routes above; `await api.handle(request, request_id)` -> a Response."""
+
+    ping_s: float = 15.0
+    """A stream sends a comment line (`: ping ...`) every this many seconds, so that proxies keep
+    a long generation's connection open (SSE clients skip comments)."""
 
     def __init__(
         self,
@@ -114,8 +119,7 @@ class HttpApi:
         params = await self.path.validate(fields_from_pb(parsed.request))
         if parsed.stream:
             events = self._stream(params, parsed.partial_images, request_id)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})  # fmt: skip
+            return EventSourceResponse(events, ping=self.ping_s)
         with self.admitted(params, None):
             result = await self._result(params, request_id)
         size = f"{params.width}x{params.height}"
@@ -142,7 +146,7 @@ class HttpApi:
         return [f"{base}/v1/images/{image_id}/{i}.png" for i in range(len(pngs))]
 
     async def _stream(self, params: GenerateParams, partial: int, request_id: str
-                      ) -> AsyncIterator[bytes]:  # fmt: skip
+                      ) -> AsyncIterator[ServerSentEvent]:  # fmt: skip
         """Server-sent events: up to `partial` partial images (the Denoiser's cheap previews,
         spread over the steps), then the completed image. An error after the stream started
         is an `error` event."""

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sse_starlette import ServerSentEvent
+
 from sdserve.errors import InvalidArgument
 from sdserve.v1 import diffusion_pb2
 
@@ -198,9 +200,9 @@ def images_response(pngs: list[bytes] | None, prompt: str, *, urls: list[str] | 
     return body
 
 
-def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None) -> bytes:
+def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None) -> ServerSentEvent:
     """One server-sent event as OpenAI sends them: `image_generation.partial_image` (with its
-    `partial_image_index`) or `image_generation.completed`."""
+    `partial_image_index`) or `image_generation.completed`, its JSON as the `data:` line."""
     event = {
         "type": f"image_generation.{kind}",
         "b64_json": base64.b64encode(png).decode(),
@@ -212,7 +214,7 @@ def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None) 
     }
     if index is not None:
         event["partial_image_index"] = index
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+    return ServerSentEvent(json.dumps(event), event=event["type"])
 
 
 BODY_NAMES = {field: name for name, (field, _) in NUMBERS.items()} | {
@@ -231,7 +233,8 @@ def error_body(code: str, message: str, field: str | None = None) -> tuple[int, 
     return status, {"error": error}
 
 
-def error_event(code: str, message: str, field: str | None = None) -> bytes:
-    """An error in the middle of a stream (OpenAI's clients raise it as an APIError)."""
+def error_event(code: str, message: str, field: str | None = None) -> ServerSentEvent:
+    """An error in the middle of a stream, an `error` event with OpenAI's error JSON (OpenAI's
+    clients raise it as an APIError)."""
     _, body = error_body(code, message, field)
-    return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
+    return ServerSentEvent(json.dumps(body), event="error")

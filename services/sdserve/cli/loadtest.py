@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import sys
 from typing import TYPE_CHECKING
 
-from sdserve.cli.options import Parents, add_cheaper_step_options, add_image_options
+from sdserve.cli.options import (
+    Parents,
+    add_cheaper_step_options,
+    add_image_options,
+    require_extra,
+)
 
 if TYPE_CHECKING:
     from sdserve.loadtest import Report
@@ -149,11 +153,8 @@ def require_extras(args: argparse.Namespace) -> None:
     """Before any load: exits with the command that installs what `--plot` or `--http` needs,
     when that is missing (a server installed without the `loadtest` extra)."""
     for option, module in EXTRA_MODULES.items():
-        if getattr(args, option) and importlib.util.find_spec(module) is None:
-            raise SystemExit(
-                f"sdserve loadtest --{option} needs {module}, which comes with the loadtest "
-                "extra: pip install 'sdserve[loadtest]'"
-            )
+        if getattr(args, option):
+            require_extra(module, "loadtest", f"sdserve loadtest --{option}")
 
 
 def progress_line(report: Report, in_flight: int) -> None:

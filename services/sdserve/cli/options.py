@@ -198,3 +198,13 @@ def progress_bars(descriptions: dict[str, str] | None = None):
             bar.close()
 
     return progress
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Exits, before any work, with the command that installs `module` (it comes with sdserve's
+    `extra`, pyproject.toml) when it is missing; `what` names the command or option needing it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"{what} needs {module}, which comes with the {extra} extra: "
+                         f"pip install 'sdserve[{extra}]'")  # fmt: skip

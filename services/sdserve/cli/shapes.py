@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdserve.cli.options import Parents, progress_bars
+from sdserve.cli.options import Parents, progress_bars, require_extra
 from sdserve.cli.shapes_lora import add_lora_eval_options, register_train_lora, run_eval_lora
 
 
@@ -180,6 +180,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_eval_lora(args)
     args.n = args.n or 96
     args.runs = args.runs or list(DEFAULT_RUNS)
+    if not args.dtype and any(run[3:] and run[3] > 1 for run in args.runs):
+        require_extra("DeepCache", "train", "eval-default-model with ciN (diffusers' side)")
     if args.dtype:
         from sdserve.pipeline.precision import dtype_name
         from sdserve.shapes.served import ServedParts

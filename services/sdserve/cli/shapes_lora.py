@@ -80,7 +80,9 @@ def run_train_lora(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sdserve.cli.options import progress_bars
+    from sdserve.cli.options import progress_bars, require_extra
+
+    require_extra("peft", "train", "sdserve train-lora")
     from sdserve.constants import DEFAULT_MODEL_DIR
     from sdserve.shapes.lora_eval import evaluate_lora, lora_table
     from sdserve.shapes.lora_recipe import LoraTrainConfig

@@ -102,7 +102,7 @@ def generate(pipe, prompts: list[str], *, sampler: str, steps: int, guidance: fl
         )
     helper = None
     if cache_interval > 1:
-        from DeepCache import DeepCacheSDHelper  # a dev dependency (pip install DeepCache)
+        from DeepCache import DeepCacheSDHelper  # the train extra (pip install sdserve[train])
 
         helper = DeepCacheSDHelper(pipe=pipe)
         from sdserve.pipeline.deepcache import package_branch_id

@@ -71,7 +71,7 @@ def test_cancelled_denoiser_call_leaves_the_batch(server):
     import torch
     from ray import serve
 
-    from sdserve.stages.tensors import tensor_to_pb
+    from sdserve.serve.stage_messages import tensor_to_pb
 
     handle = serve.get_deployment_handle("Denoiser", app_name=server.config.server.app_name)
     before = denoiser_stats(server.config.server.app_name)
@@ -165,7 +165,7 @@ def test_a_denoise_request_past_its_timeout_is_dropped(server):
     import torch
     from ray import serve
 
-    from sdserve.stages.tensors import tensor_to_pb
+    from sdserve.serve.stage_messages import tensor_to_pb
 
     handle = serve.get_deployment_handle("Denoiser", app_name=server.config.server.app_name)
     before = denoiser_stats(server.config.server.app_name)

@@ -9,7 +9,7 @@ import pytest
 from sdserve.api.types import GenerateParams
 from sdserve.errors import ResourceExhausted
 from sdserve.orchestration.admission import Admission
-from sdserve.v1 import stages_pb2
+from sdserve.stages.messages import DenoiserStats
 
 
 def _params(steps=10, images=1):
@@ -21,7 +21,7 @@ def _params(steps=10, images=1):
 
 def _admission(work_ahead, capacity, **kw):
     admission = Admission(**kw)
-    admission.update(stages_pb2.DenoiserStats(work_ahead=work_ahead, capacity=capacity))
+    admission.update(DenoiserStats(work_ahead=work_ahead, capacity=capacity))
     return admission
 
 
@@ -58,7 +58,7 @@ def test_admitted_work_counts_until_it_ends_whatever_the_denoiser_holds():
     blocks = [admission.admitted(_params()) for _ in range(11)]  # 1.1 s of work
     for block in blocks:
         block.__enter__()
-    admission.update(stages_pb2.DenoiserStats(work_ahead=0, capacity=100.0))  # none arrived
+    admission.update(DenoiserStats(work_ahead=0, capacity=100.0))  # none arrived
     with pytest.raises(ResourceExhausted):
         admission.admit(_params())
     for block in blocks:

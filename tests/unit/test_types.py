@@ -1,10 +1,9 @@
-"""Request validation, the public request's conversion, and tensor messages (no Ray, no model)."""
+"""Request validation and the public request's conversion (no Ray, no model)."""
 
 import io
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from sdserve.api.proto import fields_from_pb, params_to_pb
@@ -12,7 +11,6 @@ from sdserve.api.types import GenerateFields
 from sdserve.api.validate import validate_fields
 from sdserve.config import DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
-from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
 from sdserve.v1 import diffusion_pb2
 
 LIMITS = LimitsConfig(
@@ -112,23 +110,6 @@ def test_png_parameters_text():
     assert text.splitlines()[0] == "a cat"
     assert text.splitlines()[1] == "Negative prompt: blurry"
     assert "Steps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 5, Size: 64x48, Model: tiny" in text
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
-def test_tensor_round_trip(dtype):
-    t = (torch.randn(2, 3, 5) * 100).to(dtype)
-    msg = tensor_to_pb(t)
-    assert msg.dtype == str(dtype).removeprefix("torch.")
-    assert list(msg.shape) == [2, 3, 5]
-    back = tensor_from_pb(type(msg).FromString(msg.SerializeToString()))
-    assert back.dtype == dtype and torch.equal(back, t)
-
-
-def test_tensor_unknown_dtype():
-    msg = tensor_to_pb(torch.zeros(2))
-    msg.dtype = "Tensor"
-    with pytest.raises(ValueError, match="unknown tensor dtype"):
-        tensor_from_pb(msg)
 
 
 def test_float32_fields_come_back_as_the_client_wrote_them():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from sdserve.api.types import GenerateParams
 from sdserve.errors import ResourceExhausted
-from sdserve.v1 import stages_pb2
+from sdserve.stages.messages import DenoiserStats
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Admission:
     def work_ahead(self) -> float:
         return max(self.denoiser_work, self.outstanding)
 
-    def update(self, stats: stages_pb2.DenoiserStats) -> None:
+    def update(self, stats: DenoiserStats) -> None:
         """A fresh reading of the Denoiser's load."""
         self.denoiser_work = float(stats.work_ahead)
         self.capacity = stats.capacity

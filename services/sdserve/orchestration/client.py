@@ -5,53 +5,63 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
-from sdserve.v1 import stages_pb2
+from sdserve.stages.messages import (
+    Decode,
+    Denoise,
+    Denoised,
+    DenoiseEvent,
+    DenoiserInfo,
+    DenoiserStats,
+    EncodeImage,
+    EncodeText,
+    ImageEncoding,
+    StageInfo,
+    TextEmbeddings,
+)
 
 
 class StageClient(abc.ABC):
-    """Calls the stages with their stage messages (protos/sdserve/v1/stages.proto).
+    """Calls the stages with their stage messages (`sdserve.stages.messages`, the domain form of
+    protos/sdserve/v1/stages.proto).
 
     Contract, for every implementation:
     - each call may run concurrently with any other;
     - cancelling the awaiting task (or closing `denoise_stream`'s iterator early) cancels the
       stage's work: a cancelled denoise leaves the Denoiser's batch at its next step;
     - errors the stages raise reach the caller as `sdserve.errors.SdserveError`s where the
-      stage raised one (DEADLINE_EXCEEDED for a dropped request, INVALID_ARGUMENT, ...).
+      stage raised one (DEADLINE_EXCEEDED for a dropped request, INVALID_ARGUMENT, ...);
+    - a tensor in a reply is the caller's, and a tensor in a request is not changed.
     """
 
     @abc.abstractmethod
-    async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
+    async def encode_text(self, req: EncodeText) -> TextEmbeddings:
         """The TextEncoder: the prompt's (and negative prompt's) embeddings."""
 
     @abc.abstractmethod
-    async def encode_image(
-        self, req: stages_pb2.EncodeImageRequest
-    ) -> stages_pb2.EncodeImageResponse:
+    async def encode_image(self, req: EncodeImage) -> ImageEncoding:
         """The VaeEncoder: the init image's (and masked image's) VAE posterior, and the mask."""
 
     @abc.abstractmethod
-    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
+    async def denoise(self, req: Denoise) -> Denoised:
         """The Denoiser: the final latents of every image."""
 
     @abc.abstractmethod
-    def denoise_stream(
-        self, req: stages_pb2.DenoiseRequest
-    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+    def denoise_stream(self, req: Denoise) -> AsyncIterator[DenoiseEvent]:
         """The Denoiser with progress: queued, one step event per step, then done."""
 
     @abc.abstractmethod
-    async def decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
+    async def decode(self, req: Decode) -> tuple[bytes, ...]:
         """The VaeDecoder: one PNG per latent."""
 
     @abc.abstractmethod
-    async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
+    async def denoiser_info(self) -> DenoiserInfo:
         """Facts about the Denoiser's model (its native size); also a health check."""
 
     @abc.abstractmethod
-    async def stage_infos(self) -> list[stages_pb2.StageInfo]:
+    async def stage_infos(self) -> list[StageInfo]:
         """How each stage computes (device, dtype, compile mode), in request order:
         text_encoder, vae_encoder, denoiser, vae_decoder."""
 
     @abc.abstractmethod
-    async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
+    async def denoiser_stats(self) -> DenoiserStats:
         """A Denoiser's counters and load (with several replicas, the one the call reaches)."""

@@ -2,7 +2,8 @@
 
 Tests, the benchmarks and the GPU machine (which has torch and diffusers but no Ray) run the real
 request path through it: the same `StagePath`, the same services and the same engine as
-serving, minus Serve's hops. All the services share one torch thread, so text encoding and VAE
+serving, minus Serve's hops: the stage messages pass as they are, tensors by reference, with
+no serialization. All the services share one torch thread, so text encoding and VAE
 encoding and decoding run between two U-Net steps of the Denoiser's engine, as one process's
 torch work should (see `sdserve.stages.runtime.TorchThread`).
 """
@@ -15,11 +16,23 @@ from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stages.denoiser import DenoiserService
+from sdserve.stages.messages import (
+    Decode,
+    Denoise,
+    Denoised,
+    DenoiseEvent,
+    DenoiserInfo,
+    DenoiserStats,
+    EncodeImage,
+    EncodeText,
+    ImageEncoding,
+    StageInfo,
+    TextEmbeddings,
+)
 from sdserve.stages.runtime import TorchThread
 from sdserve.stages.text_encoder import TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
 from sdserve.stages.vae_encoder import VaeEncoderService
-from sdserve.v1 import stages_pb2
 
 
 class InProcessStageClient(StageClient):
@@ -71,32 +84,28 @@ class InProcessStageClient(StageClient):
         self.denoiser.close()
         self.denoiser.torch.close()
 
-    async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
+    async def encode_text(self, req: EncodeText) -> TextEmbeddings:
         return await self.text_encoder.encode(req)
 
-    async def encode_image(
-        self, req: stages_pb2.EncodeImageRequest
-    ) -> stages_pb2.EncodeImageResponse:
+    async def encode_image(self, req: EncodeImage) -> ImageEncoding:
         return await self.vae_encoder.encode(req)
 
-    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
+    async def denoise(self, req: Denoise) -> Denoised:
         return await self.denoiser.denoise(req)
 
-    async def denoise_stream(
-        self, req: stages_pb2.DenoiseRequest
-    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+    async def denoise_stream(self, req: Denoise) -> AsyncIterator[DenoiseEvent]:
         async for event in self.denoiser.denoise_stream(req):
             yield event
 
-    async def decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
+    async def decode(self, req: Decode) -> tuple[bytes, ...]:
         return await self.vae_decoder.decode(req)
 
-    async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
+    async def denoiser_info(self) -> DenoiserInfo:
         return self.denoiser.info()
 
-    async def stage_infos(self) -> list[stages_pb2.StageInfo]:
+    async def stage_infos(self) -> list[StageInfo]:
         return [self.text_encoder.info(), self.vae_encoder.info(), self.denoiser.info().stage,
                 self.vae_decoder.info()]  # fmt: skip
 
-    async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
+    async def denoiser_stats(self) -> DenoiserStats:
         return self.denoiser.stats_message()

@@ -2,8 +2,9 @@
 decoder, over a `StageClient`.
 
 The gRPC ingress runs it for Generate/GenerateStream and the job runner for queued jobs, so
-jobs and synchronous requests share the Denoiser's running batch. It never touches a tensor:
-embeddings and latents pass through as stage messages.
+jobs and synchronous requests share the Denoiser's running batch. It never computes on a
+tensor: embeddings and latents pass from one stage to the next in stage messages
+(`sdserve.stages.messages`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,20 @@ from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
+from sdserve.stages.messages import (
+    Decode,
+    Denoise,
+    Denoised,
+    DenoiseQueued,
+    DenoiserInfo,
+    DenoiseStep,
+    EncodeImage,
+    EncodeText,
+    ImageEncoding,
+    LoraFile,
+    TextEmbeddings,
+)
 from sdserve.stats import RequestServed
-from sdserve.v1 import stages_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +68,9 @@ class StagePath:
         """The default model's stage client."""
         self.config = config
         self.stats = stats or StatsLogger()
-        self._info: dict[str, stages_pb2.DenoiserInfo] = {}
+        self._info: dict[str, DenoiserInfo] = {}
 
-    async def denoiser_info(self, model: str | None = None) -> stages_pb2.DenoiserInfo:
+    async def denoiser_info(self, model: str | None = None) -> DenoiserInfo:
         """A model's native size and the like (default: the default model's); asking it also
         checks that its Denoiser answers."""
         model = model or self.default_model
@@ -89,7 +102,7 @@ class StagePath:
                                   f"{', '.join(self.clients)}")  # fmt: skip
         return name
 
-    async def loras(self, model: str = "") -> tuple[str, list[stages_pb2.LoraFile]]:
+    async def loras(self, model: str = "") -> tuple[str, list[LoraFile]]:
         """(the model's name, its adapter files as its Denoiser sees them now)."""
         model = self._model(model)
         self._info[model] = await self.clients[model].denoiser_info()
@@ -116,7 +129,7 @@ class StagePath:
             fields,
             limits=self.config.limits,
             defaults=self._defaults(model),
-            native_size=(info.native_width, info.native_height),
+            native_size=info.native_size,
             model=model,
         )
         if params.loras:
@@ -157,26 +170,24 @@ class StagePath:
         # 1. Encode the prompt (and the negative prompt when guidance is on), and any image
         #    input at the same time.
         _check(deadline, request_id, "before the text encoder")
-        (encoded, text_s), (init, image_s) = await asyncio.gather(
+        (embeddings, text_s), (init, image_s) = await asyncio.gather(
             _timed(self._encode_text(client, params, request_id)),
             _timed(self._encode_image(client, params, request_id)),
         )
 
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
-        denoise = _denoise_request(params, encoded, request_id, preview_every if stream else 0)
-        denoise.progress_interval_s = progress_interval_s
-        denoise.guidance_stop = params.guidance_stop
-        denoise.cache_interval = params.cache_interval
-        if init is not None:
-            denoise.init.CopyFrom(init)
-            denoise.strength = params.strength
-        denoise.timeout_s = _check(deadline, request_id, "before the denoiser")
+        denoise = _denoise_request(
+            params, request_id, embeddings, init,
+            preview_every=preview_every if stream else 0,
+            progress_interval_s=progress_interval_s,
+            timeout_s=_check(deadline, request_id, "before the denoiser"),
+        )  # fmt: skip
         if stream:
             latents = None
             async for event in self._denoise_events(client, denoise, started):
-                if isinstance(event, stages_pb2.Tensor):
-                    latents = event
+                if isinstance(event, Denoised):
+                    latents = event.latents
                 else:
                     yield event
             if latents is None:
@@ -188,13 +199,8 @@ class StagePath:
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
         _check(deadline, request_id, "before the VAE decoder")
         t = time.perf_counter()
-        decoded = await client.decode(
-            stages_pb2.DecodeRequest(
-                request_id=request_id,
-                latents=latents,
-                parameters=[params.png_parameters(s, params.model) for s in params.seeds],
-            )
-        )
+        texts = tuple(params.png_parameters(s, params.model) for s in params.seeds)
+        pngs = await client.decode(Decode(request_id, latents, texts))
         vae_s = time.perf_counter() - t
 
         timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
@@ -202,55 +208,51 @@ class StagePath:
         seconds = {"text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}
         if init is not None:
             seconds["vae_encoder"] = image_s
-        self.stats.record(RequestServed(len(decoded.png), seconds, params.model))
+        self.stats.record(RequestServed(len(pngs), seconds, params.model))
         logger.info(
             "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
             request_id, timings.total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
-        yield Result(request_id, params, tuple(decoded.png), timings)
+        yield Result(request_id, params, tuple(pngs), timings)
 
     @staticmethod
     async def _encode_text(
         client: StageClient, params: GenerateParams, request_id: str
-    ) -> stages_pb2.EncodeTextResponse:
+    ) -> TextEmbeddings:
         """The prompt's embeddings (and the negative prompt's when guidance is on)."""
-        request = stages_pb2.EncodeTextRequest(
+        request = EncodeText(
             request_id=request_id,
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
             with_uncond=params.guided,
-            loras=_lora_scales(params),
+            loras=params.loras,
         )
         return await client.encode_text(request)
 
     @staticmethod
     async def _encode_image(
         client: StageClient, params: GenerateParams, request_id: str
-    ) -> stages_pb2.EncodeImageResponse | None:
+    ) -> ImageEncoding | None:
         """The VaeEncoder's encoding of the init image and mask; None for text-to-image."""
         if not params.init_image:
             return None
-        request = stages_pb2.EncodeImageRequest(
-            request_id=request_id, init_image=params.init_image, mask_image=params.mask_image
-        )
+        request = EncodeImage(request_id, params.init_image, params.mask_image)
         return await client.encode_image(request)
 
     @staticmethod
     async def _denoise_events(
-        client: StageClient, denoise: stages_pb2.DenoiseRequest, started: float
-    ) -> AsyncIterator[Queued | Progress | Preview | stages_pb2.Tensor]:
-        """The Denoiser's stream as domain events; the final latents come last."""
+        client: StageClient, denoise: Denoise, started: float
+    ) -> AsyncIterator[Queued | Progress | Preview | Denoised]:
+        """The Denoiser's stream as the request's events; the final latents come last."""
         async for event in client.denoise_stream(denoise):
-            kind = event.WhichOneof("event")
-            if kind == "queued":
-                yield Queued(position=event.queued.position, request_id=denoise.request_id)
-            elif kind == "step":
-                step = event.step
-                yield Progress(step.step, step.total, elapsed_s=time.perf_counter() - started)
-                if step.preview_png:
-                    yield Preview(step=step.step, pngs=tuple(step.preview_png))
-            elif kind == "done":
-                yield event.done.latents
+            if isinstance(event, DenoiseQueued):
+                yield Queued(position=event.position, request_id=denoise.request_id)
+            elif isinstance(event, DenoiseStep):
+                yield Progress(event.step, event.total, elapsed_s=time.perf_counter() - started)
+                if event.preview_pngs:
+                    yield Preview(step=event.step, pngs=event.preview_pngs)
+            elif isinstance(event, Denoised):
+                yield event
 
 
 async def _timed(awaitable):
@@ -272,28 +274,30 @@ def _check(deadline: float | None, request_id: str, where: str) -> float:
 
 def _denoise_request(
     params: GenerateParams,
-    encoded: stages_pb2.EncodeTextResponse,
     request_id: str,
+    embeddings: TextEmbeddings,
+    init: ImageEncoding | None,
+    *,
     preview_every: int,
-) -> stages_pb2.DenoiseRequest:
-    denoise = stages_pb2.DenoiseRequest(
+    progress_interval_s: float,
+    timeout_s: float,
+) -> Denoise:
+    """The Denoiser's request for `params`, given the text (and image) encodings."""
+    return Denoise(
         request_id=request_id,
-        cond=encoded.cond,
+        embeddings=embeddings,
         width=params.width,
         height=params.height,
         steps=params.steps,
         guidance_scale=params.guidance_scale,
         scheduler=params.scheduler,
-        seeds=params.seeds,
+        seeds=tuple(params.seeds),
+        init=init,
+        strength=params.strength if init is not None else 1.0,
+        guidance_stop=params.guidance_stop,
+        cache_interval=params.cache_interval,
+        loras=params.loras,
         preview_every=preview_every,
-        loras=_lora_scales(params),
+        timeout_s=timeout_s,
+        progress_interval_s=progress_interval_s,
     )
-    for name, field in (("uncond", "uncond"), ("cond_pooled", "cond_pooled"),
-                        ("uncond_pooled", "uncond_pooled")):  # fmt: skip
-        if encoded.HasField(name):
-            getattr(denoise, field).CopyFrom(getattr(encoded, name))
-    return denoise
-
-
-def _lora_scales(params: GenerateParams) -> list[stages_pb2.LoraScale]:
-    return [stages_pb2.LoraScale(name=name, scale=scale) for name, scale in params.loras]

@@ -11,6 +11,20 @@ from ray.serve.handle import DeploymentHandle
 
 from sdserve.orchestration.client import StageClient
 from sdserve.serve import _ray
+from sdserve.serve import stage_messages as sm
+from sdserve.stages.messages import (
+    Decode,
+    Denoise,
+    Denoised,
+    DenoiseEvent,
+    DenoiserInfo,
+    DenoiserStats,
+    EncodeImage,
+    EncodeText,
+    ImageEncoding,
+    StageInfo,
+    TextEmbeddings,
+)
 from sdserve.v1 import stages_pb2
 
 
@@ -38,9 +52,9 @@ def cancel_on_exit(response):
 
 
 class ServeStageClient(StageClient):
-    """Serializes the stage messages and calls the TextEncoder, VaeEncoder, Denoiser and
-    VaeDecoder deployments, over Serve's gRPC transport or Ray actor calls
-    (`server.stage_transport`)."""
+    """Serializes the stage messages (`sdserve.serve.stage_messages`) and calls the
+    TextEncoder, VaeEncoder, Denoiser and VaeDecoder deployments, over Serve's gRPC transport
+    or Ray actor calls (`server.stage_transport`); parses their replies back."""
 
     def __init__(
         self,
@@ -56,46 +70,57 @@ class ServeStageClient(StageClient):
 
     @staticmethod
     async def _call(method, request, reply_type):
+        """Sends a protobuf request to a deployment's method; its reply, parsed."""
         response = method.remote(request.SerializeToString())
         with cancel_on_exit(response):
             return reply_type.FromString(await response)
 
-    async def encode_text(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
-        return await self._call(self._text.Encode, req, stages_pb2.EncodeTextResponse)
+    async def encode_text(self, req: EncodeText) -> TextEmbeddings:
+        reply = await self._call(self._text.Encode, sm.encode_text_to_pb(req),
+                                 stages_pb2.EncodeTextResponse)  # fmt: skip
+        return sm.embeddings_from_pb(reply)
 
-    async def encode_image(
-        self, req: stages_pb2.EncodeImageRequest
-    ) -> stages_pb2.EncodeImageResponse:
-        return await self._call(self._vae_encoder.Encode, req, stages_pb2.EncodeImageResponse)
+    async def encode_image(self, req: EncodeImage) -> ImageEncoding:
+        reply = await self._call(self._vae_encoder.Encode, sm.encode_image_to_pb(req),
+                                 stages_pb2.EncodeImageResponse)  # fmt: skip
+        return sm.encoded_from_pb(reply)
 
-    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
-        return await self._call(self._denoiser.Denoise, req, stages_pb2.DenoiseResponse)
+    async def denoise(self, req: Denoise) -> Denoised:
+        reply = await self._call(self._denoiser.Denoise, sm.denoise_to_pb(req),
+                                 stages_pb2.DenoiseResponse)  # fmt: skip
+        return sm.denoised_from_pb(reply)
 
-    async def denoise_stream(
-        self, req: stages_pb2.DenoiseRequest
-    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
-        events = self._denoiser_stream.DenoiseStream.remote(req.SerializeToString())
+    async def denoise_stream(self, req: Denoise) -> AsyncIterator[DenoiseEvent]:
+        events = self._denoiser_stream.DenoiseStream.remote(
+            sm.denoise_to_pb(req).SerializeToString()
+        )
         with cancel_on_exit(events):
             async for raw in events:
-                yield stages_pb2.DenoiseEvent.FromString(raw)
+                yield sm.denoise_event_from_pb(stages_pb2.DenoiseEvent.FromString(raw))
 
-    async def decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
-        return await self._call(self._vae.Decode, req, stages_pb2.DecodeResponse)
+    async def decode(self, req: Decode) -> tuple[bytes, ...]:
+        reply = await self._call(self._vae.Decode, sm.decode_to_pb(req), stages_pb2.DecodeResponse)
+        return sm.pngs_from_pb(reply)
 
-    async def denoiser_info(self) -> stages_pb2.DenoiserInfo:
-        return stages_pb2.DenoiserInfo.FromString(await self._denoiser.Info.remote(b""))
+    async def denoiser_info(self) -> DenoiserInfo:
+        raw = await self._denoiser.Info.remote(b"")
+        return sm.denoiser_info_from_pb(stages_pb2.DenoiserInfo.FromString(raw))
 
-    async def stage_infos(self) -> list[stages_pb2.StageInfo]:
+    async def stage_infos(self) -> list[StageInfo]:
         text, image, denoiser, vae = await asyncio.gather(
             self._text.Info.remote(b""), self._vae_encoder.Info.remote(b""),
             self._denoiser.Info.remote(b""), self._vae.Info.remote(b""),
         )  # fmt: skip
-        info = stages_pb2.StageInfo.FromString
-        return [info(text), info(image), stages_pb2.DenoiserInfo.FromString(denoiser).stage,
-                info(vae)]  # fmt: skip
 
-    async def denoiser_stats(self) -> stages_pb2.DenoiserStats:
-        return stages_pb2.DenoiserStats.FromString(await self._denoiser.Stats.remote(b""))
+        def info(raw: bytes) -> StageInfo:
+            return sm.stage_info_from_pb(stages_pb2.StageInfo.FromString(raw))
+
+        denoiser_stage = stages_pb2.DenoiserInfo.FromString(denoiser).stage
+        return [info(text), info(image), sm.stage_info_from_pb(denoiser_stage), info(vae)]
+
+    async def denoiser_stats(self) -> DenoiserStats:
+        raw = await self._denoiser.Stats.remote(b"")
+        return sm.denoiser_stats_from_pb(stages_pb2.DenoiserStats.FromString(raw))
 
 
 def stage_clients(models: dict[str, StageHandles], transport: str) -> dict[str, ServeStageClient]:

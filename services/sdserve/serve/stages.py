@@ -1,5 +1,6 @@
-"""The stage deployments: thin shells that parse a stage message, call the stage service
-(`sdserve.stages`) and serialize its answer. Serve routes calls by method name.
+"""The stage deployments: thin shells that parse a stage message (its protobuf bytes, into the
+domain form, `sdserve.serve.stage_messages`), call the stage service (`sdserve.stages`) and
+serialize its answer. Serve routes calls by method name.
 
 Each served model has its own four deployments (`sdserve.serve.app`); a replica is given the
 whole config tree and the name of its model.
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from sdserve.metrics import StatsLogger
+from sdserve.serve import stage_messages as sm
 from sdserve.serve.common import replica_setup
 from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.text_encoder import TextEncoderService
@@ -29,12 +31,12 @@ class TextEncoderDeployment:
 
     async def Encode(self, request: bytes) -> bytes:
         """Serialized `EncodeTextRequest` -> serialized `EncodeTextResponse`."""
-        req = stages_pb2.EncodeTextRequest.FromString(request)
-        return (await self.service.encode(req)).SerializeToString()
+        req = sm.encode_text_from_pb(stages_pb2.EncodeTextRequest.FromString(request))
+        return sm.embeddings_to_pb(await self.service.encode(req)).SerializeToString()
 
     def Info(self, request: bytes = b"") -> bytes:
         """Serialized `StageInfo`: how this stage computes."""
-        return self.service.info().SerializeToString()
+        return sm.stage_info_to_pb(self.service.info()).SerializeToString()
 
 
 @serve.deployment(name="Denoiser")
@@ -49,22 +51,22 @@ class DenoiserDeployment:
 
     async def Denoise(self, request: bytes) -> bytes:
         """Serialized `DenoiseRequest` -> serialized `DenoiseResponse`."""
-        req = stages_pb2.DenoiseRequest.FromString(request)
-        return (await self.service.denoise(req)).SerializeToString()
+        req = sm.denoise_from_pb(stages_pb2.DenoiseRequest.FromString(request))
+        return sm.denoised_to_pb(await self.service.denoise(req)).SerializeToString()
 
     async def DenoiseStream(self, request: bytes) -> AsyncIterator[bytes]:
         """Serialized `DenoiseRequest` -> serialized `DenoiseEvent`s: queued, steps, done."""
-        req = stages_pb2.DenoiseRequest.FromString(request)
+        req = sm.denoise_from_pb(stages_pb2.DenoiseRequest.FromString(request))
         async for event in self.service.denoise_stream(req):
-            yield event.SerializeToString()
+            yield sm.denoise_event_to_pb(event).SerializeToString()
 
     def Info(self, request: bytes = b"") -> bytes:
         """Serialized `DenoiserInfo`: the model's native size and latent scale."""
-        return self.service.info().SerializeToString()
+        return sm.denoiser_info_to_pb(self.service.info()).SerializeToString()
 
     def Stats(self, request: bytes = b"") -> bytes:
         """Serialized `DenoiserStats` of this replica."""
-        return self.service.stats_message().SerializeToString()
+        return sm.denoiser_stats_to_pb(self.service.stats_message()).SerializeToString()
 
 
 @serve.deployment(name="VaeDecoder")
@@ -75,12 +77,12 @@ class VaeDecoderDeployment:
 
     async def Decode(self, request: bytes) -> bytes:
         """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
-        req = stages_pb2.DecodeRequest.FromString(request)
-        return (await self.service.decode(req)).SerializeToString()
+        req = sm.decode_from_pb(stages_pb2.DecodeRequest.FromString(request))
+        return sm.pngs_to_pb(await self.service.decode(req)).SerializeToString()
 
     def Info(self, request: bytes = b"") -> bytes:
         """Serialized `StageInfo`: how this stage computes."""
-        return self.service.info().SerializeToString()
+        return sm.stage_info_to_pb(self.service.info()).SerializeToString()
 
 
 @serve.deployment(name="VaeEncoder")
@@ -91,12 +93,12 @@ class VaeEncoderDeployment:
 
     async def Encode(self, request: bytes) -> bytes:
         """Serialized `EncodeImageRequest` -> serialized `EncodeImageResponse`."""
-        req = stages_pb2.EncodeImageRequest.FromString(request)
-        return (await self.service.encode(req)).SerializeToString()
+        req = sm.encode_image_from_pb(stages_pb2.EncodeImageRequest.FromString(request))
+        return sm.encoded_to_pb(await self.service.encode(req)).SerializeToString()
 
     def Info(self, request: bytes = b"") -> bytes:
         """Serialized `StageInfo`: how this stage computes."""
-        return self.service.info().SerializeToString()
+        return sm.stage_info_to_pb(self.service.info()).SerializeToString()
 
 
 async def _refresh_every(stats: StatsLogger, seconds: float) -> None:

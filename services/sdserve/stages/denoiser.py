@@ -1,11 +1,11 @@
-"""The Denoiser stage: DenoiseRequest -> DenoiseResponse, or a stream of DenoiseEvents.
+"""The Denoiser stage: Denoise -> Denoised, or a stream of DenoiseEvents.
 
 The whole denoising loop runs here, in the service's `DenoiseEngine`, which batches the U-Net
 steps of every request the service holds (step-level batching). The engine's steps are tasks
 on the service's torch thread, and so is every other piece of torch work: preparing a request
-(its schedulers, generators and initial noise), previews, and the final latents' bytes. Engine
-events become stage messages on that thread and are handed to the caller's event loop, which
-only awaits.
+(its schedulers, generators and initial noise), previews, and the final latents' copy to the
+CPU. Engine events become stage messages (`sdserve.stages.messages`) on that thread and are
+handed to the caller's event loop, which only awaits (and PNG-encodes previews).
 
 When the caller stops waiting (the client cancelled, or its deadline passed), the request is
 cancelled in the engine: it leaves the batch at the next step and is never decoded.
@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,15 +28,24 @@ from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.compiled import resolve_mode, resolve_shapes
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
+from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.threads import ThreadPlan, set_threads
 from sdserve.pipeline.vae import preview_pixels, to_png
 from sdserve.stages.loras import Adapters
+from sdserve.stages.messages import (
+    Denoise,
+    Denoised,
+    DenoiseEvent,
+    DenoiseQueued,
+    DenoiserInfo,
+    DenoiserStats,
+    DenoiseStep,
+    ImageEncoding,
+)
 from sdserve.stages.runtime import TorchThread, load_stage, stage_info, thread_plan
-from sdserve.stages.tensors import tensor_from_pb, tensor_to_pb
-from sdserve.stages.vae_encoder import encoded_from_pb
+from sdserve.stages.tensors import returned, unpack, unpack_optional
 from sdserve.stats import RequestAdmitted, RequestEnded, UNetCompiled
-from sdserve.v1 import stages_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ logger = logging.getLogger(__name__)
 class _WithPreview:
     """A step event whose preview pixels still need PNG encoding (done off the torch thread)."""
 
-    event: stages_pb2.DenoiseEvent
+    event: DenoiseStep
     pixels: np.ndarray
     """uint8, shape (num_images, height, width, 3)."""
 
@@ -111,40 +120,39 @@ class DenoiserService:
         self.engine.stop(timeout_s=1)
 
     # -- the stage's calls ---------------------------------------------------------------------
-    async def denoise(self, req: stages_pb2.DenoiseRequest) -> stages_pb2.DenoiseResponse:
+    async def denoise(self, req: Denoise) -> Denoised:
         """The final latents of every image of the request."""
         async for event in self._events(req, progress=False):
-            if event.HasField("done"):
-                return event.done
+            if isinstance(event, Denoised):
+                return event
         raise Internal("the engine ended a request without a result")
 
-    async def denoise_stream(
-        self, req: stages_pb2.DenoiseRequest
-    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+    async def denoise_stream(self, req: Denoise) -> AsyncIterator[DenoiseEvent]:
         """queued, one `step` per denoising step (with previews every `preview_every`), done."""
         async for event in self._events(req, progress=True):
             yield event
 
-    def info(self) -> stages_pb2.DenoiserInfo:
+    def info(self) -> DenoiserInfo:
         """The model's native size and latent scale."""
         width, height = self.denoiser.native_size
         mode = self.denoiser.forward.mode if self.denoiser.forward is not None else "off"
-        return stages_pb2.DenoiserInfo(
+        return DenoiserInfo(
             native_width=width,
             native_height=height,
             vae_scale_factor=self.denoiser.vae_scale_factor,
             unet_in_channels=self.denoiser.unet.config.in_channels,
             family=self.denoiser.family,
             prediction_type=self.denoiser.prediction_type,
-            loras=self.adapters.listing() if self.adapters else [],
+            loras=self.adapters.listing() if self.adapters else (),
             stage=stage_info("denoiser", self.denoiser, self.threads, mode),
         )
 
-    def stats_message(self) -> stages_pb2.DenoiserStats:
-        """The engine's counters since the service started (`StatsLogger.denoiser`)."""
+    def stats_message(self) -> DenoiserStats:
+        """The engine's counters since the service started (`StatsLogger.denoiser`), and its
+        load now."""
         c = self.stats.denoiser
         waiting, running = self.engine.counts()
-        return stages_pb2.DenoiserStats(
+        return DenoiserStats(
             waiting=waiting,
             running=running,
             unet_steps=c.unet_steps,
@@ -166,9 +174,7 @@ class DenoiserService:
         )
 
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
-    async def _events(
-        self, req: stages_pb2.DenoiseRequest, progress: bool
-    ) -> AsyncIterator[stages_pb2.DenoiseEvent]:
+    async def _events(self, req: Denoise, progress: bool) -> AsyncIterator[DenoiseEvent]:
         """Submits the request and yields its events until it ends; without `progress`, only
         the final one (no per-step wake-ups of the event loop)."""
         loop = asyncio.get_running_loop()
@@ -197,23 +203,21 @@ class DenoiserService:
                     ended = True
                     raise item
                 if isinstance(item, _WithPreview):
-                    item.event.step.preview_png.extend(to_png(p) for p in item.pixels)
-                    item = item.event
-                ended = item.HasField("done")
+                    item = replace(item.event, preview_pngs=tuple(map(to_png, item.pixels)))
+                ended = isinstance(item, Denoised)
                 yield item
         finally:
             if not ended:  # the caller went away: free the slot (once the job is submitted)
                 prepared.add_done_callback(lambda _: self.engine.cancel(job_id))
 
-    def _prepare(
-        self, req: stages_pb2.DenoiseRequest, job_id: str, on_event: Callable[[eng.Event], None]
-    ) -> None:
+    def _prepare(self, req: Denoise, job_id: str, on_event: Callable[[eng.Event], None]) -> None:
         """Torch thread: builds the request's samples as diffusers does and submits them."""
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
+        embeddings, init = req.embeddings, _encoded_image(req.init)
         job: DenoiseJob = self.denoiser.make_job(
             job_id,
-            tensor_from_pb(req.cond),
-            _optional_tensor(req, "uncond"),
+            unpack(embeddings.cond),
+            unpack_optional(embeddings.uncond),
             width=req.width,
             height=req.height,
             steps=req.steps,
@@ -223,14 +227,13 @@ class DenoiserService:
             on_event=on_event,
             deadline=time.monotonic() + req.timeout_s if req.timeout_s > 0 else None,
             preview_every=req.preview_every,
-            init=encoded_from_pb(req.init) if req.HasField("init") else None,
-            # a float32 field: six decimals give back the client's 0.7 (int(10 * 0.7) = 7 steps)
-            strength=round(req.strength, 6) if req.HasField("init") else 1.0,
-            guidance_stop=round(req.guidance_stop, 6) or 1.0,
-            cache_interval=max(1, req.cache_interval),
+            init=init,
+            strength=req.strength if init is not None else 1.0,
+            guidance_stop=req.guidance_stop,
+            cache_interval=req.cache_interval,
             cache_levels=self.cache_levels,
-            pooled=_optional_tensor(req, "cond_pooled"),
-            uncond_pooled=_optional_tensor(req, "uncond_pooled"),
+            pooled=unpack_optional(embeddings.cond_pooled),
+            uncond_pooled=unpack_optional(embeddings.uncond_pooled),
             loras=loras,
         )
         self.engine.submit(job)
@@ -246,11 +249,10 @@ class DenoiserService:
             self.stats.record(RequestEnded(ended, *self.engine.counts()))
 
     @staticmethod
-    def _message(event: eng.Event, req: stages_pb2.DenoiseRequest, progress: bool):
+    def _message(event: eng.Event, req: Denoise, progress: bool):
         """Torch thread: the stage message (or error) an engine event becomes, or None."""
-        if isinstance(event, eng.Finished):
-            latents = tensor_to_pb(event.latents)
-            return stages_pb2.DenoiseEvent(done=stages_pb2.DenoiseResponse(latents=latents))
+        if isinstance(event, eng.Finished):  # a fresh tensor (a cat of the samples' latents)
+            return Denoised(returned(event.latents))
         if isinstance(event, eng.Cancelled):
             return DeadlineExceeded(f"request {req.request_id}: {event.reason}")
         if isinstance(event, eng.Failed):
@@ -266,11 +268,9 @@ class DenoiserService:
         if not progress:
             return None
         if isinstance(event, eng.Queued):
-            return stages_pb2.DenoiseEvent(queued=stages_pb2.DenoiseQueued(position=event.position))
+            return DenoiseQueued(position=event.position)
         if isinstance(event, eng.Step):
-            step = stages_pb2.DenoiseStep(step=event.step, total=event.total,
-                                          elapsed_s=event.elapsed_s)  # fmt: skip
-            message = stages_pb2.DenoiseEvent(step=step)
+            message = DenoiseStep(step=event.step, total=event.total, elapsed_s=event.elapsed_s)
             if event.latents is None:
                 return message
             return _WithPreview(message, preview_pixels(event.latents, req.width, req.height))
@@ -313,6 +313,9 @@ def compile_unet(denoiser: Denoiser, engine: EngineConfig, stats: StatsLogger,
     return plan
 
 
-def _optional_tensor(message, name: str):
-    """The tensor of a message's Tensor field, or None when it is unset."""
-    return tensor_from_pb(getattr(message, name)) if message.HasField(name) else None
+def _encoded_image(init: ImageEncoding | None) -> EncodedImage | None:
+    """The pipeline's form of the VaeEncoder's encoding, its tensors unpacked."""
+    if init is None:
+        return None
+    return EncodedImage(unpack(init.image), init.scaling_factor, unpack_optional(init.masked),
+                        unpack_optional(init.mask))  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from sdserve.config import ModelConfig, SdserveConfig
@@ -14,7 +14,7 @@ from sdserve.constants import resolve_model_dir
 from sdserve.errors import FailedPrecondition, InvalidArgument
 from sdserve.pipeline.lora import LoraAdapter, LoraCache
 from sdserve.pipeline.lora_files import lora_dir, lora_files
-from sdserve.v1 import stages_pb2
+from sdserve.stages.messages import LoraFile, LoraScales
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +39,19 @@ class Adapters:
     def files(self) -> dict[str, Path]:
         return lora_files(self.folder)
 
-    def resolve(
-        self, loras: Sequence[stages_pb2.LoraScale]
-    ) -> tuple[tuple[LoraAdapter, float], ...]:
+    def resolve(self, loras: LoraScales) -> Applied:
         """The adapters of a stage message's `loras`, loaded. Raises InvalidArgument for a name
         with no file, FailedPrecondition for a file that is not a LoRA of this model."""
         if not loras:
             return ()
         files = self.files()
         out = []
-        for i, lora in enumerate(loras):
-            path = files.get(lora.name)
+        for i, (name, scale) in enumerate(loras):
+            path = files.get(name)
             if path is None:
-                raise InvalidArgument(f"loras[{i}].name", f"no adapter {lora.name!r} in "
+                raise InvalidArgument(f"loras[{i}].name", f"no adapter {name!r} in "
                                       f"{self.folder}")  # fmt: skip
-            out.append((self.cache.get(lora.name, lambda p=path, n=lora.name: self._read(p, n)),
-                        lora.scale))  # fmt: skip
+            out.append((self.cache.get(name, lambda p=path, n=name: self._read(p, n)), scale))
         return tuple(out)
 
     def _read(self, path: Path, name: str) -> LoraAdapter:
@@ -67,9 +64,8 @@ class Adapters:
                     adapter.nbytes / 2**20, time.perf_counter() - started)  # fmt: skip
         return adapter
 
-    def listing(self) -> list[stages_pb2.LoraFile]:
+    def listing(self) -> tuple[LoraFile, ...]:
         """Every adapter file, and whether it is loaded."""
         loaded = set(self.cache.names())
-        return [stages_pb2.LoraFile(name=name, file_bytes=path.stat().st_size,
-                                    loaded=name in loaded)
-                for name, path in self.files().items()]  # fmt: skip
+        return tuple(LoraFile(name=name, file_bytes=path.stat().st_size, loaded=name in loaded)
+                     for name, path in self.files().items())  # fmt: skip

@@ -15,8 +15,8 @@ from sdserve.constants import resolve_model_dir
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline.precision import dtype_name
 from sdserve.pipeline.threads import ThreadPlan, measure_plan, set_threads
+from sdserve.stages.messages import StageInfo
 from sdserve.stats import GpuMemory, ModelLoaded
-from sdserve.v1 import stages_pb2
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class OneCallStage:
     def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
         """Takes what else the stage needs from the config (nothing, unless overridden)."""
 
-    def info(self) -> stages_pb2.StageInfo:
+    def info(self) -> StageInfo:
         """How this stage computes (its device, dtype and threads)."""
         return stage_info(self.stage, self.part, self.threads)
 
@@ -99,9 +99,9 @@ class OneCallStage:
 
 
 def stage_info(stage: str, part, threads: ThreadPlan | None,
-               compile_mode: str = "off") -> stages_pb2.StageInfo:  # fmt: skip
+               compile_mode: str = "off") -> StageInfo:  # fmt: skip
     """A stage's `StageInfo` from its loaded part (which has `device` and `dtype`)."""
-    return stages_pb2.StageInfo(
+    return StageInfo(
         stage=stage,
         device=part.device.type,
         dtype=dtype_name(part.dtype),

@@ -1,27 +1,40 @@
-"""Tensors in stage messages: dtype + shape + raw bytes (`stages.proto`'s `Tensor`)."""
+"""Tensors of the stage messages on the stage side: unpacking what came over the wire, packing
+what goes back, and making a stage's outputs the caller's own."""
 
 from __future__ import annotations
 
 import torch
 
-from sdserve.v1 import stages_pb2
+from sdserve.stages.messages import PackedTensor, Tensor
 
 
-def tensor_to_pb(tensor: torch.Tensor) -> stages_pb2.Tensor:
+def pack(tensor: torch.Tensor) -> PackedTensor:
     """dtype + shape + raw bytes. Goes through a uint8 view, not numpy, so bfloat16 works."""
     t = tensor.detach().contiguous().cpu()
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return stages_pb2.Tensor(
-        dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data=raw
-    )
+    return PackedTensor(str(t.dtype).removeprefix("torch."), tuple(t.shape), raw)
 
 
-def tensor_from_pb(msg: stages_pb2.Tensor) -> torch.Tensor:
-    """Inverse of `tensor_to_pb`; returns a CPU tensor that owns its memory."""
-    dtype = getattr(torch, msg.dtype, None)
+def unpack(tensor: Tensor) -> torch.Tensor:
+    """The torch tensor: a packed one as a CPU tensor that owns its memory, a torch one as it
+    is. Raises ValueError for an unknown dtype."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor
+    dtype = getattr(torch, tensor.dtype, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {msg.dtype!r}")
-    if not msg.data:
-        return torch.empty(tuple(msg.shape), dtype=dtype)
-    flat = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).view(dtype)
-    return flat.reshape(tuple(msg.shape))
+        raise ValueError(f"unknown tensor dtype {tensor.dtype!r}")
+    if not tensor.data:
+        return torch.empty(tensor.shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(tensor.data), dtype=torch.uint8).view(dtype)
+    return flat.reshape(tensor.shape)
+
+
+def unpack_optional(tensor: Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else unpack(tensor)
+
+
+def returned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A stage's output as it hands it over: contiguous and on the CPU, as its serialized form
+    always was (on a GPU the copy runs here, on the stage's torch thread; on a CPU it is the
+    tensor itself, which the stage made for this call and does not keep)."""
+    return None if tensor is None else tensor.detach().contiguous().cpu()

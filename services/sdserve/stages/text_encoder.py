@@ -1,4 +1,4 @@
-"""The TextEncoder stage: EncodeTextRequest -> EncodeTextResponse (CLIP embeddings)."""
+"""The TextEncoder stage: EncodeText -> TextEmbeddings (CLIP embeddings)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.text import TextEncoder
 from sdserve.stages.loras import Adapters
+from sdserve.stages.messages import EncodeText, TextEmbeddings
 from sdserve.stages.runtime import OneCallStage
-from sdserve.stages.tensors import tensor_to_pb
-from sdserve.v1 import stages_pb2
+from sdserve.stages.tensors import returned
 
 
 class TextEncoderService(OneCallStage):
@@ -26,17 +26,12 @@ class TextEncoderService(OneCallStage):
 
         self.adapters = Adapters.for_model(config, model, load)
 
-    def _encode(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
+    def _encode(self, req: EncodeText) -> TextEmbeddings:
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
-        embeddings = self.part.encode(req.prompt, req.negative_prompt, req.with_uncond, loras)
-        reply = stages_pb2.EncodeTextResponse()
-        for name, field in (("cond", "cond"), ("uncond", "uncond"), ("pooled", "cond_pooled"),
-                            ("uncond_pooled", "uncond_pooled")):  # fmt: skip
-            tensor = getattr(embeddings, name)
-            if tensor is not None:
-                getattr(reply, field).CopyFrom(tensor_to_pb(tensor))
-        return reply
+        e = self.part.encode(req.prompt, req.negative_prompt, req.with_uncond, loras)
+        return TextEmbeddings(returned(e.cond), returned(e.uncond), returned(e.pooled),
+                              returned(e.uncond_pooled))  # fmt: skip
 
-    async def encode(self, req: stages_pb2.EncodeTextRequest) -> stages_pb2.EncodeTextResponse:
+    async def encode(self, req: EncodeText) -> TextEmbeddings:
         """The prompt's embeddings, and the negative prompt's when `with_uncond`."""
         return await self._run(self._encode, req)

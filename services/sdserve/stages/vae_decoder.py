@@ -1,11 +1,11 @@
-"""The VaeDecoder stage: DecodeRequest -> DecodeResponse (one PNG per latent)."""
+"""The VaeDecoder stage: Decode -> one PNG per latent."""
 
 from __future__ import annotations
 
 from sdserve.pipeline.vae import VaeDecoder
+from sdserve.stages.messages import Decode
 from sdserve.stages.runtime import OneCallStage
-from sdserve.stages.tensors import tensor_from_pb
-from sdserve.v1 import stages_pb2
+from sdserve.stages.tensors import unpack
 
 
 class VaeDecoderService(OneCallStage):
@@ -13,10 +13,9 @@ class VaeDecoderService(OneCallStage):
 
     part_cls, stage = VaeDecoder, "vae_decoder"
 
-    def _decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
-        pngs = self.part.decode_png(tensor_from_pb(req.latents), list(req.parameters))
-        return stages_pb2.DecodeResponse(png=pngs)
+    def _decode(self, req: Decode) -> tuple[bytes, ...]:
+        return tuple(self.part.decode_png(unpack(req.latents), list(req.parameters)))
 
-    async def decode(self, req: stages_pb2.DecodeRequest) -> stages_pb2.DecodeResponse:
+    async def decode(self, req: Decode) -> tuple[bytes, ...]:
         """One PNG per latent, each with its `parameters` text chunk."""
         return await self._run(self._decode, req)

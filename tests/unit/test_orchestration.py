@@ -178,3 +178,34 @@ def test_a_request_names_its_model_and_unknown_names_are_invalid(path):
         assert (served.name, served.family, served.native_size) == ("default", "sd1", (64, 64))
 
     asyncio.run(main())
+
+
+def test_the_in_process_client_hands_over_tensors_the_caller_owns(path):
+    """In one process the stage messages pass without serialization: each tensor a stage
+    returns is a torch tensor on the CPU that its caller may change, and changing it changes
+    no later answer; a stage leaves the tensors of its request as they were."""
+    import torch
+
+    from sdserve.stages.messages import Denoise, EncodeText
+
+    client = path.client
+
+    async def once():
+        embeddings = await client.encode_text(EncodeText("owned", "a cat", with_uncond=True))
+        sent = embeddings.cond.clone()
+        denoise = Denoise("owned", embeddings, width=64, height=64, steps=3,
+                          guidance_scale=5.0, scheduler="ddim", seeds=(3,))  # fmt: skip
+        latents = (await client.denoise(denoise)).latents
+        assert torch.equal(embeddings.cond, sent)
+        return embeddings, latents
+
+    embeddings, latents = asyncio.run(once())
+    for t in (embeddings.cond, embeddings.uncond, latents):
+        assert isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+        assert not t.is_inference()
+    first = (embeddings.cond.clone(), embeddings.uncond.clone(), latents.clone())
+    for t in (embeddings.cond, embeddings.uncond, latents):
+        t.fill_(9.0)
+    again, latents_again = asyncio.run(once())
+    assert torch.equal(again.cond, first[0]) and torch.equal(again.uncond, first[1])
+    assert torch.equal(latents_again, first[2])

@@ -34,7 +34,9 @@ def unpack_optional(tensor: Tensor | None) -> torch.Tensor | None:
 
 
 def returned(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """A stage's output as it hands it over: contiguous and on the CPU, as its serialized form
-    always was (on a GPU the copy runs here, on the stage's torch thread; on a CPU it is the
-    tensor itself, which the stage made for this call and does not keep)."""
-    return None if tensor is None else tensor.detach().contiguous().cpu()
+    """A stage's output as it hands it over: a copy on the CPU, contiguous, that no one else
+    holds and that its caller may change (not an inference tensor), as its serialized form
+    always was. Call it on the stage's torch thread, where a GPU's copy waits for the GPU."""
+    if tensor is None:
+        return None
+    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)

@@ -36,14 +36,16 @@ run: install redis  ## start the services, generate one image into $(OUT) (and o
 serve: install redis  ## run `sdserve serve` in the foreground (Ctrl-C stops it)
 	$(BIN)/sdserve serve --grpc-port $(GRPC_PORT) --redis-url '$(REDIS_URL)'
 
-test: install  ## lint, then run every test (starts its own Ray, Redis and Prometheus on free ports)
+test: install  ## lint, check the layers, then run every test (starts its own Ray, Redis and Prometheus on free ports)
 	@bash deploy/install-tools.sh redis-server prometheus
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
-lint: install  ## ruff check and format check
+lint: install  ## ruff check, format check and the import contracts (.importlinter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 protos: install  ## regenerate services/sdserve/v1 from protos/
 	$(BIN)/python protos/generate.py

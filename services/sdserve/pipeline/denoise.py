@@ -33,7 +33,7 @@ from sdserve.pipeline.text_time import TextTime, pooled_width, takes_text_time, 
 from sdserve.pipeline.threads import set_threads
 
 if TYPE_CHECKING:
-    from sdserve.pipeline.lora import LoraAdapter
+    from sdserve.pipeline.lora_adapter import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -186,49 +186,18 @@ class Denoiser:
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
         *,
-        width: int,
-        height: int,
-        steps: int,
-        guidance_scale: float,
-        scheduler: str,
-        seeds: Sequence[int],
-        pooled: torch.Tensor | None = None,
-        uncond_pooled: torch.Tensor | None = None,
-        loras: Sequence[tuple[LoraAdapter, float]] = (),
         on_step: Callable[[int, int], None] | None = None,
-        **image_kwargs,
+        **request,
     ) -> torch.Tensor:
-        """Runs the whole denoising loop for one request.
-
-        Args:
-            cond: prompt embeddings, shape (1, seq_len, hidden).
-            uncond: negative-prompt embeddings, or None when guidance_scale <= 1.
-            seeds: one per image; image i starts from its own `Generator().manual_seed(seeds[i])`.
-            pooled: SDXL: the prompt's pooled text embeddings, shape (1, projection_dim).
-            uncond_pooled: SDXL: the negative prompt's, or None when guidance_scale <= 1.
-            loras: the request's LoRA adapters, each with its scale.
-            on_step: called with (steps done, steps in all) after every U-Net forward.
-            image_kwargs: `init` and `strength` for image-to-image and inpainting;
-                `guidance_stop` and `cache_interval` for cheaper steps.
+        """Runs the whole denoising loop for one request, alone (no engine): the keyword
+        arguments are `make_job`'s (width, height, steps, guidance_scale, scheduler, seeds, and
+        the optional ones); `on_step` is called with (steps done, steps in all) after every
+        U-Net forward.
 
         Returns:
             Final latents, shape (len(seeds), latent_channels, height // f, width // f).
         """
-        job = self.make_job(
-            "solo",
-            cond,
-            uncond,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            seeds=seeds,
-            pooled=pooled,
-            uncond_pooled=uncond_pooled,
-            loras=loras,
-            **image_kwargs,
-        )
+        job = self.make_job("solo", cond, uncond, **request)
         while not job.done:
             unet_step(self.unet, job.samples, self.forward)
             if on_step is not None:
@@ -261,8 +230,12 @@ class Denoiser:
         does, from an encoded init image (and mask) when given; `job_kwargs` go to
         `DenoiseJob` (on_event, deadline, preview_every).
 
-        An SDXL U-Net needs `pooled` (1, projection_dim), and `uncond_pooled` with guidance;
-        other U-Nets ignore them. `loras`: the request's LoRA adapters (loaded for this U-Net,
+        `cond` is the prompt's embeddings, shape (1, seq_len, hidden); `uncond` the negative
+        prompt's, or None when guidance_scale <= 1. Image i starts from its own
+        `Generator().manual_seed(seeds[i])`. An SDXL U-Net needs `pooled` (1, projection_dim),
+        and `uncond_pooled` with guidance; other U-Nets ignore them. `init` and `strength`:
+        image-to-image and inpainting; `guidance_stop`, `cache_interval` and `cache_levels`:
+        cheaper steps. `loras`: the request's LoRA adapters (loaded for this U-Net,
         `lora.load_lora`), each with its scale.
 
         Raises:

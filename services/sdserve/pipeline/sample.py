@@ -25,7 +25,7 @@ from sdserve.pipeline.schedulers import make_scheduler
 from sdserve.pipeline.text_time import TextTime
 
 if TYPE_CHECKING:
-    from sdserve.pipeline.lora import LoraAdapter
+    from sdserve.pipeline.lora_adapter import LoraAdapter
 
 
 @dataclass(eq=False)

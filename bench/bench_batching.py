@@ -216,15 +216,18 @@ def main() -> int:
     parser.add_argument("--out", help="JSON report (default bench/results/batching-ARCH.json)")
     parser.add_argument("--quick", action="store_true", help="fewer requests per load point")
     parser.add_argument("--smoke", action="store_true",
-                        help="a few requests per point: checks that the script runs")  # fmt: skip
+                        help="a few requests per point, 4 steps at 64x64: checks that the "
+                        "script runs")  # fmt: skip
     parser.add_argument(
         "--arch", default="tiny-sd15-layout", choices=sorted(ARCH_SIZES),
         help="tiny: 2-level U-Net at 128x128 (batching gains ~1.5x on a CPU); tiny-sd15-layout: "
         "SD 1.5's 4-level U-Net, narrow, at 64x64 (per-forward overhead dominates, as on GPUs)",
     )  # fmt: skip
     args = parser.parse_args()
-    global SIZE, MIX
+    global SIZE, STEPS, MIX
     SIZE = ARCH_SIZES[args.arch]
+    if args.smoke:  # the script's paths, not its numbers: the least work that takes them all
+        SIZE, STEPS = 64, 4
     MIX = Mix(prompts=PROMPTS, steps=(STEPS,), schedulers=(SCHEDULER,), widths=(SIZE,),
               heights=(SIZE,), guidances=(GUIDANCE,))  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
@@ -254,6 +257,8 @@ def main() -> int:
         print(f"  16 sequential diffusers / 16 engine-batched: {ceiling['ceiling']:.2f}x "
               f"(runs: {runs})", flush=True)  # fmt: skip
 
+        from ray import serve
+
         from sdserve.serve import server as sdserve_server
 
         def run_diffusers(**load):
@@ -263,22 +268,26 @@ def main() -> int:
         print("(a) diffusers, in-process, one request at a time ...", flush=True)
         results["a"] = run_loads("a", run_diffusers, loads(size))
         open_rate = None
-        for name, batching in (("b", "request"), ("c", "step")):
-            config = sdserve_config(model, batching, free_port(), free_port())
-            sdserve_server.start_ray(config)
-            sdserve_server.deploy(config)
-            target = f"127.0.0.1:{config.server.grpc_port}"
-            sdserve_server.wait_healthy(target)
+        grpc_port, http_port = free_port(), free_port()
+        target = f"127.0.0.1:{grpc_port}"
+        try:  # one Ray instance and Serve's proxies for (b) and (c), each its own application
+            for name, batching in (("b", "request"), ("c", "step")):
+                config = sdserve_config(model, batching, grpc_port, http_port)
+                sdserve_server.start_ray(config)  # the first time only
+                sdserve_server.deploy(config)
+                sdserve_server.wait_healthy(target)
 
-            def run_sdserve(target=target, mix=None, **load):
-                return asyncio.run(run_loadtest(target, mix=mix or MIX, **load))
+                def run_sdserve(mix=None, **load):
+                    return asyncio.run(run_loadtest(target, mix=mix or MIX, **load))
 
-            run_sdserve(concurrency=2, requests=4)  # warm-up
-            print(f"({name}) sdserve, {batching}-level batching ...", flush=True)
-            results[name] = run_loads(name, run_sdserve, loads(size))
-            if name == "b":
-                open_rate = 0.7 * max(r["images_per_s"] for r in results["b"].values())
-            results[name].update(run_loads(name, run_sdserve, open_load(open_rate, size)))
+                run_sdserve(concurrency=2, requests=4)  # warm-up
+                print(f"({name}) sdserve, {batching}-level batching ...", flush=True)
+                results[name] = run_loads(name, run_sdserve, loads(size))
+                if name == "b":
+                    open_rate = 0.7 * max(r["images_per_s"] for r in results["b"].values())
+                results[name].update(run_loads(name, run_sdserve, open_load(open_rate, size)))
+                serve.delete(config.server.app_name)  # (c) starts with none of (b)'s replicas
+        finally:
             sdserve_server.shutdown()
         print(f"(a) open loop at {open_rate:.2f} requests/s ...", flush=True)
         results["a"].update(run_loads("a", run_diffusers, open_load(open_rate, size)))

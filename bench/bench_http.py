@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_http.py [--rounds 3] [--requests 96] [--concurrency 16]
                                          [--steps 25] [--smoke] [--out FILE.json]
 
-sdserve (its default configuration, the built-in model, no job workers) starts on free ports.
+sdserve (its default configuration, the built-in model, no job workers) starts on free ports,
+or `--target` and `--http-url` name one running.
 The load tester's closed loop (`sdserve.loadtest`) sends the same requests (the built-in
 model's 64x64, DDIM, guidance 7.5) over gRPC (`Generate`) and over HTTP (`POST
 /v1/images/generations`, `response_format: b64_json`, through Serve's HTTP proxy), alternating
@@ -30,7 +31,12 @@ from sdserve.loadtest import Mix, drive, run_loadtest
 from sdserve.loadtest.http_target import run_http_loadtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import PROMPTS, InProcessDiffusers, deploy_sdserve_only  # noqa: E402
+from bench_serving import (  # noqa: E402
+    PROMPTS,
+    InProcessDiffusers,
+    add_target_arguments,
+    sdserve_for,
+)
 
 
 def mix(steps: int) -> Mix:
@@ -74,11 +80,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--smoke", action="store_true", help="seconds: checks the script")
     parser.add_argument("--out", help="JSON (default bench/results/http-vs-grpc.json)")
+    add_target_arguments(parser)
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.requests, args.concurrency, args.steps = 1, 4, 2, 2
     # eager: HTTP against gRPC on the same server, not compilation (bench_serving.py has it)
-    target, shutdown, url = deploy_sdserve_only(SdserveConfig(engine={"compile": "off"}))
+    target, shutdown, url = sdserve_for(args, SdserveConfig(engine={"compile": "off"}))
     try:
         results = rounds(target, url, args)
     finally:

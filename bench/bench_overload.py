@@ -4,7 +4,8 @@
     .venv/bin/python bench/bench_overload.py --soak 10        # a 10-minute soak
     .venv/bin/python bench/bench_overload.py --smoke          # seconds: checks the script
 
-Both start sdserve (default configuration, built-in model) on free ports.
+Both start sdserve (default configuration, built-in model, eager) on free ports, or use the
+one at `--target`.
 
 flood  600 requests from 300 concurrent clients with 60 s deadlines, against an unflooded
        closed loop of 16 clients measured first; once with 10 steps (the work fits in the
@@ -30,7 +31,7 @@ from sdserve.config import SdserveConfig
 from sdserve.loadtest import Mix, run_loadtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import PROMPTS, deploy_sdserve_only  # noqa: E402
+from bench_serving import PROMPTS, add_target_arguments, sdserve_for  # noqa: E402
 from profile_serving import cpu_seconds  # noqa: E402
 
 
@@ -40,9 +41,9 @@ def mix(steps: tuple[int, ...]) -> Mix:
 
 
 def flood(target: str, smoke: bool, steps: int) -> dict:
-    clients, requests, deadline_s = (20, 40, 10.0) if smoke else (300, 600, 60.0)
+    clients, requests, deadline_s = (20, 40, 5.0) if smoke else (300, 600, 60.0)
     calm = asyncio.run(run_loadtest(target, mix=mix((steps,)), concurrency=16,
-                                    requests=16 if smoke else 64))  # fmt: skip
+                                    requests=8 if smoke else 64))  # fmt: skip
     print(f"{steps} steps, unflooded, 16 clients: {calm.summary()['images_per_s']:.2f} img/s",
           flush=True)  # fmt: skip
     report = asyncio.run(run_loadtest(target, mix=mix((steps,)), concurrency=clients,
@@ -80,8 +81,8 @@ def replica_memory() -> dict[str, float]:
     return out
 
 
-def soak(target: str, minutes: float) -> dict:
-    asyncio.run(run_loadtest(target, mix=mix((10, 25, 50)), concurrency=8, requests=48))
+def soak(target: str, minutes: float, warm_up: int = 48) -> dict:
+    asyncio.run(run_loadtest(target, mix=mix((10, 25, 50)), concurrency=8, requests=warm_up))
     samples = [{"t_s": 0.0, "mib": replica_memory()}]
     started, records = time.monotonic(), []
     while (elapsed := time.monotonic() - started) < minutes * 60:
@@ -117,12 +118,13 @@ def main() -> int:
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="soak instead of flood")
     parser.add_argument("--smoke", action="store_true", help="a small flood, a short soak")
     parser.add_argument("--out", help="JSON (default bench/results/overload-flood|soak.json)")
+    add_target_arguments(parser)
     args = parser.parse_args()
     # eager: start-up in seconds; overload behaviour does not depend on the U-Net's speed
-    target, shutdown, _ = deploy_sdserve_only(SdserveConfig(engine={"compile": "off"}))
+    target, shutdown, _ = sdserve_for(args, SdserveConfig(engine={"compile": "off"}))
     try:
         if args.soak or args.smoke:
-            soaked = soak(target, 0.2 if args.smoke else args.soak)
+            soaked = soak(target, 0.1, warm_up=8) if args.smoke else soak(target, args.soak)
         # 10 steps: the flood fits in its deadlines; 50 steps: most of it cannot.
         flooded = None if args.soak else [flood(target, args.smoke, n) for n in (10, 50)]
     finally:

@@ -255,10 +255,27 @@ def deploy(model: Path, target_ports: dict, redis_url: str, smoke: bool) -> str:
     sdserve_server.deploy(config)  # Serve's proxies (with DiffusionService) and sdserve's app
     target = f"127.0.0.1:{config.server.grpc_port}"
     sdserve_server.wait_healthy(target, timeout_s=900)  # before a second app: then calls must
-    for app, kwargs in BASELINES.items():  # name theirs; no CPU reserved, so that all fit
-        baseline = DiffusersBatch.options(ray_actor_options={"num_cpus": 0})
-        serve.run(baseline.bind(str(model), **kwargs), name=app, route_prefix=f"/{app}")
+    baseline = DiffusersBatch.options(ray_actor_options={"num_cpus": 0})  # name theirs; no CPU
+    serve.run_many([  # reserved, so that all fit; deployed together, as their replicas start
+        serve.RunTarget(baseline.bind(str(model), **kwargs), name=app, route_prefix=f"/{app}")
+        for app, kwargs in BASELINES.items()
+    ])  # fmt: skip
     return target
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target and --http-url: bench a running sdserve instead of starting one."""
+    parser.add_argument("--target", help="HOST:PORT of a running sdserve's gRPC API, in the "
+                        "configuration this script starts (default: start one)")  # fmt: skip
+    parser.add_argument("--http-url", help="with --target: its HTTP API's base URL")
+
+
+def sdserve_for(args, config: SdserveConfig):
+    """(gRPC target, shutdown, HTTP API base URL) of the running sdserve `--target`, else of
+    one started here with `config` by `deploy_sdserve_only` (then shutdown stops it)."""
+    if args.target:
+        return args.target, lambda: None, args.http_url
+    return deploy_sdserve_only(config)
 
 
 def deploy_sdserve_only(config: SdserveConfig):

@@ -4,7 +4,8 @@ torch thread sampled with py-spy.
     .venv/bin/python bench/profile_serving.py [--model default|tiny-sd15-layout]
                                               [--concurrency 16] [--seconds 30]
 
-It starts sdserve (default configuration) on a free port, warms it up, then for `--seconds`
+It starts sdserve (default configuration) on a free port, or uses the one at `--target` (which
+serves `--model`), warms it up, then for `--seconds`
 drives a closed loop while it
   - reads every process's CPU time (/proc) before and after: the Denoiser, the other stage
     replicas, the ingress, Serve's proxy and controller, Ray's own daemons;
@@ -97,16 +98,18 @@ def main() -> int:
         choices=["auto", "off", "default"],
         help="engine.compile (default %(default)s, as sdserve serves)",
     )
-    args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_serving import PROMPTS, deploy_sdserve_only, model_for
+    from bench_serving import PROMPTS, add_target_arguments, model_for, sdserve_for
+
+    add_target_arguments(parser)  # --target: a running sdserve serving --model
+    args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model, size, steps = model_for(args.model, Path(tmp))
         steps = args.steps or steps
         config = SdserveConfig.model_validate({"model": {"path": str(model)},
                                                "engine": {"compile": args.compile}})  # fmt: skip
-        target, shutdown, _ = deploy_sdserve_only(config)
+        target, shutdown, _ = sdserve_for(args, config)
         try:
             mix = Mix(prompts=PROMPTS, steps=(steps,), schedulers=("ddim",), widths=(size,),
                       heights=(size,), guidances=(7.5,))  # fmt: skip

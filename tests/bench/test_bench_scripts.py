@@ -1,18 +1,23 @@
 """Every benchmark script runs, in its smoke mode, so that a rename cannot break one silently.
 
-The numbers are not checked (this machine is shared and noisy; speed claims come from full runs
-reported in docs/performance.md), only that each script finishes and writes its report. The GPU
-benchmark runs in an interpreter where Ray and Redis cannot be imported, as on the GPU machine,
-and must drive the serving code (the stage path and the Denoiser service), not a copy of it.
+The speeds are not checked (this machine is shared and noisy; speed claims come from full runs
+reported in docs/performance.md), only that each script finishes and writes its report, with
+the counts its smoke mode sets and measurements that are numbers (a ratio positive and finite,
+a profile that names the stages). The GPU benchmark runs in an interpreter where Ray and Redis
+cannot be imported, as on the GPU machine, and must drive the serving code (the stage path and
+the Denoiser service), not a copy of it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 
-from helpers import REPO_ROOT
+import pytest
+from helpers import REPO_ROOT, kill_session
 
 BLOCK_AND_RUN = """
 import builtins, runpy, sys
@@ -74,7 +79,22 @@ def test_metrics_bench_runs(tmp_path):
     out = tmp_path / "metrics.json"
     _run("bench/bench_metrics.py", "--smoke", "--out", str(out), timeout=600)
     report = json.loads(out.read_text())
-    assert len(report["rounds"]) == 2 and report["us_per_call"]["on"]
+    # --smoke: 2 rounds of 4 requests to each copy, metrics on first in round 1, off first in 2
+    assert report["setup"]["requests_per_burst"] == 4
+    assert [list(row) for row in report["rounds"]] == [
+        ["metrics-on", "metrics-off", "on/off"],
+        ["metrics-off", "metrics-on", "on/off"],
+    ]
+    for row in report["rounds"]:
+        for app in ("metrics-on", "metrics-off"):
+            assert (row[app]["requests"], row[app]["ok"], row[app]["errors"]) == (4, 4, {}), row
+        assert 0 < row["on/off"] < math.inf
+    assert 0 < report["median_on_over_off"] < math.inf
+    calls = {"histogram.observe", "counter.inc", "gauge.set", "tagged histogram.observe"}
+    for metrics in ("on", "off"):  # microseconds per call of each kind, measured
+        assert set(report["us_per_call"][metrics]) == calls
+        assert all(0 < us < math.inf for us in report["us_per_call"][metrics].values())
+    assert 0 < report["us_per_unet_step"] < math.inf
 
 
 def test_serving_bench_runs(tmp_path):
@@ -91,32 +111,6 @@ def test_serving_bench_runs(tmp_path):
     assert (tmp_path / "serving" / "sdserve-c16.png").is_file()
 
 
-def test_profile_script_runs(tmp_path):
-    out = tmp_path / "profile.json"
-    run = _run("bench/profile_serving.py", "--model", "tiny", "--compile", "off", "--seconds",
-               "4", "--concurrency", "4", "--out", str(out), timeout=600)  # fmt: skip
-    report = json.loads(out.read_text())
-    assert report["cpu_s"]["Denoiser replica"] > 0
-    assert "U-Net forward" in report["torch_thread"], run.stdout[-2000:]
-
-
-def test_overload_bench_runs(tmp_path):
-    out = tmp_path / "overload.json"
-    _run("bench/bench_overload.py", "--smoke", "--out", str(out), timeout=600)
-    report = json.loads(out.read_text())
-    # A smoke run checks that the script works: every request ends, and only with the codes of
-    # an overloaded server. Whether shedding alone keeps admitted requests in their deadlines
-    # (no DEADLINE_EXCEEDED) depends on the machine staying as fast as it measured itself: the
-    # full run's numbers are in docs/performance.md. Two CI runs on this machine, shared with a
-    # training job, saw 40 DEADLINE_EXCEEDED in the flood and 417 RESOURCE_EXHAUSTED in the soak.
-    overloaded = {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
-    for flood in report["flood"]:
-        assert flood["flood"]["requests"] == flood["requests"]
-        assert set(flood["flood"]["errors"]) <= overloaded, flood["flood"]["errors"]
-    assert report["soak"]["memory_samples"]
-    assert set(report["soak"]["errors"]) <= overloaded, report["soak"]["errors"]
-
-
 def test_cheap_steps_bench_runs(tmp_path):
     out = tmp_path / "cheap.json"
     _run("bench/bench_cheap_steps.py", "--smoke", "--out", str(out), timeout=300)
@@ -126,16 +120,6 @@ def test_cheap_steps_bench_runs(tmp_path):
         assert r["exact"]["shallow_rows_per_image"] == 0 < r["both"]["shallow_rows_per_image"]
         assert r["guidance_stop 0.4"]["rows_per_image"] < r["exact"]["rows_per_image"]
         assert r["both"]["gflops_per_image"] < r["exact"]["gflops_per_image"]
-
-
-def test_http_bench_runs(tmp_path):
-    out = tmp_path / "http.json"
-    _run("bench/bench_http.py", "--smoke", "--out", str(out), timeout=600)
-    report = json.loads(out.read_text())
-    for api in ("grpc", "http"):
-        assert [r["errors"] for r in report["rounds"][api]] == [{}]
-        assert report["rounds"][api][0]["ok"] == 4
-    assert report["http_over_grpc"] > 0 and report["diffusers_one_at_a_time"]["ok"] == 2
 
 
 def test_lora_bench_runs(tmp_path):
@@ -189,3 +173,95 @@ def test_compile_bench_runs_without_ray(tmp_path):
     assert [len(report["runs"][label]) for label in ("eager", "compiled")] == [1, 1]
     assert all(run["images"] == 6 for runs in report["runs"].values() for run in runs)
     assert report["recompiles_while_serving"] == {"eager": 0, "compiled": 0}
+
+
+# profile_serving.py, bench_overload.py and bench_http.py start the same sdserve (the built-in
+# model, eager, no job workers: bench_serving.deploy_sdserve_only); here they share one, started
+# by that same function, and are pointed at it with --target.
+
+SERVE = """
+import sys
+sys.path.insert(0, "bench")
+from bench_serving import deploy_sdserve_only
+from sdserve.config import SdserveConfig
+target, shutdown, url = deploy_sdserve_only(SdserveConfig(engine={"compile": "off"}))
+print("SERVING", target, url, flush=True)
+try:
+    sys.stdin.read()  # until the test closes it
+finally:
+    shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def running_sdserve(tmp_path_factory):
+    """--target and --http-url of sdserve as the three scripts start it, once for all three."""
+    log = tmp_path_factory.mktemp("bench-server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SERVE], cwd=REPO_ROOT,
+                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (ready := [ln for ln in log.read_text().splitlines() if ln[:8] == "SERVING "]):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        _, target, url = ready[0].split()
+        yield ["--target", target, "--http-url", url]
+        proc.stdin.close()  # the server shuts down
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+            proc.wait()
+
+
+def test_profile_script_runs(tmp_path, running_sdserve):
+    out = tmp_path / "profile.json"
+    run = _run("bench/profile_serving.py", "--model", "default", "--steps", "8", "--seconds",
+               "4", "--concurrency", "4", "--out", str(out), *running_sdserve,
+               timeout=300)  # fmt: skip
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert report["concurrency"] == summary["concurrency"] == 4
+    assert summary["ok"] == summary["requests"] > 0 and summary["errors"] == {}
+    assert report["wall_s"] >= 4  # a 4-second closed loop
+    # CPU seconds of every stage's replica (and Ray's daemons), named
+    stages = ("Pipeline", "TextEncoder", "VaeEncoder", "Denoiser", "VaeDecoder")
+    assert {f"{stage} replica" for stage in stages} | {"ray raylet"} <= set(report["cpu_s"])
+    assert report["cpu_s"]["Denoiser replica"] > 0
+    # the torch thread's samples, sorted into the script's categories, the U-Net among them
+    thread = report["torch_thread"]
+    assert math.isclose(sum(thread.values()), 1), thread
+    assert set(thread) <= {"U-Net forward", "scheduler steps", "guidance and batching",
+                           "request preparation", "latents out, previews", "engine bookkeeping",
+                           "idle (waiting for work)", "other"}  # fmt: skip
+    assert thread.get("U-Net forward", 0) > 0, run.stdout[-2000:]
+
+
+def test_overload_bench_runs(tmp_path, running_sdserve):
+    out = tmp_path / "overload.json"
+    _run("bench/bench_overload.py", "--smoke", "--out", str(out), *running_sdserve, timeout=300)
+    report = json.loads(out.read_text())
+    # A smoke run checks that the script works: every request ends, and only with the codes of
+    # an overloaded server. Whether shedding alone keeps admitted requests in their deadlines
+    # (no DEADLINE_EXCEEDED) depends on the machine staying as fast as it measured itself: the
+    # full run's numbers are in docs/performance.md. Two CI runs on this machine, shared with a
+    # training job, saw 40 DEADLINE_EXCEEDED in the flood and 417 RESOURCE_EXHAUSTED in the soak.
+    overloaded = {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    assert [flood["steps"] for flood in report["flood"]] == [10, 50]
+    for flood in report["flood"]:
+        assert flood["flood"]["requests"] == flood["requests"] == 40
+        assert set(flood["flood"]["errors"]) <= overloaded, flood["flood"]["errors"]
+    assert len(report["soak"]["memory_samples"]) == 2  # after the warm-up, at the end
+    assert set(report["soak"]["errors"]) <= overloaded, report["soak"]["errors"]
+
+
+def test_http_bench_runs(tmp_path, running_sdserve):
+    out = tmp_path / "http.json"
+    _run("bench/bench_http.py", "--smoke", "--out", str(out), *running_sdserve, timeout=300)
+    report = json.loads(out.read_text())
+    for api in ("grpc", "http"):
+        assert [r["errors"] for r in report["rounds"][api]] == [{}]
+        assert report["rounds"][api][0]["ok"] == 4
+    assert report["http_over_grpc"] > 0 and report["diffusers_one_at_a_time"]["ok"] == 2

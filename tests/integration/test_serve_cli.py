@@ -4,7 +4,6 @@ and the job queue across a restart of the whole process."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import RedisServer, free_port
+from helpers import RedisServer, free_port, kill_session
 
 from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 
@@ -62,32 +61,22 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
     assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of a session: sdserve, its Ray GCS and raylet, every replica."""
-    for _ in range(20):
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # Fields 3 and 6 of /proc/PID/stat: the state (Z: dead, not yet reaped), the session.
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(stat.parent.name))
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    raise AssertionError(f"processes of session {sid} survive SIGKILL: {pids}")
-
-
 def _config(tmp_path, **jobs) -> str:
     path = tmp_path / "sdserve.yaml"
     stages = jobs.pop("stages", {})
     path.write_text(yaml.safe_dump({"jobs": jobs, "stages": stages}))
     return str(path)
+
+
+def _queue_readers(redis_url: str, stream: str = "sdserve:queue:normal") -> dict:
+    """Who reads a job queue stream: its consumer group's consumers and the entries delivered to
+    them and not yet acknowledged (pending), with the stream's length."""
+    from redis import Redis
+
+    with Redis.from_url(redis_url) as client:
+        (group,) = client.xinfo_groups(stream)
+        return {"consumers": group["consumers"], "pending": group["pending"],
+                "entries": client.xlen(stream)}  # fmt: skip
 
 
 def _self_signed(tmp_path) -> tuple[Path, Path]:
@@ -145,7 +134,9 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras
                 stub.SubmitJob(submit, timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_queue_length = 2" in err.value.details()
-            time.sleep(1.0)  # no worker: they stay queued
+            # No worker: nothing reads the queue (its consumer group has no consumer, which a
+            # worker becomes at its first claim, as its replica starts) and nothing took a job.
+            assert _queue_readers(redis.url) == {"consumers": 0, "pending": 0, "entries": 2}
             for job_id in ids:
                 job = stub.GetJob(diffusion_pb2.GetJobRequest(job_id=job_id), timeout=30)
                 assert job.state == diffusion_pb2.JOB_STATE_QUEUED
@@ -159,7 +150,7 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras
         _stop(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
         redis.stop()
     _assert_stopped(grpc_port)
 
@@ -195,7 +186,7 @@ def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_
                 time.sleep(0.05)
             else:
                 raise AssertionError(f"jobs never ran: {jobs}")
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         proc.wait(timeout=30)
 
         proc = _start(tiny_model, tmp_path, grpc_port, "--config", config)
@@ -247,7 +238,7 @@ def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_
         assert [r.attempts for r in drained if r.state.value == "QUEUED"] == [0]
     finally:
         if proc.poll() is None:
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
 
 
 async def _records(url: str, config_file: str, ids: list[str]):

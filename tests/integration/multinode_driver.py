@@ -79,12 +79,45 @@ def replica_count() -> int:
     return len(replica_nodes().get("Denoiser", []))
 
 
+SCALE_UP_WITHIN_S = 150.0
+SCALE_DOWN_WITHIN_S = 150.0
+"""How long the burst may take to add the second replica, and the calm after it to remove it:
+about 7 times the slowest of three runs on this 2-core machine (9.5 to 20.5 s to add it, 10 to
+17 s to remove it), so that a busy machine does not run out of them and an autoscaler that does
+not act does."""
+
+
+class Timeline:
+    """The Denoiser's replica count at every change, and what the driver did, in seconds since
+    the burst began: the test's message when a wait runs out."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.counts: list[tuple[float, int]] = []
+        self.events: list[tuple[float, str]] = []
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    def count(self) -> int:
+        count = replica_count()
+        if not self.counts or self.counts[-1][1] != count:
+            self.counts.append((self.now(), count))
+        return count
+
+    def event(self, what: str) -> None:
+        self.events.append((self.now(), what))
+
+
 def autoscale(stub, report: dict) -> None:
-    """A burst of 12 clients until the second replica serves and a while after, then a trickle
-    of one request at a time until the autoscaler is back to one replica; jobs throughout."""
+    """A burst of 12 clients until the second replica is up and 12 more requests have been
+    served, then one request at a time until the autoscaler is back to one replica; jobs
+    throughout. Each wait is on the replica count, bounded far from its normal time
+    (SCALE_UP_WITHIN_S, SCALE_DOWN_WITHIN_S)."""
     import threading
 
-    timeline, codes, stop = [], [], threading.Event()
+    codes, stop, timeline = [], threading.Event(), Timeline()
+    report["timeline"], report["events"] = timeline.counts, timeline.events
     long = diffusion_pb2.GenerateRequest(**{**QUICK, "steps": 30})
     jobs = [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long), timeout=30).job_id
             for _ in range(4)]  # fmt: skip
@@ -93,30 +126,48 @@ def autoscale(stub, report: dict) -> None:
         while not stop.is_set():
             codes.extend(generate(stub, 1, seed))
 
-    started = time.monotonic()
     burst = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    timeline.event("burst begins")
     for thread in burst:
         thread.start()
-    scaled_up_at = None
-    while time.monotonic() - started < 120:
-        timeline.append((round(time.monotonic() - started, 1), replica_count()))
-        if timeline[-1][1] == 2 and scaled_up_at is None:
-            scaled_up_at = time.monotonic()
-        if scaled_up_at is not None and time.monotonic() - scaled_up_at > 8:
-            break
-        time.sleep(0.5)
-    stop.set()
-    for thread in burst:
-        thread.join()
+    try:
+        scaled_up = _poll(lambda: timeline.count() == 2, SCALE_UP_WITHIN_S)
+        if scaled_up:
+            served = len(codes)
+            _poll(lambda: len(codes) >= served + len(burst), SCALE_UP_WITHIN_S)
+    finally:
+        stop.set()
+        for thread in burst:
+            thread.join()
+    timeline.event(f"burst ends after {len(codes)} requests")
     report["burst_requests"] = len(codes)
+    if not scaled_up:
+        report["timed_out"] = f"no second replica within {SCALE_UP_WITHIN_S:.0f}s of the burst"
+        return
     jobs += [stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=long), timeout=30).job_id
              for _ in range(4)]  # fmt: skip
-    while time.monotonic() - started < 240 and replica_count() > 1:
+    calm_began = time.monotonic()
+    while True:  # one request at a time, until one replica is left
         codes.extend(generate(stub, 1, 1000 + len(codes)))
-        timeline.append((round(time.monotonic() - started, 1), replica_count()))
-    report["timeline"], report["codes"] = timeline, sorted(set(codes))
-    report["requests"] = len(codes)
+        if timeline.count() == 1:
+            break
+        if time.monotonic() - calm_began > SCALE_DOWN_WITHIN_S:
+            report["timed_out"] = (f"still two replicas {SCALE_DOWN_WITHIN_S:.0f}s after the "
+                                   "burst")  # fmt: skip
+            break
+    report["codes"], report["requests"] = sorted(set(codes)), len(codes)
     report["jobs"] = wait_for_jobs(stub, jobs)
+    timeline.event("jobs ended")
+
+
+def _poll(predicate, within_s: float, every_s: float = 0.5) -> bool:
+    """Polls `predicate` until it is true (True) or `within_s` ran out (False)."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every_s)
+    return True
 
 
 def wait_for_jobs(stub, jobs: list[str]) -> list[dict]:
@@ -137,6 +188,7 @@ def main(model: str, redis_url: str, out: str, scenario: str = "node-loss") -> N
     from sdserve.serve import server
 
     report: dict = {"scenario": scenario}
+    began = time.monotonic()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "resources": {"cpu_node": 100},  # GCS: a random port
@@ -166,6 +218,7 @@ def main(model: str, redis_url: str, out: str, scenario: str = "node-loss") -> N
         server.start_ray(config)
         server.deploy(config)
         server.wait_healthy(target, timeout_s=180)
+        report["ready_after_s"] = round(time.monotonic() - began, 1)  # the cluster, sdserve
         report["placement"] = replica_nodes()
         if scenario == "autoscale":
             with grpc.insecure_channel(target) as channel:
@@ -202,6 +255,7 @@ def main(model: str, redis_url: str, out: str, scenario: str = "node-loss") -> N
 
             report["jobs"] = wait_for_jobs(stub, jobs)
     finally:
+        report["took_s"] = round(time.monotonic() - began, 1)
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
         try:

@@ -257,6 +257,7 @@ def main() -> int:
         print(f"  16 sequential diffusers / 16 engine-batched: {ceiling['ceiling']:.2f}x "
               f"(runs: {runs})", flush=True)  # fmt: skip
 
+        import ray
         from ray import serve
 
         from sdserve.serve import server as sdserve_server
@@ -288,7 +289,7 @@ def main() -> int:
                 results[name].update(run_loads(name, run_sdserve, open_load(open_rate, size)))
                 serve.delete(config.server.app_name)  # (c) starts with none of (b)'s replicas
         finally:
-            sdserve_server.shutdown()
+            ray.shutdown()  # and sdserve in it: Serve's graceful stop buys a bench nothing
         print(f"(a) open loop at {open_rate:.2f} requests/s ...", flush=True)
         results["a"].update(run_loads("a", run_diffusers, open_load(open_rate, size)))
         torch_thread.shutdown()

@@ -292,7 +292,15 @@ def deploy_sdserve_only(config: SdserveConfig):
     sdserve_server.deploy(config)
     target = f"127.0.0.1:{config.server.grpc_port}"
     sdserve_server.wait_healthy(target, timeout_s=600)
-    return target, sdserve_server.shutdown, f"http://127.0.0.1:{config.server.http_port}"
+    return target, stop_ray, f"http://127.0.0.1:{config.server.http_port}"
+
+
+def stop_ray() -> None:
+    """Stops the Ray instance this script started, and sdserve in it, at once: Serve's graceful
+    stop (replicas finishing their requests, about 5 s here) buys a finished bench nothing."""
+    import ray
+
+    ray.shutdown()
 
 
 def free_port() -> int:
@@ -393,7 +401,7 @@ def sd15_single(args) -> int:
             sdserve_server.wait_healthy(target, timeout_s=1200)
             result = _single_runs(pipes, request, target, args.runs)
         finally:
-            sdserve_server.shutdown()
+            stop_ray()
     print(f"{arch} {size}x{size}, {request.steps} steps: diffusers float32 "
           f"{result['diffusers_float32_s']:.1f}s, diffusers bfloat16 "
           f"{result['diffusers_bfloat16_s']:.1f}s, sdserve {result['sdserve_s']:.1f}s "
@@ -498,9 +506,7 @@ def main() -> int:
             bench = Bench(model, size, steps, target, args.smoke)
             extra = measure(bench, args)
         finally:
-            from sdserve.serve import server as sdserve_server
-
-            sdserve_server.shutdown()
+            stop_ray()
             if redis is not None:
                 redis.stop()
     return report(bench, extra, args, out, plots, size, steps)

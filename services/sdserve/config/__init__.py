@@ -241,7 +241,7 @@ class ServerConfig(Strict):
 
     http_port: int = Field(8000, ge=0, le=65535)
     """Port of Serve's HTTP proxy, which serves the OpenAI-compatible HTTP API
-    (`POST /v1/images/generations`, sdserve/http_api.py)."""
+    (`POST /v1/images/generations`, sdserve/http/app.py)."""
 
     ssl_keyfile: str | None = None
     """HTTPS for the HTTP API: the private key file (with `ssl_certfile`; Serve's own option).
@@ -275,7 +275,7 @@ class ServerConfig(Strict):
 
 
 class HttpConfig(Strict):
-    """The OpenAI-compatible HTTP API (sdserve/http_api.py)."""
+    """The OpenAI-compatible HTTP API (sdserve/http/app.py)."""
 
     image_ttl_s: int = Field(3600, ge=1)
     """How long an image made with `response_format: url` stays downloadable (kept in the job

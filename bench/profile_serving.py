@@ -38,7 +38,7 @@ CATEGORIES = [
     ("scheduler steps", ("scheduler.step", "/schedulers/scheduling_", "scale_model_input")),
     ("guidance and batching", ("unet_step",)),
     ("request preparation", ("make_job", "make_sample", "_prepare")),
-    ("latents out, previews", ("tensor_to_pb", "preview_pixels", "_message")),
+    ("latents out, previews", ("returned (sdserve/stages/tensors", "preview_pixels", "_message")),
 ]
 
 

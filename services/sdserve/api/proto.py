@@ -9,7 +9,7 @@ a `GenerateResponse`.
 
 from __future__ import annotations
 
-from sdserve.api.served_models import ServedModel, StageRun
+from sdserve.api.served_models import ServedModel
 from sdserve.api.types import (
     GenerateEvent,
     GenerateFields,
@@ -134,13 +134,6 @@ def served_model_to_pb(model: ServedModel) -> diffusion_pb2.ModelInfo:
         image_inputs=model.image_inputs,
         stages=stages,
     )
-
-
-def served_model_from_pb(pb: diffusion_pb2.ModelInfo) -> ServedModel:
-    stages = tuple(StageRun(s.stage, s.device, s.dtype, s.compile) for s in pb.stages)
-    return ServedModel(pb.name, pb.family, (pb.native_width, pb.native_height),
-                       pb.prediction_type, pb.default_scheduler, pb.inpainting,
-                       stages)  # fmt: skip
 
 
 # --- Jobs -------------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ from sdserve.config.deployments import (  # the deployments' part of the tree, r
     StagesConfig,
     Strict,
 )
+from sdserve.config.service import (  # the endpoints, jobs and metrics, re-exported here
+    HttpConfig,
+    JobsConfig,
+    MetricsConfig,
+    ServerConfig,
+)
 from sdserve.constants import SCHEDULER_NAMES
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -195,105 +201,6 @@ class ModelConfig(Strict):
     stay float32). auto: float16 on CUDA; bfloat16 on a CPU with bf16 matmuls in hardware
     (AMX or avx512_bf16, as torch reports it), float32 on other CPUs (sdserve/pipeline/
     precision.py)."""
-
-
-class JobsConfig(Strict):
-    """The asynchronous job queue (SubmitJob/GetJob/WatchJob/CancelJob) on Redis."""
-
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the queue: redis://[:PASSWORD@]HOST:PORT/DB, rediss://... for TLS, or
-    unix:///path/redis.sock. Run it with appendonly on, or a Redis restart loses queued jobs."""
-
-    key_prefix: str = "sdserve:"
-    """Prefix of every key sdserve writes (several deployments can share one Redis)."""
-
-    result_ttl_s: int = Field(24 * 3600, ge=1)
-    """How long an ended job, its images and its idempotency key are kept."""
-
-    max_queue_length: int = Field(10_000, ge=1)
-    """Most jobs waiting or running; SubmitJob answers RESOURCE_EXHAUSTED beyond it."""
-
-    max_attempts: int = Field(3, ge=1)
-    """Starts of one job before it is FAILED (a worker died or a stage failed each time)."""
-
-    lease_s: float = Field(30.0, gt=0)
-    """A running job whose worker has not renewed its lease for this long is taken over by
-    another worker. Workers renew every lease_s / 3."""
-
-    concurrency: int = Field(4, ge=1)
-    """Jobs each JobWorker replica runs at once (they batch together in the Denoiser)."""
-
-    timeout_s: float = Field(3600.0, ge=0)
-    """An attempt at a job that runs longer than this fails DEADLINE_EXCEEDED (and is not
-    tried again): the Denoiser drops it at its next step. 0: no limit."""
-
-    progress_interval_s: float = Field(0.25, ge=0)
-    """How often a running job's step is recorded (what WatchJob and GetJob show); the first
-    and the last step always are. 0: every step. A cancel reaches a running job at once
-    either way."""
-
-
-class ServerConfig(Strict):
-    """The Ray cluster and the public endpoint."""
-
-    grpc_port: int = Field(9000, ge=1, le=65535)
-    """Port of Ray Serve's gRPC proxy, which serves DiffusionService."""
-
-    http_port: int = Field(8000, ge=0, le=65535)
-    """Port of Serve's HTTP proxy, which serves the OpenAI-compatible HTTP API
-    (`POST /v1/images/generations`, sdserve/http/app.py)."""
-
-    ssl_keyfile: str | None = None
-    """HTTPS for the HTTP API: the private key file (with `ssl_certfile`; Serve's own option).
-    Serve's gRPC proxy has no TLS option: put a TLS-terminating proxy in front of it."""
-
-    ssl_certfile: str | None = None
-    """HTTPS for the HTTP API: the certificate (chain) file."""
-
-    host: str = "127.0.0.1"
-    """Address the local Ray node binds to (`sdserve serve` without `--address`)."""
-
-    ray_address: str | None = None
-    """An existing Ray cluster to join (`ray://host:10001` or `auto`). None: start a local one."""
-
-    stage_transport: Literal["grpc", "actor"] = "grpc"
-    """How the ingress calls the stages: Ray Serve's gRPC transport (`_by_reference=False`,
-    faster for tensors, see DESIGN.md) or Ray actor calls."""
-
-    app_name: str = "sdserve"
-    """Name of the Serve application."""
-
-    api_key_file: str | None = None
-    """A file of API keys, one per line, each optionally followed by its tenant (see
-    sdserve/api/auth.py). Set: every DiffusionService call needs `authorization: Bearer KEY` and
-    sees only its tenant's jobs. None: anyone who can reach the port may call (start-up says
-    so). Every node must see the file at this path."""
-
-    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
-    """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads
-    clients over them), or only on the head node (one public address)."""
-
-
-class HttpConfig(Strict):
-    """The OpenAI-compatible HTTP API (sdserve/http/app.py)."""
-
-    image_ttl_s: int = Field(3600, ge=1)
-    """How long an image made with `response_format: url` stays downloadable (kept in the job
-    queue's Redis)."""
-
-
-class MetricsConfig(Strict):
-    """Prometheus metrics (services/sdserve/metrics.py lists them)."""
-
-    enabled: bool = True
-    """Record sdserve's metrics. Ray Serve's own metrics are exported either way."""
-
-    export_port: int = Field(8080, ge=1, le=65535)
-    """Port of the local Ray node's Prometheus endpoint (`sdserve serve` without `--address`;
-    nodes of an existing cluster use their `ray start --metrics-export-port`)."""
-
-    report_interval_s: float = Field(5.0, ge=1.0)
-    """How often replicas push their metrics to the node's endpoint (local Ray only)."""
 
 
 class SdserveConfig(Strict):

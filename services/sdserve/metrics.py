@@ -101,6 +101,9 @@ SPECS = [
     Spec("sdserve_gpu_memory_bytes", "gauge",
          "CUDA memory of a stage replica, kind = allocated | reserved (CUDA only).",
          ("stage", "kind")),
+    Spec("sdserve_tenant_requests", "counter",
+         "Requests per tenant and what its limits (`tenants` in the config) decided: outcome = "
+         "admitted | rate_limited | concurrency_limited.", ("tenant", "outcome")),
 ]  # fmt: skip
 
 
@@ -197,6 +200,7 @@ class StatsLogger:
             stats.ModelLoaded: self._loaded,
             stats.GpuMemory: self._gpu,
             stats.UNetCompiled: self._compiled,
+            stats.TenantRequest: self._tenant,
         }
 
     def record(self, item: Any) -> None:
@@ -292,6 +296,9 @@ class StatsLogger:
         phase = "warmup" if s.warmup else "serving"
         bucket = str(s.bucket) if s.bucket else "dynamic"
         self.metrics.compiles.inc(tags={"bucket": bucket, "phase": phase})
+
+    def _tenant(self, s: stats.TenantRequest) -> None:
+        self.metrics.tenant_requests.inc(tags={"tenant": s.tenant, "outcome": s.outcome})
 
     def _gpu(self, s: stats.GpuMemory) -> None:
         for kind, value in (("allocated", s.allocated), ("reserved", s.reserved)):

@@ -75,6 +75,14 @@ class RpcDone:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TenantRequest:
+    """Per-tenant limits (sdserve/orchestration/tenant_limits.py) decided on a request."""
+
+    tenant: str
+    outcome: Literal["admitted", "rate_limited", "concurrency_limited"]
+
+
 JOB_EVENTS = ("started", "succeeded", "failed", "cancelled", "retried", "dead_lettered", "lost")
 """What a job worker reports: an attempt started; a job ended SUCCEEDED, FAILED or CANCELLED;
 a failed attempt was put back (retried); a job used up its attempts (dead_lettered, also

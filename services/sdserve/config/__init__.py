@@ -26,6 +26,7 @@ from sdserve.config.service import (  # the endpoints, jobs and metrics, re-expo
     MetricsConfig,
     ServerConfig,
 )
+from sdserve.config.tenants import TenantLimitConfig
 from sdserve.constants import SCHEDULER_NAMES
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -220,6 +221,9 @@ class SdserveConfig(Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tenants: dict[str, TenantLimitConfig] = Field(default_factory=dict)
+    """Rate and concurrency limits per tenant, by name; the entry `default` covers tenants not
+    listed (sdserve/config/tenants.py). Empty: every tenant is unlimited."""
 
     @model_validator(mode="after")
     def _check(self) -> SdserveConfig:

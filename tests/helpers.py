@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -161,6 +162,23 @@ def solo_latents(
         scheduler=scheduler,
         seeds=list(seeds),
     )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(worker):
+    """Runs a job `Worker` in the background for the body of the `async with`, then stops it
+    (cancelling it if it has not stopped within 5 s)."""
+    import asyncio
+
+    task = asyncio.create_task(worker.run_forever())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if not done:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class RedisServer:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import RedisServer, free_port
+from helpers import running_worker as _running
 
 from sdserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from sdserve.jobs.queue import PRIORITIES, JobQueue, JobState, wait_for
@@ -45,21 +46,6 @@ async def _echo(request: bytes, job_id: str, report) -> bytes:
         await asyncio.sleep(0.01)
         await report(step, 3)
     return b"done:" + request
-
-
-@contextlib.asynccontextmanager
-async def _running(worker: Worker):
-    """Runs the worker in the background for the body of the `async with`."""
-    task = asyncio.create_task(worker.run_forever())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        try:
-            await asyncio.wait_for(task, timeout=5)
-        except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _wait_until(predicate, timeout_s: float, what: str):

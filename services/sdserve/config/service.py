@@ -37,8 +37,10 @@ class JobsConfig(Strict):
     """Jobs each JobWorker replica runs at once (they batch together in the Denoiser)."""
 
     timeout_s: float = Field(3600.0, ge=0)
-    """An attempt at a job that runs longer than this fails DEADLINE_EXCEEDED (and is not
-    tried again): the Denoiser drops it at its next step. 0: no limit."""
+    """An attempt at a job still running after this long is cancelled (the Denoiser drops it
+    at its next step) and the job retried, or FAILED with DEADLINE_EXCEEDED on its last
+    attempt. The worker's slot stays taken until the cancelled attempt has ended. 0: no
+    limit."""
 
     progress_interval_s: float = Field(0.25, ge=0)
     """How often a running job's step is recorded (what WatchJob and GetJob show); the first

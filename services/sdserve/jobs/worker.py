@@ -7,9 +7,15 @@ tests give it runners that sleep, fail or kill their own process.
 
 Per job: start an attempt (the queue settles jobs that ended, were cancelled or used up their
 attempts), renew its lease every `lease_s / 3` while it runs, stop it when a cancel request or
-a lost lease is seen (at the next step report or renewal), then end it: the result is stored and
-the entry acknowledged in one step. A failure the request caused (INVALID_ARGUMENT...) fails the
-job at once; any other failure is retried, after the lease, up to `max_attempts`.
+a lost lease is seen (at the next step report or renewal) or when it has run `timeout_s`, then
+end it: the result is stored and the entry acknowledged in one step. A failure the request
+caused (INVALID_ARGUMENT...) fails the job at once; any other failure, and an attempt stopped
+at `timeout_s`, is retried, after the lease, up to `max_attempts`.
+
+A slot is one runner: a stopped attempt's job is settled within `lease_s / 2` even if its
+runner does not hand the cancellation back at once, but the slot takes no new job until that
+runner has ended, so that no more than `concurrency` runners ever run (each holds a Denoiser
+batch slot and a Redis connection).
 """
 
 from __future__ import annotations
@@ -42,14 +48,18 @@ Runner = Callable[[bytes, str, Report], Awaitable[bytes]]
 PERMANENT_ERRORS = frozenset(
     {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "DEADLINE_EXCEEDED"}
 )
-"""Error codes a retry cannot fix: the job fails at its first attempt (one that ran past
-`jobs.timeout_s` would again)."""
+"""Error codes a retry cannot fix: the job fails at its first attempt. (An attempt the worker
+stops at `timeout_s` is retried instead: a hung stage is not the request's fault.)"""
 
 
 def consumer_name() -> str:
     """host:pid:random, unique per worker; it is recorded on the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
+
+ENDED, STOPPED, TIMED_OUT = "ended", "stopped", "timed out"
+"""How an attempt's wait ended: its runner returned or raised; a cancel request or a lost lease
+stopped it; it ran past `timeout_s`."""
 
 RECONNECT = EqualJitterBackoff(cap=5.0, base=0.1)
 """The wait before the next try while Redis is unreachable: `compute(failures)` is 0.1 s doubling
@@ -109,11 +119,16 @@ class Worker:
         concurrency: int = 4,
         block_ms: int = 1000,
         stats: StatsLogger | None = None,
+        timeout_s: float = 0.0,
     ):
         self.queue = queue
         self.run = run
         self.consumer = consumer or consumer_name()
         self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        """An attempt still running after this many seconds is cancelled and retried (the last
+        one dead-lettered): renewing the lease would otherwise keep a hung runner forever. 0:
+        no limit (`jobs.timeout_s`)."""
         self.block_ms = block_ms
         self.stats = stats or StatsLogger()
         """Receives a `JobEvent` for everything the worker does (sdserve.stats.JOB_EVENTS)."""
@@ -207,48 +222,67 @@ class Worker:
             self.running -= 1
 
     async def _attempt(self, delivery: Delivery, token: int, request: bytes) -> None:
-        """Runs one attempt to its end (or until the job is cancelled or lost), then ends it."""
+        """Runs one attempt until it ends, is cancelled, loses its lease or times out; ends it,
+        then returns only once its runner has ended (the slot is taken until then)."""
         job = delivery.job_id
         logger.info("job %s: attempt %d on %s", job, token, self.consumer)
         t0 = time.perf_counter()
         watch = _AttemptWatch(self.queue, delivery, self.consumer, token)
-        run = await self._run_watched(watch, request)
-        if watch.lost:
-            self._count("lost")
-            logger.warning("job %s: attempt %d lost its lease to another worker", job, token)
-            return
-        await self._settle(delivery, token, run, time.perf_counter() - t0)
-
-    async def _run_watched(self, watch: _AttemptWatch, request: bytes) -> asyncio.Task | None:
-        """Runs the attempt while `watch` renews its lease and listens for CancelJob. Returns
-        the attempt's finished task, or None if a cancel request or a lost lease stopped it."""
-        job = watch.delivery.job_id
         run = asyncio.create_task(self.run(request, job, watch.report))
+        try:
+            why = await self._run_watched(watch, run)
+        except asyncio.CancelledError:  # this worker is shut down: the lease then runs out,
+            run.cancel()  # and another worker takes the job over
+            await asyncio.wait({run}, timeout=self.queue.lease_s / 2)
+            run.add_done_callback(_consume)
+            raise
+        try:
+            if watch.lost:
+                self._count("lost")
+                logger.warning("job %s: attempt %d lost its lease to another worker", job, token)
+            else:
+                await self._settle(delivery, token, run, why, time.perf_counter() - t0)
+        finally:
+            await asyncio.wait({run})
+            _consume(run)
+
+    async def _run_watched(self, watch: _AttemptWatch, run: asyncio.Task) -> str:
+        """Waits for the attempt while `watch` renews its lease and listens for CancelJob.
+        Returns ENDED, or STOPPED (a cancel request or a lost lease) or TIMED_OUT, the runner
+        then cancelled and given `lease_s / 2` to end."""
         helpers = [asyncio.create_task(watch.renew()), asyncio.create_task(watch.watch_cancel())]
         stopped = asyncio.create_task(watch.stopped.wait())
         try:
-            done, _ = await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            return run if run in done else None
-        finally:  # also when this worker is shut down: the lease then runs out, and another
-            for helper in helpers:  # worker takes the job over
+            done, _ = await asyncio.wait({run, stopped}, timeout=self.timeout_s or None,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            for helper in [*helpers, stopped]:
                 helper.cancel()
-            stopped.cancel()
-            if not run.done():
-                run.cancel()
-                # A cancelled stage call does not always hand the cancellation back at once (a
-                # Serve stream was seen to run on for seconds): wait a little, then settle the
-                # job anyway; the attempt's task ends on its own and records nothing more.
-                await asyncio.wait({run}, timeout=self.queue.lease_s / 2)
-                run.add_done_callback(_consume)
+        if run in done:
+            return ENDED
+        run.cancel()
+        # A cancelled stage call does not always hand the cancellation back at once (a Serve
+        # stream was seen to run on for seconds): wait a little, then settle the job anyway.
+        await asyncio.wait({run}, timeout=self.queue.lease_s / 2)
+        return STOPPED if stopped in done else TIMED_OUT
 
-    async def _settle(self, delivery: Delivery, token: int, run: asyncio.Task | None,
+    async def _settle(self, delivery: Delivery, token: int, run: asyncio.Task, why: str,
                       took: float) -> None:  # fmt: skip
-        """Ends an attempt that kept its lease: cancelled (`run` is None: a cancel request
-        stopped it), succeeded, failed for good (a `PERMANENT_ERRORS` code), or to be retried."""
+        """Ends an attempt that kept its lease: cancelled (a cancel request stopped it),
+        succeeded, failed for good (a `PERMANENT_ERRORS` code), or to be retried (any other
+        error, a runner that ended cancelled on its own, or a time-out)."""
         job = delivery.job_id
-        if run is None:
+        if why == STOPPED:
             await self._end(delivery, token, Outcome.CANCELLED, error="cancelled by CancelJob")
             logger.info("job %s: cancelled after %.2fs", job, took)
+            return
+        if why == TIMED_OUT:
+            limit = f"jobs.timeout_s = {self.timeout_s:g}s"
+            await self._retry(delivery, token, f"DEADLINE_EXCEEDED: attempt {token} ran past "
+                              f"{limit} and was cancelled")  # fmt: skip
+            return
+        if run.cancelled():  # e.g. a stage call cancelled under it: transient, like an error
+            await self._retry(delivery, token, f"attempt {token}: its runner ended cancelled")
             return
         exc = run.exception()
         if exc is None:
@@ -258,12 +292,17 @@ class Worker:
             await self._end(delivery, token, Outcome.FAILED, error=f"{exc.code}: {exc}")
             logger.info("job %s: failed: %s", job, exc)
         else:
-            error = f"attempt {token}: {type(exc).__name__}: {exc}"
-            state = await self._end(delivery, token, Outcome.RETRY, error=error)
-            logger.warning("job %s: %s (now %s)", job, error, state.value if state else "lost",
-                           exc_info=exc)  # fmt: skip
-            if state is JobState.FAILED:  # that was its last attempt
-                self._count("dead_lettered")
+            await self._retry(delivery, token, f"attempt {token}: {type(exc).__name__}: {exc}",
+                              exc)  # fmt: skip
+
+    async def _retry(self, delivery: Delivery, token: int, error: str,
+                     exc: BaseException | None = None) -> None:  # fmt: skip
+        """Puts the job back for another attempt, or dead-letters it after its last."""
+        state = await self._end(delivery, token, Outcome.RETRY, error=error)
+        logger.warning("job %s: %s (now %s)", delivery.job_id, error,
+                       state.value if state else "lost", exc_info=exc)  # fmt: skip
+        if state is JobState.FAILED:  # that was its last attempt
+            self._count("dead_lettered")
 
     async def _end(self, delivery: Delivery, token: int, outcome: Outcome, **kw) -> JobState | None:
         """Ends the attempt, retrying while Redis is down, and counts what happened. If Redis

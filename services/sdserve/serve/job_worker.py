@@ -38,9 +38,8 @@ class JobWorkerDeployment:
         runner = JobRunner(StagePath(clients, self.config, self.stats), _ray.set_request_id,
                            jobs.progress_interval_s, jobs.timeout_s)  # fmt: skip
         self._queue = JobQueue.from_config(self.config.jobs)
-        self._worker = Worker(
-            self._queue, runner, concurrency=self.config.jobs.concurrency, stats=self.stats
-        )
+        self._worker = Worker(self._queue, runner, concurrency=jobs.concurrency,
+                              stats=self.stats, timeout_s=jobs.timeout_s)  # fmt: skip
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._worker.run_forever())
@@ -75,7 +74,7 @@ class JobWorkerDeployment:
             logger.info("draining: waiting up to %.0fs for %d running job(s)", drain_s, running)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=drain_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             logger.warning("drain time over: %d job(s) left to other workers",
                            self._worker.running)  # fmt: skip
             self._task.cancel()

@@ -10,6 +10,7 @@ or inpainting U-Net) is `StagePath.validate`'s to check.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import secrets
@@ -82,6 +83,15 @@ def validate_fields(
         model=model,
         **image_fields,
     )
+
+
+async def validate_fields_async(fields: GenerateFields, **kwargs) -> GenerateParams:
+    """`validate_fields` for a caller on an event loop: a request with image inputs is checked
+    on a worker thread, since decoding a large PNG or JPEG takes tens of milliseconds that would
+    stall every other request on the loop."""
+    if not (fields.init_image or fields.mask_image):
+        return validate_fields(fields, **kwargs)
+    return await asyncio.to_thread(validate_fields, fields, **kwargs)
 
 
 def _check_prompts(fields: GenerateFields, limits: LimitsConfig) -> None:
@@ -222,6 +232,10 @@ def check_image_inputs(fields: GenerateFields, limits: LimitsConfig) -> ImageInp
         if fields.strength is not None:
             raise InvalidArgument("strength", "applies only with init_image")
         return None
+    for name in ("init_image", "mask_image"):  # before decoding: an image's cost is its size
+        if len(getattr(fields, name)) > limits.max_image_bytes:
+            raise InvalidArgument(name, f"is {len(getattr(fields, name))} bytes, over "
+                                  f"limits.max_image_bytes = {limits.max_image_bytes}")  # fmt: skip
     size = _image_size("init_image", fields.init_image, INIT_FORMATS, limits)
     if fields.mask_image:
         mask_size = _image_size("mask_image", fields.mask_image, MASK_FORMATS, limits)

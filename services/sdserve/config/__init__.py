@@ -53,6 +53,11 @@ class LimitsConfig(Strict):
     max_num_images: int = Field(8, ge=1)
     """Most images per request."""
 
+    max_image_bytes: int = Field(12 * 2**20, ge=1024)
+    """Largest image input (`init_image`, `mask_image`), in bytes as sent: 12 MiB, an
+    uncompressed RGB image at 2048x2048. Checked before the image is decoded (on the HTTP API,
+    before its base64 is), so an oversized one costs no decoding."""
+
     max_cache_interval: int = Field(10, ge=1)
     """Largest DeepCache interval a request may ask for (`cache_interval`)."""
 

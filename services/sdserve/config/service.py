@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sdserve.config.deployments import Strict
 
@@ -46,6 +46,24 @@ class JobsConfig(Strict):
     """How often a running job's step is recorded (what WatchJob and GetJob show); the first
     and the last step always are. 0: every step. A cancel reaches a running job at once
     either way."""
+
+    max_connections: int = Field(64, ge=4)
+    """Most Redis connections each process's job queue client opens (the ingress's, each
+    JobWorker replica's). Each WatchJob, each running job and each worker slot holds one in a
+    blocking read: a process that would need more answers UNAVAILABLE after
+    `connection_wait_s` rather than opening connections without end. At least
+    2 * concurrency + 2."""
+
+    connection_wait_s: float = Field(2.0, gt=0)
+    """How long a call waits for a free connection when all `max_connections` are in use,
+    before it answers UNAVAILABLE."""
+
+    @model_validator(mode="after")
+    def _enough_connections(self) -> JobsConfig:
+        if self.max_connections < 2 * self.concurrency + 2:
+            raise ValueError(f"jobs.max_connections ({self.max_connections}) is below 2 * "
+                             f"jobs.concurrency + 2: the worker's slots would starve")  # fmt: skip
+        return self
 
 
 class ServerConfig(Strict):
@@ -95,6 +113,10 @@ class HttpConfig(Strict):
     image_ttl_s: int = Field(3600, ge=1)
     """How long an image made with `response_format: url` stays downloadable (kept in the job
     queue's Redis)."""
+
+    max_body_bytes: int = Field(34 * 2**20, ge=1024)
+    """Largest request body; a larger one is refused 413 without being read further. 34 MiB:
+    two base64 images at `limits.max_image_bytes` (32 MiB) and room for the rest."""
 
 
 class MetricsConfig(Strict):

@@ -40,6 +40,15 @@ logger = logging.getLogger(__name__)
 IMAGE_PATH = re.compile(r"^/v1/images/([0-9a-f]{32})/(\d{1,3})\.png$")
 
 
+class BodyTooLarge(InvalidArgument):
+    """A request body over `http.max_body_bytes`: HTTP 413 (INVALID_ARGUMENT over gRPC)."""
+
+    http_status = 413
+
+    def __init__(self, limit: int):
+        super().__init__("body", f"is larger than http.max_body_bytes = {limit} bytes")
+
+
 def default_status(exc: BaseException, request_id: str) -> tuple[str, str]:
     """(gRPC code name, message) of an error (the Pipeline passes the gRPC interceptor's)."""
     if isinstance(exc, SdserveError):
@@ -69,6 +78,9 @@ class HttpApi:
         self.path, self.keys, self.images = path, keys, images
         self.stats = stats or StatsLogger()
         self.admitted, self.draining, self.error_status = admitted, draining, error_status
+        config = path.config
+        self.max_body_bytes = config.http.max_body_bytes
+        self.max_image_bytes = config.limits.max_image_bytes
 
     async def handle(self, request: Request, request_id: str = "") -> Response:
         """Routes one request; every error becomes OpenAI's error JSON."""
@@ -92,6 +104,7 @@ class HttpApi:
             log = logger.exception if code == "INTERNAL" else logger.info
             log("HTTP %s %s (request %s): %s %s", method, route, request_id, code, message)
             status, body = oai.error_body(code, message, getattr(exc, "field", None))
+            status = getattr(exc, "http_status", status)
             headers = {}
             if getattr(exc, "retry_after_s", None) is not None:
                 headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
@@ -112,10 +125,10 @@ class HttpApi:
         if self.draining():
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await self._body(request) or b"null")
         except ValueError:
             raise InvalidArgument("body", "is not valid JSON") from None
-        parsed = oai.parse_generation(body)
+        parsed = oai.parse_generation(body, max_image_bytes=self.max_image_bytes)
         params = await self.path.validate(fields_from_pb(parsed.request))
         if parsed.stream:
             events = self._stream(params, parsed.partial_images, request_id)
@@ -130,6 +143,21 @@ class HttpApi:
                  "model": params.model, "steps": params.steps}  # fmt: skip
         return JSONResponse(oai.images_response(list(result.pngs), params.prompt, urls=urls,
                                                 size=size, extra=extra))  # fmt: skip
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, read no further than `max_body_bytes`: a client cannot make the ingress
+        hold more. Refused at once when Content-Length already says it is larger."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _result(self, params: GenerateParams, request_id: str) -> Result:
         async for event in self.path.run(params, request_id=request_id):

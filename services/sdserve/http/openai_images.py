@@ -24,10 +24,12 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
+from sdserve.config import LimitsConfig
 from sdserve.errors import InvalidArgument
 from sdserve.v1 import diffusion_pb2
 
 MAX_PARTIAL_IMAGES = 3
+DEFAULT_MAX_IMAGE_BYTES = LimitsConfig().max_image_bytes
 IGNORED = frozenset({"quality", "style", "background", "moderation", "output_compression"})
 """OpenAI fields that mean nothing for a diffusion model: accepted, not used."""
 NUMBERS = {  # body field -> (GenerateRequest field, type)
@@ -73,8 +75,10 @@ class ImagesRequest:
     user: str = ""
 
 
-def parse_generation(body: Any) -> ImagesRequest:
-    """Reads a request body (parsed JSON). Raises InvalidArgument naming the field."""
+def parse_generation(body: Any, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                     ) -> ImagesRequest:  # fmt: skip
+    """Reads a request body (parsed JSON). Raises InvalidArgument naming the field; a base64
+    image that would decode to more than `max_image_bytes` is refused before decoding."""
     if not isinstance(body, dict):
         raise InvalidArgument("body", "must be a JSON object")
     for name in body:
@@ -94,7 +98,7 @@ def parse_generation(body: Any) -> ImagesRequest:
             setattr(request, field, value)
     for name, field in IMAGES.items():
         if body.get(name) is not None:
-            setattr(request, field, _image(body, name))
+            setattr(request, field, _image(body, name, max_image_bytes))
     _size(body.get("size"), request)
     _loras(body.get("loras"), request)
     if body.get("output_format", "png") != "png":
@@ -128,10 +132,12 @@ def _typed(body: dict, name: str, kind: type):
     return value
 
 
-def _image(body: dict, name: str) -> bytes:
+def _image(body: dict, name: str, max_bytes: int) -> bytes:
     text = _typed(body, name, str)
     if text.startswith("data:"):  # a data URL: data:image/png;base64,....
         text = text.partition(",")[2]
+    if len(text) > 4 * math.ceil(max_bytes / 3):  # what max_bytes encode to: no decoding
+        raise InvalidArgument(name, f"is over limits.max_image_bytes = {max_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -64,6 +64,8 @@ class JobQueue:
         max_queue_length: int = 10_000,
         max_attempts: int = 3,
         lease_s: float = 30.0,
+        max_connections: int = 64,
+        connection_wait_s: float = 2.0,
     ):
         self.url = url
         self.keys = Keys(key_prefix)
@@ -71,7 +73,7 @@ class JobQueue:
         self.max_queue_length = max_queue_length
         self.max_attempts = max_attempts
         self.lease_s = lease_s
-        self.redis = connection.connect(url)
+        self.redis = connection.connect(url, max_connections, connection_wait_s)
         self.streams = self.keys.queues
         self._scripts = {name: self.redis.register_script(lua_source(name)) for name in SCRIPTS}
         self._groups_ready = False
@@ -90,6 +92,8 @@ class JobQueue:
             max_queue_length=jobs.max_queue_length,
             max_attempts=jobs.max_attempts,
             lease_s=jobs.lease_s,
+            max_connections=jobs.max_connections,
+            connection_wait_s=jobs.connection_wait_s,
         )
 
     async def close(self) -> None:

@@ -16,7 +16,15 @@ from helpers import diffusers_image
 
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import DenoiseEngine, Finished
-from sdserve.pipeline.lora import LoraAdapter, LoraCache, LoraFactors, LoraLayers, load_lora, rows
+from sdserve.pipeline.lora import (
+    LoraAdapter,
+    LoraCache,
+    LoraFactors,
+    LoraLayers,
+    hold_while_alive,
+    load_lora,
+    rows,
+)
 from sdserve.pipeline.lora_layers import base_layer
 from sdserve.pipeline.text import TextEncoder
 from sdserve.pipeline.vae import VaeDecoder
@@ -326,6 +334,10 @@ def _adapter(name: str, nbytes: int) -> LoraAdapter:
     return LoraAdapter(name, unet={"m": factors})
 
 
+class _Request:
+    """Stands for a request's `DenoiseJob`: what holds its adapters while it lives."""
+
+
 def test_lora_cache_evicts_least_recently_used_within_its_bound():
     cache, loads = LoraCache(max_bytes=2500), []
 
@@ -336,15 +348,37 @@ def test_lora_cache_evicts_least_recently_used_within_its_bound():
     assert loads == ["a", "b"] and cache.names() == ["b", "a"]  # a hit: no load, now recent
     get("c")  # 3000 bytes: the least recently used (b) goes
     assert cache.names() == ["a", "c"] and cache.nbytes == 2000
-    cache.hold(["a", "c"])  # in use by running requests
+    request_a, request_c = _Request(), _Request()  # running requests using a and c
+    hold_while_alive(request_a, [(get("a"), 1.0)])
+    hold_while_alive(request_c, [(get("c"), 1.0)])
     get("d")
     assert cache.names() == ["a", "c", "d"]  # over the bound, but nothing else to evict
-    cache.release(["a"])
-    assert cache.names() == ["c", "d"]
+    del request_a  # the request has left: a is free, evicted at the next load
+    get("e", nbytes=8)
+    assert cache.names() == ["c", "d", "e"]
     get("a")  # c is still held: d goes
-    assert loads == ["a", "b", "c", "d", "a"] and cache.names() == ["c", "a"]
-    cache.release(["c"])
-    assert cache.names() == ["c", "a"]  # within the bound: nothing to evict
+    assert loads == ["a", "b", "c", "d", "e", "a"] and cache.names() == ["c", "e", "a"]
+    del request_c
+    assert cache.names() == ["c", "e", "a"]  # within the bound: nothing to evict
     with pytest.raises(ValueError, match="big"):
         get("big", nbytes=4000)
-    assert "big" not in cache and len(cache) == 2
+    assert "big" not in cache and len(cache) == 3
+
+
+def test_an_adapter_in_use_by_a_request_is_not_evicted(world):
+    """While a request's rows use an adapter (queued or running in the engine), loading others
+    past the cache's bound does not evict it: a request naming it meanwhile gets the same copy
+    instead of loading a second one. Once the request has left, it can go."""
+    adapter, loads = world.adapters["A"], []
+    cache = LoraCache(max_bytes=adapter.nbytes)  # room for A alone
+    cache.get("A", lambda: loads.append("A") or adapter)
+    args, kwargs = world.job_args(REQUESTS[1])  # "A 0.8"
+    engine = DenoiseEngine(world.denoiser.unet, max_batch_size=16)
+    engine.submit(world.denoiser.make_job("r", *args, **kwargs))
+    engine.step()  # admitted: its rows run with A
+    cache.get("other", lambda: _adapter("other", 8))  # over the bound
+    assert cache.get("A", lambda: loads.append("A again") or adapter) is adapter
+    assert loads == ["A"]
+    _run_engine(engine)  # the request has finished and left
+    cache.get("third", lambda: _adapter("third", 8))
+    assert "A" not in cache

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdserve.pipeline import models
+from sdserve.pipeline import lora, models
 from sdserve.pipeline.compiled import DEFAULT_BUCKETS, CompiledUNet, OnCompile
 from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora_layers import LoraLayers
@@ -276,4 +276,6 @@ class Denoiser:
             )
             for seed in seeds
         ]
-        return DenoiseJob(request_id=request_id, samples=samples, **job_kwargs)
+        job = DenoiseJob(request_id=request_id, samples=samples, **job_kwargs)
+        lora.hold_while_alive(job, loras)  # the cache keeps its adapters while it lives
+        return job

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +30,7 @@ from sdserve.pipeline.lora_adapter import PARTS, LoraAdapter, LoraFactors
 from sdserve.pipeline.lora_layers import LoraLayer, LoraLayers, RowPlan, base_layer, rows
 
 __all__ = ["LoraAdapter", "LoraCache", "LoraFactors", "LoraLayer", "LoraLayers", "RowPlan",
-           "load_lora", "rows"]  # fmt: skip
+           "hold_while_alive", "in_use", "load_lora", "rows"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -222,18 +223,55 @@ def _alpha_rule(part: str, model, alphas: dict, config: dict) -> Callable[[str, 
     return lambda module, rank: by_module.get(module, rank)
 
 
+_in_use: weakref.WeakKeyDictionary[LoraAdapter, int] = weakref.WeakKeyDictionary()
+"""How many live requests use each loaded adapter (`hold_while_alive`); the cache evicts none
+of them."""
+_in_use_lock = threading.Lock()
+
+
+def hold_while_alive(owner: object, loras: Iterable[tuple[LoraAdapter, float]]) -> None:
+    """Marks a request's adapters in use for as long as `owner` (its `DenoiseJob`) exists.
+
+    A request holds its adapters from the moment it is prepared until it has left the engine,
+    however it leaves (finished, cancelled, expired, failed): the engine drops the job then, and
+    the release runs when the job object goes. An adapter evicted meanwhile would be loaded
+    again by the next request naming it, a second copy beside the one still in use."""
+    adapters = [adapter for adapter, _ in loras]
+    if not adapters:
+        return
+    with _in_use_lock:
+        for adapter in adapters:
+            _in_use[adapter] = _in_use.get(adapter, 0) + 1
+    weakref.finalize(owner, _release, adapters)
+
+
+def _release(adapters: list[LoraAdapter]) -> None:
+    with _in_use_lock:
+        for adapter in adapters:
+            count = _in_use.get(adapter, 0) - 1
+            if count > 0:
+                _in_use[adapter] = count
+            else:
+                _in_use.pop(adapter, None)
+
+
+def in_use(adapter: LoraAdapter) -> bool:
+    """Whether a live request holds the adapter (`hold_while_alive`)."""
+    with _in_use_lock:
+        return adapter in _in_use
+
+
 class LoraCache:
     """Loaded adapters by name, least recently used first out, within `max_bytes`.
 
-    `get` loads on a miss and then evicts the least recently used adapters that are not in
-    use (`hold` / `release`: a running request holds its adapters) until the cache is within
-    its bound again; held adapters stay even above it. Thread-safe.
+    `get` loads on a miss and then evicts the least recently used adapters that no live request
+    uses (`hold_while_alive`) until the cache is within its bound again; adapters in use stay
+    even above it, until a later `get` finds them free. Thread-safe.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self._held: dict[str, int] = {}
         self._lock = threading.RLock()
 
     def get(self, name: str, loader: Callable[[], LoraAdapter]) -> LoraAdapter:
@@ -256,29 +294,12 @@ class LoraCache:
             return adapter
 
     def _evict(self, keep: str) -> None:
-        for name in list(self._adapters):
+        for name, adapter in list(self._adapters.items()):
             if self.nbytes <= self.max_bytes:
                 return
-            if name != keep and not self._held.get(name):
+            if name != keep and not in_use(adapter):
                 del self._adapters[name]
                 logger.info("LoRA cache: evicted %s", name)
-
-    def hold(self, names: Iterable[str]) -> None:
-        """Marks adapters in use: they are not evicted until released."""
-        with self._lock:
-            for name in names:
-                self._held[name] = self._held.get(name, 0) + 1
-
-    def release(self, names: Iterable[str]) -> None:
-        """Ends one `hold` of each adapter, and evicts what is then over the bound."""
-        with self._lock:
-            for name in names:
-                count = self._held.get(name, 0) - 1
-                if count > 0:
-                    self._held[name] = count
-                else:
-                    self._held.pop(name, None)
-            self._evict(keep="")
 
     @property
     def nbytes(self) -> int:

@@ -194,6 +194,11 @@ class ModelConfig(Strict):
     stages: ModelStagesConfig = Field(default_factory=ModelStagesConfig)
     """This model's own deployment settings (replicas, GPUs, ...), stage by stage."""
 
+    allow_pickle: bool = False
+    """Load weights from pickled files (`.bin`, `.pt`, `.ckpt`) where a part has no
+    `.safetensors`. Unpickling runs code from the file: leave it off unless you trust the folder
+    (or convert it to safetensors). Off, such a folder is refused, naming the file."""
+
     lora_dir: str | None = None
     """Its LoRA adapters (`GenerateRequest.loras`): NAME.safetensors files or NAME/ folders.
     None: `loras/` inside the model folder (the built-in model ships `loras/cyan`). Every node

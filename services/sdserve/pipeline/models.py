@@ -14,7 +14,9 @@ SDXL adds `tokenizer_2/` and `text_encoder_2/` (OpenCLIP bigG, a CLIPTextModelWi
 `model_family` tells the three apart from the config files alone.
 
 Each stage loads only its own part. Nothing is fetched from a hub: every loader gets a local path
-and `local_files_only=True`.
+and `local_files_only=True`. Weights load from safetensors only: a pickled file (`.bin`, `.pt`)
+runs code of its author's when it is loaded, so a part that has only one is refused, naming it,
+unless the model's config entry sets `allow_pickle: true`.
 """
 
 from __future__ import annotations
@@ -52,15 +54,21 @@ XL_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 """The parts an SDXL folder has besides `PARTS`."""
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+"""Weights files that are Python pickles (torch.load): loading one can run any code."""
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 """Model families (`model_family`): SD 1.x, SD 2.x (OpenCLIP, often v-prediction), SDXL."""
 
 
-def check_model_dir(path: str | Path, parts: tuple[str, ...]) -> Path:
-    """Checks that `path` is a diffusers model folder holding `parts`; returns it resolved.
+def check_model_dir(path: str | Path, parts: tuple[str, ...], *, allow_pickle: bool = False
+                    ) -> Path:  # fmt: skip
+    """Checks that `path` is a diffusers model folder holding `parts`, with safetensors weights
+    (or pickled ones, with `allow_pickle`); returns it resolved.
 
     Raises:
-        ModelFolderError: naming the folder and every missing file.
+        ModelFolderError: naming the folder and every missing file, or the pickled weights
+            file of a part that has no safetensors one.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -70,8 +78,16 @@ def check_model_dir(path: str | Path, parts: tuple[str, ...]) -> Path:
         alternatives = {**PARTS, **XL_PARTS}[part]
         if any(all((root / part / f).is_file() for f in files) for files in alternatives):
             continue
+        pickled = sorted(f for f in (root / part).glob("*") if f.suffix in PICKLE_SUFFIXES)
+        if pickled and not allow_pickle:
+            raise ModelFolderError(
+                f"{root}: {part}/{pickled[0].name} holds pickled weights, which sdserve does "
+                "not load (unpickling runs code from the file). Convert it to safetensors, or, "
+                "if you trust it, set allow_pickle: true in this model's config entry"
+            )
         first = alternatives[0]
-        missing += [f"{part}/{f}" for f in first if not (root / part / f).is_file()]
+        needed = [f for f in first if not (pickled and f.endswith(".safetensors"))]
+        missing += [f"{part}/{f}" for f in needed if not (root / part / f).is_file()]
     if missing:
         raise ModelFolderError(
             f"{root} is not a valid diffusers model folder: missing {', '.join(missing)}"
@@ -87,10 +103,17 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def _variant(root: Path, part: str, weights: str) -> str | None:
-    """Loads the fp16 variant only when it is the only weights file present."""
-    if (root / part / weights).is_file():
+    """Loads the fp16 variant only when it is the only safetensors weights file present."""
+    fp16 = weights.replace(".safetensors", ".fp16.safetensors")
+    if (root / part / weights).is_file() or not (root / part / fp16).is_file():
         return None
     return "fp16"
+
+
+def _safetensors(allow_pickle: bool) -> bool | None:
+    """`use_safetensors` for from_pretrained: True refuses a pickled file even where a
+    safetensors one is missing; None (allowed) still prefers safetensors."""
+    return None if allow_pickle else True
 
 
 def load_tokenizer(root: Path, part: str = "tokenizer"):
@@ -100,7 +123,12 @@ def load_tokenizer(root: Path, part: str = "tokenizer"):
 
 
 def load_text_encoder(
-    root: Path, device: torch.device, dtype: torch.dtype, part: str = "text_encoder"
+    root: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    part: str = "text_encoder",
+    *,
+    allow_pickle: bool = False,
 ):
     """`text_encoder/` as a CLIPTextModel; SDXL's `text_encoder_2/` as a
     CLIPTextModelWithProjection (its pooled, projected output conditions the U-Net)."""
@@ -112,30 +140,32 @@ def load_text_encoder(
         dtype=dtype,
         local_files_only=True,
         variant=_variant(root, part, "model.safetensors"),
+        use_safetensors=_safetensors(allow_pickle),
     )
     return model.to(device).eval().requires_grad_(False)
 
 
-def _load_diffusers_part(model_cls, root: Path, part: str, device, dtype):
+def _load_diffusers_part(model_cls, root: Path, part: str, device, dtype, allow_pickle: bool):
     model = model_cls.from_pretrained(
         root / part,
         torch_dtype=dtype,
         local_files_only=True,
         variant=_variant(root, part, "diffusion_pytorch_model.safetensors"),
+        use_safetensors=_safetensors(allow_pickle),
     )
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_unet(root: Path, device: torch.device, dtype: torch.dtype):
+def load_unet(root: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False):
     from diffusers import UNet2DConditionModel
 
-    return _load_diffusers_part(UNet2DConditionModel, root, "unet", device, dtype)
+    return _load_diffusers_part(UNet2DConditionModel, root, "unet", device, dtype, allow_pickle)
 
 
-def load_vae(root: Path, device: torch.device, dtype: torch.dtype):
+def load_vae(root: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False):
     from diffusers import AutoencoderKL
 
-    return _load_diffusers_part(AutoencoderKL, root, "vae", device, dtype)
+    return _load_diffusers_part(AutoencoderKL, root, "vae", device, dtype, allow_pickle)
 
 
 def load_scheduler_config(root: Path) -> dict[str, Any]:

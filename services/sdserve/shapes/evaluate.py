@@ -48,7 +48,7 @@ def load_pipeline(model_dir: str | Path):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, local_files_only=True, torch_dtype=torch.float32
+        model_dir, local_files_only=True, torch_dtype=torch.float32, use_safetensors=True
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -227,7 +227,7 @@ def train_lora(out_dir: str | Path, config: LoraTrainConfig, model_dir: str | Pa
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(model_dir or DEFAULT_MODEL_DIR,
-                                                   local_files_only=True,
+                                                   local_files_only=True, use_safetensors=True,
                                                    torch_dtype=torch.float32)  # fmt: skip
     captions = training_captions(config)
     rng = random.Random(config.seed + 1)

@@ -260,7 +260,8 @@ def train(model_dir: str | Path, config: TrainConfig, progress: Progress | None 
     # Denormal floats (tiny gradients, Adam's second moments) are many times slower on CPUs.
     torch.set_flush_denormal(True)
     torch.manual_seed(config.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True,
+                                                   use_safetensors=True)  # fmt: skip
     pairs = dataset(config.samples, seed=config.seed, size=config.size)
     images = images_to_tensor(image for _, image in pairs)
     prompts = [caption.prompt for caption, _ in pairs]

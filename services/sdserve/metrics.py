@@ -16,10 +16,11 @@ process without Ray), which is how bench/bench_metrics.py measures what recordin
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sdserve import stats
@@ -181,13 +182,20 @@ class StatsLogger:
 
     Every emitter calls `record(stats)`; `denoiser` and `jobs` hold the counters that the
     Denoiser's Stats RPC and the JobWorker's Stats call report.
+
+    Thread-safe, and the one hand-off of stats between threads: the Denoiser's engine records
+    on its torch thread while the Stats RPC reads on the event loop, so recording and every
+    read (`unet_busy_ratio`, `capacity`, `denoiser_counters`) hold one lock. Unguarded, a read
+    iterating a window while a step appended to it raised "deque mutated during iteration".
     """
 
     def __init__(self, metrics: Metrics | None = None):
         self.metrics = metrics or Metrics()
+        self._lock = threading.RLock()  # RLock: a handler reads the busy ratio it updates
         self.denoiser = DenoiserCounters()
         self.jobs: Counter[str] = Counter()
         self._steps: deque[tuple[float, float]] = deque()  # (ended at, seconds) in the window
+        self._busy_s = 0.0  # the sum of `_steps`' seconds
         self._batches: deque[tuple[float, int, float]] = deque()  # (ended at, images, seconds)
         self._handlers: dict[type, Callable[[Any], None]] = {
             stats.StepStats: self._step,
@@ -204,27 +212,38 @@ class StatsLogger:
         }
 
     def record(self, item: Any) -> None:
-        """Records one typed stat (any dataclass of `sdserve.stats`)."""
-        self._handlers[type(item)](item)
+        """Records one typed stat (any dataclass of `sdserve.stats`), from any thread."""
+        with self._lock:
+            self._handlers[type(item)](item)
+
+    def denoiser_counters(self) -> DenoiserCounters:
+        """A copy of the Denoiser's counters, all of one moment."""
+        with self._lock:
+            return replace(self.denoiser)
 
     def unet_busy_ratio(self, now: float | None = None) -> float:
         """Share of the last BUSY_WINDOW_S seconds spent in U-Net steps."""
         now = time.monotonic() if now is None else now
-        while self._steps and self._steps[0][0] < now - BUSY_WINDOW_S:
-            self._steps.popleft()
-        return min(1.0, sum(seconds for _, seconds in self._steps) / BUSY_WINDOW_S)
+        with self._lock:
+            while self._steps and self._steps[0][0] < now - BUSY_WINDOW_S:
+                self._busy_s -= self._steps.popleft()[1]
+            if not self._steps:
+                self._busy_s = 0.0  # no rounding left over
+            return min(1.0, max(self._busy_s, 0.0) / BUSY_WINDOW_S)
 
     def capacity(self) -> float:
         """Image-steps per second of the U-Net steps of the last minute whose batch was at
         least half the largest one seen in it (0 before any): the rate a full engine runs
         at, for load shedding (`sdserve.orchestration.admission`)."""
         now = time.monotonic()
-        while self._batches and self._batches[0][0] < now - CAPACITY_WINDOW_S:
-            self._batches.popleft()
-        if not self._batches:
+        with self._lock:
+            while self._batches and self._batches[0][0] < now - CAPACITY_WINDOW_S:
+                self._batches.popleft()
+            batches = list(self._batches)
+        if not batches:
             return 0.0
-        largest = max(images for _, images, _ in self._batches)
-        full = [(images, s) for _, images, s in self._batches if 2 * images >= largest]
+        largest = max(images for _, images, _ in batches)
+        full = [(images, s) for _, images, s in batches if 2 * images >= largest]
         return sum(images for images, _ in full) / max(sum(s for _, s in full), 1e-9)
 
     def refresh(self) -> None:
@@ -234,6 +253,7 @@ class StatsLogger:
 
     def _step(self, s: stats.StepStats) -> None:
         self._steps.append((time.monotonic(), s.duration_s))
+        self._busy_s += s.duration_s
         self._batches.append((time.monotonic(), s.batch_size, s.duration_s))
         self.metrics.unet_busy_ratio.set(self.unet_busy_ratio())
         c, m = self.denoiser, self.metrics

@@ -1,0 +1,63 @@
+"""Stats cross from the torch thread to the event loop through one thread-safe hand-off
+(issue 27): the engine records while the Stats RPC reads, and the drain watch keeps
+watching when a read fails."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from sdserve.metrics import StatsLogger
+from sdserve.serve import _ray, common
+from sdserve.stats import StepStats
+
+
+def _step(images: int) -> StepStats:
+    return StepStats(request_ids=("r",), batch_size=images, rows=images, shallow_rows=0,
+                     latent_shape=(4, 8, 8), waiting=0, running=1, duration_s=1e-4)  # fmt: skip
+
+
+def test_reading_stats_while_another_thread_records_them_never_fails():
+    stats = StatsLogger()
+    errors = []
+
+    def record():
+        try:
+            for i in range(100_000):
+                stats.record(_step(1 + i % 4))
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(exc)
+
+    writer = threading.Thread(target=record)
+    writer.start()
+    while writer.is_alive():
+        try:
+            stats.capacity()
+            stats.unet_busy_ratio()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+            break
+        time.sleep(0.001)  # the recorder's turn
+    writer.join()
+    assert errors == []
+    assert stats.denoiser.unet_steps == 100_000
+
+
+def test_the_drain_watch_survives_a_failing_read(monkeypatch):
+    answers = iter([RuntimeError("the GCS did not answer"), False, True])
+    reads = []
+
+    def is_draining(app_name):
+        reads.append(app_name)
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(_ray, "is_draining", is_draining)
+    drained = []
+
+    watch = common.watch_drain("app", lambda: drained.append(1), every_s=0.01)
+    asyncio.run(asyncio.wait_for(watch, 1))
+    assert drained == [1] and reads == ["app"] * 3

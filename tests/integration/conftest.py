@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from helpers import API_KEYS, free_port, with_metadata
+from tls_certs import Certs, write_certs
 
 from sdserve.config import (
     EngineConfig,
@@ -25,6 +26,8 @@ from sdserve.config import (
 class Server:
     target: str
     config: SdserveConfig
+    certs: Certs
+    """The session server speaks TLS: `certs.ca` signed its certificate."""
 
 
 SERVED_MODELS = ("default", "shapes", "sdxl")
@@ -33,10 +36,21 @@ one-model tests see a one-model server's names), the built-in default model and 
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_server):
+def certs(tmp_path_factory) -> Certs:
+    return write_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(autouse=True)
+def trust_the_test_ca(certs, monkeypatch):
+    """The CLI and the Python client take the CA from $SDSERVE_TLS_CA, as a user's would."""
+    monkeypatch.setenv("SDSERVE_TLS_CA", str(certs.ca))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_server, certs):
     """sdserve on the tiny model (the default), the built-in model and a tiny SDXL, on free
     ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the session's own
-    redis-server and two JobWorker replicas."""
+    redis-server and two JobWorker replicas. Its gRPC front door speaks TLS."""
     from sdserve.serve import server as sdserve_server
 
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
@@ -57,7 +71,8 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
             for i, (name, path) in enumerate(zip(SERVED_MODELS, paths, strict=True))
         ],
         engine=EngineConfig(compile="off"),
-        server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys)),
+        server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys),
+                            tls_cert=str(certs.server_cert), tls_key=str(certs.server_key)),
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick; every step
         # recorded, so that tests can catch a job mid-way (the 0.25 s default is unit-tested).
@@ -71,16 +86,17 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     try:
         sdserve_server.deploy(config)
         target = f"127.0.0.1:{config.server.grpc_port}"
-        sdserve_server.wait_healthy(target, timeout_s=300)  # 13 deployments on 2 busy cores
-        yield Server(target=target, config=config)
+        sdserve_server.wait_serving(config, timeout_s=300)  # 13 deployments on 2 busy cores
+        yield Server(target=target, config=config, certs=certs)
     finally:
         sdserve_server.shutdown()
 
 
 @pytest.fixture(scope="session")
 def raw_channel(server):
-    """A channel that sends no API key."""
-    with grpc.insecure_channel(server.target) as ch:
+    """A TLS channel that sends no API key."""
+    credentials = grpc.ssl_channel_credentials(server.certs.ca.read_bytes())
+    with grpc.secure_channel(server.target, credentials) as ch:
         yield ch
 
 

@@ -150,7 +150,7 @@ def test_keep_alive_pings_are_comments_that_clients_skip(in_process_path):
 def test_an_error_after_the_stream_started_is_an_error_event(in_process_path):
     from openai import APIError, OpenAI
 
-    def full(params, deadline):
+    def full(params, deadline, tenant):
         raise ResourceExhausted("the queue is full")
 
     http = _client(HttpApi(in_process_path, admitted=full))

@@ -54,10 +54,10 @@ def register(sub, parents: Parents) -> None:
 
 
 def list_loras(args: argparse.Namespace) -> int:
-    from sdserve.client import Client, ClientError
+    from sdserve.client import ClientError
 
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        with options.client(args) as client:
             loras = client.loras(args.model)
     except ClientError as exc:
         return options.rpc_error(exc)
@@ -74,10 +74,10 @@ def list_models(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from sdserve.client import Client, ClientError
+    from sdserve.client import ClientError
 
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        with options.client(args) as client:
             models = client.models()
     except ClientError as exc:
         return options.rpc_error(exc)
@@ -141,11 +141,11 @@ def follow(events, quiet: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdserve.client import Client, ClientError
+    from sdserve.client import ClientError
 
     started = time.perf_counter()
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        with options.client(args) as client:
             result = follow(client.stream(args.prompt, **options.request_options(args)),
                             quiet=args.quiet)  # fmt: skip
     except ClientError as exc:

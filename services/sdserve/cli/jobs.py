@@ -52,10 +52,10 @@ def register(sub, parents: Parents) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from sdserve.client import Client, ClientError
+    from sdserve.client import ClientError
 
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        with options.client(args) as client:
             submitted = client.submit(args.prompt, priority=args.priority,
                                       idempotency_key=args.idempotency_key,
                                       **options.request_options(args))  # fmt: skip
@@ -105,10 +105,10 @@ def _wait(client, args: argparse.Namespace):
 
 
 def run_job(args: argparse.Namespace) -> int:
-    from sdserve.client import Client, ClientError
+    from sdserve.client import ClientError
 
     try:
-        with Client(args.server, timeout=30) as client:
+        with options.client(args, timeout=30) as client:
             if args.cancel:
                 job = client.cancel(args.job_id)
             elif not args.wait:

@@ -13,6 +13,7 @@ from sdserve.cli.options import (
     Parents,
     add_cheaper_step_options,
     add_image_options,
+    channel_credentials,
     require_extra,
 )
 
@@ -128,7 +129,12 @@ def run(args: argparse.Namespace) -> int:
         report = asyncio.run(run_http_loadtest(args.http, **common))
     else:
         report = asyncio.run(
-            run_loadtest(args.server, application=args.application or "", **common)
+            run_loadtest(
+                args.server,
+                application=args.application or "",
+                credentials=channel_credentials(args),
+                **common,
+            )
         )
     if not args.quiet:
         sys.stderr.write("\n")

@@ -23,6 +23,22 @@ class Parents:
         self.server.add_argument(
             "--server", default="127.0.0.1:9000", help="HOST:PORT (default %(default)s)"
         )
+        tls = self.server.add_argument_group("TLS (each also from its SDSERVE_TLS_* variable)")
+        tls.add_argument(
+            "--tls-ca",
+            metavar="PEM",
+            help="CA certificate of the server's (turns TLS on; $SDSERVE_TLS_CA)",
+        )
+        tls.add_argument(
+            "--tls-cert",
+            metavar="PEM",
+            help="client certificate, for mutual TLS ($SDSERVE_TLS_CERT)",
+        )
+        tls.add_argument(
+            "--tls-key", metavar="PEM", help="the client certificate's key ($SDSERVE_TLS_KEY)"
+        )
+        tls.add_argument("--tls", action="store_true",
+                         help="TLS with the system's trusted CAs (no --tls-ca needed)")  # fmt: skip
         self.quiet = _parent()
         self.quiet.add_argument("-q", "--quiet", action="store_true", help="no progress output")
         self.request = _request_parent()
@@ -164,6 +180,26 @@ def write_images(result, output: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+
+
+def client(args: argparse.Namespace, timeout: float | None = None):
+    """The blocking Client for `--server` and the TLS options (`Parents.server`)."""
+    from sdserve.client import Client
+
+    return Client(args.server, timeout=args.timeout if timeout is None else timeout,
+                  **_tls_options(args))  # fmt: skip
+
+
+def channel_credentials(args: argparse.Namespace):
+    """TLS credentials from the TLS options and their variables (None: plaintext)."""
+    from sdserve.client import channel_credentials
+
+    return channel_credentials(**_tls_options(args))
+
+
+def _tls_options(args: argparse.Namespace) -> dict:
+    return dict(tls=args.tls or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                tls_key=args.tls_key)  # fmt: skip
 
 
 def call_metadata() -> tuple[tuple[str, str], ...] | None:

@@ -72,6 +72,16 @@ def add_server_options(serve) -> None:
     serve.add_argument(
         "--ssl-certfile", metavar="PATH", help="HTTPS for the HTTP API: certificate file"
     )
+    tls = serve.add_argument_group("gRPC TLS (sdserve's own front door)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="TLS: the server's certificate (chain)")
+    tls.add_argument("--tls-key", metavar="PEM", help="TLS: the server's private key")
+    tls.add_argument("--tls-client-ca", metavar="PEM",
+                     help="mutual TLS: only clients with a certificate this CA signed")  # fmt: skip
+    serve.add_argument(
+        "--front-door", choices=["sdserve", "serve-proxy"],
+        help="who serves the gRPC port: sdserve's own gRPC server in each ingress replica "
+        "(default: TLS, the client's cancellation and deadline) or Ray Serve's gRPC proxy",
+    )  # fmt: skip
     serve.add_argument("--host", help="address of the local Ray node (default 127.0.0.1)")
     serve.add_argument(
         "--address",
@@ -122,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
             ("server", "ssl_certfile"): args.ssl_certfile,
             ("server", "ray_address"): args.address,
             ("server", "host"): args.host,
+            ("server", "tls_cert"): args.tls_cert,
+            ("server", "tls_key"): args.tls_key,
+            ("server", "tls_client_ca"): args.tls_client_ca,
+            ("server", "front_door"): args.front_door,
             ("jobs", "redis_url"): args.redis_url,
             ("metrics", "export_port"): args.metrics_port,
             ("server", "api_key_file"): args.api_key_file,

@@ -13,7 +13,7 @@ iterator), over grpc.aio. Both build their requests and convert their replies wi
 """
 
 from sdserve.client._aio import AsyncClient
-from sdserve.client._calls import API_KEY_VARIABLE, OPTIONS
+from sdserve.client._calls import API_KEY_VARIABLE, OPTIONS, TLS_VARIABLES, channel_credentials
 from sdserve.client._sync import Client
 from sdserve.client.types import (
     ClientError,
@@ -35,6 +35,8 @@ from sdserve.client.types import (
 __all__ = [
     "API_KEY_VARIABLE",
     "OPTIONS",
+    "TLS_VARIABLES",
+    "channel_credentials",
     "AsyncClient",
     "Client",
     "ClientError",

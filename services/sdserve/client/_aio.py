@@ -22,7 +22,7 @@ class AsyncClient(_calls.ClientBase):
     (otherwise it is cancelled when the iterator is garbage-collected).
     """
 
-    _open_channel = staticmethod(grpc.aio.insecure_channel)
+    _grpc = grpc.aio
 
     async def close(self) -> None:
         """Closes the channel (unless it was given to the constructor)."""

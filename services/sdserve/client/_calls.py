@@ -39,6 +39,33 @@ IMAGE_OPTIONS = ("init_image", "mask_image")
 API_KEY_VARIABLE = "SDSERVE_API_KEY"
 """Where a client without an `api_key` takes its key from."""
 
+TLS_VARIABLES = {"tls_ca": "SDSERVE_TLS_CA", "tls_cert": "SDSERVE_TLS_CERT",
+                 "tls_key": "SDSERVE_TLS_KEY"}  # fmt: skip
+"""Where a client takes each TLS file from when it is not given: the CA that signed the
+server's certificate, and the client's own certificate and key (mutual TLS)."""
+
+
+def channel_credentials(
+    tls: bool | None = None,
+    tls_ca: str | os.PathLike | bytes | None = None,
+    tls_cert: str | os.PathLike | bytes | None = None,
+    tls_key: str | os.PathLike | bytes | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the channel, or None for plaintext. Each file (a path or PEM bytes)
+    not given is read from its variable (`TLS_VARIABLES`). `tls`: None uses TLS when any file
+    is set; True uses it with the system's trusted CAs when no CA is set; False never."""
+    given = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    pem = {}
+    for name, value in given.items():
+        if value is None:
+            value = os.environ.get(TLS_VARIABLES[name]) or None
+        pem[name] = Path(value).read_bytes() if isinstance(value, str | os.PathLike) else value
+    if tls is False or (tls is None and not any(pem.values())):
+        return None
+    if bool(pem["tls_cert"]) != bool(pem["tls_key"]):
+        raise ValueError("a client certificate (tls_cert) needs its key (tls_key), and back")
+    return grpc.ssl_channel_credentials(pem["tls_ca"], pem["tls_key"], pem["tls_cert"])
+
 
 def call_metadata(api_key: str | None = None, application: str | None = None):
     """The metadata of every call: `authorization: Bearer KEY` (KEY: `api_key`, or when that is
@@ -159,8 +186,8 @@ def last_job(job: Job | None) -> Job:
 class ClientBase:
     """The constructor and the call start that both clients share."""
 
-    _open_channel: Callable[[str], Any]
-    """grpc.insecure_channel or grpc.aio.insecure_channel."""
+    _grpc: Any
+    """grpc or grpc.aio: where the channel constructors come from."""
 
     def __init__(
         self,
@@ -170,16 +197,27 @@ class ClientBase:
         timeout: float = 600.0,
         application: str | None = None,
         channel: Any = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike | bytes | None = None,
+        tls_cert: str | os.PathLike | bytes | None = None,
+        tls_key: str | os.PathLike | bytes | None = None,
     ):
         """`target` is the server's HOST:PORT. `api_key`: None takes $SDSERVE_API_KEY, "" sends
         none. `timeout`: every call's deadline in seconds. `application`: the Serve application,
         when the proxy serves several. `channel`: a channel of your own (the client then does
-        not close it, and ignores `target`)."""
+        not close it, and ignores `target`). TLS: `tls_ca` (the CA of the server's certificate),
+        `tls_cert` and `tls_key` (the client's, for mutual TLS) are paths or PEM bytes, each
+        taken from $SDSERVE_TLS_CA, $SDSERVE_TLS_CERT, $SDSERVE_TLS_KEY when not given; TLS
+        is on when any is set, or with `tls=True` (the system's CAs)."""
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(api_key, application)
         self._owns_channel = channel is None
-        self._channel = self._open_channel(target) if channel is None else channel
+        if channel is None:
+            credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+            channel = (self._grpc.insecure_channel(target) if credentials is None
+                       else self._grpc.secure_channel(target, credentials))  # fmt: skip
+        self._channel = channel
         self._stub = diffusion_pb2_grpc.DiffusionServiceStub(self._channel)
 
     def _start(self, rpc: Rpc, timeout: float | None = None):

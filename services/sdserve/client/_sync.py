@@ -23,7 +23,7 @@ class Client(_calls.ClientBase):
     unknown name raises TypeError. init_image and mask_image take bytes, a path or a PIL image.
     """
 
-    _open_channel = staticmethod(grpc.insecure_channel)
+    _grpc = grpc
 
     def close(self) -> None:
         """Closes the channel (unless it was given to the constructor)."""

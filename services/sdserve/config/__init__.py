@@ -58,6 +58,10 @@ class LimitsConfig(Strict):
     uncompressed RGB image at 2048x2048. Checked before the image is decoded (on the HTTP API,
     before its base64 is), so an oversized one costs no decoding."""
 
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    """Largest gRPC message the front door receives or sends (requests carry images; a reply
+    carries up to `max_num_images` PNGs)."""
+
     max_cache_interval: int = Field(10, ge=1)
     """Largest DeepCache interval a request may ask for (`cache_interval`)."""
 
@@ -97,6 +101,11 @@ class EngineConfig(Strict):
 
     max_batch_size: int = Field(16, ge=1)
     """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
+
+    max_request_s: float = Field(3600.0, gt=0)
+    """Longest a request may take when its client set no deadline: every stage call and the
+    wait for the Denoiser's answer end there with DEADLINE_EXCEEDED, so that no request waits
+    forever on a stage that never answers."""
 
     lora_cache_mb: int = Field(1024, ge=1)
     """Memory for loaded LoRA adapters per Denoiser (and TextEncoder) replica; the least

@@ -70,15 +70,32 @@ class ServerConfig(Strict):
     """The Ray cluster and the public endpoint."""
 
     grpc_port: int = Field(9000, ge=1, le=65535)
-    """Port of Ray Serve's gRPC proxy, which serves DiffusionService."""
+    """Port of the public gRPC API (DiffusionService, grpc.health.v1 and reflection)."""
+
+    front_door: Literal["sdserve", "serve-proxy"] = "sdserve"
+    """Who serves `grpc_port`: sdserve's own gRPC server in each ingress replica (TLS, the
+    client's cancellation and deadline; sdserve/serve/front_door.py), or Ray Serve's gRPC proxy
+    (plaintext, cancellation best effort)."""
+
+    grpc_host: str | None = None
+    """Address the front door binds on each node (None: `host`; `0.0.0.0` for every
+    interface)."""
+
+    tls_cert: str | None = None
+    """TLS for the gRPC API: the server's certificate (chain) file, PEM, with `tls_key`."""
+
+    tls_key: str | None = None
+    """TLS for the gRPC API: the server's private key file, PEM."""
+
+    tls_client_ca: str | None = None
+    """Mutual TLS: clients must present a certificate signed by this CA (PEM) to connect."""
 
     http_port: int = Field(8000, ge=0, le=65535)
     """Port of Serve's HTTP proxy, which serves the OpenAI-compatible HTTP API
     (`POST /v1/images/generations`, sdserve/http/app.py)."""
 
     ssl_keyfile: str | None = None
-    """HTTPS for the HTTP API: the private key file (with `ssl_certfile`; Serve's own option).
-    Serve's gRPC proxy has no TLS option: put a TLS-terminating proxy in front of it."""
+    """HTTPS for the HTTP API: the private key file (with `ssl_certfile`; Serve's own option)."""
 
     ssl_certfile: str | None = None
     """HTTPS for the HTTP API: the certificate (chain) file."""
@@ -101,6 +118,16 @@ class ServerConfig(Strict):
     sdserve/api/auth.py). Set: every DiffusionService call needs `authorization: Bearer KEY` and
     sees only its tenant's jobs. None: anyone who can reach the port may call (start-up says
     so). Every node must see the file at this path."""
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServerConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("server.tls_cert and server.tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("server.tls_client_ca (mutual TLS) needs server.tls_cert and tls_key")
+        if self.tls_cert and self.front_door != "sdserve":
+            raise ValueError("gRPC TLS needs server.front_door: sdserve (Serve's proxy has none)")
+        return self
 
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads

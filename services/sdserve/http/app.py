@@ -3,7 +3,7 @@
     POST /v1/images/generations      generate (JSON, or server-sent events with `stream: true`)
     GET  /v1/images/{id}/{index}.png an image made with `response_format: url`, until it expires
     GET  /v1/models                  the served models, in OpenAI's list shape
-    GET  /healthz                    200 once every model's Denoiser answers; 503 while draining
+    GET  /healthz                    200 while every stage of every model answers; else 503
 
 It takes Starlette requests and returns Starlette responses, and knows nothing of Ray: the
 Pipeline deployment (`sdserve.serve.ingress`) hands it the requests Serve's HTTP proxy routes
@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -71,13 +71,16 @@ class HttpApi:
         keys: ApiKeys | None = None,
         images: ImageStore | None = None,
         stats: StatsLogger | None = None,
-        admitted: Callable = lambda params, deadline: contextlib.nullcontext(),
+        admitted: Callable = lambda params, deadline, tenant: contextlib.nullcontext(),
         draining: Callable[[], bool] = lambda: False,
+        healthy: Callable[[], Awaitable[bool]] | None = None,
         error_status: Callable[[BaseException, str], tuple[str, str]] = default_status,
     ):
         self.path, self.keys, self.images = path, keys, images
         self.stats = stats or StatsLogger()
         self.admitted, self.draining, self.error_status = admitted, draining, error_status
+        self.healthy = healthy
+        """Whether every stage answers now (`orchestration.health`); None: not checked."""
         config = path.config
         self.max_body_bytes = config.http.max_body_bytes
         self.max_image_bytes = config.limits.max_image_bytes
@@ -121,7 +124,7 @@ class HttpApi:
         return self.keys.tenant({"authorization": request.headers.get("authorization", "")})
 
     async def _generations(self, request: Request, request_id: str) -> Response:
-        self._tenant(request)
+        tenant = self._tenant(request)
         if self.draining():
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
         try:
@@ -131,9 +134,9 @@ class HttpApi:
         parsed = oai.parse_generation(body, max_image_bytes=self.max_image_bytes)
         params = await self.path.validate(fields_from_pb(parsed.request))
         if parsed.stream:
-            events = self._stream(params, parsed.partial_images, request_id)
+            events = self._stream(params, parsed.partial_images, request_id, tenant)
             return EventSourceResponse(events, ping=self.ping_s)
-        with self.admitted(params, None):
+        with self.admitted(params, None, tenant):
             result = await self._result(params, request_id)
         size = f"{params.width}x{params.height}"
         urls = None
@@ -173,7 +176,7 @@ class HttpApi:
         base = str(request.base_url).rstrip("/")
         return [f"{base}/v1/images/{image_id}/{i}.png" for i in range(len(pngs))]
 
-    async def _stream(self, params: GenerateParams, partial: int, request_id: str
+    async def _stream(self, params: GenerateParams, partial: int, request_id: str, tenant: str
                       ) -> AsyncIterator[ServerSentEvent]:  # fmt: skip
         """Server-sent events: up to `partial` partial images (the Denoiser's cheap previews,
         spread over the steps), then the completed image. An error after the stream started
@@ -183,7 +186,7 @@ class HttpApi:
         every = max(1, runs // (partial + 1)) if partial else 0
         sent, total = 0, runs
         try:
-            with self.admitted(params, None):
+            with self.admitted(params, None, tenant):
                 events = self.path.run(params, request_id=request_id, stream=True,
                                        preview_every=every)  # fmt: skip
                 async for event in events:
@@ -216,5 +219,7 @@ class HttpApi:
     async def _health(self) -> Response:
         if self.draining():
             return JSONResponse({"status": "draining"}, status_code=503)
-        names = [m.name for m in await self.path.models()]
+        names = list(self.path.clients)
+        if self.healthy is not None and not await self.healthy():
+            return JSONResponse({"status": "not serving", "models": names}, status_code=503)
         return JSONResponse({"status": "ok", "models": names})

@@ -95,6 +95,14 @@ def add_diffusion_service(servicer, server) -> None:
     add_DiffusionServiceServicer_to_server(servicer, server)
 
 
+def from_serve_proxy(grpc_context) -> bool:
+    """Whether the call came through Serve's gRPC proxy (Serve's context object), rather than
+    through sdserve's own front door (a grpc.aio context)."""
+    from ray.serve.grpc_util import RayServegRPCContext
+
+    return isinstance(grpc_context, RayServegRPCContext)
+
+
 def request_deadline(grpc_context) -> float | None:
     """The client's deadline (seconds since the epoch) that `add_diffusion_service` captured in
     the proxy, or None (no deadline, or a proxy without the hook)."""

@@ -1,6 +1,7 @@
-"""The Pipeline deployment: serves DiffusionService (and grpc.health.v1.Health) through Ray
-Serve's gRPC proxy, and the OpenAI-compatible HTTP API (`sdserve.http.app`) through its HTTP
-proxy. Generate/GenerateStream and the HTTP API run the stage path; the job RPCs talk to the
+"""The Pipeline deployment: serves DiffusionService (and grpc.health.v1.Health) on its own
+gRPC front door (`serve/front_door.py`; or through Ray Serve's gRPC proxy), and the
+OpenAI-compatible HTTP API (`sdserve.http.app`) through Serve's HTTP proxy.
+Generate/GenerateStream and the HTTP API run the stage path; the job RPCs talk to the
 Redis job queue, and JobWorker replicas run the jobs.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from grpc_health.v1 import health_pb2
@@ -33,8 +35,10 @@ from sdserve.jobs.images import ImageStore
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import job_request
 from sdserve.orchestration.admission import Admission
+from sdserve.orchestration.health import StageHealth
 from sdserve.orchestration.path import StagePath
-from sdserve.serve import _ray
+from sdserve.orchestration.tenant_limits import TenantLimits
+from sdserve.serve import _ray, front_door
 from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
 from sdserve.serve.errors import grpc_errors, status_name
@@ -44,7 +48,6 @@ from sdserve.v1 import diffusion_pb2
 # Serve's logger: its lines carry the replica and the request id, and land in Serve's logs.
 logger = logging.getLogger("ray.serve")
 
-SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 MAX_IDEMPOTENCY_KEY_CHARS = 256
 MAX_JOB_ID_CHARS = 64
 
@@ -61,6 +64,8 @@ class PipelineIngress:
         self.config, self.stats = replica_setup(config)  # grpc_errors records into stats
         key_file = self.config.server.api_key_file
         self._keys = ApiKeys.load(key_file) if key_file else None
+        # Per replica: with N ingress replicas a tenant may send N times its limits in all.
+        self._tenant_limits = TenantLimits.from_config(self.config, record=self.stats.record)
         clients = stage_clients(models, self.config.server.stage_transport)
         self._path = StagePath(clients, self.config, self.stats)
         # Bound so that Serve deploys the JobWorker; jobs reach it through Redis, not calls.
@@ -71,8 +76,12 @@ class PipelineIngress:
                             self.config.http.image_ttl_s)  # fmt: skip
         self._http = HttpApi(self._path, keys=self._keys, images=images, stats=self.stats,
                              admitted=self._admitted, draining=lambda: self._draining,
-                             error_status=status_name)  # fmt: skip
+                             error_status=status_name, healthy=self.serving)  # fmt: skip
         self._draining = False
+        self._health = front_door.Health(StageHealth(clients), lambda: self._draining)
+        self._front_door = None
+        if self.config.server.front_door == "sdserve":
+            self._front_door = await front_door.start(self, self._health, self.config)
         loop = asyncio.get_running_loop()
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
         self._poller = None
@@ -99,12 +108,17 @@ class PipelineIngress:
                 await asyncio.sleep(1.0)
             await asyncio.sleep(every_s)
 
-    def _admitted(self, params, deadline: float | None):
-        """Load shedding: admits the request for the block, or RESOURCE_EXHAUSTED at once."""
+    @contextlib.contextmanager
+    def _admitted(self, params, deadline: float | None, tenant: str = ""):
+        """The tenant's limits, then load shedding: admits the request for the block, or
+        RESOURCE_EXHAUSTED at once (with a retry-after hint)."""
         admission = self._admission.get(params.model)
-        if admission is None:
-            return contextlib.nullcontext()
-        return admission.admitted(params, deadline)
+        with self._tenant_limits.admitted(tenant):
+            if admission is None:
+                yield
+                return
+            with admission.admitted(params, deadline):
+                yield
 
     async def _poll_queue(self, every_s: float = 5.0) -> None:
         """Records the queue depth per priority, and whether Redis answers."""
@@ -116,6 +130,17 @@ class PipelineIngress:
             except Exception:  # a metric must never take the ingress down
                 logger.exception("polling the job queue's length failed")
             await asyncio.sleep(every_s)
+
+    async def __del__(self) -> None:
+        """Serve stops the replica: the front door refuses new calls and gives running ones a
+        few seconds (Serve's own graceful shutdown waits for them before this)."""
+        if self._front_door is not None:
+            await self._front_door.stop(grace=5.0)
+
+    async def serving(self) -> bool:
+        """Whether every stage of every model answers and the server is not draining (what
+        `sdserve serve` waits for at start-up, through Serve rather than the gRPC port)."""
+        return await self._health.status("") == front_door.SERVING
 
     def _drain(self) -> None:
         """`sdserve serve` is shutting down (server.drain): refuse new work from now on."""
@@ -151,11 +176,11 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> diffusion_pb2.GenerateResponse:
         """DiffusionService.Generate."""
-        self._tenant(grpc_context)
+        tenant = self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(fields_from_pb(request))
-        deadline = _ray.request_deadline(grpc_context)
-        with self._admitted(params, deadline):
+        deadline = _deadline(grpc_context)
+        with self._admitted(params, deadline, tenant):
             async for event in self._path.run(params, request_id=_ray.current_request_id(),
                                               deadline=deadline):  # fmt: skip
                 if isinstance(event, Result):
@@ -167,11 +192,11 @@ class PipelineIngress:
         self, request: diffusion_pb2.GenerateRequest, grpc_context
     ) -> AsyncIterator[diffusion_pb2.GenerateEvent]:
         """DiffusionService.GenerateStream: queued, progress (+ previews), result."""
-        self._tenant(grpc_context)
+        tenant = self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(fields_from_pb(request))
-        deadline = _ray.request_deadline(grpc_context)
-        with self._admitted(params, deadline):
+        deadline = _deadline(grpc_context)
+        with self._admitted(params, deadline, tenant):
             async for event in self._path.run(
                 params,
                 request_id=_ray.current_request_id(),
@@ -259,14 +284,22 @@ class PipelineIngress:
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context
     ) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: SERVING once the Denoiser answers, NOT_SERVING while
-        draining."""
-        if request.service not in ("", SERVICE_NAME):
+        """grpc.health.v1.Health/Check through Serve's gRPC proxy (`front_door.Health` on the
+        own front door, which also has Watch): SERVING while every stage answers."""
+        status = await self._health.status(request.service)
+        if status == front_door.SERVICE_UNKNOWN:
             raise NotFound(f"unknown service {request.service!r}")
-        if self._draining:
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._path.models()  # every model's Denoiser answers
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+def _deadline(grpc_context) -> float | None:
+    """The client's deadline (seconds since the epoch), or None: the call's own on the front
+    door, or what `_ray.add_diffusion_service` captured in Serve's gRPC proxy."""
+    if not _ray.from_serve_proxy(grpc_context):
+        remaining = grpc_context.time_remaining()
+        has_deadline = remaining is not None and remaining < 10 * 365 * 86400
+        return time.time() + remaining if has_deadline else None
+    return _ray.request_deadline(grpc_context)
 
 
 def _job_id(request: diffusion_pb2.GetJobRequest) -> str:

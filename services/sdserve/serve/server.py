@@ -86,9 +86,11 @@ def metrics_endpoints() -> list[str]:
 
 
 def deploy(config: SdserveConfig) -> None:
-    """Starts Serve's proxies (gRPC on `server.grpc_port`) and deploys the application.
+    """Starts Serve's proxies and deploys the application; the public gRPC port is served by
+    each ingress replica's own front door (`serve/front_door.py`), or with `server.front_door:
+    serve-proxy` by Serve's gRPC proxy.
 
-    Returns once every deployment is running.
+    Returns once every deployment is running (every ingress replica's front door listens).
     """
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -96,6 +98,7 @@ def deploy(config: SdserveConfig) -> None:
     from sdserve.serve._ray import set_draining
     from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS, build_app
 
+    proxied = config.server.front_door == "serve-proxy"
     serve.start(
         proxy_location=config.server.proxy_location,
         http_options=HTTPOptions(
@@ -104,8 +107,10 @@ def deploy(config: SdserveConfig) -> None:
             ssl_keyfile=config.server.ssl_keyfile,
             ssl_certfile=config.server.ssl_certfile,
         ),
+        # Without servicer functions Serve starts no gRPC proxy: the port is the front door's.
         grpc_options=gRPCOptions(
-            port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS
+            port=config.server.grpc_port,
+            grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS if proxied else [],
         ),
     )
     set_draining(config.server.app_name, False)  # a flag left by an earlier run of this app
@@ -139,8 +144,23 @@ def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -
         time.sleep(poll_s)
 
 
+def wait_serving(config: SdserveConfig, timeout_s: float = 300.0) -> None:
+    """Waits until the application says every stage of every model answers (the health that
+    gRPC's Check reports), asking an ingress replica through Serve: no client certificate or
+    trusted CA is needed when the gRPC port speaks TLS."""
+    from ray import serve
+
+    handle = serve.get_app_handle(config.server.app_name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if handle.serving.remote().result(timeout_s=30):
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"sdserve's stages did not all answer within {timeout_s:.0f}s")
+
+
 def wait_healthy(target: str, timeout_s: float = 120.0) -> None:
-    """Polls grpc.health.v1.Health/Check on `target` until it answers SERVING."""
+    """Polls grpc.health.v1.Health/Check on plaintext `target` until it answers SERVING."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     with grpc.insecure_channel(target) as channel:
@@ -212,7 +232,7 @@ def serve_forever(config: SdserveConfig) -> None:
         )
         deploy(config)
         deployed = True
-        wait_healthy(target)
+        wait_serving(config)
         if stop.is_set():
             return
         if not config.server.ray_address:

@@ -10,6 +10,7 @@ torch work should (see `sdserve.stages.runtime.TorchThread`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from sdserve.config import ModelConfig, SdserveConfig
@@ -94,8 +95,10 @@ class InProcessStageClient(StageClient):
         return await self.denoiser.denoise(req)
 
     async def denoise_stream(self, req: Denoise) -> AsyncIterator[DenoiseEvent]:
-        async for event in self.denoiser.denoise_stream(req):
-            yield event
+        # Closed with this stream, not whenever it is collected: the engine frees the slot now.
+        async with contextlib.aclosing(self.denoiser.denoise_stream(req)) as events:
+            async for event in events:
+                yield event
 
     async def decode(self, req: Decode) -> tuple[bytes, ...]:
         return await self.vae_decoder.decode(req)

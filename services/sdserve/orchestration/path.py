@@ -10,10 +10,12 @@ tensor: embeddings and latents pass from one stage to the next in stage messages
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
 
 from sdserve.api.served_models import ServedModel
 from sdserve.api.types import (
@@ -47,6 +49,12 @@ from sdserve.stages.messages import (
 from sdserve.stats import RequestServed
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DENOISER_GRACE_S = 0.5
+"""How much longer than the deadline the Denoiser's call may take: the Denoiser is given the
+deadline and answers it itself (the request counted as expired, never decoded); the request
+path's own bound is for a Denoiser that does not answer at all."""
 
 
 class StagePath:
@@ -157,10 +165,16 @@ class StagePath:
         """Runs one request. With `stream` it yields Queued, a Progress per step (at most one
         every `progress_interval_s`, and always the last), a Preview every `preview_every`
         steps, then the Result; without, only the Result. Closing the iterator early cancels
-        the stage call in flight."""
+        the stage call in flight.
+
+        Every stage call is bounded by `deadline` (time.time(); None: `engine.max_request_s`
+        from now): one that has not answered by then is cancelled, and the request ends with
+        DeadlineExceeded."""
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         client = self.clients[params.model or self.default_model]
+        left = deadline - time.time() if deadline is not None else self.config.engine.max_request_s
+        within = _Within(asyncio.get_running_loop().time() + left, request_id)
         logger.info(
             "request %s: model %s, %dx%d, %d steps of %s, guidance %g, %d image(s), seed %d",
             request_id, params.model, params.width, params.height, params.steps,
@@ -171,8 +185,8 @@ class StagePath:
         #    input at the same time.
         _check(deadline, request_id, "before the text encoder")
         (embeddings, text_s), (init, image_s) = await asyncio.gather(
-            _timed(self._encode_text(client, params, request_id)),
-            _timed(self._encode_image(client, params, request_id)),
+            _timed(within(self._encode_text(client, params, request_id), "text encoder")),
+            _timed(within(self._encode_image(client, params, request_id), "VAE encoder")),
         )
 
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
@@ -185,7 +199,8 @@ class StagePath:
         )  # fmt: skip
         if stream:
             latents = None
-            async for event in self._denoise_events(client, denoise, started):
+            events = self._denoise_events(client, denoise, started)
+            async for event in within.each(events, "denoiser", DENOISER_GRACE_S):
                 if isinstance(event, Denoised):
                     latents = event.latents
                 else:
@@ -193,14 +208,14 @@ class StagePath:
             if latents is None:
                 raise Internal("the Denoiser's stream ended without latents")
         else:
-            latents = (await client.denoise(denoise)).latents
+            latents = (await within(client.denoise(denoise), "denoiser", DENOISER_GRACE_S)).latents
         denoise_s = time.perf_counter() - t
 
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
         _check(deadline, request_id, "before the VAE decoder")
         t = time.perf_counter()
         texts = tuple(params.png_parameters(s, params.model) for s in params.seeds)
-        pngs = await client.decode(Decode(request_id, latents, texts))
+        pngs = await within(client.decode(Decode(request_id, latents, texts)), "VAE decoder")
         vae_s = time.perf_counter() - t
 
         timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
@@ -252,6 +267,42 @@ class StagePath:
                 if event.preview_pngs:
                     yield Preview(step=event.step, pngs=event.preview_pngs)
             elif isinstance(event, Denoised):
+                yield event
+
+
+class _Within:
+    """Bounds a request's stage calls by its deadline (`ends_at`, on the event loop's clock):
+    a call that has not answered by then is cancelled (the Serve client then cancels the
+    stage's request: `cancel_on_exit`), and the request ends with DeadlineExceeded."""
+
+    def __init__(self, ends_at: float, request_id: str):
+        self.ends_at = ends_at
+        self.request_id = request_id
+
+    async def __call__(self, awaitable: Awaitable[T], stage: str, grace_s: float = 0.0) -> T:
+        """`await awaitable`, or DeadlineExceeded `grace_s` after the deadline."""
+        timeout = asyncio.timeout_at(self.ends_at + grace_s)
+        try:
+            async with timeout:
+                return await awaitable
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the stage's own
+            raise DeadlineExceeded(f"request {self.request_id}: its deadline passed in the "
+                                   f"{stage}") from None  # fmt: skip
+
+    async def each(
+        self, events: AsyncGenerator[T, None], stage: str, grace_s: float = 0.0
+    ) -> AsyncIterator[T]:
+        """The events of a stream, each awaited within the deadline; the stream is closed
+        (its stage call cancelled) when this one is. The bound is around each wait, never
+        around a `yield`: a timeout must not fire while the consumer holds the event."""
+        async with contextlib.aclosing(events):
+            while True:
+                try:
+                    event = await self(anext(events), stage, grace_s)
+                except StopAsyncIteration:
+                    return
                 yield event
 
 

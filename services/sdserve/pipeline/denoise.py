@@ -13,6 +13,7 @@ LoRA adapters and scales (`Sample.loras`), applied to its rows only (`lora.rows`
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,10 +25,11 @@ import torch
 
 from sdserve.pipeline import lora, models
 from sdserve.pipeline.compiled import DEFAULT_BUCKETS, CompiledUNet, OnCompile
-from sdserve.pipeline.images import EncodedImage
+from sdserve.pipeline.images import EncodedImage, strength_timesteps
 from sdserve.pipeline.lora_layers import LoraLayers
 from sdserve.pipeline.precision import resolve_dtype
 from sdserve.pipeline.sample import Sample, make_sample
+from sdserve.pipeline.schedulers import make_scheduler
 from sdserve.pipeline.step import unet_step
 from sdserve.pipeline.text_time import TextTime, pooled_width, takes_text_time, time_ids
 from sdserve.pipeline.threads import set_threads
@@ -40,10 +42,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class DenoiseJob:
-    """One request: a list of images (samples) that share a prompt and settings."""
+    """One request: a list of images (samples) that share a prompt and settings.
+
+    Its samples hold the per-row tensors (initial noise, embeddings on the device); they are
+    made when the request joins the running batch (`admit`), not when it arrives: a Denoiser
+    may hold thousands of waiting requests, and only the running batch needs them. `shape`,
+    `images` and `total` are known before."""
 
     request_id: str
-    samples: list[Sample]
+    make_samples: Callable[[], list[Sample]]
+    """Makes the samples (once, on admission)."""
+    shape: tuple[int, ...]
+    """One image's latents, (1, C, h, w): requests of one shape share a forward."""
+    images: int
+    total: int
+    """Steps each image runs."""
     on_event: Callable[[object], None] = lambda event: None
     """Receives the engine's events (sdserve.pipeline.engine)."""
     deadline: float | None = None
@@ -52,18 +65,27 @@ class DenoiseJob:
     """Attach latents to every M-th Step event (0: never)."""
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: str | None = None
+    _samples: list[Sample] | None = field(default=None, repr=False)
+
+    def admit(self) -> None:
+        """Makes the samples, as the request joins the running batch."""
+        if self._samples is None:
+            self._samples = self.make_samples()
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.samples[0].latents.shape)
+    def samples(self) -> list[Sample]:
+        """Its images (made now if not yet admitted: `Denoiser.denoise` and tests)."""
+        self.admit()
+        return self._samples
 
     @property
-    def total(self) -> int:
-        return len(self.samples[0].timesteps)
+    def steps_done(self) -> int:
+        """Steps done (0 before admission)."""
+        return self._samples[0].index if self._samples else 0
 
     @property
     def done(self) -> bool:
-        return all(s.done for s in self.samples)
+        return self._samples is not None and all(s.done for s in self._samples)
 
 
 class Denoiser:
@@ -226,9 +248,10 @@ class Denoiser:
         loras: Sequence[tuple[LoraAdapter, float]] = (),
         **job_kwargs,
     ) -> DenoiseJob:
-        """Prepares a request's images (timesteps, initial noise, step kwargs) as diffusers
-        does, from an encoded init image (and mask) when given; `job_kwargs` go to
-        `DenoiseJob` (on_event, deadline, preview_every).
+        """A request's job, whose images (timesteps, initial noise, step kwargs) are prepared
+        as diffusers does when the engine admits it (`DenoiseJob.admit`), from an encoded
+        init image (and mask) when given; `job_kwargs` go to `DenoiseJob` (on_event,
+        deadline, preview_every).
 
         `cond` is the prompt's embeddings, shape (1, seq_len, hidden); `uncond` the negative
         prompt's, or None when guidance_scale <= 1. Image i starts from its own
@@ -249,33 +272,39 @@ class Denoiser:
             raise ValueError("guidance_scale > 1 needs the negative-prompt embeddings")
         text_time = TextTime.for_unet(self.unet, pooled, uncond_pooled, guided=guided,
                                       width=width, height=height)  # fmt: skip
-        cond = cond.to(self.device, self.dtype)
-        uncond = uncond.to(self.device, self.dtype) if guided else None
         for adapter, _ in loras:  # wraps its layers now, so that a misfit fails this request
             LoraLayers.of(self.unet).install(adapter)
-        samples = [
-            make_sample(
-                cond=cond,
-                uncond=uncond,
-                guidance_scale=guidance_scale,
-                scheduler_name=scheduler,
-                scheduler_config=self.scheduler_config,
-                steps=steps,
-                seed=seed,
-                latent_shape=self.latent_shape(width, height),
-                device=self.device,
-                dtype=self.dtype,
-                init=init,
-                strength=strength,
-                inpainting_unet=self.inpainting,
-                guidance_stop=guidance_stop,
-                cache_interval=cache_interval,
-                cache_levels=cache_levels,
-                text_time=text_time,
-                loras=loras,
-            )
-            for seed in seeds
-        ]
-        job = DenoiseJob(request_id=request_id, samples=samples, **job_kwargs)
+        latent_shape = self.latent_shape(width, height)
+        make_samples = functools.partial(
+            self._samples, cond, uncond if guided else None, tuple(seeds),
+            guidance_scale=guidance_scale, scheduler_name=scheduler, steps=steps,
+            latent_shape=latent_shape, init=init, strength=strength, guidance_stop=guidance_stop,
+            cache_interval=cache_interval, cache_levels=cache_levels, text_time=text_time,
+            loras=loras,
+        )  # fmt: skip
+        total = self._steps_run(scheduler, steps, strength if init is not None else None)
+        job = DenoiseJob(request_id, make_samples, (1, *latent_shape), len(seeds), total,
+                         **job_kwargs)  # fmt: skip
         lora.hold_while_alive(job, loras)  # the cache keeps its adapters while it lives
         return job
+
+    def _samples(self, cond: torch.Tensor, uncond: torch.Tensor | None, seeds: Sequence[int],
+                 **sample_kwargs) -> list[Sample]:  # fmt: skip
+        """A request's images (`sample.make_sample`), one per seed, its embeddings moved to
+        the U-Net's device and dtype: when the engine admits it."""
+        cond = cond.to(self.device, self.dtype)
+        uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
+        return [
+            make_sample(cond=cond, uncond=uncond, seed=seed, scheduler_config=self.scheduler_config,
+                        device=self.device, dtype=self.dtype, inpainting_unet=self.inpainting,
+                        **sample_kwargs)
+            for seed in seeds
+        ]  # fmt: skip
+
+    def _steps_run(self, scheduler: str, steps: int, strength: float | None) -> int:
+        """Steps an image runs (its scheduler's timesteps, cut by an image input's
+        `strength`), from a scheduler of its own on the CPU: no tensor of the request's."""
+        probe = make_scheduler(scheduler, self.scheduler_config)
+        probe.set_timesteps(steps)
+        return len(probe.timesteps if strength is None
+                   else strength_timesteps(probe, steps, strength))  # fmt: skip

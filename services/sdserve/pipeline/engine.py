@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdserve.errors import Unavailable
 from sdserve.pipeline.denoise import DenoiseJob
 from sdserve.pipeline.step import FullForward, unet_step
 from sdserve.pipeline.threads import set_threads
@@ -140,11 +141,17 @@ class DenoiseEngine:
 
     # -- called from any thread ---------------------------------------------------------------
     def submit(self, job: DenoiseJob) -> None:
+        """Queues a request; a stopped engine fails it at once (UNAVAILABLE)."""
         with self._lock:
-            position = len(self._waiting)
-            self._waiting.append(job)
-            self._schedule()
-        self._emit(job, Queued(position=position))
+            stopping = self._stopping
+            if not stopping:
+                position = len(self._waiting)
+                self._waiting.append(job)
+                self._schedule()
+        if stopping:
+            self._emit(job, Failed(error=Unavailable("the Denoiser engine is stopping")))
+        else:
+            self._emit(job, Queued(position=position))
 
     def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
         """Marks a request cancelled; it leaves the batch at the next step boundary."""
@@ -157,8 +164,7 @@ class DenoiseEngine:
     def work_ahead(self) -> int:
         """Image-steps left of every request waiting or running (one per image per step)."""
         with self._lock:
-            return sum(len(job.samples) * (job.total - job.samples[0].index)
-                       for job in self._jobs())  # fmt: skip
+            return sum(job.images * (job.total - job.steps_done) for job in self._jobs())
 
     def counts(self) -> tuple[int, int]:
         """(waiting requests, running requests)."""
@@ -175,12 +181,16 @@ class DenoiseEngine:
             self._schedule()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Runs no further iteration; waits up to `timeout_s` for the one in progress."""
+        """Runs no further iteration; waits up to `timeout_s` for the one in progress, then
+        fails every request still held, waiting or running, with UNAVAILABLE (their callers
+        may retry elsewhere), so that none is left unanswered."""
         with self._lock:
             self._stopping = True
             scheduled = self._scheduled
         if scheduled is not None:
             wait([scheduled], timeout_s)
+        for job in self._take_everything():
+            self._emit(job, Failed(error=Unavailable("the Denoiser engine stopped")))
 
     def _schedule(self) -> None:
         """Submits the next iteration if there is work and none is pending. Hold the lock."""
@@ -201,7 +211,8 @@ class DenoiseEngine:
             self.step()
         except Exception as exc:  # a bug in the loop itself: fail what it holds, keep serving
             logger.exception("denoise engine iteration failed; failing every pending request")
-            self._fail_everything(exc)
+            for job in self._take_everything():
+                self._emit(job, Failed(error=exc))
         finally:
             with self._lock:
                 self._scheduled = None
@@ -230,11 +241,11 @@ class DenoiseEngine:
             if shape in blocked:
                 continue  # keep arrival order within a bucket
             bucket = self._running.setdefault(shape, [])
-            images = sum(len(j.samples) for j in bucket)
+            images = sum(j.images for j in bucket)
             if self.strategy == "request" and bucket and not any(j in admitted for j in bucket):
                 blocked.add(shape)  # whole-request batching: wait for the batch to finish
                 continue
-            if bucket and images + len(job.samples) > self.max_batch_size:
+            if bucket and images + job.images > self.max_batch_size:
                 blocked.add(shape)
                 continue
             bucket.append(job)
@@ -263,8 +274,8 @@ class DenoiseEngine:
             running = sum(len(j) for j in self._running.values())
         for job in dropped:
             self._emit(job, Cancelled(reason=job.cancelled or "cancelled"))
-        for job in admitted:
-            self._emit(job, Started(wait_s=now - job.submitted_at))
+        unprepared = [job for job in admitted if not self._start(job, now)]
+        jobs = [job for job in jobs if job not in unprepared]
         if not jobs:
             return None
 
@@ -294,8 +305,25 @@ class DenoiseEngine:
         )
         self._report(shape, jobs)
         if self.on_stats is not None:
-            self.on_stats(stats)
+            try:
+                self.on_stats(stats)
+            except Exception:  # statistics never cost a request its step
+                logger.exception("recording the stats of a U-Net step failed")
         return stats
+
+    def _start(self, job: DenoiseJob, now: float) -> bool:
+        """Makes an admitted job's samples (its noise and per-row tensors: only now that it
+        runs) and tells it; a job whose samples cannot be made fails alone. Whether it runs."""
+        try:
+            job.admit()
+        except Exception as exc:
+            logger.exception("preparing the images of %s failed", job.request_id)
+            with self._lock:
+                self._running[job.shape].remove(job)
+            self._emit(job, Failed(error=exc))
+            return False
+        self._emit(job, Started(wait_s=now - job.submitted_at))
+        return True
 
     def _padded(self, rows: int) -> int:
         """The rows a forward of `rows` computes: its bucket when compiled."""
@@ -331,14 +359,18 @@ class DenoiseEngine:
             self._emit(job, Finished(latents=torch.cat([s.latents for s in job.samples])))
 
     def _emit(self, job: DenoiseJob, event: Event) -> None:
-        """Hands a request its event. A callback that raises loses its own request (dropped at
-        the next step boundary), never another's."""
+        """Hands a request its event. A callback that raises loses its own request, never
+        another's: dropped at the next step boundary, or, when the event was its last
+        (Finished, Cancelled), failed with the callback's error, so that its caller still
+        gets an answer."""
         try:
             job.on_event(event)
-        except Exception:
+        except Exception as exc:
             logger.exception("event callback of %s failed; dropping it", job.request_id)
             if not isinstance(event, Finished | Cancelled | Failed):
                 job.cancelled = "its event callback failed"
+            elif not isinstance(event, Failed):
+                self._emit(job, Failed(error=exc))
 
     def _fail_forward(self, shape: tuple[int, ...], jobs: list[DenoiseJob], exc: Exception) -> None:
         """A U-Net forward raised: the requests in it fail (the others go on). Out of memory
@@ -352,14 +384,14 @@ class DenoiseEngine:
         for job in jobs:
             self._emit(job, Failed(error=exc))
 
-    def _fail_everything(self, exc: Exception) -> None:
+    def _take_everything(self) -> list[DenoiseJob]:
+        """Empties the engine: every request it held, waiting or running."""
         with self._lock:
             jobs = list(self._jobs())
             self._waiting.clear()
             self._running.clear()
             self._turns.clear()
-        for job in jobs:
-            self._emit(job, Failed(error=exc))
+        return jobs
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

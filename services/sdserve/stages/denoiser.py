@@ -5,10 +5,13 @@ steps of every request the service holds (step-level batching). The engine's ste
 on the service's torch thread, and so is every other piece of torch work: preparing a request
 (its schedulers, generators and initial noise), previews, and the final latents' copy to the
 CPU. Engine events become stage messages (`sdserve.stages.messages`) on that thread and are
-handed to the caller's event loop, which only awaits (and PNG-encodes previews).
+handed to the caller's event loop, which only awaits; previews are PNG-encoded on a worker
+thread (an encoding is milliseconds the loop's other requests would wait).
 
 When the caller stops waiting (the client cancelled, or its deadline passed), the request is
-cancelled in the engine: it leaves the batch at the next step and is never decoded.
+cancelled in the engine: it leaves the batch at the next step and is never decoded. Every
+request ends: the wait for the engine is bounded by the request's deadline (or
+`engine.max_request_s`), and closing the service fails what its engine holds (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from sdserve.config import EngineConfig, ModelConfig, SdserveConfig
-from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted
+from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.compiled import resolve_mode, resolve_shapes
@@ -48,6 +51,11 @@ from sdserve.stages.tensors import returned, unpack, unpack_optional
 from sdserve.stats import RequestAdmitted, RequestEnded, UNetCompiled
 
 logger = logging.getLogger(__name__)
+
+ENGINE_GRACE_S = 0.25
+"""How much longer than a request's deadline its wait for the engine lasts: the engine drops a
+request at its deadline itself (at a step boundary, counted as expired); this bound is for an
+engine that does not answer at all."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class DenoiserService:
         self.stats = stats
         self.torch = torch_thread
         self.strategy = engine.batching
+        self.max_request_s = engine.max_request_s
+        """How long a request without a deadline may wait for the engine's answer."""
         self.cache_levels = engine.deepcache_levels
         if self.cache_levels >= len(denoiser.unet.down_blocks):
             raise ValueError(f"engine.deepcache_levels must be below the U-Net's "
@@ -116,7 +126,7 @@ class DenoiserService:
         return service
 
     def close(self) -> None:
-        """Stops the engine (requests still in it get no answer)."""
+        """Stops the engine: requests still in it end with UNAVAILABLE."""
         self.engine.stop(timeout_s=1)
 
     # -- the stage's calls ---------------------------------------------------------------------
@@ -150,7 +160,7 @@ class DenoiserService:
     def stats_message(self) -> DenoiserStats:
         """The engine's counters since the service started (`StatsLogger.denoiser`), and its
         load now."""
-        c = self.stats.denoiser
+        c = self.stats.denoiser_counters()
         waiting, running = self.engine.counts()
         return DenoiserStats(
             waiting=waiting,
@@ -176,10 +186,14 @@ class DenoiserService:
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
     async def _events(self, req: Denoise, progress: bool) -> AsyncIterator[DenoiseEvent]:
         """Submits the request and yields its events until it ends; without `progress`, only
-        the final one (no per-step wake-ups of the event loop)."""
+        the final one (no per-step wake-ups of the event loop). Raises DeadlineExceeded when
+        the engine has not answered by the request's deadline (`timeout_s`, or without one
+        `engine.max_request_s`)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job_id = f"{req.request_id or 'anonymous'}/{uuid.uuid4().hex[:8]}"
+        limit_s = req.timeout_s + ENGINE_GRACE_S if req.timeout_s > 0 else self.max_request_s
+        ends_at = loop.time() + limit_s
         last_step_sent = float("-inf")
 
         def on_event(event: eng.Event) -> None:  # torch thread
@@ -196,14 +210,15 @@ class DenoiserService:
         prepared = self.torch.submit(self._prepare, req, job_id, on_event)
         ended = False
         try:
-            await asyncio.wrap_future(prepared)
+            await _before(ends_at, asyncio.wrap_future(prepared), req.request_id)
             while not ended:
-                item = await queue.get()
+                item = await _before(ends_at, queue.get(), req.request_id)
                 if isinstance(item, BaseException):
                     ended = True
                     raise item
                 if isinstance(item, _WithPreview):
-                    item = replace(item.event, preview_pngs=tuple(map(to_png, item.pixels)))
+                    pngs = await asyncio.to_thread(_pngs, item.pixels)
+                    item = replace(item.event, preview_pngs=pngs)
                 ended = isinstance(item, Denoised)
                 yield item
         finally:
@@ -239,6 +254,14 @@ class DenoiserService:
         self.engine.submit(job)
 
     def _record(self, event: eng.Event) -> None:
+        """Torch thread: the stats of a request's event. Never raises: a failure to record
+        costs the request nothing."""
+        try:
+            self._record_stats(event)
+        except Exception:
+            logger.exception("recording the stats of a Denoiser event failed")
+
+    def _record_stats(self, event: eng.Event) -> None:
         if isinstance(event, eng.Started):
             self.stats.record(RequestAdmitted(wait_s=event.wait_s))
         outcome = {eng.Finished: "finished", eng.Cancelled: "cancelled", eng.Failed: "failed"}
@@ -256,6 +279,8 @@ class DenoiserService:
         if isinstance(event, eng.Cancelled):
             return DeadlineExceeded(f"request {req.request_id}: {event.reason}")
         if isinstance(event, eng.Failed):
+            if isinstance(event.error, Unavailable):  # the engine stopped: retry elsewhere
+                return Unavailable(f"request {req.request_id}: {event.error}")
             if eng.is_out_of_memory(event.error):
                 error = ResourceExhausted(
                     f"request {req.request_id}: out of memory in its U-Net "
@@ -311,6 +336,24 @@ def compile_unet(denoiser: Denoiser, engine: EngineConfig, stats: StatsLogger,
     )
     logger.info("compiled the U-Net of model %s in %.1fs", model, seconds)
     return plan
+
+
+async def _before(ends_at: float, awaitable, request_id: str):
+    """`await awaitable`, or DeadlineExceeded once the loop's clock reaches `ends_at`."""
+    timeout = asyncio.timeout_at(ends_at)
+    try:
+        async with timeout:
+            return await awaitable
+    except TimeoutError:
+        if not timeout.expired():
+            raise
+        raise DeadlineExceeded(f"request {request_id}: the Denoiser's engine did not answer "
+                               "before the request's deadline") from None  # fmt: skip
+
+
+def _pngs(pixels: np.ndarray) -> tuple[bytes, ...]:
+    """The PNGs of preview pixels, (num_images, height, width, 3) uint8 (a worker thread)."""
+    return tuple(map(to_png, pixels))
 
 
 def _encoded_image(init: ImageEncoding | None) -> EncodedImage | None:

@@ -40,10 +40,13 @@ def certs(tmp_path_factory) -> Certs:
     return write_certs(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture(autouse=True)
-def trust_the_test_ca(certs, monkeypatch):
-    """The CLI and the Python client take the CA from $SDSERVE_TLS_CA, as a user's would."""
-    monkeypatch.setenv("SDSERVE_TLS_CA", str(certs.ca))
+@pytest.fixture(scope="session", autouse=True)
+def trust_the_test_ca(certs):
+    """The CLI and the Python client take the CA from $SDSERVE_TLS_CA, as a user's would
+    (session-wide, for module-scoped clients too; the integration tests run last)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDSERVE_TLS_CA", str(certs.ca))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +74,13 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
             for i, (name, path) in enumerate(zip(SERVED_MODELS, paths, strict=True))
         ],
         engine=EngineConfig(compile="off"),
-        server=ServerConfig(grpc_port=free_port(), http_port=free_port(), api_key_file=str(keys),
-                            tls_cert=str(certs.server_cert), tls_key=str(certs.server_key)),
+        server=ServerConfig(
+            grpc_port=free_port(),
+            http_port=free_port(),
+            api_key_file=str(keys),
+            tls_cert=str(certs.server_cert),
+            tls_key=str(certs.server_key),
+        ),
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick; every step
         # recorded, so that tests can catch a job mid-way (the 0.25 s default is unit-tested).
@@ -89,7 +97,9 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
         sdserve_server.wait_serving(config, timeout_s=300)  # 13 deployments on 2 busy cores
         yield Server(target=target, config=config, certs=certs)
     finally:
-        sdserve_server.shutdown()
+        import ray
+
+        ray.shutdown()  # the whole local cluster at once: no graceful stop of each replica
 
 
 @pytest.fixture(scope="session")

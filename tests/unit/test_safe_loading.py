@@ -53,6 +53,20 @@ def test_allow_pickle_loads_it(pickled_model, tiny_model):
         assert torch.equal(a, b), name
 
 
+def test_the_models_config_entry_decides_what_a_stage_loads(pickled_model):
+    """`allow_pickle` in a served model's config entry reaches its stages (`load_stage`)."""
+    from sdserve.config import ModelConfig
+    from sdserve.metrics import StatsLogger
+    from sdserve.stages.runtime import load_stage
+
+    entry = dict(name="pickled", path=str(pickled_model), device="cpu", dtype="float32")
+    with pytest.raises(ModelFolderError, match="allow_pickle"):
+        load_stage(Denoiser, ModelConfig(**entry), "denoiser", StatsLogger())
+    loaded = load_stage(Denoiser, ModelConfig(**entry, allow_pickle=True), "denoiser",
+                        StatsLogger())  # fmt: skip
+    assert loaded.unet is not None
+
+
 def test_every_from_pretrained_asks_for_safetensors(tiny_model, monkeypatch):
     """diffusers and transformers fall back to a `.bin` beside (or instead of) the safetensors
     file unless told not to."""

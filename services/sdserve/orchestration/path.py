@@ -28,7 +28,7 @@ from sdserve.api.types import (
     Result,
     Timings,
 )
-from sdserve.api.validate import validate_fields
+from sdserve.api.validate import validate_fields_async
 from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
@@ -133,7 +133,7 @@ class StagePath:
         against the limits and against the model it names. Raises InvalidArgument."""
         model = self._model(fields.model)
         info = await self.denoiser_info(model)
-        params = validate_fields(
+        params = await validate_fields_async(
             fields,
             limits=self.config.limits,
             defaults=self._defaults(model),

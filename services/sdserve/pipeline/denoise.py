@@ -91,11 +91,14 @@ class DenoiseJob:
 class Denoiser:
     """Loads `unet/` and `scheduler/` (and reads `vae/config.json` for the latent scale)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-        root = models.check_model_dir(model_dir, ("unet", "scheduler"))
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", *,
+                 allow_pickle: bool = False):  # fmt: skip
+        root = models.check_model_dir(model_dir, ("unet", "scheduler"), allow_pickle=allow_pickle)
         device_ = models.resolve_device(device)
         self._set_parts(
-            models.load_unet(root, device_, resolve_dtype(dtype, device_)),
+            models.load_unet(
+                root, device_, resolve_dtype(dtype, device_), allow_pickle=allow_pickle
+            ),  # fmt: skip
             models.load_scheduler_config(root),
             models.vae_scale_factor(models.read_config(root, "vae")),
             models.model_family(root),

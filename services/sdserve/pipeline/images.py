@@ -54,11 +54,12 @@ def open_rgb(data: bytes) -> Image.Image:
 class VaeEncoder:
     """Loads `vae/` of a model folder and encodes image inputs."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-        root = models.check_model_dir(model_dir, ("vae",))
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", *,
+                 allow_pickle: bool = False):  # fmt: skip
+        root = models.check_model_dir(model_dir, ("vae",), allow_pickle=allow_pickle)
         self.device = models.resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self._set_vae(models.load_vae(root, self.device, self.dtype))
+        self._set_vae(models.load_vae(root, self.device, self.dtype, allow_pickle=allow_pickle))
 
     @classmethod
     def from_parts(cls, vae) -> VaeEncoder:

@@ -47,20 +47,25 @@ class TextEncoder:
     """Loads `tokenizer/` and `text_encoder/` of a model folder (and `tokenizer_2/` and
     `text_encoder_2/` of an SDXL folder)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-        root = models.check_model_dir(model_dir, ("tokenizer", "text_encoder"))
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", *,
+                 allow_pickle: bool = False):  # fmt: skip
+        root = models.check_model_dir(model_dir, ("tokenizer", "text_encoder"),
+                                      allow_pickle=allow_pickle)  # fmt: skip
         self.device = models.resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         second = None
         if models.model_family(root) == "sdxl":
-            models.check_model_dir(root, ("tokenizer_2", "text_encoder_2"))
+            models.check_model_dir(root, ("tokenizer_2", "text_encoder_2"),
+                                   allow_pickle=allow_pickle)  # fmt: skip
             second = (
                 models.load_tokenizer(root, "tokenizer_2"),
-                models.load_text_encoder(root, self.device, self.dtype, "text_encoder_2"),
+                models.load_text_encoder(
+                    root, self.device, self.dtype, "text_encoder_2", allow_pickle=allow_pickle
+                ),  # fmt: skip
             )
         self._set_parts(
             models.load_tokenizer(root),
-            models.load_text_encoder(root, self.device, self.dtype),
+            models.load_text_encoder(root, self.device, self.dtype, allow_pickle=allow_pickle),
             second,
             bool(models.read_index(root).get("force_zeros_for_empty_prompt", True)),
         )

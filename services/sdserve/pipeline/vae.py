@@ -26,10 +26,12 @@ from sdserve.pipeline.precision import resolve_dtype
 class VaeDecoder:
     """Loads `vae/` of a model folder."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-        root = models.check_model_dir(model_dir, ("vae",))
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", *,
+                 allow_pickle: bool = False):  # fmt: skip
+        root = models.check_model_dir(model_dir, ("vae",), allow_pickle=allow_pickle)
         self.device = models.resolve_device(device)
-        vae = models.load_vae(root, self.device, resolve_dtype(dtype, self.device))
+        vae = models.load_vae(root, self.device, resolve_dtype(dtype, self.device),
+                               allow_pickle=allow_pickle)  # fmt: skip
         if models.model_family(root) == "sdxl" and _needs_upcast(vae):
             vae = vae.to(torch.float32)  # diffusers' upcast: the same fp16 weights, in fp32
         self.vae, self.dtype = vae, vae.dtype

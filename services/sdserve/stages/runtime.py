@@ -118,7 +118,7 @@ def load_stage(stage_cls: type[T], model: ModelConfig, stage: str, stats: StatsL
     Records the load time, and on CUDA starts reporting the stage's GPU memory."""
     started = time.perf_counter()
     path = resolve_model_dir(model.path)
-    loaded = stage_cls(path, model.device, model.dtype)
+    loaded = stage_cls(path, model.device, model.dtype, allow_pickle=model.allow_pickle)
     seconds = time.perf_counter() - started
     stats.record(ModelLoaded(stage=stage, seconds=seconds))
     device = getattr(loaded, "device", None)

@@ -51,14 +51,16 @@ def _start(tiny_model, tmp_path, grpc_port, *extra: str, http_port: int | None =
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
-    _wait_for_line(proc, f"serving DiffusionService on 127.0.0.1:{grpc_port}", 180)
+    proc.lines = _wait_for_line(proc, f"serving DiffusionService on 127.0.0.1:{grpc_port}", 180)
     return proc
 
 
-def _stop(proc: subprocess.Popen, sig: int) -> None:
+def _stop(proc: subprocess.Popen, sig: int) -> list[str]:
+    """Stops it with `sig`; every line it printed."""
     proc.send_signal(sig)
     lines = _wait_for_line(proc, "sdserve stopped", 90)
     assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
+    return proc.lines + lines
 
 
 def _config(tmp_path, **jobs) -> str:
@@ -147,12 +149,17 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras
                 stub.SubmitJob(submit, timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "redis-server" in err.value.details() and redis.url in err.value.details()
-        _stop(proc, signal.SIGINT)
+        lines = _stop(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             kill_session(proc.pid)
         redis.stop()
     _assert_stopped(grpc_port)
+    # What a request did is in the log; the internal traffic (the ingress polls the Denoiser's
+    # load every 0.2 s, health probes every stage) is not.
+    assert sum("done in" in line for line in lines) >= 3, "".join(lines[-40:])
+    internal = [line for line in lines if "CALL Stats" in line or "CALL Info" in line]
+    assert internal == [], internal[:5]
 
 
 def test_jobs_survive_a_restart_of_the_whole_server(tiny_model, tmp_path, redis_server):

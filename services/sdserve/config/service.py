@@ -77,6 +77,10 @@ class ServerConfig(Strict):
     client's cancellation and deadline; sdserve/serve/front_door.py), or Ray Serve's gRPC proxy
     (plaintext, cancellation best effort)."""
 
+    serve_proxy_port: int | None = Field(None, ge=1, le=65535)
+    """With the own front door: Serve's gRPC proxy also serves the API on this port (plaintext;
+    for comparing the two, bench/bench_front_door.py). None: no proxy."""
+
     grpc_host: str | None = None
     """Address the front door binds on each node (None: `host`; `0.0.0.0` for every
     interface)."""
@@ -128,6 +132,11 @@ class ServerConfig(Strict):
         if self.tls_cert and self.front_door != "sdserve":
             raise ValueError("gRPC TLS needs server.front_door: sdserve (Serve's proxy has none)")
         return self
+
+    stage_access_log: bool = False
+    """Serve's access log line (`CALL Denoise OK 30ms`) for every call to a stage or job
+    worker replica: internal traffic, health probes and load polls included. Off, the logs
+    hold what each request did (the ingress's lines) and what went wrong."""
 
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads

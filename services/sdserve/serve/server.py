@@ -98,7 +98,8 @@ def deploy(config: SdserveConfig) -> None:
     from sdserve.serve._ray import set_draining
     from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS, build_app
 
-    proxied = config.server.front_door == "serve-proxy"
+    server = config.server
+    proxy_port = server.grpc_port if server.front_door == "serve-proxy" else server.serve_proxy_port
     serve.start(
         proxy_location=config.server.proxy_location,
         http_options=HTTPOptions(
@@ -109,8 +110,8 @@ def deploy(config: SdserveConfig) -> None:
         ),
         # Without servicer functions Serve starts no gRPC proxy: the port is the front door's.
         grpc_options=gRPCOptions(
-            port=config.server.grpc_port,
-            grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS if proxied else [],
+            port=proxy_port or server.grpc_port,
+            grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS if proxy_port else [],
         ),
     )
     set_draining(config.server.app_name, False)  # a flag left by an earlier run of this app

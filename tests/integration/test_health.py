@@ -19,6 +19,12 @@ def test_health_check_serving(channel):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_plaintext_client_cannot_call_the_tls_port(server):
+    with grpc.insecure_channel(server.target) as plaintext, pytest.raises(grpc.RpcError) as err:
+        health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_reflection_lists_the_services(channel):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,

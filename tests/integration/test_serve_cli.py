@@ -17,6 +17,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import RedisServer, free_port, kill_session
+from tls_certs import write_certs
 
 from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 
@@ -96,12 +97,16 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras
     SubmitJob answers RESOURCE_EXHAUSTED and creates nothing. With Redis gone, Generate still
     serves and the job RPCs answer UNAVAILABLE saying how to start one. The HTTP API answers over
     HTTPS (--ssl-keyfile/--ssl-certfile); --lora-dir points the model at an adapter folder.
-    SIGINT stops it all."""
+    Its gRPC API asks for mutual TLS (--tls-client-ca): a client without a certificate fails
+    at the handshake. SIGINT stops it all."""
     import httpx
 
     redis = RedisServer(tmp_path / "redis").start()
     grpc_port, http_port = free_port(), free_port()
     key, cert = _self_signed(tmp_path)
+    certs = write_certs(tmp_path / "tls")
+    mutual = ("--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+              "--tls-client-ca", str(certs.ca))  # fmt: skip
     config = _config(
         tmp_path,
         redis_url=redis.url,
@@ -110,7 +115,7 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras
     )
     lora_dir = tiny_loras["grain"].parent
     proc = _start(tiny_model, tmp_path, grpc_port, "--config", config, "--ssl-keyfile",
-                  str(key), "--ssl-certfile", str(cert), "--lora-dir", str(lora_dir),
+                  str(key), "--ssl-certfile", str(cert), "--lora-dir", str(lora_dir), *mutual,
                   http_port=http_port)  # fmt: skip
     try:
         https = httpx.get(f"https://127.0.0.1:{http_port}/healthz", verify=str(cert), timeout=30)
@@ -119,7 +124,16 @@ def test_api_only_server_full_queue_redis_down_and_sigint(tiny_model, tiny_loras
         reply = httpx.post(f"https://127.0.0.1:{http_port}/v1/images/generations", json=body,
                            verify=str(cert), timeout=60)  # fmt: skip
         assert reply.status_code == 200 and reply.json()["data"][0]["b64_json"]
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        target = f"127.0.0.1:{grpc_port}"
+        no_certificate = grpc.ssl_channel_credentials(certs.ca.read_bytes())
+        check = health_pb2.HealthCheckRequest()
+        with grpc.secure_channel(target, no_certificate) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                health_pb2_grpc.HealthStub(channel).Check(check, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake failed
+        client = grpc.ssl_channel_credentials(certs.ca.read_bytes(), certs.client_key.read_bytes(),
+                                              certs.client_cert.read_bytes())  # fmt: skip
+        with grpc.secure_channel(target, client) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=30
             )

@@ -206,3 +206,23 @@ def test_health_follows_the_stages_per_model_and_watch_sees_each_change():
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_a_message_over_the_limit_is_refused_before_the_servicer_sees_it():
+    async def main():
+        config = _config()
+        config = config.model_copy(update={"limits": config.limits.model_copy(
+            update={"max_message_bytes": 1024 * 1024})})  # fmt: skip
+        server, servicer = await _serve(config)
+        try:
+            async with grpc.aio.insecure_channel(_target(config)) as ch:
+                stub = diffusion_pb2_grpc.DiffusionServiceStub(ch)
+                huge = diffusion_pb2.GenerateRequest(init_image=b"\0" * (2 * 1024 * 1024))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Generate(huge, timeout=5)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert await _list_models(ch) == ["tiny"]  # it keeps serving
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())

@@ -74,7 +74,7 @@ class JobWorkerDeployment:
             logger.info("draining: waiting up to %.0fs for %d running job(s)", drain_s, running)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=drain_s)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        except TimeoutError:  # asyncio.wait_for raises the builtin one from Python 3.11
             logger.warning("drain time over: %d job(s) left to other workers",
                            self._worker.running)  # fmt: skip
             self._task.cancel()

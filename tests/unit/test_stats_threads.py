@@ -48,14 +48,14 @@ def test_the_drain_watch_survives_a_failing_read(monkeypatch):
     answers = iter([RuntimeError("the GCS did not answer"), False, True])
     reads = []
 
-    def is_draining(app_name):
+    async def is_draining_async(app_name):
         reads.append(app_name)
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
-    monkeypatch.setattr(_ray, "is_draining", is_draining)
+    monkeypatch.setattr(_ray, "is_draining_async", is_draining_async)
     drained = []
 
     watch = common.watch_drain("app", lambda: drained.append(1), every_s=0.01)

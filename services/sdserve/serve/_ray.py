@@ -56,6 +56,16 @@ def is_draining(app_name: str) -> bool:
     return bool(internal_kv._internal_kv_get(_drain_key(app_name)))
 
 
+async def is_draining_async(app_name: str, timeout_s: float = 5.0) -> bool:
+    """`is_draining` through the GCS client's asynchronous call, for an event loop."""
+    from ray.experimental import internal_kv
+
+    value = await internal_kv.global_gcs_client.async_internal_kv_get(
+        _drain_key(app_name).encode(), None, timeout=timeout_s
+    )
+    return bool(value)
+
+
 def ongoing_requests(app_name: str) -> int:
     """Requests running now in every live replica of the app, summed (from the driver)."""
     import ray

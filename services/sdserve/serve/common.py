@@ -58,12 +58,13 @@ def route_logs_to_serve() -> None:
 
 async def watch_drain(app_name: str, on_drain: Callable[[], None], every_s: float = 0.5) -> None:
     """Calls `on_drain()` once `sdserve serve` has set the app's drain flag (a replica's
-    background task). The KV read, a millisecond, is made on the event loop: one of Ray's KV
-    calls made from another thread of a replica hung here (commit 07e905e). A read that fails
-    is logged and the watch goes on, so that a drain set later is still seen."""
+    background task). The KV read is the GCS client's asynchronous one, so the event loop never
+    blocks on it (the blocking read made from another thread of a replica hung: commit
+    07e905e). A read that fails is logged and the watch goes on, so that a drain set later is
+    still seen."""
     while True:
         try:
-            if _ray.is_draining(app_name):
+            if await _ray.is_draining_async(app_name):
                 break
         except Exception:
             logger.warning("reading the drain flag of app %s failed; still watching", app_name,

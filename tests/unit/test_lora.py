@@ -382,3 +382,27 @@ def test_an_adapter_in_use_by_a_request_is_not_evicted(world):
     _run_engine(engine)  # the request has finished and left
     cache.get("third", lambda: _adapter("third", 8))
     assert "A" not in cache
+
+
+def test_a_request_naming_two_adapters_keeps_the_first_while_loading_the_second(tmp_path):
+    """Resolving a request's adapters holds each one as it is loaded: with room for one, the
+    second's load does not evict the first, so the next request naming the first gets it from
+    the cache instead of a second load."""
+    from sdserve.stages.loras import Adapters
+
+    for name in ("first", "second"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    loads = []
+
+    def load(path, name):
+        loads.append(name)
+        return _adapter(name, 1000)
+
+    adapters = Adapters(tmp_path, max_bytes=1500, load=load)
+    applied = adapters.resolve((("first", 1.0), ("second", 0.5)))
+    assert [a.name for a, _ in applied] == ["first", "second"]
+    assert adapters.cache.names() == ["first", "second"]  # over the bound while both were held
+    hold_while_alive(job := _Request(), applied)  # the request's job holds them from here
+    adapters.resolve((("first", 1.0),))
+    assert loads == ["first", "second"]
+    del job

@@ -12,7 +12,7 @@ from pathlib import Path
 from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.constants import resolve_model_dir
 from sdserve.errors import FailedPrecondition, InvalidArgument
-from sdserve.pipeline.lora import LoraAdapter, LoraCache
+from sdserve.pipeline.lora import LoraAdapter, LoraCache, hold_while_alive
 from sdserve.pipeline.lora_files import lora_dir, lora_files
 from sdserve.stages.messages import LoraFile, LoraScales
 
@@ -46,12 +46,16 @@ class Adapters:
             return ()
         files = self.files()
         out = []
+        resolving = _Resolving()  # holds each adapter until the caller holds them all
         for i, (name, scale) in enumerate(loras):
             path = files.get(name)
             if path is None:
                 raise InvalidArgument(f"loras[{i}].name", f"no adapter {name!r} in "
                                       f"{self.folder}")  # fmt: skip
-            out.append((self.cache.get(name, lambda p=path, n=name: self._read(p, n)), scale))
+            adapter = self.cache.get(name, lambda p=path, n=name: self._read(p, n))
+            # loading the next adapter of this request must not evict this one
+            hold_while_alive(resolving, [(adapter, scale)])
+            out.append((adapter, scale))
         return tuple(out)
 
     def _read(self, path: Path, name: str) -> LoraAdapter:
@@ -69,3 +73,7 @@ class Adapters:
         loaded = set(self.cache.names())
         return tuple(LoraFile(name=name, file_bytes=path.stat().st_size, loaded=name in loaded)
                      for name, path in self.files().items())  # fmt: skip
+
+
+class _Resolving:
+    """Owns a request's adapters while `Adapters.resolve` loads them (`hold_while_alive`)."""

@@ -256,3 +256,16 @@ def test_a_stage_that_never_answers_ends_the_request_at_its_deadline(path, stage
                               stream=stage == "denoise_stream"))  # fmt: skip
     assert time.monotonic() - started < 1.2
     assert client.cancelled == [stage]
+
+
+def test_a_stage_replica_lost_mid_call_ends_the_request_unavailable():
+    """A stage replica killed during a call (tests/chaos kills them under load) raises Ray's
+    actor errors in the ingress: the client sees UNAVAILABLE, which it may retry, not INTERNAL."""
+    import grpc
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from sdserve.serve.errors import status_for
+
+    for exc in (ActorUnavailableError("Actor is unavailable.", None), ActorDiedError()):
+        code, message = status_for(exc)
+        assert code == grpc.StatusCode.UNAVAILABLE and type(exc).__name__ in message

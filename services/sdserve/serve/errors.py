@@ -39,12 +39,17 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     """The gRPC status code and message a client sees for `exc`."""
     if isinstance(exc, SdserveError):
         return grpc.StatusCode[exc.code], str(exc)
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     if isinstance(exc, BackPressureError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is at capacity; retry later"
     if isinstance(exc, DeploymentUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, f"a stage is unavailable: {exc}"
+    if isinstance(exc, RayActorError):  # the stage replica died or is unreachable mid-call
+        return grpc.StatusCode.UNAVAILABLE, (
+            f"a stage replica was lost during the request ({type(exc).__name__}); retry"
+        )
     return (
         grpc.StatusCode.INTERNAL,
         f"internal error ({type(exc).__name__}); look for request {request_id} in the server logs",

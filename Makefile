@@ -11,7 +11,7 @@ OUT    ?= out/sdserve.png
 GRPC_PORT ?= 9000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install redis run serve test lint protos clean help
+.PHONY: install redis run serve test chaos lint protos clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ test: install  ## lint, check the layers, then run every test (starts its own Ra
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+chaos: install  ## the chaos test (3 minutes): SIGKILL stage replicas under load (SDSERVE_CHAOS_S=60 for a short one)
+	@bash deploy/install-tools.sh redis-server
+	$(BIN)/python -m pytest -m chaos tests/chaos -s
 
 lint: install  ## ruff check, format check and the import contracts (.importlinter)
 	$(BIN)/ruff check .

@@ -3,14 +3,18 @@
     .venv/bin/python bench/bench_front_door.py            # about 5 minutes
     .venv/bin/python bench/bench_front_door.py --quick    # about a minute: checks the script
 
-It starts `sdserve serve` on the tiny model (eager, no JobWorker) as a user does, one at a time
-on this machine: with the default front door (`server.front_door: sdserve`, a grpc.aio server in
-the ingress replica), then with `--front-door serve-proxy` (Ray Serve's gRPC proxy, one hop
-more), and without --quick again in the opposite order (proxy, own), so that drift on a shared
-machine hits both alike; each gets the same load. (Two servers at once on 2 cores measured
-nothing: the one measured first ran 50 times slower while the other settled.) Both have the
-same API keys and tenant limits: `tenants: {flood: {rate_per_s: 1, burst: 2}}`; tenant `calm`
-is not listed (unlimited).
+With `--target`/`--proxy-target` it measures a server already running instead (the test suite
+points it at its session server: `--tls-ca` for a TLS front door, `--calm-key`/`--flood-key`
+for its tenants, whose flood tenant must have the limits below).
+
+It starts one `sdserve serve` on the tiny model (eager, no JobWorker) as a user does, serving
+the API twice: on its default front door (`server.front_door: sdserve`, a grpc.aio server in the
+ingress replica) and through Ray Serve's gRPC proxy on a second port (`server.serve_proxy_port`,
+one hop more), so both doors reach the same replicas. Each gets the same load, in the order own,
+proxy (and without --quick again proxy, own, so that drift on a shared machine hits both
+alike). (Two servers at once on 2 cores measured nothing: the one measured first ran 50 times
+slower while the other settled.) API keys and tenant limits: `tenants: {flood: {rate_per_s: 1,
+burst: 2}}`; tenant `calm` is not listed (unlimited).
 
 single   sequential Generate calls (32x32, 4 steps), p50 latency (both servers' calls pooled);
 c16      a closed loop of 16 clients: images/s through each (the median of its servers' runs);
@@ -57,36 +61,49 @@ MIX = Mix(prompts=("a red circle on a blue background",), steps=(4,), schedulers
           widths=(32,), heights=(32,), guidances=(7.5,))  # fmt: skip
 
 
+CREDENTIALS: dict[str, grpc.ChannelCredentials] = {}
+"""TLS per target (a running server's TLS front door, `--tls-ca`); others are plaintext."""
+
+
 def metadata(tenant: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {KEYS[tenant]}"),)
 
 
-def write_config(folder: Path) -> tuple[Path, Path]:
-    """Both servers' config file (the tenants' limits, no JobWorker) and API key file."""
+def channel(target: str) -> grpc.aio.Channel:
+    credentials = CREDENTIALS.get(target)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, credentials)
+
+
+def write_config(folder: Path, proxy_port: int) -> tuple[Path, Path]:
+    """The server's config file (the tenants' limits, Serve's proxy on `proxy_port`, no
+    JobWorker) and API key file."""
     config, keys = folder / "sdserve.yaml", folder / "keys.txt"
     config.write_text(yaml.safe_dump({"tenants": TENANTS,
+                                      "server": {"serve_proxy_port": proxy_port},
                                       "stages": {"job_worker": {"num_replicas": 0}}}))  # fmt: skip
     keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in KEYS.items()))
     return config, keys
 
 
-def launch(model: Path, front_door: str, folder: Path) -> tuple[subprocess.Popen, str, Path]:
-    """Starts `sdserve serve` with `front_door` in its own session: (it, its gRPC target, its
+def launch(model: Path, folder: Path) -> tuple[subprocess.Popen, dict[str, str], Path]:
+    """Starts `sdserve serve` in its own session: (it, the gRPC target of each front door, its
     log)."""
-    config, keys = folder / "sdserve.yaml", folder / "keys.txt"
-    port = free_port()
-    log = folder / f"sdserve-{front_door}.log"
+    port, proxy_port = free_port(), free_port()
+    config, keys = write_config(folder, proxy_port)
+    log = folder / "sdserve.log"
     exe = Path(sys.executable).with_name("sdserve")
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(exe), "serve", "--model", str(model), "--grpc-port", str(port),
              "--http-port", str(free_port()), "--metrics-port", str(free_port()),
-             "--compile", "off", "--front-door", front_door, "--config", str(config),
-             "--api-key-file", str(keys)],
+             "--compile", "off", "--config", str(config), "--api-key-file", str(keys)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
-    return proc, f"127.0.0.1:{port}", log
+    targets = {"sdserve": f"127.0.0.1:{port}", "serve-proxy": f"127.0.0.1:{proxy_port}"}
+    return proc, targets, log
 
 
 def wait_serving(proc: subprocess.Popen, target: str, log: Path, timeout_s: float = 600) -> None:
@@ -120,8 +137,8 @@ def stop_servers(procs: list[subprocess.Popen]) -> None:
 
 async def single(target: str, n: int) -> list[float]:
     """`n` sequential Generate calls as tenant calm: their latencies."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+    async with channel(target) as ch:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(ch)
         latencies = []
         for i in range(n):
             started = time.perf_counter()
@@ -132,33 +149,39 @@ async def single(target: str, n: int) -> list[float]:
 
 async def c16(target: str, requests: int):
     return await run_loadtest(target, mix=MIX, concurrency=16, requests=requests, timeout_s=60,
-                              metadata=metadata("calm"))  # fmt: skip
+                              metadata=metadata("calm"),
+                              credentials=CREDENTIALS.get(target))  # fmt: skip
 
 
 def front_door_runs(model: Path, folder: Path, args) -> dict:
-    """One server at a time, the front doors in the order sdserve, serve-proxy (and back again
-    without --quick, so that drift hits both alike): single-request latency and c16 images/s
-    through each; the tenants on the first own front door's server."""
+    """One server, the front doors in the order sdserve, serve-proxy (and back again without
+    --quick, so that drift hits both alike): single-request latency and c16 images/s through
+    each; then the tenants on the own front door."""
+    if args.target:
+        return measure({"sdserve": args.target, "serve-proxy": args.proxy_target}, args)
+    started = time.monotonic()
+    proc, targets, log = launch(model, folder)
+    try:
+        wait_serving(proc, targets["sdserve"], log)
+        print(f"serving after {time.monotonic() - started:.0f} s", flush=True)
+        return measure(targets, args)
+    finally:
+        stop_servers([proc])
+
+
+def measure(targets: dict[str, str], args) -> dict:
+    """Each front door's single-request latency and c16 images/s, in turns; the tenants."""
     order = ("sdserve", "serve-proxy", *(() if args.quick else ("serve-proxy", "sdserve")))
     n_single, n_c16 = (6, 32) if args.quick else (40, 320)
-    write_config(folder)
     latencies: dict[str, list[float]] = {door: [] for door in order}
     loads: dict[str, list] = {door: [] for door in order}
     results: dict = {}
-    for i, door in enumerate(order):
-        started = time.monotonic()
-        proc, target, log = launch(model, door, folder)
-        try:
-            wait_serving(proc, target, log)
-            print(f"{door} ({i + 1}/{len(order)}): serving after "
-                  f"{time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
-            asyncio.run(c16(target, 16))  # warm-up: the first U-Net calls, the channels
-            latencies[door] += asyncio.run(single(target, n_single))
-            loads[door].append(asyncio.run(c16(target, n_c16)))
-            if door == "sdserve" and "tenants" not in results:
-                results["tenants"] = asyncio.run(tenants(target, args))
-        finally:
-            stop_servers([proc])
+    for door in ("sdserve", "serve-proxy"):  # warm-up: the first U-Net calls, the channels
+        asyncio.run(c16(targets[door], 16))
+    for door in order:
+        latencies[door] += asyncio.run(single(targets[door], n_single))
+        loads[door].append(asyncio.run(c16(targets[door], n_c16)))
+    results["tenants"] = asyncio.run(tenants(targets["sdserve"], args))
     for door in ("sdserve", "serve-proxy"):
         results[door] = {"single": _latency(latencies[door]), "c16": _throughput(loads[door])}
         print(f"{door}: single p50 {results[door]['single']['p50_s'] * 1e3:.1f} ms, "
@@ -182,8 +205,8 @@ async def flood(target: str, duration_s: float) -> dict:
     """Tenant flood at FLOOD_RATE/s for `duration_s`: its outcomes, and how many refusals
     carried a `retry-after-s` hint."""
     hints = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+    async with channel(target) as ch:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(ch)
 
         async def send(request: diffusion_pb2.GenerateRequest) -> int:
             try:
@@ -211,11 +234,12 @@ async def tenants(target: str, args) -> dict:
     alone, loaded, floods = [], [], []
     for _ in range(rounds):
         report = await run_loadtest(target, mix=MIX, concurrency=4, duration_s=seconds,
-                                    timeout_s=60, metadata=metadata("calm"))  # fmt: skip
+                                    timeout_s=60, metadata=metadata("calm"),
+                                    credentials=CREDENTIALS.get(target))  # fmt: skip
         alone.append(report)
         report, flooded = await asyncio.gather(
             run_loadtest(target, mix=MIX, concurrency=4, duration_s=seconds, timeout_s=60,
-                         metadata=metadata("calm")),
+                         metadata=metadata("calm"), credentials=CREDENTIALS.get(target)),
             flood(target, seconds),
         )  # fmt: skip
         loaded.append(report)
@@ -283,9 +307,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a handful of requests per point")
     parser.add_argument("--out", help="JSON (default bench/results/front-door.json)")
+    parser.add_argument("--target", help="a running sdserve's front door, HOST:PORT")
+    parser.add_argument("--proxy-target", help="the same server through Serve's gRPC proxy")
+    parser.add_argument("--tls-ca", help="the CA of --target's TLS certificate (PEM)")
+    parser.add_argument("--calm-key", help="--target's API key of an unlimited tenant")
+    parser.add_argument("--flood-key", help="--target's API key of a tenant limited as above")
     args = parser.parse_args()
+    if args.target:
+        KEYS.update(calm=args.calm_key, flood=args.flood_key)
+        if args.tls_ca:
+            ca = Path(args.tls_ca).read_bytes()
+            CREDENTIALS[args.target] = grpc.ssl_channel_credentials(ca)
     with tempfile.TemporaryDirectory(prefix="bench-front-door-") as tmp:
-        model = make_tiny_model(Path(tmp) / "tiny", seed=0)
+        model = None if args.target else make_tiny_model(Path(tmp) / "tiny", seed=0)
         results = front_door_runs(model, Path(tmp), args)
     text, ratios = table(results)
     print(text, flush=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from helpers import API_KEYS, free_port, with_metadata
+from helpers import API_KEYS, FLOOD, free_port, with_metadata
 from tls_certs import Certs, write_certs
 
 from sdserve.config import (
@@ -57,7 +57,8 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     from sdserve.serve import server as sdserve_server
 
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
-    keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items()))
+    keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items())
+                    + f"{FLOOD['key']} {FLOOD['tenant']}\n")  # fmt: skip
     paths = (str(tiny_model), None, str(tiny_sdxl_model))
     loras = str(tiny_loras["grain"].parent)  # the default model's adapters
     # The default model's Denoiser reserves a CPU (the shared default); the others reserve
@@ -80,7 +81,10 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
             api_key_file=str(keys),
             tls_cert=str(certs.server_cert),
             tls_key=str(certs.server_key),
+            # Serve's gRPC proxy beside the front door: test_front_door_bench.py compares them
+            serve_proxy_port=free_port(),
         ),
+        tenants={FLOOD["tenant"]: FLOOD["limits"]},
         stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
         # A short lease, so that taking over a killed worker's job is quick; every step
         # recorded, so that tests can catch a job mid-way (the 0.25 s default is unit-tested).

@@ -56,9 +56,9 @@ def test_serve_config_is_valid_for_ray_and_for_sdserve():
     assert app.import_path == "sdserve.serve.app:app_builder"
     config = SdserveConfig.model_validate(app.args)
     assert config.stages.denoiser.num_replicas >= 1
-    from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS
-
-    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    # The gRPC port is the own front door's: no Serve gRPC proxy claims it beside it.
+    assert "grpc_options" not in raw
+    assert config.server.front_door == "sdserve" and config.server.grpc_port == 9000
 
 
 def test_example_config_file_is_valid_and_matches_the_defaults():

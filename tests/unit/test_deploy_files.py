@@ -12,7 +12,6 @@ import yaml
 from helpers import REPO_ROOT
 
 from sdserve.config import SdserveConfig
-from sdserve.serve.app import GRPC_SERVICER_FUNCTIONS
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -67,8 +66,12 @@ def test_kuberay_rayservice_has_a_valid_inline_serve_config():
     raw = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = ServeDeploySchema.model_validate(raw).applications
     assert app.import_path == "sdserve.serve.app:app_builder"
-    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
     config = SdserveConfig.model_validate(app.args)
+    # The gRPC port is the own front door's, on the pod the ingress replicas and the proxies
+    # share; no Serve gRPC proxy claims it beside them.
+    assert "grpc_options" not in raw and raw["proxy_location"] == "HeadOnly"
+    assert config.server.front_door == "sdserve" and config.server.grpc_host == "0.0.0.0"
+    assert config.stages.ingress.resources == {"cpu_node": 1}
 
     # Every custom resource a stage asks for is one some node group offers.
     cluster = service["spec"]["rayClusterConfig"]

@@ -84,6 +84,10 @@ def add_server_options(serve) -> None:
     )  # fmt: skip
     serve.add_argument("--host", help="address of the local Ray node (default 127.0.0.1)")
     serve.add_argument(
+        "--grpc-host", metavar="ADDR",
+        help="the gRPC front door's address (default: --host; 0.0.0.0: all)",
+    )  # fmt: skip
+    serve.add_argument(
         "--address",
         metavar="ADDR",
         help="join an existing Ray cluster (ray://HOST:10001 or auto) instead of "
@@ -132,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             ("server", "ssl_certfile"): args.ssl_certfile,
             ("server", "ray_address"): args.address,
             ("server", "host"): args.host,
+            ("server", "grpc_host"): args.grpc_host,
             ("server", "tls_cert"): args.tls_cert,
             ("server", "tls_key"): args.tls_key,
             ("server", "tls_client_ca"): args.tls_client_ca,

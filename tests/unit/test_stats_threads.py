@@ -61,3 +61,21 @@ def test_the_drain_watch_survives_a_failing_read(monkeypatch):
     watch = common.watch_drain("app", lambda: drained.append(1), every_s=0.01)
     asyncio.run(asyncio.wait_for(watch, 1))
     assert drained == [1] and reads == ["app"] * 3
+
+
+def test_polled_calls_leave_the_access_log_and_request_calls_stay(caplog):
+    """Serve's access line of a polled method (the ingress's load polls, health probes) goes to
+    DEBUG; a request's stage call keeps its INFO line (its request id follows it across
+    replicas)."""
+    import logging
+
+    _ray.quiet_polls()
+    _ray.quiet_polls()  # once, however many replicas set up in this process
+    serves = logging.getLogger("ray.serve")
+    assert sum(isinstance(f, _ray._QuietPolls) for f in serves.filters) == 1
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        for line in ("CALL Stats OK 1.2ms", "CALL Info OK 0.8ms", "CALL Encode OK 4.1ms"):
+            serves.info(line, extra={"serve_access_log": True})
+        serves.info("CALL Stats is a word in an ordinary line")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "CALL Encode OK 4.1ms", "CALL Stats is a word in an ordinary line"]  # fmt: skip

@@ -133,11 +133,6 @@ class ServerConfig(Strict):
             raise ValueError("gRPC TLS needs server.front_door: sdserve (Serve's proxy has none)")
         return self
 
-    stage_access_log: bool = False
-    """Serve's access log line (`CALL Denoise OK 30ms`) for every call to a stage or job
-    worker replica: internal traffic, health probes and load polls included. Off, the logs
-    hold what each request did (the ingress's lines) and what went wrong."""
-
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Serve runs its gRPC/HTTP proxies: on every node (a load balancer in front spreads
     clients over them), or only on the head node (one public address)."""

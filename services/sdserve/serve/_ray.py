@@ -6,10 +6,35 @@ When upgrading Ray, this module is what to re-check.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+
+POLLED = frozenset({"Stats", "Info", "serving"})
+"""Deployment methods called on a timer, not for a request: the ingress's load polls (Stats),
+health probes (Info) and `sdserve serve`'s start-up wait (serving)."""
+
+
+class _QuietPolls(logging.Filter):
+    """Demotes Serve's access log line of a polled method ("CALL Stats OK 1.2ms", several a
+    second) to DEBUG, which Serve's handlers (at INFO) then leave out; a request's own calls
+    (Encode, DenoiseStream, Decode) keep their INFO line and its request id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "serve_access_log", False):  # Serve's marker on its access lines
+            words = record.getMessage().split(maxsplit=2)
+            if len(words) > 1 and words[1] in POLLED:
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_polls() -> None:
+    """Installs `_QuietPolls` on Serve's logger in this replica (once)."""
+    serves = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _QuietPolls) for f in serves.filters):
+        serves.addFilter(_QuietPolls())
 
 
 def current_request_id() -> str:

@@ -50,24 +50,19 @@ def build_app(config: SdserveConfig) -> Application:
     """Binds each served model's four stage deployments (placement from the model's own
     `stages`, else the shared `config.stages`), the job workers and the ingress."""
     tree = config.model_dump()
-    # Internal traffic (the ingress's load polls and health probes, every stage call of every
-    # request) stays out of the logs unless asked for: the ingress logs what each request did.
-    internal = {"logging_config": {"enable_access_log": config.server.stage_access_log}}
     models = {}
     for i, model in enumerate(config.served_models):
         bound = []
         for stage, deployment in STAGE_DEPLOYMENTS.items():
             options = config.stage(stage, model).deployment_options()
             name = deployment_name(stage, model.name, default=i == 0)
-            bound.append(
-                deployment.options(name=name, **options, **internal).bind(tree, model.name)
-            )
+            bound.append(deployment.options(name=name, **options).bind(tree, model.name))
         models[model.name] = tuple(bound)
     stages = config.stages
     job_worker = None
     if stages.job_worker.num_replicas or stages.job_worker.autoscaling:
         options = stages.job_worker.deployment_options()
-        job_worker = JobWorkerDeployment.options(**options, **internal).bind(models, tree)
+        job_worker = JobWorkerDeployment.options(**options).bind(models, tree)
     return PipelineIngress.options(**stages.ingress.deployment_options()).bind(
         models, job_worker, tree
     )

@@ -40,6 +40,7 @@ def replica_setup(config: dict, model: str = "") -> tuple[SdserveConfig, StatsLo
     job workers, which serve every model)."""
     tree = SdserveConfig.model_validate(config)
     route_logs_to_serve()
+    _ray.quiet_polls()
     factory = functools.partial(ray_metric, model=model) if tree.metrics.enabled else None
     return tree, StatsLogger(Metrics(factory))
 

@@ -77,5 +77,9 @@ def test_polled_calls_leave_the_access_log_and_request_calls_stay(caplog):
         for line in ("CALL Stats OK 1.2ms", "CALL Info OK 0.8ms", "CALL Encode OK 4.1ms"):
             serves.info(line, extra={"serve_access_log": True})
         serves.info("CALL Stats is a word in an ordinary line")
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+    assert [r.getMessage() for r in caplog.records] == [
         "CALL Encode OK 4.1ms", "CALL Stats is a word in an ordinary line"]  # fmt: skip
+    with caplog.at_level(logging.DEBUG, logger="ray.serve"):  # at DEBUG they show, as DEBUG
+        serves.info("CALL Stats OK 1.1ms", extra={"serve_access_log": True})
+    assert (caplog.records[-1].getMessage(), caplog.records[-1].levelname) == (
+        "CALL Stats OK 1.1ms", "DEBUG")  # fmt: skip

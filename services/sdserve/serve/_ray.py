@@ -19,14 +19,16 @@ health probes (Info) and `sdserve serve`'s start-up wait (serving)."""
 
 class _QuietPolls(logging.Filter):
     """Demotes Serve's access log line of a polled method ("CALL Stats OK 1.2ms", several a
-    second) to DEBUG, which Serve's handlers (at INFO) then leave out; a request's own calls
-    (Encode, DenoiseStream, Decode) keep their INFO line and its request id."""
+    second) to DEBUG: it is left out unless Serve's logger is at DEBUG (its `logging_config`).
+    A request's own calls (Encode, DenoiseStream, Decode) keep their INFO line, which carries
+    the request id across replicas."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "serve_access_log", False):  # Serve's marker on its access lines
             words = record.getMessage().split(maxsplit=2)
             if len(words) > 1 and words[1] in POLLED:
                 record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger("ray.serve").isEnabledFor(logging.DEBUG)
         return True
 
 

@@ -63,7 +63,15 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     loras = str(tiny_loras["grain"].parent)  # the default model's adapters
     # The default model's Denoiser reserves a CPU (the shared default); the others reserve
     # none, so that all three fit on a 2-core machine (each model's own stage settings).
-    no_cpu = ModelStagesConfig(denoiser=StageConfig(num_cpus=0, max_ongoing_requests=4096))
+    no_cpu = ModelStagesConfig(
+        denoiser=StageConfig(num_cpus=0, max_ongoing_requests=4096, torch_threads=1)
+    )
+    # One torch thread per stage, what `auto` measures on 2 cores anyway, without measuring it
+    # in each of the 13 replicas at start-up (tests/unit/test_threads.py measures it).
+    defaults = StagesConfig()
+    stages = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
+    one_thread = {stage: getattr(defaults, stage).model_copy(update={"torch_threads": 1})
+                  for stage in stages}  # fmt: skip
     # The tiny models compute in float32, as the diffusers their images are compared with; the
     # built-in model in this machine's default dtype (auto). Every U-Net runs eagerly: the
     # compiled path is tests/unit/test_compiled.py's, and compiling would add minutes here.
@@ -85,7 +93,7 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
             serve_proxy_port=free_port(),
         ),
         tenants={FLOOD["tenant"]: FLOOD["limits"]},
-        stages=StagesConfig(job_worker=StageConfig(num_replicas=2)),
+        stages=StagesConfig(job_worker=StageConfig(num_replicas=2), **one_thread),
         # A short lease, so that taking over a killed worker's job is quick; every step
         # recorded, so that tests can catch a job mid-way (the 0.25 s default is unit-tested).
         jobs=JobsConfig(

@@ -66,7 +66,13 @@ def _stop(proc: subprocess.Popen, sig: int) -> list[str]:
 
 def _config(tmp_path, **jobs) -> str:
     path = tmp_path / "sdserve.yaml"
-    stages = jobs.pop("stages", {})
+    from sdserve.config import StagesConfig
+
+    stages = StagesConfig().model_dump()  # the defaults, with one torch thread per stage:
+    for stage in ("text_encoder", "denoiser", "vae_decoder", "vae_encoder"):
+        stages[stage]["torch_threads"] = 1  # what `auto` measures on 2 cores, not measured
+    for name, options in jobs.pop("stages", {}).items():
+        stages[name].update(options)
     path.write_text(yaml.safe_dump({"jobs": jobs, "stages": stages}))
     return str(path)
 

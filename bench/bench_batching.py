@@ -204,11 +204,9 @@ def sdserve_config(model: Path, batching: str, grpc_port: int, http_port: int) -
 
 
 def free_port() -> int:
-    import socket
+    from sdserve.testing.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def main() -> int:

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import statistics
 import tempfile
 from pathlib import Path
@@ -35,9 +34,9 @@ APPS = {"metrics-on": True, "metrics-off": False}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from sdserve.testing.ports import free_port
+
+    return free_port()
 
 
 async def burst(target: str, app: str, requests: int) -> dict:

@@ -304,11 +304,9 @@ def stop_ray() -> None:
 
 
 def free_port() -> int:
-    import socket
+    from sdserve.testing.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def measure(bench: Bench, args) -> dict:

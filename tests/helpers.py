@@ -78,10 +78,10 @@ def dashboard_metrics() -> set[str]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now (sdserve.testing.ports)."""
+    from sdserve.testing.ports import free_port
+
+    return free_port()
 
 
 def diffusers_image(

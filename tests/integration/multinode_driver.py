@@ -20,7 +20,6 @@ It writes what it saw to REPORT.json and the test asserts on it.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 
@@ -52,9 +51,9 @@ a killed one refuses at once."""
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from sdserve.testing.ports import free_port
+
+    return free_port()
 
 
 def replica_nodes() -> dict[str, list[str]]:

@@ -44,9 +44,9 @@ class Servicer(diffusion_pb2_grpc.DiffusionServiceServicer):
 
     @grpc_errors(diffusion_pb2.GenerateEvent)
     async def GenerateStream(self, request, grpc_context):
-        from sdserve.serve.ingress import _deadline
+        from sdserve.serve._ray import request_deadline
 
-        self.deadlines.append(_deadline(grpc_context))
+        self.deadlines.append(request_deadline(grpc_context))
         try:
             yield diffusion_pb2.GenerateEvent(queued=diffusion_pb2.Queued(position=0))
             await asyncio.sleep(60)

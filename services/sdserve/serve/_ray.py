@@ -123,9 +123,7 @@ def add_diffusion_service(servicer, server) -> None:
 
         def __init__(self, grpc_context):
             original(self, grpc_context)
-            remaining = grpc_context.time_remaining()
-            has_deadline = remaining is not None and remaining < 10 * 365 * 86400
-            self.sdserve_deadline = time.time() + remaining if has_deadline else None
+            self.sdserve_deadline = _deadline_of(grpc_context)
 
         __init__.sdserve_deadline = True
         grpc_util.RayServegRPCContext.__init__ = __init__
@@ -140,7 +138,17 @@ def from_serve_proxy(grpc_context) -> bool:
     return isinstance(grpc_context, RayServegRPCContext)
 
 
+def _deadline_of(grpc_context) -> float | None:
+    """A live gRPC call's deadline in seconds since the epoch (None: the client set none; grpc
+    reports that as a remaining time of centuries)."""
+    remaining = grpc_context.time_remaining()
+    has_deadline = remaining is not None and remaining < 10 * 365 * 86400
+    return time.time() + remaining if has_deadline else None
+
+
 def request_deadline(grpc_context) -> float | None:
-    """The client's deadline (seconds since the epoch) that `add_diffusion_service` captured in
-    the proxy, or None (no deadline, or a proxy without the hook)."""
+    """The client's deadline (seconds since the epoch), or None: the call's own on the front
+    door (a grpc.aio context), or what `add_diffusion_service` captured in Serve's proxy."""
+    if not from_serve_proxy(grpc_context):
+        return _deadline_of(grpc_context)
     return getattr(grpc_context, "sdserve_deadline", None)

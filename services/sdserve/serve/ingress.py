@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 
 from grpc_health.v1 import health_pb2
@@ -179,7 +178,7 @@ class PipelineIngress:
         tenant = self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(fields_from_pb(request))
-        deadline = _deadline(grpc_context)
+        deadline = _ray.request_deadline(grpc_context)
         with self._admitted(params, deadline, tenant):
             async for event in self._path.run(params, request_id=_ray.current_request_id(),
                                               deadline=deadline):  # fmt: skip
@@ -195,7 +194,7 @@ class PipelineIngress:
         tenant = self._tenant(grpc_context)
         self._refuse_if_draining()
         params = await self._path.validate(fields_from_pb(request))
-        deadline = _deadline(grpc_context)
+        deadline = _ray.request_deadline(grpc_context)
         with self._admitted(params, deadline, tenant):
             async for event in self._path.run(
                 params,
@@ -290,16 +289,6 @@ class PipelineIngress:
         if status == front_door.SERVICE_UNKNOWN:
             raise NotFound(f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
-
-
-def _deadline(grpc_context) -> float | None:
-    """The client's deadline (seconds since the epoch), or None: the call's own on the front
-    door, or what `_ray.add_diffusion_service` captured in Serve's gRPC proxy."""
-    if not _ray.from_serve_proxy(grpc_context):
-        remaining = grpc_context.time_remaining()
-        has_deadline = remaining is not None and remaining < 10 * 365 * 86400
-        return time.time() + remaining if has_deadline else None
-    return _ray.request_deadline(grpc_context)
 
 
 def _job_id(request: diffusion_pb2.GetJobRequest) -> str:

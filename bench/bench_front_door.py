@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,7 @@ import grpc
 import yaml
 
 from sdserve.loadtest import Mix, drive, run_loadtest
+from sdserve.testing.processes import kill_session
 from sdserve.testing.tiny import make_tiny_model
 from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 
@@ -114,27 +113,6 @@ def wait_serving(proc: subprocess.Popen, target: str, log: Path, timeout_s: floa
         time.sleep(0.5)
 
 
-def stop_servers(procs: list[subprocess.Popen]) -> None:
-    """SIGKILLs every process of each server's session at once (Ray's workers have process
-    groups of their own): a measured server has no work worth a clean stop."""
-    sessions = {proc.pid for proc in procs}
-    for _ in range(20):  # bounded: a process forked meanwhile is caught by the next pass
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) in sessions and fields[0] != "Z":
-                    alive.append(int(stat.parent.name))
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if not alive:
-            break
-        time.sleep(0.2)
-    for proc in procs:
-        proc.wait()
-
-
 async def single(target: str, n: int) -> list[float]:
     """`n` sequential Generate calls as tenant calm: their latencies."""
     async with channel(target) as ch:
@@ -166,7 +144,8 @@ def front_door_runs(model: Path, folder: Path, args) -> dict:
         print(f"serving after {time.monotonic() - started:.0f} s", flush=True)
         return measure(targets, args)
     finally:
-        stop_servers([proc])
+        kill_session(proc.pid)  # a measured server has no work worth a clean stop
+        proc.wait()
 
 
 def measure(targets: dict[str, str], args) -> dict:

@@ -35,6 +35,7 @@ from sdserve.pipeline.text_time import TextTime, pooled_width, takes_text_time, 
 from sdserve.pipeline.threads import set_threads
 
 if TYPE_CHECKING:
+    from sdserve.pipeline.controlnet import Control
     from sdserve.pipeline.lora_adapter import LoraAdapter
 
 logger = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ class Denoiser:
         cache_interval: int = 1,
         cache_levels: int = 0,
         loras: Sequence[tuple[LoraAdapter, float]] = (),
+        controls: Sequence[Control] = (),
         **job_kwargs,
     ) -> DenoiseJob:
         """A request's job, whose images (timesteps, initial noise, step kwargs) are prepared
@@ -262,7 +264,9 @@ class Denoiser:
         and `uncond_pooled` with guidance; other U-Nets ignore them. `init` and `strength`:
         image-to-image and inpainting; `guidance_stop`, `cache_interval` and `cache_levels`:
         cheaper steps. `loras`: the request's LoRA adapters (loaded for this U-Net,
-        `lora.load_lora`), each with its scale.
+        `lora.load_lora`), each with its scale. `controls`: its ControlNet entries
+        (`controlnet.Control`; several are a MultiControlNet); a controlled request runs the
+        whole U-Net at every step (no DeepCache).
 
         Raises:
             ValueError: an input the U-Net needs is missing or has the wrong width, or an
@@ -278,12 +282,14 @@ class Denoiser:
         for adapter, _ in loras:  # wraps its layers now, so that a misfit fails this request
             LoraLayers.of(self.unet).install(adapter)
         latent_shape = self.latent_shape(width, height)
+        if controls:
+            cache_interval = 1  # a shallow step would skip the blocks the nets condition
         make_samples = functools.partial(
             self._samples, cond, uncond if guided else None, tuple(seeds),
             guidance_scale=guidance_scale, scheduler_name=scheduler, steps=steps,
             latent_shape=latent_shape, init=init, strength=strength, guidance_stop=guidance_stop,
             cache_interval=cache_interval, cache_levels=cache_levels, text_time=text_time,
-            loras=loras,
+            loras=loras, controls=tuple(controls),
         )  # fmt: skip
         total = self._steps_run(scheduler, steps, strength if init is not None else None)
         job = DenoiseJob(request_id, make_samples, (1, *latent_shape), len(seeds), total,

@@ -145,7 +145,8 @@ def load_text_encoder(
     return model.to(device).eval().requires_grad_(False)
 
 
-def _load_diffusers_part(model_cls, root: Path, part: str, device, dtype, allow_pickle: bool):
+def load_part(model_cls, root: Path, part: str, device, dtype, allow_pickle: bool):
+    """A diffusers model class's folder `root / part`, on `device` in `dtype`, frozen."""
     model = model_cls.from_pretrained(
         root / part,
         torch_dtype=dtype,
@@ -159,13 +160,13 @@ def _load_diffusers_part(model_cls, root: Path, part: str, device, dtype, allow_
 def load_unet(root: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False):
     from diffusers import UNet2DConditionModel
 
-    return _load_diffusers_part(UNet2DConditionModel, root, "unet", device, dtype, allow_pickle)
+    return load_part(UNet2DConditionModel, root, "unet", device, dtype, allow_pickle)
 
 
 def load_vae(root: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False):
     from diffusers import AutoencoderKL
 
-    return _load_diffusers_part(AutoencoderKL, root, "vae", device, dtype, allow_pickle)
+    return load_part(AutoencoderKL, root, "vae", device, dtype, allow_pickle)
 
 
 def load_scheduler_config(root: Path) -> dict[str, Any]:

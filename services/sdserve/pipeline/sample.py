@@ -2,7 +2,8 @@
 
 A sample holds everything that makes its image its own in a shared step batch: its scheduler
 instance, its seeded CPU generator, its latents (float32, whatever the U-Net's dtype), its
-timesteps, guidance, image conditioning, DeepCache state, SDXL conditioning and LoRA adapters.
+timesteps, guidance, image conditioning, DeepCache state, SDXL conditioning, LoRA adapters and
+ControlNets.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sdserve.pipeline.schedulers import make_scheduler
 from sdserve.pipeline.text_time import TextTime
 
 if TYPE_CHECKING:
+    from sdserve.pipeline.controlnet import Control
     from sdserve.pipeline.lora_adapter import LoraAdapter
 
 
@@ -45,6 +47,7 @@ class Sample:
         image: what an image-to-image or inpainting sample needs at every step.
         text_time: SDXL's pooled embeddings and size conditioning (None for SD 1.x/2.x).
         loras: its request's LoRA adapters, each with its scale (empty: none).
+        controls: its request's ControlNet entries (empty: none).
     """
 
     cond: torch.Tensor
@@ -67,6 +70,7 @@ class Sample:
     """DeepCache: the deep features of the last full step, (uncond, cond) rows or (cond,)."""
     text_time: TextTime | None = None
     loras: tuple[tuple[LoraAdapter, float], ...] = ()
+    controls: tuple[Control, ...] = ()
 
     @property
     def guided_now(self) -> bool:
@@ -105,6 +109,7 @@ def make_sample(
     cache_levels: int = 0,
     text_time: TextTime | None = None,
     loras: Sequence[tuple[LoraAdapter, float]] = (),
+    controls: Sequence[Control] = (),
 ) -> Sample:
     """Prepares one image as diffusers does: timesteps (phase 4), latents (phase 5), step kwargs
     (phase 6). `uncond` is dropped when guidance_scale <= 1: that half is never computed.
@@ -152,4 +157,5 @@ def make_sample(
         cache_levels=cache_levels,
         text_time=text_time,
         loras=tuple((adapter, float(scale)) for adapter, scale in loras),
+        controls=tuple(controls),
     )

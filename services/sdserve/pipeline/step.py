@@ -7,6 +7,8 @@ back. An SDXL U-Net also gets each row's pooled text embeddings and size conditi
 (`added_cond_kwargs`, from the sample's `TextTime`). Rows of samples with LoRA adapters get
 them in the same forward (`lora.rows`: a guided sample's unconditional row too, as diffusers
 applies adapters to both halves of the CFG batch); without any, the forward is unchanged.
+Rows of samples with ControlNets get their residuals (`controlnet.residuals`: each net runs
+once over the rows that use it); the other rows get zeros, which change nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdserve.pipeline import deepcache, lora
+from sdserve.pipeline import controlnet, deepcache, lora
 from sdserve.pipeline.images import blend_kept_area
 
 if TYPE_CHECKING:
@@ -93,9 +95,13 @@ def _forward(unet, samples: list[Sample], shallow: int | None,
     added = _added_cond_kwargs(guided, samples)
     plan = [s.loras for s in rows]  # each row's LoRA adapters
     levels = sorted({s.cache_levels for s in samples if s.cache_interval > 1})
-    if shallow is None and not levels and not any(plan) and forward is not None:
+    control = None if shallow is not None else controlnet.residuals(
+        guided, samples, x, timesteps, context, added)  # fmt: skip
+    plain = shallow is None and not levels and not any(plan) and control is None
+    if plain and forward is not None:
         eps = forward(x, timesteps, context, added)  # the plain forward: compiled, padded
     else:
+        down, mid = control or (None, None)
         with lora.rows(unet, plan) if any(plan) else contextlib.nullcontext():
             if shallow is not None:  # the branch depth of these rows
                 deep = torch.cat([s.deep_cache[:1] for s in guided]
@@ -106,7 +112,8 @@ def _forward(unet, samples: list[Sample], shallow: int | None,
                     captured = {n: stack.enter_context(deepcache.capture(unet, n))
                                 for n in levels}  # fmt: skip
                     eps = unet(x, timesteps, encoder_hidden_states=context,
-                               added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+                               added_cond_kwargs=added, down_block_additional_residuals=down,
+                               mid_block_additional_residual=mid, return_dict=False)[0]  # fmt: skip
                 for n in levels:
                     _keep_deep_features(guided, samples, captured[n][0], n)
     eps = eps.float()  # guidance and the scheduler's step run in float32

@@ -22,14 +22,18 @@ from pathlib import Path
 
 from sdserve.pipeline.models import save_sd_folder, sd_pipeline, sdxl_pipeline
 from sdserve.testing.architectures import ARCHS, random_parts
+from sdserve.testing.controlnets import add_controlnets
 
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-v1"
 """Named in the model's README; bump when the architectures change."""
 
-TINY_ARCHS = ("tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl")
-"""The presets small enough to write as a test model."""
+TINY_ARCHS = ("tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl",
+              "tiny-controlnet", "tiny-sdxl-controlnet")  # fmt: skip
+"""The presets small enough to write as a test model. `tiny-controlnet` is `tiny` (the same
+weights) with two random ControlNets in `controlnets/` (`testing.controlnets`), and
+`tiny-sdxl-controlnet` is `tiny-sdxl` with them."""
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
@@ -44,14 +48,17 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        parts, scheduler = random_parts(arch, seed), ARCHS[arch].scheduler
+        base = arch.removesuffix("-controlnet")
+        parts, scheduler = random_parts(base, seed), ARCHS[base].scheduler
         if "text_encoder_2" in parts:
             pipe, family = sdxl_pipeline(parts, scheduler), "SDXL"
         else:
             pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
                                parts["unet"], scheduler)  # fmt: skip
-            family = "Stable Diffusion 2.x" if arch == "tiny-sd2" else "Stable Diffusion 1.x"
+            family = "Stable Diffusion 2.x" if base == "tiny-sd2" else "Stable Diffusion 1.x"
         save_sd_folder(pipe, tmp, scheduler)
+        if arch != base:
+            add_controlnets(tmp, parts["unet"], seed)
         (tmp / "README.md").write_text(
             f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
             f"Random weights in {family}'s architecture, made by "

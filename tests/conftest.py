@@ -9,10 +9,28 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The tiny random-weight model (seed 0), written once per session."""
+    """The tiny random-weight model (seed 0), written once per session, with its two random
+    ControlNets in `controlnets/` (`--arch tiny-controlnet`: the weights of `tiny`)."""
     from sdserve.testing.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return make_tiny_model(out, seed=0, arch="tiny-controlnet")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_model, tmp_path_factory) -> Path:
+    """A ControlNet folder for the tiny model (its `controlnet_dir`): its own "edges" and
+    "depth", and "xl-edges", the "edges" net of a tiny SDXL (another model family)."""
+    import shutil
+
+    from sdserve.testing.tiny import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("controlnets")
+    for name in ("edges", "depth"):
+        shutil.copytree(tiny_model / "controlnets" / name, folder / name)
+    xl = make_tiny_model(tmp_path_factory.mktemp("models") / "xl", arch="tiny-sdxl-controlnet")
+    shutil.copytree(xl / "controlnets" / "edges", folder / "xl-edges")
+    return folder
 
 
 @pytest.fixture(scope="session")

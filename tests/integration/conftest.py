@@ -50,7 +50,8 @@ def trust_the_test_ca(certs):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_server, certs):
+def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tmp_path_factory,
+           redis_server, certs):  # fmt: skip
     """sdserve on the tiny model (the default), the built-in model and a tiny SDXL, on free
     ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the session's own
     redis-server and two JobWorker replicas. Its gRPC front door speaks TLS."""
@@ -75,7 +76,8 @@ def server(tiny_model, tiny_loras, tiny_sdxl_model, tmp_path_factory, redis_serv
     # The tiny models compute in float32, as the diffusers their images are compared with; the
     # built-in model in this machine's default dtype (auto). Every U-Net runs eagerly: the
     # compiled path is tests/unit/test_compiled.py's, and compiling would add minutes here.
-    own = ({"lora_dir": loras, "dtype": "float32"}, {"stages": no_cpu},
+    own = ({"lora_dir": loras, "controlnet_dir": str(tiny_controlnets), "dtype": "float32"},
+           {"stages": no_cpu},
            {"stages": no_cpu, "dtype": "float32"})  # fmt: skip
     config = SdserveConfig(
         models=[

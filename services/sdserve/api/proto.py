@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from sdserve.api.served_models import ServedModel
 from sdserve.api.types import (
+    ControlFields,
+    ControlParams,
     GenerateEvent,
     GenerateFields,
     GenerateParams,
@@ -41,8 +43,26 @@ def fields_from_pb(request: diffusion_pb2.GenerateRequest) -> GenerateFields:
         mask_image=request.mask_image,
         model=request.model,
         loras=loras,
+        controls=tuple(map(control_from_pb, request.controls)),
         **optional,
     )
+
+
+def control_from_pb(control: diffusion_pb2.Control) -> ControlFields:
+    """A `controls` entry as sent (unset optional fields: None)."""
+    optional = {name: getattr(control, name) if control.HasField(name) else None
+                for name in ("scale", "start", "end", "canny_low", "canny_high")}  # fmt: skip
+    return ControlFields(name=control.name, image=control.image, guess_mode=control.guess_mode,
+                         preprocess=control.preprocess, **optional)  # fmt: skip
+
+
+def controls_to_pb(controls: tuple[ControlParams, ...], *,
+                   images: bool = True) -> list[diffusion_pb2.Control]:  # fmt: skip
+    """Every field set (`images` False: their images left out, as a reply shows them)."""
+    return [diffusion_pb2.Control(
+        name=c.name, image=c.image if images else b"", scale=c.scale, start=c.start, end=c.end,
+        guess_mode=c.guess_mode, preprocess=c.preprocess, canny_low=c.canny_low,
+        canny_high=c.canny_high) for c in controls]  # fmt: skip
 
 
 def params_to_pb(params: GenerateParams) -> diffusion_pb2.GenerateRequest:
@@ -64,6 +84,7 @@ def params_to_pb(params: GenerateParams) -> diffusion_pb2.GenerateRequest:
         cache_interval=params.cache_interval,
         model=params.model,
         loras=loras_to_pb(params.loras),
+        controls=controls_to_pb(params.controls),
     )
 
 
@@ -84,6 +105,7 @@ def resolved_to_pb(params: GenerateParams) -> diffusion_pb2.ResolvedParameters:
         cache_interval=params.cache_interval,
         model=params.model,
         loras=loras_to_pb(params.loras),
+        controls=controls_to_pb(params.controls, images=False),
     )
 
 

@@ -14,6 +14,38 @@ SEED_SPACE = 2**64
 
 
 @dataclass(frozen=True)
+class ControlFields:
+    """One `controls` entry as the client sent it (None: unset, the default applies)."""
+
+    name: str
+    image: bytes = field(default=b"", repr=False)
+    scale: float | None = None
+    start: float | None = None
+    end: float | None = None
+    guess_mode: bool = False
+    preprocess: str = ""
+    canny_low: float | None = None
+    canny_high: float | None = None
+
+
+@dataclass(frozen=True)
+class ControlParams:
+    """One validated `controls` entry, defaults filled in."""
+
+    name: str
+    image: bytes = field(repr=False)
+    """PNG or JPEG as sent (decoded by the request path, `pipeline.control_images`)."""
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+    preprocess: str = ""
+    """"" or "canny"."""
+    canny_low: float = 100.0
+    canny_high: float = 200.0
+
+
+@dataclass(frozen=True)
 class GenerateFields:
     """A generation request's fields as the client sent them, not yet checked (a
     `GenerateRequest`'s, less `preview_every`, which the edge keeps). None: an optional field
@@ -36,6 +68,7 @@ class GenerateFields:
     model: str = ""
     loras: tuple[tuple[str, float | None], ...] = ()
     """(name, scale) of each adapter asked for; scale None: unset (1)."""
+    controls: tuple[ControlFields, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +98,8 @@ class GenerateParams:
     """The served model that runs it ("": the server's default)."""
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA adapters of that model, (name, scale) each."""
+    controls: tuple[ControlParams, ...] = ()
+    """ControlNets of that model conditioning it."""
 
     @property
     def seeds(self) -> list[int]:
@@ -98,6 +133,9 @@ class GenerateParams:
             fields.append(f"Model: {model}")
         if self.loras:
             fields.append("LoRA: " + " ".join(f"{n}:{s:g}" for n, s in self.loras))
+        if self.controls:
+            fields.append("ControlNet: " + " ".join(
+                f"{c.name}:{c.scale:g}:{c.start:g}:{c.end:g}" for c in self.controls))  # fmt: skip
         fields.append("Generator: sdserve")
         lines.append(", ".join(fields))
         return "\n".join(lines)

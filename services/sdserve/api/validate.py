@@ -16,9 +16,10 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from sdserve.api.types import GenerateFields, GenerateParams
+from sdserve.api.types import ControlFields, ControlParams, GenerateFields, GenerateParams
 from sdserve.config import SCHEDULER_NAMES, DefaultsConfig, LimitsConfig
 from sdserve.errors import InvalidArgument
+from sdserve.pipeline.control_images import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
 from sdserve.pipeline.lora_files import NAME as LORA_NAME
 
 INIT_FORMATS = ("PNG", "JPEG")
@@ -70,6 +71,8 @@ def validate_fields(
     image_fields.update(check_cheaper_steps(fields, limits))
     if fields.loras:
         image_fields["loras"] = check_loras(fields, limits)
+    if fields.controls:
+        image_fields["controls"] = check_controls(fields.controls, limits)
     return GenerateParams(
         prompt=fields.prompt,
         negative_prompt=fields.negative_prompt,
@@ -89,7 +92,7 @@ async def validate_fields_async(fields: GenerateFields, **kwargs) -> GeneratePar
     """`validate_fields` for a caller on an event loop: a request with image inputs is checked
     on a worker thread, since decoding a large PNG or JPEG takes tens of milliseconds that would
     stall every other request on the loop."""
-    if not (fields.init_image or fields.mask_image):
+    if not (fields.init_image or fields.mask_image or fields.controls):
         return validate_fields(fields, **kwargs)
     return await asyncio.to_thread(validate_fields, fields, **kwargs)
 
@@ -175,6 +178,55 @@ def check_loras(fields: GenerateFields, limits: LimitsConfig) -> tuple[tuple[str
     return tuple(out)
 
 
+def check_controls(controls: tuple[ControlFields, ...],
+                   limits: LimitsConfig) -> tuple[ControlParams, ...]:  # fmt: skip
+    """Each ControlNet entry checked, defaults filled in: at most `limits.max_controls`, a
+    ControlNet name, a decodable image within the limits, a scale within the limits, a window
+    0 <= start < end <= 1, a known preprocessor and its thresholds. Whether the model has the
+    net is `StagePath.validate`'s to check."""
+    if len(controls) > limits.max_controls:
+        raise InvalidArgument("controls", f"at most {limits.max_controls} ControlNets per "
+                              f"request, got {len(controls)}")  # fmt: skip
+    return tuple(_check_control(f"controls[{i}]", c, limits) for i, c in enumerate(controls))
+
+
+def _check_control(at: str, control: ControlFields, limits: LimitsConfig) -> ControlParams:
+    if not LORA_NAME.match(control.name):
+        raise InvalidArgument(f"{at}.name", f"{control.name!r} is not a ControlNet name")
+    if not control.image:
+        raise InvalidArgument(f"{at}.image", "is required (the control image, PNG or JPEG)")
+    if len(control.image) > limits.max_image_bytes:
+        raise InvalidArgument(f"{at}.image", f"is {len(control.image)} bytes, over "
+                              f"limits.max_image_bytes = {limits.max_image_bytes}")  # fmt: skip
+    _decoded_size(f"{at}.image", control.image, INIT_FORMATS, limits)
+    scale = _as_sent(control.scale, 1.0)
+    if not (math.isfinite(scale) and limits.min_control_scale <= scale <= limits.max_control_scale):
+        raise InvalidArgument(f"{at}.scale", f"must be within {limits.min_control_scale:g}.."
+                              f"{limits.max_control_scale:g}, got {scale:g}")  # fmt: skip
+    start, end = _as_sent(control.start, 0.0), _as_sent(control.end, 1.0)
+    if not (math.isfinite(start) and 0 <= start < 1):
+        raise InvalidArgument(f"{at}.start", f"must be within [0, 1), got {start:g}")
+    if not (math.isfinite(end) and start < end <= 1):
+        raise InvalidArgument(f"{at}.end", f"must be within (start, 1] = ({start:g}, 1], "
+                              f"got {end:g}")  # fmt: skip
+    if control.preprocess not in PREPROCESSORS:
+        raise InvalidArgument(f"{at}.preprocess", f"unknown preprocessor "
+                              f"{control.preprocess!r}; choose \"\" or \"canny\"")  # fmt: skip
+    low, high = _as_sent(control.canny_low, CANNY_LOW), _as_sent(control.canny_high, CANNY_HIGH)
+    for name, value in (("canny_low", low), ("canny_high", high)):
+        if not (math.isfinite(value) and 0 <= value <= 1000):
+            raise InvalidArgument(f"{at}.{name}", f"must be within 0..1000, got {value:g}")
+    if low > high:
+        raise InvalidArgument(f"{at}.canny_low", f"{low:g} is above canny_high {high:g}")
+    return ControlParams(control.name, control.image, scale, start, end, control.guess_mode,
+                         control.preprocess, low, high)  # fmt: skip
+
+
+def _as_sent(value: float | None, default: float) -> float:
+    """A float32 field as the client wrote it (six decimals), or `default` when unset."""
+    return float(round(value, 6)) if value is not None else default
+
+
 # --- Image inputs ---------------------------------------------------------------------------
 
 
@@ -188,8 +240,9 @@ class ImageInputs:
     """(width, height) of the init image (and mask)."""
 
 
-def _image_size(field: str, data: bytes, formats: tuple[str, ...], limits: LimitsConfig):
-    """Decodes the image fully (so a truncated one fails here) and returns (width, height)."""
+def _decoded_size(field: str, data: bytes, formats: tuple[str, ...], limits: LimitsConfig):
+    """Decodes the image fully (so a truncated one fails here) and returns (width, height),
+    within the pixel budget (any side: a control image is resized to the output size)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -210,6 +263,12 @@ def _image_size(field: str, data: bytes, formats: tuple[str, ...], limits: Limit
             field, f"{width}x{height} = {width * height} pixels is over the budget of "
             f"{limits.max_pixels}",
         )  # fmt: skip
+    return width, height
+
+
+def _image_size(field: str, data: bytes, formats: tuple[str, ...], limits: LimitsConfig):
+    """`_decoded_size`, each side a multiple of 8 within the size limits (an init image)."""
+    width, height = _decoded_size(field, data, formats, limits)
     for side, value in (("width", width), ("height", height)):
         if value % 8 or not limits.min_size <= value <= limits.max_size:
             raise InvalidArgument(

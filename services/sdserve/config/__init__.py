@@ -74,6 +74,15 @@ class LimitsConfig(Strict):
     max_lora_scale: float = 2.0
     """Largest LoRA scale a request may ask for."""
 
+    max_controls: int = Field(4, ge=0)
+    """Most ControlNet entries one request may give (`GenerateRequest.controls`)."""
+
+    min_control_scale: float = 0.0
+    """Smallest ControlNet conditioning scale a request may ask for."""
+
+    max_control_scale: float = 2.0
+    """Largest ControlNet conditioning scale a request may ask for."""
+
 
 class DefaultsConfig(Strict):
     """Values used for request fields the client leaves unset."""
@@ -110,6 +119,10 @@ class EngineConfig(Strict):
     lora_cache_mb: int = Field(1024, ge=1)
     """Memory for loaded LoRA adapters per Denoiser (and TextEncoder) replica; the least
     recently used adapter not in use is dropped beyond it."""
+
+    controlnet_cache_mb: int = Field(4096, ge=1)
+    """Memory for loaded ControlNets per Denoiser replica (an SD 1.5 net is 1.4 GB in float32);
+    the least recently used net that no live request holds is dropped beyond it."""
 
     lora_policy: Literal["mixed", "one_set"] = "mixed"
     """mixed: one U-Net forward holds rows with different adapters (each row its own). one_set:
@@ -212,6 +225,11 @@ class ModelConfig(Strict):
     """Its LoRA adapters (`GenerateRequest.loras`): NAME.safetensors files or NAME/ folders.
     None: `loras/` inside the model folder (the built-in model ships `loras/cyan`). Every node
     running its TextEncoder or Denoiser must see it."""
+
+    controlnet_dir: str | None = None
+    """Its ControlNets (`GenerateRequest.controls`): one diffusers `ControlNetModel` folder per
+    net, named as requests name it. None: `controlnets/` inside the model folder. A relative
+    path is relative to the model folder. Every node running its Denoiser must see it."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the stages run. auto: CUDA when the replica sees a GPU, else CPU."""

@@ -33,7 +33,10 @@ from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
+from sdserve.pipeline.control_images import control_pixels
 from sdserve.stages.messages import (
+    ControlInput,
+    ControlNetFile,
     Decode,
     Denoise,
     Denoised,
@@ -128,6 +131,27 @@ class StagePath:
                 raise InvalidArgument(f"loras[{i}].name", f"model {model!r} has no adapter "
                                       f"{name!r}; it has: {listed}")  # fmt: skip
 
+    async def controlnets(self, model: str = "") -> tuple[str, list[ControlNetFile]]:
+        """(the model's name, its ControlNets as its Denoiser sees them now)."""
+        model = self._model(model)
+        self._info[model] = await self.clients[model].denoiser_info()
+        return model, list(self._info[model].controlnets)
+
+    async def _check_controls(self, model: str, params: GenerateParams) -> None:
+        """Every ControlNet a request names exists for its model and fits its U-Net (the list
+        is read again when one is not known yet). Raises InvalidArgument."""
+        known = {f.name: f for f in (await self.denoiser_info(model)).controlnets}
+        if any(c.name not in known for c in params.controls):
+            known = {f.name: f for f in (await self.controlnets(model))[1]}
+        for i, control in enumerate(params.controls):
+            net = known.get(control.name)
+            if net is None:
+                listed = ", ".join(sorted(known)) or "none"
+                raise InvalidArgument(f"controls[{i}].name", f"model {model!r} has no "
+                                      f"ControlNet {control.name!r}; it has: {listed}")  # fmt: skip
+            if net.misfit:
+                raise InvalidArgument(f"controls[{i}].name", net.misfit)
+
     async def validate(self, fields: GenerateFields) -> GenerateParams:
         """The request's parameters, defaults filled in (the model's own among them), checked
         against the limits and against the model it names. Raises InvalidArgument."""
@@ -142,6 +166,8 @@ class StagePath:
         )
         if params.loras:
             await self._check_loras(model, params.loras)
+        if params.controls:
+            await self._check_controls(model, params)
         if params.init_image and info.family == "sdxl":
             raise InvalidArgument("init_image", f"model {model!r} is an SDXL model, which "
                                   "takes no image inputs in this version")  # fmt: skip
@@ -182,17 +208,18 @@ class StagePath:
         )  # fmt: skip
 
         # 1. Encode the prompt (and the negative prompt when guidance is on), and any image
-        #    input at the same time.
+        #    input at the same time; prepare the control images meanwhile (a worker thread).
         _check(deadline, request_id, "before the text encoder")
-        (embeddings, text_s), (init, image_s) = await asyncio.gather(
+        (embeddings, text_s), (init, image_s), controls = await asyncio.gather(
             _timed(within(self._encode_text(client, params, request_id), "text encoder")),
             _timed(within(self._encode_image(client, params, request_id), "VAE encoder")),
+            asyncio.to_thread(_control_inputs, params) if params.controls else _nothing(),
         )
 
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
         denoise = _denoise_request(
-            params, request_id, embeddings, init,
+            params, request_id, embeddings, init, controls,
             preview_every=preview_every if stream else 0,
             progress_interval_s=progress_interval_s,
             timeout_s=_check(deadline, request_id, "before the denoiser"),
@@ -306,6 +333,20 @@ class _Within:
                 yield event
 
 
+def _control_inputs(params: GenerateParams) -> tuple[ControlInput, ...]:
+    """The request's controls, their images preprocessed and resized to its size."""
+    return tuple(
+        ControlInput(c.name, control_pixels(c.image, params.width, params.height, c.preprocess,
+                                            c.canny_low, c.canny_high),
+                     c.scale, c.start, c.end, c.guess_mode)
+        for c in params.controls
+    )  # fmt: skip
+
+
+async def _nothing() -> tuple:
+    return ()
+
+
 async def _timed(awaitable):
     """(its result, seconds it took)."""
     started = time.perf_counter()
@@ -328,6 +369,7 @@ def _denoise_request(
     request_id: str,
     embeddings: TextEmbeddings,
     init: ImageEncoding | None,
+    controls: tuple[ControlInput, ...],
     *,
     preview_every: int,
     progress_interval_s: float,
@@ -348,6 +390,7 @@ def _denoise_request(
         guidance_stop=params.guidance_stop,
         cache_interval=params.cache_interval,
         loras=params.loras,
+        controls=controls,
         preview_every=preview_every,
         timeout_s=timeout_s,
         progress_interval_s=progress_interval_s,

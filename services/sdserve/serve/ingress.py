@@ -279,6 +279,18 @@ class PipelineIngress:
                  for f in files]  # fmt: skip
         return diffusion_pb2.ListLorasResponse(model=model, loras=loras)
 
+    @grpc_errors(diffusion_pb2.ListControlNetsResponse)
+    async def ListControlNets(
+        self, request: diffusion_pb2.ListControlNetsRequest, grpc_context
+    ) -> diffusion_pb2.ListControlNetsResponse:
+        """DiffusionService.ListControlNets: a model's ControlNets, as its Denoiser sees them."""
+        self._tenant(grpc_context)
+        model, nets = await self._path.controlnets(request.model)
+        infos = [diffusion_pb2.ControlNetInfo(name=n.name, file_bytes=n.file_bytes,
+                                              loaded=n.loaded, misfit=n.misfit)
+                 for n in nets]  # fmt: skip
+        return diffusion_pb2.ListControlNetsResponse(model=model, controlnets=infos)
+
     @grpc_errors(health_pb2.HealthCheckResponse)
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 
 from sdserve.stages.messages import (
+    ControlInput,
+    ControlNetFile,
     Decode,
     Denoise,
     Denoised,
@@ -156,6 +158,7 @@ def denoise_to_pb(req: Denoise) -> stages_pb2.DenoiseRequest:
         guidance_stop=req.guidance_stop,
         cache_interval=req.cache_interval,
         loras=_loras_to_pb(req.loras),
+        controls=[stages_pb2.ControlInput(**asdict(c)) for c in req.controls],
     )
     embeddings_to_pb(req.embeddings, pb)
     if req.init is not None:
@@ -184,7 +187,13 @@ def denoise_from_pb(pb: stages_pb2.DenoiseRequest) -> Denoise:
         guidance_stop=round(pb.guidance_stop, 6) or 1.0,  # 0: unset, every step
         cache_interval=max(1, pb.cache_interval),
         loras=_loras_from_pb(pb.loras),
+        controls=tuple(map(_control_from_pb, pb.controls)),
     )
+
+
+def _control_from_pb(c: stages_pb2.ControlInput) -> ControlInput:
+    return ControlInput(c.name, c.pixels, round(c.scale, 6), round(c.start, 6), round(c.end, 6),
+                        c.guess_mode)  # fmt: skip
 
 
 def denoised_to_pb(denoised: Denoised) -> stages_pb2.DenoiseResponse:
@@ -221,14 +230,17 @@ def denoise_event_from_pb(pb: stages_pb2.DenoiseEvent) -> DenoiseEvent:
 def denoiser_info_to_pb(info: DenoiserInfo) -> stages_pb2.DenoiserInfo:
     plain = {f.name: getattr(info, f.name) for f in fields(info)}
     loras = [stages_pb2.LoraFile(**asdict(lora)) for lora in info.loras]
-    return stages_pb2.DenoiserInfo(**{**plain, "loras": loras,
+    nets = [stages_pb2.ControlNetFile(**asdict(net)) for net in info.controlnets]
+    return stages_pb2.DenoiserInfo(**{**plain, "loras": loras, "controlnets": nets,
                                       "stage": stage_info_to_pb(info.stage)})  # fmt: skip
 
 
 def denoiser_info_from_pb(pb: stages_pb2.DenoiserInfo) -> DenoiserInfo:
     plain = {f.name: getattr(pb, f.name) for f in fields(DenoiserInfo)}
     loras = tuple(LoraFile(f.name, f.file_bytes, f.loaded) for f in pb.loras)
-    return DenoiserInfo(**{**plain, "loras": loras, "stage": stage_info_from_pb(pb.stage)})
+    nets = tuple(ControlNetFile(f.name, f.file_bytes, f.loaded, f.misfit) for f in pb.controlnets)
+    return DenoiserInfo(**{**plain, "loras": loras, "controlnets": nets,
+                           "stage": stage_info_from_pb(pb.stage)})  # fmt: skip
 
 
 def denoiser_stats_to_pb(stats: DenoiserStats) -> stages_pb2.DenoiserStats:

@@ -35,6 +35,7 @@ from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.threads import ThreadPlan, set_threads
 from sdserve.pipeline.vae import preview_pixels, to_png
+from sdserve.stages.controlnets import ControlNets
 from sdserve.stages.loras import Adapters
 from sdserve.stages.messages import (
     Denoise,
@@ -90,6 +91,8 @@ class DenoiserService:
                              f"{len(denoiser.unet.down_blocks)} levels")  # fmt: skip
         self.adapters: Adapters | None = None
         """The model's LoRA adapters (their U-Net weights), loaded on first use."""
+        self.controlnets = ControlNets.none(denoiser.unet)
+        """The model's ControlNets, loaded on first use (`from_config` finds them)."""
         self.threads = threads
         self.engine = eng.DenoiseEngine(
             denoiser.unet,
@@ -123,6 +126,7 @@ class DenoiserService:
         service.adapters = Adapters.for_model(
             config, model, lambda path, name: load_lora(path, name, unet=denoiser.unet)
         )
+        service.controlnets = ControlNets.for_model(config, model, denoiser)
         return service
 
     def close(self) -> None:
@@ -155,6 +159,7 @@ class DenoiserService:
             prediction_type=self.denoiser.prediction_type,
             loras=self.adapters.listing() if self.adapters else (),
             stage=stage_info("denoiser", self.denoiser, self.threads, mode),
+            controlnets=self.controlnets.listing(),
         )
 
     def stats_message(self) -> DenoiserStats:
@@ -228,6 +233,7 @@ class DenoiserService:
     def _prepare(self, req: Denoise, job_id: str, on_event: Callable[[eng.Event], None]) -> None:
         """Torch thread: builds the request's samples as diffusers does and submits them."""
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
+        controls = self.controlnets.resolve(req.controls, req.width, req.height)
         embeddings, init = req.embeddings, _encoded_image(req.init)
         job: DenoiseJob = self.denoiser.make_job(
             job_id,
@@ -250,7 +256,9 @@ class DenoiserService:
             pooled=unpack_optional(embeddings.cond_pooled),
             uncond_pooled=unpack_optional(embeddings.uncond_pooled),
             loras=loras,
+            controls=controls,
         )
+        self.controlnets.hold(job, req.controls)  # kept loaded while the job lives
         self.engine.submit(job)
 
     def _record(self, event: eng.Event) -> None:

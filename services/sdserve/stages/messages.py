@@ -103,6 +103,21 @@ class EncodeImage:
 
 
 @dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet of a request, its image prepared by the request path
+    (`pipeline.control_images.control_pixels`), validated by the edge."""
+
+    name: str
+    """A net in the model's ControlNet folder."""
+    pixels: bytes = field(repr=False)
+    """The control image at the request's size: RGB uint8, shape (height, width, 3)."""
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+
+@dataclass(frozen=True)
 class Denoise:
     """One request's whole denoising loop (it joins the Denoiser's running batch)."""
 
@@ -133,6 +148,8 @@ class Denoise:
     """DeepCache: the full U-Net every this many steps (1: off)."""
     loras: LoraScales = ()
     """Adapters applied to this request's rows of the U-Net forwards."""
+    controls: tuple[ControlInput, ...] = ()
+    """ControlNets conditioning this request's rows of the U-Net forwards."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +225,17 @@ class LoraFile:
 
 
 @dataclass(frozen=True)
+class ControlNetFile:
+    """A ControlNet folder the Denoiser can load."""
+
+    name: str
+    file_bytes: int
+    loaded: bool
+    misfit: str = ""
+    """Why it does not fit the model's U-Net (read from its config); "": it fits."""
+
+
+@dataclass(frozen=True)
 class DenoiserInfo:
     """Facts about the Denoiser's model."""
 
@@ -222,6 +250,8 @@ class DenoiserInfo:
     loras: tuple[LoraFile, ...]
     """The model's adapter folder, read when this was made."""
     stage: StageInfo
+    controlnets: tuple[ControlNetFile, ...] = ()
+    """The model's ControlNet folder, read when this was made."""
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -89,6 +89,175 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
+class ListControlNetsRequest(_message.Message):
+    """Input of ListControlNets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The served model whose ControlNets to list; empty: the default model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListControlNetsRequest: _TypeAlias = ListControlNetsRequest  # noqa: Y015
+
+@_typing.final
+class ListControlNetsResponse(_message.Message):
+    """The ControlNets of one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CONTROLNETS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model they belong to."""
+    @_builtins.property
+    def controlnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlNetInfo]:
+        """One per ControlNet folder, by name."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        controlnets: _abc.Iterable[Global___ControlNetInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controlnets", b"controlnets", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListControlNetsResponse: _TypeAlias = ListControlNetsResponse  # noqa: Y015
+
+@_typing.final
+class ControlNetInfo(_message.Message):
+    """One ControlNet folder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
+    MISFIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use: its folder's name."""
+    file_bytes: _builtins.int
+    """The size of its weight files in bytes."""
+    loaded: _builtins.bool
+    """Whether the Denoiser holds it in memory now (ControlNets load on first use)."""
+    misfit: _builtins.str
+    """Why it cannot condition this model (a net of another model family); empty: it can."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
+        loaded: _builtins.bool = ...,
+        misfit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_bytes", b"file_bytes", "loaded", b"loaded", "misfit", b"misfit", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlNetInfo: _TypeAlias = ControlNetInfo  # noqa: Y015
+
+@_typing.final
+class Control(_message.Message):
+    """One ControlNet conditioning a request: the net, its control image, and how strongly and
+    when it steers (diffusers' StableDiffusionControlNetPipeline arguments).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    GUESS_MODE_FIELD_NUMBER: _builtins.int
+    PREPROCESS_FIELD_NUMBER: _builtins.int
+    CANNY_LOW_FIELD_NUMBER: _builtins.int
+    CANNY_HIGH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The ControlNet's name (ListControlNets lists them)."""
+    image: _builtins.bytes
+    """The control image, PNG or JPEG bytes (edges, depth, ...: what the net was trained on),
+    at most `limits.max_image_bytes` and `limits.max_pixels`; resized to the output size.
+    In a reply's ResolvedParameters: empty.
+    """
+    scale: _builtins.float
+    """`controlnet_conditioning_scale`, within `limits.min_control_scale`..`max_control_scale`.
+    Unset: 1.
+    """
+    start: _builtins.float
+    """`control_guidance_start`: the fraction of the steps before which it is off. Unset: 0."""
+    end: _builtins.float
+    """`control_guidance_end`: the fraction of the steps after which it is off,
+    0 <= start < end <= 1. Unset: 1.
+    """
+    guess_mode: _builtins.bool
+    """Guess mode: the net conditions only the prompt's row, its residuals scaled from 0.1
+    (shallowest block) to 1 (middle block).
+    """
+    preprocess: _builtins.str
+    """How to make the control image from `image` first: "" (use it as it is) or "canny"
+    (OpenCV's Canny edges of its grayscale, white on black), so a photo can be sent.
+    """
+    canny_low: _builtins.float
+    """preprocess "canny": the hysteresis thresholds, 0..1000, low <= high. Unset: 100 and 200."""
+    canny_high: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        scale: _builtins.float | None = ...,
+        start: _builtins.float | None = ...,
+        end: _builtins.float | None = ...,
+        guess_mode: _builtins.bool = ...,
+        preprocess: _builtins.str = ...,
+        canny_low: _builtins.float | None = ...,
+        canny_high: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_canny_high", b"_canny_high", "_canny_low", b"_canny_low", "_end", b"_end", "_scale", b"_scale", "_start", b"_start", "canny_high", b"canny_high", "canny_low", b"canny_low", "end", b"end", "scale", b"scale", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_canny_high", b"_canny_high", "_canny_low", b"_canny_low", "_end", b"_end", "_scale", b"_scale", "_start", b"_start", "canny_high", b"canny_high", "canny_low", b"canny_low", "end", b"end", "guess_mode", b"guess_mode", "image", b"image", "name", b"name", "preprocess", b"preprocess", "scale", b"scale", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__canny_high: _TypeAlias = _typing.Literal["canny_high"]  # noqa: Y015
+    _WhichOneofArgType__canny_high: _TypeAlias = _typing.Literal["_canny_high", b"_canny_high"]  # noqa: Y015
+    _WhichOneofReturnType__canny_low: _TypeAlias = _typing.Literal["canny_low"]  # noqa: Y015
+    _WhichOneofArgType__canny_low: _TypeAlias = _typing.Literal["_canny_low", b"_canny_low"]  # noqa: Y015
+    _WhichOneofReturnType__end: _TypeAlias = _typing.Literal["end"]  # noqa: Y015
+    _WhichOneofArgType__end: _TypeAlias = _typing.Literal["_end", b"_end"]  # noqa: Y015
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    _WhichOneofReturnType__start: _TypeAlias = _typing.Literal["start"]  # noqa: Y015
+    _WhichOneofArgType__start: _TypeAlias = _typing.Literal["_start", b"_start"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__canny_high) -> _WhichOneofReturnType__canny_high | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__canny_low) -> _WhichOneofReturnType__canny_low | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end) -> _WhichOneofReturnType__end | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start) -> _WhichOneofReturnType__start | None: ...
+
+Global___Control: _TypeAlias = Control  # noqa: Y015
+
+@_typing.final
 class ListLorasRequest(_message.Message):
     """Input of ListLoras."""
 
@@ -512,6 +681,7 @@ class GenerateRequest(_message.Message):
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -573,6 +743,13 @@ class GenerateRequest(_message.Message):
         Requests with different adapters share the Denoiser's U-Net forwards.
         """
 
+    @_builtins.property
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Control]:
+        """ControlNets of that model conditioning the request, at most `limits.max_controls`
+        (several add up, as diffusers' MultiControlNet). Requests with different nets, images and
+        scales share the Denoiser's U-Net forwards.
+        """
+
     def __init__(
         self,
         *,
@@ -593,10 +770,11 @@ class GenerateRequest(_message.Message):
         cache_interval: _builtins.int | None = ...,
         model: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
+        controls: _abc.Iterable[Global___Control] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "loras", b"loras", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "loras", b"loras", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_interval: _TypeAlias = _typing.Literal["cache_interval"]  # noqa: Y015
     _WhichOneofArgType__cache_interval: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval"]  # noqa: Y015
@@ -855,6 +1033,7 @@ class ResolvedParameters(_message.Message):
     CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     """Image width in pixels."""
     height: _builtins.int
@@ -877,6 +1056,10 @@ class ResolvedParameters(_message.Message):
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
         """The LoRA adapters it ran with, scales filled in."""
 
+    @_builtins.property
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Control]:
+        """The ControlNets it ran with, defaults filled in (their images left out)."""
+
     def __init__(
         self,
         *,
@@ -890,10 +1073,11 @@ class ResolvedParameters(_message.Message):
         cache_interval: _builtins.int = ...,
         model: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
+        controls: _abc.Iterable[Global___Control] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "loras", b"loras", "model", b"model", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "loras", b"loras", "model", b"model", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,6 +75,11 @@ class DiffusionServiceStub:
                 request_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasResponse.FromString,
                 _registered_method=True)
+        self.ListControlNets = channel.unary_unary(
+                '/sdserve.v1.DiffusionService/ListControlNets',
+                request_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListControlNetsRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListControlNetsResponse.FromString,
+                _registered_method=True)
 
 
 class DiffusionServiceServicer:
@@ -148,6 +153,13 @@ class DiffusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListControlNets(self, request, context):
+        """The ControlNets found in a model's ControlNet folder (what `Control.name` names).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +202,11 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.ListLoras,
                     request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListLorasResponse.SerializeToString,
+            ),
+            'ListControlNets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListControlNets,
+                    request_deserializer=sdserve_dot_v1_dot_diffusion__pb2.ListControlNetsRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_diffusion__pb2.ListControlNetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +426,33 @@ class DiffusionService:
             '/sdserve.v1.DiffusionService/ListLoras',
             sdserve_dot_v1_dot_diffusion__pb2.ListLorasRequest.SerializeToString,
             sdserve_dot_v1_dot_diffusion__pb2.ListLorasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListControlNets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.DiffusionService/ListControlNets',
+            sdserve_dot_v1_dot_diffusion__pb2.ListControlNetsRequest.SerializeToString,
+            sdserve_dot_v1_dot_diffusion__pb2.ListControlNetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,8 @@ class DiffusionServiceStub:
     """The models this server serves, the default first (what `GenerateRequest.model` names)."""
     ListLoras: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.ListLorasRequest, _diffusion_pb2.ListLorasResponse]
     """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names)."""
+    ListControlNets: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.ListControlNetsRequest, _diffusion_pb2.ListControlNetsResponse]
+    """The ControlNets found in a model's ControlNet folder (what `Control.name` names)."""
 
 @_typing.type_check_only
 class DiffusionServiceAsyncStub(DiffusionServiceStub):
@@ -110,6 +112,8 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
     """The models this server serves, the default first (what `GenerateRequest.model` names)."""
     ListLoras: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.ListLorasRequest, _diffusion_pb2.ListLorasResponse]  # type: ignore[assignment]
     """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names)."""
+    ListControlNets: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.ListControlNetsRequest, _diffusion_pb2.ListControlNetsResponse]  # type: ignore[assignment]
+    """The ControlNets found in a model's ControlNet folder (what `Control.name` names)."""
 
 class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Text-to-image generation."""
@@ -194,5 +198,13 @@ class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_diffusion_pb2.ListLorasResponse, _abc.Awaitable[_diffusion_pb2.ListLorasResponse]]:
         """The LoRA adapters found in a model's adapter folder (what `GenerateRequest.loras` names)."""
+
+    @_abc_1.abstractmethod
+    def ListControlNets(
+        self,
+        request: _diffusion_pb2.ListControlNetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.ListControlNetsResponse, _abc.Awaitable[_diffusion_pb2.ListControlNetsResponse]]:
+        """The ControlNets found in a model's ControlNet folder (what `Control.name` names)."""
 
 def add_DiffusionServiceServicer_to_server(servicer: DiffusionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -251,6 +251,7 @@ class DenoiseRequest(_message.Message):
     COND_POOLED_FIELD_NUMBER: _builtins.int
     UNCOND_POOLED_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -309,6 +310,10 @@ class DenoiseRequest(_message.Message):
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraScale]:
         """LoRA adapters applied to this request's rows of the U-Net forwards."""
 
+    @_builtins.property
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlInput]:
+        """ControlNets conditioning this request's rows of the U-Net forwards."""
+
     def __init__(
         self,
         *,
@@ -331,14 +336,59 @@ class DenoiseRequest(_message.Message):
         cond_pooled: Global___Tensor | None = ...,
         uncond_pooled: Global___Tensor | None = ...,
         loras: _abc.Iterable[Global___LoraScale] | None = ...,
+        controls: _abc.Iterable[Global___ControlInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "init", b"init", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DenoiseRequest: _TypeAlias = DenoiseRequest  # noqa: Y015
+
+@_typing.final
+class ControlInput(_message.Message):
+    """One ControlNet of a DenoiseRequest, its image prepared by the ingress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PIXELS_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    GUESS_MODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The ControlNet's name in the model's ControlNet folder."""
+    pixels: _builtins.bytes
+    """The control image, preprocessed and resized to the request's size: RGB uint8, shape
+    [height, width, 3], C order.
+    """
+    scale: _builtins.float
+    """Conditioning scale."""
+    start: _builtins.float
+    """The fraction of the steps before which it is off."""
+    end: _builtins.float
+    """The fraction of the steps after which it is off."""
+    guess_mode: _builtins.bool
+    """Guess mode (conditional row only, residuals scaled by depth)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        pixels: _builtins.bytes = ...,
+        scale: _builtins.float = ...,
+        start: _builtins.float = ...,
+        end: _builtins.float = ...,
+        guess_mode: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "guess_mode", b"guess_mode", "name", b"name", "pixels", b"pixels", "scale", b"scale", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlInput: _TypeAlias = ControlInput  # noqa: Y015
 
 @_typing.final
 class DenoiseResponse(_message.Message):
@@ -608,6 +658,7 @@ class DenoiserInfo(_message.Message):
     PREDICTION_TYPE_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
+    CONTROLNETS_FIELD_NUMBER: _builtins.int
     native_width: _builtins.int
     """The model's native image width in pixels."""
     native_height: _builtins.int
@@ -632,6 +683,10 @@ class DenoiserInfo(_message.Message):
     def stage(self) -> Global___StageInfo:
         """How the Denoiser computes (its dtype, compile mode, threads)."""
 
+    @_builtins.property
+    def controlnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlNetFile]:
+        """The ControlNets in the model's ControlNet folder, read when this message is made."""
+
     def __init__(
         self,
         *,
@@ -643,14 +698,49 @@ class DenoiserInfo(_message.Message):
         prediction_type: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraFile] | None = ...,
         stage: Global___StageInfo | None = ...,
+        controlnets: _abc.Iterable[Global___ControlNetFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "loras", b"loras", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "stage", b"stage", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controlnets", b"controlnets", "family", b"family", "loras", b"loras", "native_height", b"native_height", "native_width", b"native_width", "prediction_type", b"prediction_type", "stage", b"stage", "unet_in_channels", b"unet_in_channels", "vae_scale_factor", b"vae_scale_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DenoiserInfo: _TypeAlias = DenoiserInfo  # noqa: Y015
+
+@_typing.final
+class ControlNetFile(_message.Message):
+    """A ControlNet folder the Denoiser can load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
+    MISFIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The net's name (its folder's)."""
+    file_bytes: _builtins.int
+    """The size of its weight files in bytes."""
+    loaded: _builtins.bool
+    """Whether it is loaded now."""
+    misfit: _builtins.str
+    """Why it does not fit the model's U-Net (its config read, not its weights); empty: it fits."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_bytes: _builtins.int = ...,
+        loaded: _builtins.bool = ...,
+        misfit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_bytes", b"file_bytes", "loaded", b"loaded", "misfit", b"misfit", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlNetFile: _TypeAlias = ControlNetFile  # noqa: Y015
 
 @_typing.final
 class LoraFile(_message.Message):

@@ -125,9 +125,11 @@ class EngineConfig(Strict):
     the least recently used net that no live request holds is dropped beyond it."""
 
     lora_policy: Literal["mixed", "one_set"] = "mixed"
-    """mixed: one U-Net forward holds rows with different adapters (each row its own). one_set:
-    a forward holds rows of one adapter set only, as servers that apply one adapter per batch
-    do; for comparison (bench/bench_lora.py)."""
+    """mixed: one U-Net forward holds rows with different LoRA adapters and ControlNets (each
+    row its own). one_set: a forward holds rows of one adapter set only (the same LoRA adapters
+    and scales, the same ControlNets), as servers that bind one adapter or ControlNet to a batch
+    do; for comparison (bench/bench_lora.py, bench/bench_controlnet.py; the sets:
+    pipeline/adapter_sets.py)."""
 
     compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
     """torch.compile of the U-Net's forwards (sdserve/pipeline/compiled.py): off (eager),

@@ -7,7 +7,8 @@ One engine runs per Denoiser replica, on the replica's torch thread. At every st
 3. runs ONE U-Net forward over one bucket of running images (`unet_step`): each image at its own
    timestep, with its own scheduler, generator, step count and guidance; images with guidance
    <= 1, or past their guidance stop, add no unconditional row; images on a DeepCache shallow
-   step go into a second, shallow forward;
+   step go into a second, shallow forward; images with different LoRA adapters and ControlNets
+   share it (`lora_policy="one_set"` keeps each adapter set to forwards of its own, to compare);
 4. reports progress, and hands finished latents back.
 
 Images whose latents differ in shape cannot share a forward; they sit in separate buckets, which
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from sdserve.errors import Unavailable
+from sdserve.pipeline import adapter_sets
 from sdserve.pipeline.denoise import DenoiseJob
 from sdserve.pipeline.step import FullForward, unet_step
 from sdserve.pipeline.threads import set_threads
@@ -113,11 +115,12 @@ class DenoiseEngine:
     ):
         if strategy not in ("step", "request"):
             raise ValueError(f"unknown batching strategy {strategy!r}")
-        if lora_policy not in ("mixed", "one_set"):
+        if lora_policy not in adapter_sets.POLICIES:
             raise ValueError(f"unknown LoRA policy {lora_policy!r}")
         self.lora_policy = lora_policy
-        """mixed: rows of different LoRA adapters share a forward. one_set: a forward takes
-        the rows of one adapter set, the sets taking turns (for comparison)."""
+        """mixed: rows of different LoRA adapters and ControlNets share a forward. one_set: a
+        forward takes the rows of one adapter set (its LoRAs and ControlNets), the sets taking
+        turns, for comparison (`adapter_sets`)."""
         self._set_turn = 0
         self.unet = unet
         self.max_batch_size = max_batch_size
@@ -280,7 +283,8 @@ class DenoiseEngine:
             return None
 
         if self.lora_policy == "one_set":
-            jobs = self._one_adapter_set(jobs)
+            jobs = adapter_sets.one_set(jobs, self._set_turn)
+            self._set_turn += 1
         samples = [s for job in jobs for s in job.samples if not s.done]
         rows = len(samples) + sum(s.guided_now for s in samples)
         shallow_rows = sum(1 + s.guided_now for s in samples if s.shallow)
@@ -329,17 +333,6 @@ class DenoiseEngine:
         """The rows a forward of `rows` computes: its bucket when compiled."""
         bucket_for = getattr(self.forward, "bucket_for", None)
         return (bucket_for(rows) or rows) if bucket_for is not None else rows
-
-    def _one_adapter_set(self, jobs: list[DenoiseJob]) -> list[DenoiseJob]:
-        """The jobs of one adapter set (the sets of `jobs` take turns)."""
-
-        def key(job: DenoiseJob) -> tuple:
-            return tuple((id(a), scale) for a, scale in job.samples[0].loras)
-
-        sets = list(dict.fromkeys(key(job) for job in jobs))
-        chosen = sets[self._set_turn % len(sets)]
-        self._set_turn += 1
-        return [job for job in jobs if key(job) == chosen]
 
     def _report(self, shape: tuple[int, ...], jobs: list[DenoiseJob]) -> None:
         """After a forward: step events (with latents on preview steps), finished requests."""

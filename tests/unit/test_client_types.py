@@ -62,7 +62,7 @@ def test_generate_result_from_pb(tmp_path):
     result = GenerateResult.from_pb(_response())
     assert result.request_id == "req-1"
     assert [(im.seed, im.width, im.height) for im in result.images] == [(7, 16, 8), (8, 16, 8)]
-    assert asdict(result.parameters) == {**PARAMETERS, "loras": (("cyan", 0.8),)}
+    assert asdict(result.parameters) == {**PARAMETERS, "loras": (("cyan", 0.8),), "controls": ()}
     assert asdict(result.timings) == TIMINGS
     image = result.images[0].image
     assert image.size == (16, 8) and image.getpixel((0, 0)) == (255, 0, 0)

@@ -151,3 +151,82 @@ def test_an_unknown_controlnet_lists_the_served_ones(path):
         _run(path, controls=(ControlFields("edges", SQUARE), ControlFields("pose", SQUARE)))
     assert caught.value.field == "controls[1].name"
     assert "'pose'" in caught.value.reason and "depth, edges" in caught.value.reason
+
+
+# --- The edges: the CLI's --control, the HTTP body, the Python client ---------------------
+
+
+def test_the_cli_control_option(tmp_path):
+    from sdserve.cli import build_parser
+    from sdserve.cli.options import request_options
+
+    image = tmp_path / "a:b.png"  # a colon in the path: numbers are read from the right
+    image.write_bytes(SQUARE)
+    args = build_parser().parse_args([
+        "generate", "a square", "--control", f"edges={image}", "--control",
+        f"depth={image}:0.5:0.1:0.8", "--control-preprocess", "canny", "--control-guess-mode",
+    ])  # fmt: skip
+    edges, depth = request_options(args)["controls"]
+    assert (edges.name, edges.image, edges.scale, edges.start, edges.end) == (
+        "edges", SQUARE, None, None, None)  # fmt: skip
+    assert (depth.scale, depth.start, depth.end) == (0.5, 0.1, 0.8)
+    assert edges.preprocess == depth.preprocess == "canny" and depth.guess_mode
+    assert request_options(build_parser().parse_args(["generate", "x"]))["controls"] is None
+    for bad in ("edges", f"={image}", f"edges={image}:0.5:0.1", "edges=/no/such.png"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["generate", "x", "--control", bad])
+
+
+def test_the_http_body_carries_controls_and_names_bad_fields():
+    import base64
+
+    from sdserve.http.openai_images import generation_body, parse_generation
+
+    image = base64.b64encode(SQUARE).decode()
+    body = {"prompt": "a square", "controls": [
+        {"name": "edges", "image": image},
+        {"name": "depth", "image": image, "scale": 0.5, "start": 0.25, "end": 1,
+         "guess_mode": True, "preprocess": "canny", "canny_low": 50}]}  # fmt: skip
+    request = parse_generation(body).request
+    assert [c.name for c in request.controls] == ["edges", "depth"]
+    assert request.controls[0].image == SQUARE and not request.controls[0].HasField("scale")
+    assert request.controls[1].guess_mode and request.controls[1].canny_low == 50
+    assert parse_generation(generation_body(request)).request == request
+    for controls, field in (
+        ("edges", "controls"),
+        ([{"name": "edges"}], "controls[0]"),
+        ([{"name": "edges", "image": "%%%"}], "controls[0].image"),
+        ([{"name": "edges", "image": image, "scale": "big"}], "controls[0].scale"),
+        ([{"name": "edges", "image": image, "guess_mode": 1}], "controls[0].guess_mode"),
+        ([{"name": "edges", "image": image, "weight": 1}], "controls[0].weight"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_generation({"prompt": "x", "controls": controls})
+        assert caught.value.field == field
+
+
+def test_the_client_sends_controls(tmp_path):
+    from sdserve.client import Control
+    from sdserve.client._calls import generate_request
+
+    (tmp_path / "c.png").write_bytes(SQUARE)
+    request = generate_request("x", {"controls": [
+        Control("edges", tmp_path / "c.png", scale=0.5), {"name": "depth", "image": _square(),
+                                                          "preprocess": "canny"}]})  # fmt: skip
+    edges, depth = request.controls
+    assert edges.image == SQUARE and edges.scale == 0.5 and not edges.HasField("start")
+    assert Image.open(io.BytesIO(depth.image)).size == (64, 64) and depth.preprocess == "canny"
+
+
+def test_the_loadtest_conditions_every_kth_request(tmp_path):
+    from sdserve.cli import build_parser
+    from sdserve.cli.options import controls
+    from sdserve.client._calls import control_pb
+    from sdserve.loadtest import Mix
+
+    (tmp_path / "c.png").write_bytes(SQUARE)
+    args = build_parser().parse_args(["loadtest", "--control", f"edges={tmp_path / 'c.png'}:0.5",
+                                      "--control-every", "2"])  # fmt: skip
+    mix = Mix(controls=tuple(map(control_pb, controls(args))), control_every=args.control_every)
+    assert [len(mix.request(i).controls) for i in range(4)] == [1, 0, 1, 0]
+    assert mix.request(0).controls[0].scale == 0.5 and mix.request(0).controls[0].image == SQUARE

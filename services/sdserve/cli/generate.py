@@ -51,6 +51,16 @@ def register(sub, parents: Parents) -> None:
     )
     loras.add_argument("--model", default="", help="served model (default: the default one)")
     loras.set_defaults(func=list_loras)
+    nets = sub.add_parser(
+        "controlnets",
+        help="list a served model's ControlNets",
+        description="Call DiffusionService.ListControlNets and print the ControlNets in a "
+        "model's ControlNet folder (what --control takes), their sizes, whether they are "
+        "loaded, and why one cannot condition the model.",
+        parents=[parents.server, parents.timeout(30.0)],
+    )
+    nets.add_argument("--model", default="", help="served model (default: the default one)")
+    nets.set_defaults(func=list_controlnets)
 
 
 def list_loras(args: argparse.Namespace) -> int:
@@ -67,6 +77,24 @@ def list_loras(args: argparse.Namespace) -> int:
     for lora in loras:
         state = "loaded" if lora.loaded else "on disk"
         print(f"{lora.name:<24} {lora.file_bytes / 2**20:8.1f} MB  {state}  ({lora.model})")
+    return 0
+
+
+def list_controlnets(args: argparse.Namespace) -> int:
+    from sdserve.client import ClientError
+
+    try:
+        with options.client(args) as client:
+            nets = client.controlnets(args.model)
+    except ClientError as exc:
+        return options.rpc_error(exc)
+    if not nets:
+        print("no ControlNets (put diffusers ControlNetModel folders in the model's "
+              "controlnets/ folder, or set its controlnet_dir)")  # fmt: skip
+    for net in nets:
+        state = "loaded" if net.loaded else "on disk"
+        fits = f"  NOT USABLE: {net.misfit}" if net.misfit else ""
+        print(f"{net.name:<24} {net.file_bytes / 2**20:8.1f} MB  {state}  ({net.model}){fits}")
     return 0
 
 

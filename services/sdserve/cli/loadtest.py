@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from sdserve.cli.options import (
     Parents,
     add_cheaper_step_options,
+    add_control_options,
     add_image_options,
     channel_credentials,
     require_extra,
@@ -60,6 +61,15 @@ def register(sub, parents: Parents) -> None:
         "the sets in turn (none: no adapter)",
     )
     add_image_options(load, strengths=True)
+    add_control_options(load)
+    load.add_argument(
+        "--control-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --control: every K-th request is conditioned, the others not (default "
+        "%(default)s: all)",
+    )
     add_cheaper_step_options(load, lists=True)
     load.add_argument(
         "--image-every",
@@ -90,7 +100,8 @@ def register(sub, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     """`sdserve loadtest`: builds the mix from the options, drives the load, prints the summary
     (and writes the report and picture when asked)."""
-    from sdserve.cli.options import call_metadata
+    from sdserve.cli.options import call_metadata, controls
+    from sdserve.client._calls import control_pb
     from sdserve.loadtest import Mix, format_summary, run_loadtest
 
     require_extras(args)
@@ -109,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         cache_intervals=_split(args.cache_interval, int),
         models=_split(args.model, str) if args.model else ("",),
         loras=tuple(lora_set(spec) for spec in args.lora) if args.lora else ((),),
+        controls=tuple(control_pb(c) for c in controls(args) or ()),
+        control_every=max(1, args.control_every),
     )
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:

@@ -90,8 +90,67 @@ def _request_parent() -> argparse.ArgumentParser:
         "(default 1); repeat for several",
     )
     add_image_options(parser)
+    add_control_options(parser)
     add_cheaper_step_options(parser)
     return parser
+
+
+def control_spec(text: str):
+    """argparse type of --control NAME=IMAGE[:SCALE[:START:END]]: a `client.Control` with the
+    image file's bytes (numbers are read from the right, so IMAGE may hold colons)."""
+    from sdserve.client import Control
+
+    name, sep, rest = text.partition("=")
+    parts = rest.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 3 and _is_number(parts[-1]):
+        numbers.insert(0, float(parts.pop()))
+    if not (sep and name and parts[0]) or len(numbers) == 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=IMAGE[:SCALE[:START:END]]")
+    scale, start, end = (numbers + [None, None, None])[:3]
+    return Control(name, image_file(":".join(parts)), scale=scale, start=start, end=end)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def add_control_options(parser: argparse.ArgumentParser) -> None:
+    """--control (repeatable), --control-preprocess and --control-guess-mode (ControlNets)."""
+    parser.add_argument(
+        "--control",
+        action="append",
+        type=control_spec,
+        metavar="NAME=IMAGE[:SCALE[:START:END]]",
+        help="condition on a ControlNet of the model (`sdserve controlnets` lists them) with "
+        "this PNG or JPEG control image, at SCALE (default 1) for the fraction START..END of "
+        "the steps (default 0..1); repeat for several",
+    )
+    parser.add_argument(
+        "--control-preprocess",
+        choices=("canny",),
+        help="make every control image from a photo first: canny draws its edges (OpenCV, "
+        "thresholds 100 and 200)",
+    )
+    parser.add_argument(
+        "--control-guess-mode",
+        action="store_true",
+        help="every ControlNet in guess mode (conditions the prompt's row only)",
+    )
+
+
+def controls(args: argparse.Namespace) -> list | None:
+    """The `controls` option of --control, --control-preprocess and --control-guess-mode."""
+    if not getattr(args, "control", None):
+        return None
+    from dataclasses import replace
+
+    return [replace(c, preprocess=args.control_preprocess or "",
+                    guess_mode=args.control_guess_mode) for c in args.control]  # fmt: skip
 
 
 def add_cheaper_step_options(parser: argparse.ArgumentParser, lists: bool = False) -> None:
@@ -161,6 +220,7 @@ def request_options(args: argparse.Namespace) -> dict:
         cache_interval=args.cache_interval,
         model=args.model,
         loras=args.lora,
+        controls=controls(args),
     )
 
 

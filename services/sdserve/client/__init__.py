@@ -17,6 +17,8 @@ from sdserve.client._calls import API_KEY_VARIABLE, OPTIONS, TLS_VARIABLES, chan
 from sdserve.client._sync import Client
 from sdserve.client.types import (
     ClientError,
+    Control,
+    ControlNetInfo,
     Event,
     GeneratedImage,
     GenerateResult,
@@ -45,6 +47,8 @@ __all__ = [
     "GeneratedImage",
     "Job",
     "LoraInfo",
+    "Control",
+    "ControlNetInfo",
     "ModelInfo",
     "ModelStage",
     "Parameters",

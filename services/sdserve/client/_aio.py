@@ -11,7 +11,15 @@ import grpc.aio
 
 from sdserve.client import _calls
 from sdserve.client._calls import Rpc, rpc_errors
-from sdserve.client.types import Event, GenerateResult, Job, LoraInfo, ModelInfo, Submitted
+from sdserve.client.types import (
+    ControlNetInfo,
+    Event,
+    GenerateResult,
+    Job,
+    LoraInfo,
+    ModelInfo,
+    Submitted,
+)
 
 
 class AsyncClient(_calls.ClientBase):
@@ -83,6 +91,10 @@ class AsyncClient(_calls.ClientBase):
     async def loras(self, model: str = "") -> list[LoraInfo]:
         """As `Client.loras`."""
         return await self._unary(_calls.loras(model))
+
+    async def controlnets(self, model: str = "") -> list[ControlNetInfo]:
+        """As `Client.controlnets`."""
+        return await self._unary(_calls.controlnets(model))
 
     async def models(self) -> list[ModelInfo]:
         """As `Client.models`."""

@@ -18,6 +18,8 @@ import grpc
 from sdserve.client.types import (
     PRIORITIES,
     ClientError,
+    Control,
+    ControlNetInfo,
     GenerateResult,
     Job,
     LoraInfo,
@@ -30,7 +32,7 @@ from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 OPTIONS = (
     "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler",
     "num_images", "init_image", "strength", "mask_image", "guidance_stop", "cache_interval",
-    "model", "loras",
+    "model", "loras", "controls",
 )  # fmt: skip
 """GenerateRequest's optional fields: the `**options` of generate, stream and submit."""
 
@@ -110,6 +112,8 @@ def generate_request(
         fields[name] = image_bytes(name, fields[name])
     if "loras" in fields:
         fields["loras"] = [lora_weight(lora) for lora in fields["loras"]]
+    if "controls" in fields:
+        fields["controls"] = [control_pb(c) for c in fields["controls"]]
     return diffusion_pb2.GenerateRequest(prompt=prompt, preview_every=preview_every, **fields)
 
 
@@ -125,6 +129,19 @@ def lora_weight(lora: Any) -> diffusion_pb2.LoraWeight:
     if scale is not None:
         weight.scale = float(scale)
     return weight
+
+
+def control_pb(control: Control | Mapping) -> diffusion_pb2.Control:
+    """A `controls` entry: a `Control`, or a mapping of its fields."""
+    if isinstance(control, Mapping):
+        control = Control(**control)
+    pb = diffusion_pb2.Control(name=control.name, image=image_bytes("image", control.image),
+                               guess_mode=control.guess_mode,
+                               preprocess=control.preprocess)  # fmt: skip
+    for name in ("scale", "start", "end", "canny_low", "canny_high"):
+        if getattr(control, name) is not None:
+            setattr(pb, name, float(getattr(control, name)))
+    return pb
 
 
 class Rpc(NamedTuple):
@@ -160,6 +177,12 @@ def job(method: str, job_id: str) -> Rpc:
 def loras(model: str = "") -> Rpc:
     return Rpc("ListLoras", diffusion_pb2.ListLorasRequest(model=model),
                lambda reply: [LoraInfo.from_pb(f, reply.model) for f in reply.loras])  # fmt: skip
+
+
+def controlnets(model: str = "") -> Rpc:
+    return Rpc("ListControlNets", diffusion_pb2.ListControlNetsRequest(model=model),
+               lambda reply: [ControlNetInfo.from_pb(n, reply.model)
+                              for n in reply.controlnets])  # fmt: skip
 
 
 def models() -> Rpc:

@@ -10,7 +10,15 @@ import grpc
 
 from sdserve.client import _calls
 from sdserve.client._calls import Rpc, rpc_errors
-from sdserve.client.types import Event, GenerateResult, Job, LoraInfo, ModelInfo, Submitted
+from sdserve.client.types import (
+    ControlNetInfo,
+    Event,
+    GenerateResult,
+    Job,
+    LoraInfo,
+    ModelInfo,
+    Submitted,
+)
 
 
 class Client(_calls.ClientBase):
@@ -90,6 +98,10 @@ class Client(_calls.ClientBase):
     def loras(self, model: str = "") -> list[LoraInfo]:
         """A served model's LoRA adapters (ListLoras; default: the default model's)."""
         return self._unary(_calls.loras(model))
+
+    def controlnets(self, model: str = "") -> list[ControlNetInfo]:
+        """A served model's ControlNets (ListControlNets; default: the default model's)."""
+        return self._unary(_calls.controlnets(model))
 
     def models(self) -> list[ModelInfo]:
         """The served models (ListModels), the default first."""

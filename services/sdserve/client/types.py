@@ -85,6 +85,36 @@ class GeneratedImage(_SameFields):
 
 
 @dataclass(frozen=True)
+class Control:
+    """A ControlNet conditioning a request (`controls=[Control("edges", "edges.png")]`).
+
+    None leaves a field to the server's default (scale 1, start 0, end 1; Canny thresholds 100
+    and 200)."""
+
+    name: str
+    """A ControlNet of the model (`Client.controlnets()` lists them)."""
+    image: bytes | str | Path | Image.Image = b""
+    """The control image: PNG or JPEG bytes, a path to one, or a PIL image (sent as PNG)."""
+    scale: float | None = None
+    start: float | None = None
+    """The fraction of the steps before which it is off."""
+    end: float | None = None
+    """The fraction of the steps after which it is off."""
+    guess_mode: bool = False
+    preprocess: str = ""
+    """"" (the image as it is) or "canny" (the server draws its edges: send a photo)."""
+    canny_low: float | None = None
+    canny_high: float | None = None
+
+    @classmethod
+    def from_pb(cls, pb: diffusion_pb2.Control) -> Control:
+        optional = {f: _f32(getattr(pb, f)) if pb.HasField(f) else None
+                    for f in ("scale", "start", "end", "canny_low", "canny_high")}  # fmt: skip
+        return cls(pb.name, pb.image, guess_mode=pb.guess_mode, preprocess=pb.preprocess,
+                   **optional)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Parameters:
     """The parameters a request ran with, the server's defaults filled in."""
 
@@ -102,13 +132,16 @@ class Parameters:
     model: str
     loras: tuple[tuple[str, float], ...] = ()
     """The LoRA adapters it ran with: (name, scale) each."""
+    controls: tuple[Control, ...] = ()
+    """The ControlNets it ran with, every field filled in (their images left out)."""
 
     @classmethod
     def from_pb(cls, pb: diffusion_pb2.ResolvedParameters) -> Parameters:
-        values = {f.name: getattr(pb, f.name) for f in fields(cls) if f.name != "loras"}
+        own = ("loras", "controls")
+        values = {f.name: getattr(pb, f.name) for f in fields(cls) if f.name not in own}
         loras = tuple((w.name, _f32(w.scale)) for w in pb.loras)
         return cls(**{name: _f32(v) if isinstance(v, float) else v for name, v in values.items()},
-                   loras=loras)  # fmt: skip
+                   loras=loras, controls=tuple(map(Control.from_pb, pb.controls)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -309,3 +342,20 @@ class LoraInfo:
     @classmethod
     def from_pb(cls, pb: diffusion_pb2.LoraInfo, model: str) -> LoraInfo:
         return cls(pb.name, model, pb.file_bytes, pb.loaded)
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    """A ControlNet a served model has (`controls=[Control(name, image)]` takes its name)."""
+
+    name: str
+    model: str
+    file_bytes: int
+    loaded: bool
+    """Whether the model's Denoiser holds it in memory now (nets load on first use)."""
+    misfit: str = ""
+    """Why it cannot condition this model (a net of another family); "": it can."""
+
+    @classmethod
+    def from_pb(cls, pb: diffusion_pb2.ControlNetInfo, model: str) -> ControlNetInfo:
+        return cls(pb.name, model, pb.file_bytes, pb.loaded, pb.misfit)

@@ -8,7 +8,8 @@ the default, or `url`), `stream` with `partial_images` (0-3), `user`; `output_fo
 and ignored. sdserve's own fields ride along under their diffusers names (`negative_prompt`,
 `num_inference_steps`, `guidance_scale`, `seed`, `scheduler`) or their API names (`strength`,
 `init_image` and `mask_image` as base64 PNG/JPEG, `guidance_stop`, `cache_interval`, `loras`
-as a list of {"name", "scale"}). Anything
+as a list of {"name", "scale"}, `controls` as a list of {"name", "image" (base64), "scale",
+"start", "end", "guess_mode", "preprocess", "canny_low", "canny_high"}). Anything
 else is refused, naming the field, rather than silently dropped.
 """
 
@@ -44,7 +45,11 @@ NUMBERS = {  # body field -> (GenerateRequest field, type)
 TEXTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
          "scheduler": "scheduler"}  # fmt: skip
 IMAGES = {"init_image": "init_image", "mask_image": "mask_image"}
-OWN = {"size", "response_format", "stream", "partial_images", "output_format", "user", "loras"}
+OWN = {"size", "response_format", "stream", "partial_images", "output_format", "user", "loras",
+       "controls"}  # fmt: skip
+CONTROL_FIELDS = {"scale": float, "start": float, "end": float, "canny_low": float,
+                  "canny_high": float, "preprocess": str, "guess_mode": bool}  # fmt: skip
+"""A `controls` entry's fields besides its name and image (`Control` in diffusion.proto)."""
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -101,6 +106,7 @@ def parse_generation(body: Any, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTE
             setattr(request, field, _image(body, name, max_image_bytes))
     _size(body.get("size"), request)
     _loras(body.get("loras"), request)
+    _controls(body.get("controls"), request, max_image_bytes)
     if body.get("output_format", "png") != "png":
         raise InvalidArgument("output_format", "must be png (the only format sdserve writes)")
     response_format = body.get("response_format") or "b64_json"
@@ -170,6 +176,34 @@ def _loras(loras: Any, request: diffusion_pb2.GenerateRequest) -> None:
             weight.scale = _typed(lora, "scale", float)
 
 
+def _controls(controls: Any, request: diffusion_pb2.GenerateRequest, max_bytes: int) -> None:
+    """`controls`: a list of {"name": ..., "image": <base64>, "scale": ..., ...}; an error
+    names the entry's field (`controls[0].scale`)."""
+    if controls is None:
+        return
+    shape = '{"name": ..., "image": <base64 PNG or JPEG>, ...}'
+    if not isinstance(controls, list):
+        raise InvalidArgument("controls", f"must be a list of {shape}")
+    for i, control in enumerate(controls):
+        at = f"controls[{i}]"
+        if not isinstance(control, dict) or "name" not in control or "image" not in control:
+            raise InvalidArgument(at, f"must be {shape}")
+        unknown = sorted(set(control) - {"name", "image", *CONTROL_FIELDS})
+        if unknown:
+            raise InvalidArgument(f"{at}.{unknown[0]}", f"is not a control field; the fields "
+                                  f"are name, image, {', '.join(CONTROL_FIELDS)}")  # fmt: skip
+        named = {f"{at}.{k}": v for k, v in control.items() if v is not None}
+        entry = request.controls.add(name=_typed(named, f"{at}.name", str),
+                                     image=_image(named, f"{at}.image", max_bytes))  # fmt: skip
+        for key, kind in CONTROL_FIELDS.items():
+            if f"{at}.{key}" not in named:
+                continue
+            if kind is bool and not isinstance(named[f"{at}.{key}"], bool):
+                raise InvalidArgument(f"{at}.{key}", "must be true or false")
+            value = named[f"{at}.{key}"] if kind is bool else _typed(named, f"{at}.{key}", kind)
+            setattr(entry, key, value)
+
+
 def generation_body(request: diffusion_pb2.GenerateRequest) -> dict:
     """The body that asks for `request` (the load tester's HTTP mode; the inverse of
     `parse_generation` for the fields a request sets)."""
@@ -188,6 +222,16 @@ def generation_body(request: diffusion_pb2.GenerateRequest) -> dict:
     if request.loras:
         body["loras"] = [{"name": w.name, **({"scale": w.scale} if w.HasField("scale") else {})}
                          for w in request.loras]  # fmt: skip
+    if request.controls:
+        body["controls"] = [_control_body(c) for c in request.controls]
+    return body
+
+
+def _control_body(control: diffusion_pb2.Control) -> dict:
+    body = {"name": control.name, "image": base64.b64encode(control.image).decode()}
+    for key, kind in CONTROL_FIELDS.items():
+        if kind is float and control.HasField(key) or kind is not float and getattr(control, key):
+            body[key] = getattr(control, key)
     return body
 
 

@@ -28,6 +28,9 @@ class Mix:
     """Served model names ("": the server's default)."""
     loras: tuple[tuple[tuple[str, float], ...], ...] = ((),)
     """LoRA adapter sets, one per request in turn: ((name, scale), ...) each; () for none."""
+    controls: tuple[diffusion_pb2.Control, ...] = field(default=(), repr=False)
+    """ControlNets of every `control_every`-th request (their images at each one's size)."""
+    control_every: int = 1
 
     def request(self, i: int) -> diffusion_pb2.GenerateRequest:
         def pick(options):
@@ -50,6 +53,8 @@ class Mix:
         )  # fmt: skip
         for name, scale in pick(self.loras):
             request.loras.add(name=name, scale=scale)
+        if self.controls and i % self.control_every == 0:
+            request.controls.extend(self.controls)
         optional = {
             "steps": self.steps,
             "width": self.widths,

@@ -230,3 +230,36 @@ def test_the_loadtest_conditions_every_kth_request(tmp_path):
     mix = Mix(controls=tuple(map(control_pb, controls(args))), control_every=args.control_every)
     assert [len(mix.request(i).controls) for i in range(4)] == [1, 0, 1, 0]
     assert mix.request(0).controls[0].scale == 0.5 and mix.request(0).controls[0].image == SQUARE
+
+
+def test_the_net_cache_evicts_the_least_recent_free_net():
+    """Within its bound, the least recently used net goes first; a net a live request holds
+    stays even above the bound, until that request is gone."""
+    import gc
+
+    import torch
+
+    from sdserve.stages.controlnets import NetCache, nbytes
+
+    nets = {name: torch.nn.Linear(16, 16) for name in "abcd"}
+    cache = NetCache(max_bytes=2 * nbytes(nets["a"]))
+    loads = []
+
+    def get(name):
+        return cache.get(name, lambda: loads.append(name) or nets[name])
+
+    get("a"), get("b"), get("a")  # b is now the least recent
+    get("c")
+    assert cache.names() == ["a", "c"] and loads == ["a", "b", "c"]
+
+    class Job:
+        pass
+
+    job = Job()
+    cache.hold(job, ["a", "c"])
+    get("b")  # over the bound: both others are held
+    assert cache.names() == ["a", "c", "b"]
+    del job
+    gc.collect()
+    get("d")  # the released a and c go, least recent first
+    assert cache.names() == ["b", "d"] and loads == ["a", "b", "c", "b", "d"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -56,17 +57,31 @@ def test_cyan_is_opt_in_and_the_grammar_of_the_base_model_is_unchanged():
 
 
 def test_the_evaluation_prompts_are_held_out_of_the_training_data():
-    from sdserve.shapes.lora_recipe import LoraTrainConfig, held_out_captions
+    from sdserve.shapes.lora_recipe import (
+        LORA_EVAL_SEED,
+        LoraTrainConfig,
+        held_out_captions,
+        retired_captions,
+    )
     from sdserve.shapes.lora_train import training_captions
+    from sdserve.shapes.recipe import EVAL_SEED
 
-    held = held_out_captions("cyan")
-    assert len({c.prompt for c in held}) == 32 and held_out_captions("cyan", 40)[:32] == held
-    assert [c.background == "cyan" for c in held] == [i % 2 == 1 for i in range(32)]
+    held, retired = held_out_captions("cyan"), retired_captions("cyan")
+    assert len(set(held)) == 64 and held_out_captions("cyan", 8) == held[:8]
+    assert set(held).isdisjoint(retired) and len(set(retired)) == 32  # issue 17's set
+    assert [c.background == "cyan" for c in held] == [i % 2 == 1 for i in range(64)]
+    for side in (held[0::2], held[1::2]):  # every other color 4 times, shapes and sizes even
+        others = Counter(c.background if c.color == "cyan" else c.color for c in side)
+        assert others == dict.fromkeys(COLORS, 4)
+        for counts in (Counter(c.shape for c in side), Counter(c.size_word for c in side)):
+            assert sorted(counts.values()) == [10, 11, 11]
+    old_seeds = {EVAL_SEED + i for i in range(32)}  # issue 17's noise
+    assert old_seeds.isdisjoint(LORA_EVAL_SEED + i for i in range(64))
     config = LoraTrainConfig()
     trained = training_captions(config)
     seen = {c.prompt for c in trained}
-    assert seen.isdisjoint(c.prompt for c in held)
-    assert sum("cyan" in p for p in seen) == 144 - 32  # every other cyan prompt is trained on
+    assert seen.isdisjoint(c.prompt for c in held) and seen.isdisjoint(c.prompt for c in retired)
+    assert sum("cyan" in p for p in seen) == 144 - 64 - 32  # every other cyan prompt is trained on
     n_cyan = round(config.samples * config.new_color_share)
     assert sum(c.color == "cyan" for c in trained) == round(n_cyan * config.fg_share)
     assert sum("cyan" in (c.color, c.background) for c in trained) == n_cyan

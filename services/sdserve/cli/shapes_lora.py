@@ -21,7 +21,7 @@ def add_lora_eval_options(evaluate: argparse.ArgumentParser) -> None:
 
 
 def register_train_lora(sub) -> None:
-    from sdserve.shapes.lora_recipe import LoraTrainConfig
+    from sdserve.shapes.lora_recipe import LORA_EVAL_PROMPTS, LoraTrainConfig
 
     defaults = LoraTrainConfig()
     lora = sub.add_parser(
@@ -39,7 +39,9 @@ def register_train_lora(sub) -> None:
     for flag, kind, what in (("--steps", int, "training steps"), ("--rank", int, "LoRA rank"),
                              ("--seed", int, "data and noise seed"), ("--lr", float, "AdamW lr"),
                              ("--batch-size", int, "batch size"),
-                             ("--samples", int, "synthetic training pairs")):  # fmt: skip
+                             ("--samples", int, "synthetic training pairs"),
+                             ("--pixel-weight", float, "weight of the pixel loss through the "
+                              "VAE's decoder; 0: the latent loss alone")):  # fmt: skip
         default = getattr(defaults, flag[2:].replace("-", "_"))
         lora.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
     lora.add_argument("--no-text-encoder", action="store_true",
@@ -53,9 +55,9 @@ def register_train_lora(sub) -> None:
     lora.add_argument(
         "--eval-prompts",
         type=int,
-        default=32,
+        default=LORA_EVAL_PROMPTS,
         metavar="N",
-        help="prompts per group of the final evaluation; 0: none (default 32)",
+        help=f"prompts per group of the final evaluation; 0: none (default {LORA_EVAL_PROMPTS})",
     )
     lora.set_defaults(func=run_train_lora)
 
@@ -65,7 +67,7 @@ def _lora_command(args: argparse.Namespace) -> str:
     from sdserve.shapes.lora_recipe import LoraTrainConfig
 
     defaults, parts = LoraTrainConfig(), ["sdserve", "train-lora", args.dir]
-    for name in ("steps", "rank", "seed", "lr", "batch_size", "samples"):
+    for name in ("steps", "rank", "seed", "lr", "batch_size", "samples", "pixel_weight"):
         if getattr(args, name) != getattr(defaults, name) or name in ("steps", "rank"):
             parts += [f"--{name.replace('_', '-')}", f"{getattr(args, name):g}"]
     parts += ["--no-text-encoder"] * args.no_text_encoder
@@ -96,6 +98,7 @@ def run_train_lora(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = LoraTrainConfig(seed=args.seed, steps=args.steps, rank=args.rank, lr=args.lr,
                              batch_size=args.batch_size, samples=args.samples,
+                             pixel_weight=args.pixel_weight,
                              text_encoder=not args.no_text_encoder,
                              convs=not args.attention_only)  # fmt: skip
     bars = progress_bars({"latents": "latents of the cyan images", "lora": "training the LoRA"})

@@ -14,11 +14,14 @@ interleaved, so that every batch holds rows with and without the adapter:
 - (c) `new-lora`: the prompts of (a), same seeds, WITHOUT the adapter: judged the new color;
 - (d) `base+lora`: the prompts of (b) WITH the adapter (for information).
 
-The prompts with the new color are `lora_recipe.held_out_captions`: distinct prompts, the first
-32 of which `train-lora` leaves out of its data (of the 144 the grammar has with the color), so
-(a) measures prompts the adapter never saw. The ordinary prompts and the noise are seeded with
-`recipe.EVAL_SEED` (training uses small seeds); image i of a group starts from the noise of
-seed `EVAL_SEED + i`.
+The prompts with the new color are `lora_recipe.held_out_captions` (issue 28): 64 of the 144
+the grammar has with the color, which `train-lora` leaves out of its data, the new color as the
+shape's color and as the background in turn, every other color 4 times on each side, shapes and
+size words balanced, none of them one of issue 17's evaluation prompts (`retired_captions`,
+also left out of the training). (a) and (c) are scored on each side apart too: the background
+side is the easy one, and issue 17's single score averaged it with the other. The ordinary
+prompts are seeded with `recipe.EVAL_SEED`; image i of every group starts from the noise of
+seed `LORA_EVAL_SEED + i` (issue 17's used `EVAL_SEED + i`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from sdserve.shapes.lora_recipe import (
     LORA_EVAL_BATCH,
     LORA_EVAL_PROMPTS,
     LORA_EVAL_RUN,
+    LORA_EVAL_SEED,
     held_out_captions,
 )
-from sdserve.shapes.recipe import DEFAULT_GUIDANCE, EVAL_SEED
+from sdserve.shapes.recipe import DEFAULT_GUIDANCE
 from sdserve.shapes.served import generate_rows
 from sdserve.shapes.synthetic import Caption
 
@@ -61,6 +65,10 @@ class GroupResult:
     new_color_anywhere: float
     """The share in which the checker, knowing every color, sees the new color as the
     foreground or the background (for (b) and (d): how often the new color leaks)."""
+    as_shape: float | None = None
+    """(a), (c): the score over the prompts with the new color as the shape's color."""
+    as_background: float | None = None
+    """(a), (c): the score over the prompts with the new color as the background."""
 
 
 @dataclass
@@ -115,9 +123,16 @@ def _group_result(group: str, color: str, captions: list[Caption], images,
     else:
         hits = [v.color and v.background for v in verdicts]
     anywhere = [color in (foreground_color(image), background_color(image)) for image in images]
+    sides = {}
+    if group.startswith("new"):
+        for side, on_shape in (("as_shape", True), ("as_background", False)):
+            mine = [
+                h for h, c in zip(hits, captions, strict=True) if (c.color == color) == on_shape
+            ]
+            sides[side] = sum(mine) / len(mine) if mine else None
     return GroupResult(group, n, sum(hits) / n, sum(v.color for v in verdicts) / n,
                        sum(v.background for v in verdicts) / n,
-                       sum(v.shape for v in verdicts) / n, sum(anywhere) / n)  # fmt: skip
+                       sum(v.shape for v in verdicts) / n, sum(anywhere) / n, **sides)  # fmt: skip
 
 
 def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale: float = 1.0,
@@ -135,7 +150,7 @@ def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale:
     loras = ((adapter, scale),)
     captions = {"new": held_out_captions(color, n), "base": eval_captions(n)}
     groups = {g: (captions[g[:-5]], loras if g.endswith("+lora") else ()) for g in GROUPS}
-    rows = [(groups[g][0][i].prompt, EVAL_SEED + i, groups[g][1])
+    rows = [(groups[g][0][i].prompt, LORA_EVAL_SEED + i, groups[g][1])
             for i in range(n) for g in GROUPS]  # fmt: skip
     started = time.perf_counter()
     images, forwards, mixed = generate_rows(parts, rows, sampler=sampler, steps=steps,
@@ -153,15 +168,17 @@ def evaluate_lora(model_dir: str | Path, lora: str | Path, *, color: str, scale:
 
 
 def lora_table(result: LoraEvaluation) -> str:
-    """A markdown table of the four groups."""
+    """A markdown table of the four groups; (a) and (c)'s score on each side apart too."""
     lines = [
         f"| group ({result.sampler} {result.steps} steps, guidance {result.guidance:g}, "
-        f"adapter scale {result.scale:g}) | images | score | foreground color "
-        f"| background color | shape | {result.color} seen |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"adapter scale {result.scale:g}) | images | score | {result.color} as the shape's "
+        f"color | {result.color} as the background | foreground color | background color "
+        f"| shape | {result.color} seen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for g, r in result.groups.items():
+        sides = " | ".join("" if x is None else f"{x:.1%}" for x in (r.as_shape, r.as_background))
         shares = (r.color, r.background, r.shape, r.new_color_anywhere)
-        lines.append(f"| {GROUPS[g]} | {r.images} | **{r.score:.1%}** | "
+        lines.append(f"| {GROUPS[g]} | {r.images} | **{r.score:.1%}** | {sides} | "
                      + " | ".join(f"{x:.1%}" for x in shares) + " |")  # fmt: skip
     return "\n".join(lines)

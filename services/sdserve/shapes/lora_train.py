@@ -6,9 +6,12 @@ of its attention-free 16x16 level, `lora_recipe.UNET_CONVS`) and, with `config.t
 on its text encoder's, the base weights frozen, on synthetic pairs whose captions have the new
 color (e.g. `cyan`, `synthetic.EXTRA_COLORS`) as the shape's color or as the background, mixed
 with ordinary captions of the 8 colors so that those are not disturbed. The loss is the base
-model's
-(`train.train_denoiser`): DDPM's epsilon-prediction loss on the frozen VAE's latents times its
-scaling factor, Min-SNR-gamma weighting, a share of empty prompts for classifier-free guidance.
+model's (`train.train_denoiser`): DDPM's epsilon-prediction loss on the frozen VAE's latents
+times its scaling factor, Min-SNR-gamma weighting, a share of empty prompts for classifier-free
+guidance; plus, with `config.pixel_weight`, a pixel loss through the frozen decoder
+(`pixel_loss`, issue 28): the VAE decodes the new color only from a narrow band of latents, and
+with the latent loss alone the adapter's cyan came out as blotches of blue and green, read as
+green on yellow and red backgrounds and breaking the shapes' outlines.
 
 One thing differs from the base model's data: the VAE was trained on the 8 colors only, and its
 encoder snaps the new color to one it knows (cyan comes back blue). The latents of an image with
@@ -37,7 +40,7 @@ from sdserve.pipeline.lora_files import WEIGHTS
 from sdserve.shapes.lora_recipe import (
     TEXT_TARGETS,
     LoraTrainConfig,
-    held_out_captions,
+    excluded_captions,
     unet_targets,
 )
 from sdserve.shapes.synthetic import (
@@ -65,14 +68,14 @@ Progress = Callable[[str, int, int, float], None]
 
 def training_captions(config: LoraTrainConfig) -> list[Caption]:
     """Seeded captions: `new_color_share` with the new color (`fg_share` of them as the shape's
-    color, the others as the background; never one of the `held_out` evaluation prompts), the
-    rest drawn from the 8-color grammar, shuffled."""
+    color, the others as the background; never one of the evaluation prompts,
+    `lora_recipe.excluded_captions`), the rest drawn from the 8-color grammar, shuffled."""
     if config.color not in EXTRA_COLORS:
         raise ValueError(f"{config.color!r} is not an extra color ({', '.join(EXTRA_COLORS)})")
     rng = random.Random(config.seed)
     n_new = round(config.samples * config.new_color_share)
     n_fg = round(n_new * config.fg_share)
-    held_out = {c.prompt for c in held_out_captions(config.color, config.held_out)}
+    held_out = excluded_captions(config.color)
     captions = []
     for i in range(n_new):
         caption = caption_with(rng, config.color, as_background=i >= n_fg)
@@ -149,10 +152,35 @@ def _lora_config(config: LoraTrainConfig, targets):
                       target_modules=list(targets))  # fmt: skip
 
 
-def train_adapters(pipe, latents: torch.Tensor, prompts: list[str], config: LoraTrainConfig,
-                   progress: Progress | None = None) -> dict:  # fmt: skip
-    """The training loop on scaled `latents`; stops early on Ctrl-C (KeyboardInterrupt), keeping
-    what was trained. Returns {"steps_done", "interrupted", "loss"} (loss: mean of the last 50)."""
+def pixel_loss(pipe, noise_scheduler, latents: torch.Tensor, images: torch.Tensor,
+               prompts: list[str], ids_of, config: LoraTrainConfig) -> torch.Tensor:  # fmt: skip
+    """The guided prediction of the clean latents, decoded by the frozen VAE, against the image.
+
+    `config.pixel_rows` rows of scaled `latents` (N, 4, 16, 16) and their `images` (N, 3, 64,
+    64) in [-1, 1], noised at t < `config.pixel_t_max`; the U-Net predicts the noise with the
+    prompt and with "" and mixes them at `config.pixel_guidance`, as sampling does; the clean
+    latents that prediction implies are decoded and compared pixel by pixel (squared error),
+    each row weighted by alpha-bar of its t (noisier rows' predictions are vaguer)."""
+    idx = torch.randint(0, len(latents), (config.pixel_rows,))
+    t = torch.randint(0, config.pixel_t_max, (len(idx),))
+    x0, noise = latents[idx], torch.randn_like(latents[idx])
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    ids = torch.stack([ids_of[prompts[i]] for i in idx.tolist()] + [ids_of[""]] * len(idx))
+    eps = pipe.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), pipe.text_encoder(ids)[0])
+    cond, uncond = eps.sample.chunk(2)
+    guided = uncond + config.pixel_guidance * (cond - uncond)
+    alpha_bar = noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    clean = (noisy - (1 - alpha_bar).sqrt() * guided) / alpha_bar.sqrt()
+    decoded = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample
+    per_row = (decoded - images[idx]).pow(2).mean(dim=(1, 2, 3))
+    return (per_row * alpha_bar.flatten()).mean()
+
+
+def train_adapters(pipe, latents: torch.Tensor, images: torch.Tensor, prompts: list[str],
+                   config: LoraTrainConfig, progress: Progress | None = None) -> dict:  # fmt: skip
+    """The training loop on scaled `latents` (and their `images`, for the pixel loss); stops
+    early on Ctrl-C (KeyboardInterrupt), keeping what was trained. Returns {"steps_done",
+    "interrupted", "loss"} (loss: the latent loss's mean over the last 50 steps)."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -171,7 +199,12 @@ def train_adapters(pipe, latents: torch.Tensor, prompts: list[str], config: Lora
     try:
         for step in range(1, config.steps + 1):
             loss = denoising_loss(pipe, noise_scheduler, latents, prompts, ids_of, rng, config)
-            optimizer_step(loss, params, opt, schedule, ema)
+            total = loss
+            if config.pixel_weight:
+                total = loss + config.pixel_weight * pixel_loss(
+                    pipe, noise_scheduler, latents, images, prompts, ids_of, config
+                )
+            optimizer_step(total, params, opt, schedule, ema)
             losses.append(loss.item())
             if progress:
                 progress("lora", step, config.steps, losses[-1])
@@ -238,8 +271,8 @@ def train_lora(out_dir: str | Path, config: LoraTrainConfig, model_dir: str | Pa
                 sum(config.color in (c.color, c.background) for c in captions), config.color,
                 data_s)  # fmt: skip
     scaling = pipe.vae.config.scaling_factor
-    result = train_adapters(pipe, latents * scaling, [c.prompt for c in captions], config,
-                            progress)  # fmt: skip
+    result = train_adapters(pipe, latents * scaling, images, [c.prompt for c in captions],
+                            config, progress)  # fmt: skip
     path = save_adapter(pipe, out_dir, config)
     report = {
         "config": asdict(config),
@@ -274,6 +307,11 @@ def _recipe(report: dict) -> str:
         parts += " and the text encoder's (q_proj, k_proj, v_proj, out_proj)"
     ema = (f"the weights saved are an EMA ({config['ema_decay']:g}) of the trained ones"
            if config["ema_decay"] else "the last weights are saved")  # fmt: skip
+    pixel = (f", plus {config['pixel_weight']:g} x a pixel loss on {config['pixel_rows']} rows "
+             f"a step: the clean latents implied by the guided ({config['pixel_guidance']:g}) "
+             f"noise prediction at t < {config['pixel_t_max']}, decoded by the frozen VAE, "
+             "against the image (squared error, weighted by alpha-bar)"
+             if config.get("pixel_weight") else "")  # fmt: skip
     minutes = (report["data_seconds"] + report["train_seconds"]) / 60
     stopped = (f" **Interrupted (Ctrl-C) after {report['steps_done']} of {config['steps']} "
                "steps.**" if report["interrupted"] else "")  # fmt: skip
@@ -286,7 +324,8 @@ def _recipe(report: dict) -> str:
         f"({config['fg_share']:.0%} of those as the shape's color, the others as the "
         f"background), the rest ordinary prompts of the 8 colors. The base model's loss: "
         f"epsilon prediction on the VAE's latents times its scaling factor, "
-        f"Min-SNR-{config['snr_gamma']:g}, {config['uncond_p']:.0%} empty prompts; {ema}. The "
+        f"Min-SNR-{config['snr_gamma']:g}, {config['uncond_p']:.0%} empty prompts{pixel}; "
+        f"{ema}. The "
         f"VAE never learnt {color}: its encoder returns blue for it, so the latents of those "
         f"images were found through its frozen decoder ({config['invert_steps']} Adam steps "
         f"from the mean of the encodings with {color} replaced by its two nearest known "
@@ -332,10 +371,12 @@ def card(report: dict, command: str, evaluation=None, eval_command: str = "") ->
             f"Measured through sdserve's own per-row path (TextEncoder, Denoiser.make_job and one "
             f"DenoiseEngine: {evaluation.mixed_forwards} of its {evaluation.forwards} U-Net "
             f"forwards mixed rows with and without the adapter), {n} prompts per group, judged by "
-            f"the model-independent checker (`shapes/adherence.py`). The {color} prompts are "
-            f"held out: the training never saw them ({color} as the shape's color in half, "
-            f"as the background in the others); the ordinary prompts and every image's noise "
-            f"are seeds the training never used:",
+            f"the model-independent checker (`shapes/adherence.py`, as `sdserve check-image`). "
+            f"The {color} prompts are held out (`lora_recipe.held_out_captions`): the training "
+            f"never saw them, nor issue 17's evaluation prompts; {color} is the shape's color in "
+            f"half of them and the background in the others, every other color 4 times on each "
+            f"side, shapes and size words balanced. Every image's noise is seed "
+            f"`LORA_EVAL_SEED + i`, which neither the training nor the earlier evaluation used:",
             "",
             lora_table(evaluation),
             "",

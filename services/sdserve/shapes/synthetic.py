@@ -107,25 +107,38 @@ def captions_with(color: str, *, as_background: bool) -> list[Caption]:
             for size in (None, *sorted(SIZE_WORDS))]  # fmt: skip
 
 
-def render(caption: Caption, rng: random.Random, size: int = 64) -> Image.Image:
-    """The caption's picture: its shape at a random extent (within its size word's range, or
-    any), position and, for squares and triangles, without rotation."""
+def placement(caption: Caption, rng: random.Random, size: int = 64) -> tuple[float, float, float]:
+    """(cx, cy, extent) in pixels of the caption's shape, drawn from `rng` as `render` draws
+    them: an extent within its size word's range (or any), then a center that keeps it inside."""
     lo, hi = SIZE_WORDS.get(caption.size_word or "", (0.28, 0.7))
     extent = rng.uniform(lo, hi) * size
     margin = extent / 2 + 1
     cx, cy = rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)
-    image = Image.new("RGB", (size, size), ALL_COLORS[caption.background])
+    return cx, cy, extent
+
+
+def draw_shape(image: Image.Image, shape: str, cx: float, cy: float, extent: float,
+               fill) -> Image.Image:  # fmt: skip
+    """Draws `shape` centered at (cx, cy), `extent` pixels wide, into `image` (and returns it);
+    squares and triangles without rotation."""
     draw = ImageDraw.Draw(image)
-    fill = ALL_COLORS[caption.color]
     r = extent / 2
-    if caption.shape == "circle":
+    if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif caption.shape == "square":
+    elif shape == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:  # an upward equilateral triangle whose width is `extent`
         h = extent * math.sqrt(3) / 2
         draw.polygon([(cx, cy - h / 2), (cx - r, cy + h / 2), (cx + r, cy + h / 2)], fill=fill)
     return image
+
+
+def render(caption: Caption, rng: random.Random, size: int = 64) -> Image.Image:
+    """The caption's picture: its shape at a random extent (within its size word's range, or
+    any), position and, for squares and triangles, without rotation (`placement`)."""
+    image = Image.new("RGB", (size, size), ALL_COLORS[caption.background])
+    return draw_shape(image, caption.shape, *placement(caption, rng, size),
+                      ALL_COLORS[caption.color])  # fmt: skip
 
 
 def dataset(n: int, seed: int = 0, size: int = 64) -> list[tuple[Caption, Image.Image]]:

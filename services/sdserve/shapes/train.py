@@ -194,10 +194,12 @@ def token_ids(tokenizer, texts) -> dict[str, torch.Tensor]:
 
 
 def denoising_loss(pipe, noise_scheduler, latents: torch.Tensor, prompts: list[str], ids_of,
-                   rng: random.Random, config) -> torch.Tensor:  # fmt: skip
+                   rng: random.Random, config, predict=None) -> torch.Tensor:  # fmt: skip
     """One batch of DDPM's epsilon-prediction loss on scaled `latents`, Min-SNR-gamma weighted,
     with `config.uncond_p` of the prompts replaced by "" (classifier-free guidance). `config`:
-    anything with batch_size, uncond_p and snr_gamma (the base model's and the adapters')."""
+    anything with batch_size, uncond_p and snr_gamma (the base model's and the adapters').
+    `predict(noisy, t, cond, idx)`: the noise predicted for rows `idx` of `latents` (default:
+    `pipe.unet`'s; a ControlNet's training adds its residuals for those rows)."""
     from diffusers.training_utils import compute_snr
 
     idx = torch.randint(0, len(latents), (config.batch_size,))
@@ -207,7 +209,8 @@ def denoising_loss(pipe, noise_scheduler, latents: torch.Tensor, prompts: list[s
     noise = torch.randn_like(x0)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),))
     noisy = noise_scheduler.add_noise(x0, noise, t)
-    per_sample = (pipe.unet(noisy, t, cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
+    eps = pipe.unet(noisy, t, cond).sample if predict is None else predict(noisy, t, cond, idx)
+    per_sample = (eps - noise).pow(2).mean(dim=(1, 2, 3))
     snr = compute_snr(noise_scheduler, t)
     weight = torch.clamp(snr, max=config.snr_gamma) / snr  # Min-SNR-gamma, epsilon target
     return (per_sample * weight).mean()

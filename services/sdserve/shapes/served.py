@@ -56,7 +56,8 @@ class ServedParts:
 
 def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, steps: int,
                   guidance: float, batch_size: int, **knobs) -> tuple[list, int, int]:  # fmt: skip
-    """One image per (prompt, seed, loras) row, all submitted to one engine, in that order.
+    """One image per (prompt, seed, loras) or (prompt, seed, loras, controls) row, all
+    submitted to one engine, in that order (`controls`: the row's `controlnet.Control`s).
     Returns (images, U-Net forwards, forwards that mixed rows with and without adapters)."""
     from sdserve.pipeline.engine import DenoiseEngine, Finished
 
@@ -64,7 +65,7 @@ def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, st
     engine = DenoiseEngine(denoiser.unet, max_batch_size=batch_size, forward=denoiser.forward)
     width, height = denoiser.native_size
     latents: dict[str, object] = {}
-    for i, (prompt, seed, loras) in enumerate(rows):
+    for i, (prompt, seed, loras, *controls) in enumerate(rows):
         emb = text.encode(prompt, "", guidance > 1, loras=loras)
 
         def on_event(event, key=str(i)):
@@ -74,6 +75,7 @@ def generate_rows(parts, rows: list[tuple[str, int, tuple]], *, sampler: str, st
         engine.submit(denoiser.make_job(str(i), emb.cond, emb.uncond, width=width, height=height,
                                         steps=steps, guidance_scale=guidance, scheduler=sampler,
                                         seeds=[seed], loras=loras, on_event=on_event,
+                                        controls=controls[0] if controls else (),
                                         **knobs))  # fmt: skip
     forwards = mixed = 0
     while engine.counts() != (0, 0):

@@ -1,5 +1,6 @@
 """The built-in default model's commands: `train-default-model`, `eval-default-model`,
-`train-lora` and `check-image` (the code is in sdserve.shapes)."""
+`train-lora`, the ControlNet's (`shapes_controlnet.py`) and `check-image` (the code is in
+sdserve.shapes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from sdserve.cli.options import Parents, progress_bars, require_extra
+from sdserve.cli.shapes_controlnet import register_controlnet
 from sdserve.cli.shapes_lora import add_lora_eval_options, register_train_lora, run_eval_lora
 
 
@@ -39,6 +41,7 @@ def register(sub, parents: Parents) -> None:
     train.set_defaults(func=run_train)
     register_eval(sub)
     register_train_lora(sub)
+    register_controlnet(sub)
     register_check(sub)
 
 

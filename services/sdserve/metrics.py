@@ -73,6 +73,8 @@ SPECS = [
          tuple(STEP_BUCKETS)),
     Spec("sdserve_denoising_steps", "counter",
          "Image denoising steps done (one per image per U-Net forward); rate() is steps/s."),
+    Spec("sdserve_controlnet_image_steps", "counter",
+         "Of sdserve_denoising_steps, those a ControlNet conditioned (GenerateRequest.controls)."),
     Spec("sdserve_denoiser_waiting_requests", "gauge",
          "Requests waiting for a slot in a Denoiser replica's running batch."),
     Spec("sdserve_denoiser_running_requests", "gauge",
@@ -266,6 +268,8 @@ class StatsLogger:
         m.denoiser_batch_size.observe(s.batch_size)
         m.unet_step_seconds.observe(s.duration_s)
         m.denoising_steps.inc(s.batch_size)
+        if s.controlled:
+            m.controlnet_image_steps.inc(s.controlled)
         m.denoiser_waiting_requests.set(s.waiting)
         m.denoiser_running_requests.set(s.running)
 

@@ -32,6 +32,8 @@ class StepStats:
     """Seconds of the step: forward, guidance and scheduler updates."""
     shallow_rows: int = 0
     """Of `rows`, those that ran only the shallow branch on cached deep features (DeepCache)."""
+    controlled: int = 0
+    """Of the images, those that a ControlNet conditioned at this step."""
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,9 @@ def test_mixed_controls_share_forwards_and_equal_their_solo_runs(sd):
         stats.append(engine.step())
     shared = [s for s in stats if s is not None and len(s.request_ids) == 4]
     assert len(shared) >= 3  # all four in one forward, for the shortest one's steps
+    # a (5 steps) and ab (4) are conditioned at every step; b's window ends at 0.8 of 7 steps
+    # (steps 0-4); ab's A from 0.3 adds nothing where B already conditions it
+    assert sum(s.controlled for s in stats if s is not None) == 5 + 5 + 4
     for name, job in jobs.items():
         alone = _solo(sd, **MIXED[name])
         batched = vae.decode(torch.cat([s.latents for s in job.samples]))[0]

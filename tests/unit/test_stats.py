@@ -31,21 +31,24 @@ class Recorded:
         return Metric()
 
 
-def _step(duration=0.5, ids=("a", "b"), images=3):
+def _step(duration=0.5, ids=("a", "b"), images=3, controlled=0):
     return StepStats(request_ids=ids, batch_size=images, rows=images + 2, latent_shape=(4, 8, 8),
-                     waiting=1, running=2, duration_s=duration)  # fmt: skip
+                     waiting=1, running=2, duration_s=duration, controlled=controlled)  # fmt: skip
 
 
 def test_a_step_feeds_the_counters_and_the_metrics():
     recorded = Recorded()
     stats = StatsLogger(Metrics(recorded))
-    stats.record(_step())
+    stats.record(_step(controlled=2))
     stats.record(_step(ids=("a",), images=1))
     c = stats.denoiser
     assert (c.unet_steps, c.image_steps, c.shared_steps) == (2, 4, 1)
     assert c.unet_seconds == pytest.approx(1.0)
     names = [name for name, *_ in recorded.calls]
     assert names.count("sdserve_denoising_steps") == 2
+    assert [call for call in recorded.calls if call[0] == "sdserve_controlnet_image_steps"] == [
+        ("sdserve_controlnet_image_steps", "inc", 2, {})
+    ]
     assert ("sdserve_denoiser_batch_size", "observe", 3, {}) in recorded.calls
 
 

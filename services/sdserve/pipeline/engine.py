@@ -288,6 +288,7 @@ class DenoiseEngine:
         samples = [s for job in jobs for s in job.samples if not s.done]
         rows = len(samples) + sum(s.guided_now for s in samples)
         shallow_rows = sum(1 + s.guided_now for s in samples if s.shallow)
+        controlled = sum(s.controlled_now for s in samples)
         if self.threads_for_rows is not None:
             set_threads(self.threads_for_rows(self._padded(rows)))
         started = time.perf_counter()
@@ -302,6 +303,7 @@ class DenoiseEngine:
             batch_size=len(samples),
             rows=rows,
             shallow_rows=shallow_rows,
+            controlled=controlled,
             latent_shape=shape,
             waiting=waiting,
             running=running,

@@ -80,6 +80,11 @@ class Sample:
         )
 
     @property
+    def controlled_now(self) -> bool:
+        """Whether a ControlNet conditions this step (one of its controls' windows is open)."""
+        return any(c.active(self.index, len(self.timesteps)) for c in self.controls)
+
+    @property
     def shallow(self) -> bool:
         """Whether this step runs only the U-Net's shallow branch on cached deep features."""
         return self.cache_interval > 1 and self.index % self.cache_interval != 0

@@ -132,6 +132,22 @@ def test_lora_bench_runs(tmp_path):
     assert report["diffusers_one_at_a_time"]["ok"] == 2
 
 
+def test_controlnet_bench_runs(tmp_path):
+    out = tmp_path / "controlnet.json"
+    _run("bench/bench_controlnet.py", "--quick", "--out", str(out), timeout=300)
+    (report,) = json.loads(out.read_text())["models"].values()
+    assert set(report["runs"]) == {"mixed", "one_set", "diffusers"}
+    per_image = report["table"]
+    # one ControlNet set per forward: more U-Net forwards for the same rows
+    assert (
+        per_image["one_set"]["unet_forwards_per_image"]
+        > per_image["mixed"]["unet_forwards_per_image"]
+    )
+    assert per_image["one_set"]["unet_rows_per_image"] == per_image["mixed"]["unet_rows_per_image"]
+    assert all(math.isfinite(r) and r > 0 for r in report["ratios"].values())
+    assert report["diffusers"]["chosen"] in report["diffusers"]["seconds_per_request"]
+
+
 def test_gpu_lora_bench_runs_without_ray(tmp_path):
     out = tmp_path / "gpu_lora.json"
     run = _run("-c", BLOCK_AND_RUN, "bench/bench_gpu_lora.py", "--smoke", "--out", str(out),

@@ -34,12 +34,13 @@ requests are controlled:
 
 Both run in-process on one torch thread that does all of the torch work (text encoding, the
 steps, decoding), as a Denoiser replica's does; sdserve in its default dtype (`auto`: bfloat16
-on a CPU with bf16 matmuls, float32 otherwise), eager, on one torch thread (what serving's
-`torch_threads: auto` gives a model this small; every forward with a ControlNet row runs
-eagerly in serving too). The request path through the stages did not carry controls when
-this was written, so sdserve's side submits jobs to the engine directly. It prints, per model,
-images/s (median over rounds), the ratios mixed / diffusers and mixed / one_set, and the U-Net
-and ControlNet forwards and rows per image of each way.
+on a CPU with bf16 matmuls, float32 otherwise), eager (every forward with a ControlNet row runs
+eagerly in serving too), on the torch threads serving's `torch_threads: auto` measures for its
+U-Net (`threads.measure_plan`: one thread or every core, for a small and for a full batch).
+sdserve's side submits jobs to the engine directly: serving's hops between stages would cost
+mixed and one_set alike. It prints, per model, images/s (median over rounds), the ratios
+mixed / diffusers and mixed / one_set, and the U-Net and ControlNet forwards and rows per image
+of each way.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from sdserve.pipeline.controlnet import Control, check_fits, load_controlnet, pr
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import Cancelled, DenoiseEngine, Failed, Finished
 from sdserve.pipeline.text import TextEncoder
-from sdserve.pipeline.threads import available_cores, set_threads
+from sdserve.pipeline.threads import available_cores, measure_plan, set_threads
 from sdserve.pipeline.vae import VaeDecoder
 from sdserve.testing.controlnets import random_controlnet
 from sdserve.testing.tiny import make_tiny_model
@@ -82,7 +83,6 @@ CONDITIONING = (16, 32, 96, 256)
 halving of the VAE: (16, 32, 96) for the built-in model's 4x."""
 CONTROL_SETS = ((), ("a",), (), ("b",), (), ("a", "b"))
 """Request i's ControlNets: CONTROL_SETS[i % 6]; half the requests have none."""
-SDSERVE_THREADS = 1
 
 
 def control_set(request) -> tuple[str, ...]:
@@ -139,7 +139,8 @@ class Sdserve:
             check_fits(net, unet, name)
         self.images = {k: prepare_image(v, SIZE, SIZE) for k, v in control_images().items()}
         self.unet_calls, self.net_calls = Calls(unet), Calls(*self.nets.values())
-        self.engine = DenoiseEngine(unet, max_batch_size=16)
+        self.plan = measure_plan(self.denoiser.calibration_forward, 2, 32)  # as serving does
+        self.engine = DenoiseEngine(unet, max_batch_size=16, threads_for_rows=self.plan.threads_for)
         self.engine.start(torch_thread)
 
     async def send(self, request) -> int:
@@ -259,7 +260,7 @@ def rounds(ours: Sdserve, theirs: Diffusers, threads: int, torch_thread, mix: Mi
     ways = {"mixed": ("mixed", args.requests), "one_set": ("one_set", args.requests),
             "diffusers": (None, args.diffusers_requests)}  # fmt: skip
     runs: dict[str, list[dict]] = {way: [] for way in ways}
-    torch_thread.submit(set_threads, SDSERVE_THREADS).result()
+    torch_thread.submit(set_threads, ours.plan.small).result()
     run_way(ours.send, (ours.unet_calls, ours.net_calls), mix, args.concurrency,
             min(args.requests, 12))  # warm-up  # fmt: skip
     for r in range(args.rounds):
@@ -270,7 +271,7 @@ def rounds(ours: Sdserve, theirs: Diffusers, threads: int, torch_thread, mix: Mi
                               args.concurrency, requests)  # fmt: skip
             else:
                 ours.engine.lora_policy = policy
-                torch_thread.submit(set_threads, SDSERVE_THREADS).result()
+                torch_thread.submit(set_threads, ours.plan.small).result()
                 one = run_way(ours.send, (ours.unet_calls, ours.net_calls), mix,
                               args.concurrency, requests)  # fmt: skip
             runs[way].append(one)
@@ -313,7 +314,10 @@ def bench_model(name: str, tmp: Path, torch_thread, mix: Mix, args) -> dict:
     finally:
         ours.engine.stop()
     table, ratios = summarize(runs, args.rounds)
-    sdserve = {"dtype": str(ours.denoiser.unet.dtype), "threads": SDSERVE_THREADS}
+    plan = ours.plan
+    sdserve = {"dtype": str(ours.denoiser.unet.dtype),
+               "threads": {"small": plan.small, "large": plan.large,
+                           "threshold_rows": plan.threshold_rows}}  # fmt: skip
     return {"sdserve": sdserve, "diffusers": tuning, "runs": runs, "table": table,
             "ratios": ratios}  # fmt: skip
 

@@ -12,7 +12,7 @@ import torch
 
 from sdserve.cli import main
 from sdserve.constants import DEFAULT_MODEL_DIR
-from sdserve.shapes.adherence import foreground_mask
+from sdserve.shapes.adherence import foreground_mask, palette_for
 from sdserve.shapes.controlnet_data import iou, mask_of, pairs, render_pair, silhouette
 from sdserve.shapes.controlnet_recipe import CONTROLNET_EVAL_SEED, ControlNetTrainConfig
 from sdserve.shapes.synthetic import SHAPES, Caption, random_caption, render
@@ -110,3 +110,42 @@ def test_the_shipped_net_fits_the_default_model_and_is_small():
     assert size < 8_000_000
     assert (SHIPPED / "README.md").is_file() and (SHIPPED / "training.json").is_file()
     assert Caption("red", "circle", "blue").prompt in (SHIPPED / "README.md").read_text()
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="the shape ControlNet is not shipped")
+def test_the_readme_demo_puts_the_circle_where_the_silhouette_is(tmp_path):
+    """`sdserve shape-silhouette circle --at 0.3,0.6 --extent 0.4 where.png`, then `generate
+    "a red circle on a blue background" --control shape=where.png`, through the request path
+    (the in-process stage client, no Ray) on the default model."""
+    import asyncio
+    import io
+
+    from helpers import EAGER
+    from PIL import Image
+
+    from sdserve.api.types import ControlFields, GenerateFields
+    from sdserve.config import ModelConfig, SdserveConfig
+    from sdserve.orchestration.in_process import InProcessStageClient
+    from sdserve.orchestration.path import StagePath
+
+    where = tmp_path / "where.png"
+    assert (
+        main(["shape-silhouette", "circle", "--at", "0.3,0.6", "--extent", "0.4", str(where)]) == 0
+    )
+    config = SdserveConfig(model=ModelConfig(path=str(DEFAULT_MODEL_DIR), dtype="float32"), **EAGER)
+    client = InProcessStageClient.from_config(config)
+    path = StagePath(client, config)
+
+    async def generate(**fields):
+        params = await path.validate(
+            GenerateFields(prompt="a red circle on a blue background", seed=42, **fields)
+        )
+        return [event async for event in path.run(params)][-1]
+
+    try:
+        controls = (ControlFields("shape", where.read_bytes()),)
+        image = Image.open(io.BytesIO(asyncio.run(generate(controls=controls)).pngs[0]))
+    finally:
+        client.close()
+    fg = foreground_mask(image.convert("RGB"), palette_for(Caption("red", "circle", "blue")))
+    assert iou(fg, mask_of(Image.open(where))) >= 0.7

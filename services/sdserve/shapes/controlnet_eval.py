@@ -91,7 +91,15 @@ class ControlNetEvaluation:
         return {"net": self.net, "sampler": self.sampler, "steps": self.steps,
                 "guidance": self.guidance, "scale": self.scale,
                 "seconds_per_image": round(self.seconds_per_image, 3),
-                **{g: r.summary() for g, r in self.groups.items()}}  # fmt: skip
+                **{g: r.summary() for g, r in self.groups.items()},
+                "misses": self.misses()}  # fmt: skip
+
+    def misses(self) -> list[tuple[str, float]]:
+        """(prompt, IoU) of each image with the net below `IOU_THRESHOLD`."""
+        ious = self.groups["control"].ious if "control" in self.groups else []
+        return [(case.caption.prompt, round(x, 3))
+                for case, x in zip(self.cases[: len(ious)], ious, strict=True)
+                if x < IOU_THRESHOLD]  # fmt: skip
 
 
 def judge(image: Image.Image, case: EvalCase, shapes: ShapeClassifier) -> tuple[float, bool,

@@ -1,13 +1,18 @@
 """The `sdserve` command, one module per group of subcommands:
 
     serve                   serve.py      start Ray and the application, serve until Ctrl-C
-    generate, models        generate.py   images through a running server; its models
+    generate, models,       generate.py   images through a running server; its models,
+    loras, controlnets                    LoRA adapters and ControlNets
     submit, job             jobs.py       asynchronous jobs
     loadtest                loadtest.py   bounded gRPC load and a report
     make-tiny-model         models.py     a random-weight test model
     train-default-model,    shapes.py     the built-in default model: train it, measure it,
     eval-default-model,                   check an image against its grammar
     check-image
+    train-lora              shapes_lora.py  its `cyan` adapter
+    train-controlnet,       shapes_controlnet.py  its `shape` ControlNet, and a silhouette
+    eval-controlnet,                      to steer it with
+    shape-silhouette
 
 Options shared by several commands are declared once, as parent parsers (options.py). Each
 module imports what it needs inside its `run` function, so that `sdserve generate` starts

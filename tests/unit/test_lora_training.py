@@ -142,11 +142,13 @@ def test_a_few_train_lora_steps_write_an_adapter_that_loads_and_changes_the_outp
 
     out = tmp_path / "cyan"
     argv = ["train-lora", str(out), "--steps", "3", "--rank", "2", "--samples", "24",
-            "--batch-size", "4", "--lr", "0.02", "--eval-prompts", "0"]  # fmt: skip
+            "--batch-size", "4", "--lr", "0.02", "--eval-prompts", "0",
+            "--pixel-weight", "1"]  # fmt: skip
     assert main(argv) == 0
     weights = out / "pytorch_lora_weights.safetensors"
     card = (out / "README.md").read_text()
     assert "sdserve train-lora" in card and "--steps 3 --rank 2" in card and "cyan" in card
+    assert "--pixel-weight 1" in card and "pixel loss on 8 rows" in card
     text, denoiser = _parts(DEFAULT_MODEL_DIR)
     adapter = load_lora(weights, "cyan", denoiser.unet, text.model)
     assert adapter.unet and adapter.text_encoder  # both parts were trained

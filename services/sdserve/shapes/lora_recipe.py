@@ -45,11 +45,14 @@ class LoraTrainConfig:
     invert_steps: int = 15
     """Steps of gradient descent through the frozen VAE decoder that find the latents of an
     image with the new color (the VAE's encoder snaps it to a color it knows)."""
-    pixel_weight: float = 1.0
+    pixel_weight: float = 0.0
     """Weight of the pixel loss (issue 28): the guided prediction of the clean latents, decoded
-    by the frozen VAE, against the image. 0: the base model's loss alone. The VAE decodes cyan
-    only from a narrow band of latents, where the 8 colors have wide ones: with the latent loss
-    alone, the adapter's cyan came out as blotches of green and blue."""
+    by the frozen VAE, against the image; 0 (the shipped adapter's recipe): the base model's
+    loss alone. The VAE decodes cyan only from a narrow band of latents, where the 8 colors
+    have wide ones, and with the latent loss alone the adapter's cyan comes out as blotches of
+    green and blue. Not shown to help yet: 2 x for 800 steps and 4 x for 1200 steps (1,024
+    pairs each) gave smoother but less cyan pictures than the shipped adapter (cyan as the
+    shape's color 38% and 50% against 81%; the adapter's card)."""
     pixel_rows: int = 8
     """Rows per step of the pixel loss (each costs a U-Net forward with and one without the
     prompt, and a VAE decode)."""

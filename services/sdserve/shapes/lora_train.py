@@ -8,10 +8,11 @@ color (e.g. `cyan`, `synthetic.EXTRA_COLORS`) as the shape's color or as the bac
 with ordinary captions of the 8 colors so that those are not disturbed. The loss is the base
 model's (`train.train_denoiser`): DDPM's epsilon-prediction loss on the frozen VAE's latents
 times its scaling factor, Min-SNR-gamma weighting, a share of empty prompts for classifier-free
-guidance; plus, with `config.pixel_weight`, a pixel loss through the frozen decoder
-(`pixel_loss`, issue 28): the VAE decodes the new color only from a narrow band of latents, and
-with the latent loss alone the adapter's cyan came out as blotches of blue and green, read as
-green on yellow and red backgrounds and breaking the shapes' outlines.
+guidance; plus, with `config.pixel_weight` (off by default), a pixel loss through the frozen
+decoder (`pixel_loss`, issue 28): the VAE decodes the new color only from a narrow band of
+latents, and with the latent loss alone the adapter's cyan comes out as blotches of blue and
+green, read as green on yellow and red backgrounds and breaking the shapes' outlines. The two
+runs with it so far were worse than the shipped adapter (`LoraTrainConfig.pixel_weight`).
 
 One thing differs from the base model's data: the VAE was trained on the 8 colors only, and its
 encoder snaps the new color to one it knows (cyan comes back blue). The latents of an image with

@@ -143,16 +143,19 @@ def test_a_few_train_lora_steps_write_an_adapter_that_loads_and_changes_the_outp
     out = tmp_path / "cyan"
     argv = ["train-lora", str(out), "--steps", "3", "--rank", "2", "--samples", "24",
             "--batch-size", "4", "--lr", "0.02", "--eval-prompts", "0",
-            "--pixel-weight", "1"]  # fmt: skip
+            "--pixel-weight", "1", "--fg-share", "0.75", "--mid-convs"]  # fmt: skip
     assert main(argv) == 0
     weights = out / "pytorch_lora_weights.safetensors"
     card = (out / "README.md").read_text()
     assert "sdserve train-lora" in card and "--steps 3 --rank 2" in card and "cyan" in card
     assert "--pixel-weight 1" in card and "pixel loss on 8 rows" in card
+    assert "--fg-share 0.75" in card and "75% of those as the shape's color" in card
+    assert "--mid-convs" in card and "middle up block (8x8 latents)" in card
     text, denoiser = _parts(DEFAULT_MODEL_DIR)
     adapter = load_lora(weights, "cyan", denoiser.unet, text.model)
     assert adapter.unet and adapter.text_encoder  # both parts were trained
     assert all(f.rank == 2 and f.scale == 1.0 for f in adapter.unet.values())
+    assert {"up_blocks.1.upsamplers.0.conv", "up_blocks.2.resnets.1.conv2"} <= set(adapter.unet)
     prompt = "a cyan circle on a red background"
     base = _denoise(DEFAULT_MODEL_DIR, prompt)
     adapted = _denoise(DEFAULT_MODEL_DIR, prompt, loras=((adapter, 1.0),))

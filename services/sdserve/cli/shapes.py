@@ -46,6 +46,7 @@ def register(sub, parents: Parents) -> None:
 
 
 def register_eval(sub) -> None:
+    from sdserve.shapes.lora_recipe import LORA_EVAL_PROMPTS
     from sdserve.shapes.recipe import DEFAULT_GUIDANCE, DEFAULT_RUNS
 
     evaluate = sub.add_parser(
@@ -59,8 +60,9 @@ def register_eval(sub) -> None:
     evaluate.add_argument("--model", metavar="DIR",
                           help="model folder (default: the built-in default model)")  # fmt: skip
     evaluate.add_argument("-n", type=int,
-                          help="prompts (default 96; with --lora, 32 per group: the 32 "
-                          "prompts with its color that train-lora holds out)")  # fmt: skip
+                          help=f"prompts (default 96; with --lora, {LORA_EVAL_PROMPTS} per "
+                          f"group: the first {LORA_EVAL_PROMPTS} prompts with its color that "
+                          "train-lora holds out, and as many ordinary ones)")  # fmt: skip
     evaluate.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                           help="classifier-free guidance scale (default %(default)s)")  # fmt: skip
     evaluate.add_argument(

@@ -40,6 +40,8 @@ def register_train_lora(sub) -> None:
                              ("--seed", int, "data and noise seed"), ("--lr", float, "AdamW lr"),
                              ("--batch-size", int, "batch size"),
                              ("--samples", int, "synthetic training pairs"),
+                             ("--fg-share", float, "share of the cyan pairs with cyan as the "
+                              "shape's color (the others: as the background)"),
                              ("--pixel-weight", float, "weight of the pixel loss through the "
                               "VAE's decoder; 0: the latent loss alone")):  # fmt: skip
         default = getattr(defaults, flag[2:].replace("-", "_"))
@@ -49,6 +51,9 @@ def register_train_lora(sub) -> None:
     lora.add_argument("--attention-only", action="store_true",
                       help="adapt the U-Net's attention layers only (default: also the "
                       "convolutions of its last up block and conv_out)")  # fmt: skip
+    lora.add_argument("--mid-convs", action="store_true",
+                      help="also adapt the convolutions of the U-Net's middle up block (8x8 "
+                      "latents) and its upsampler (default: no)")  # fmt: skip
     lora.add_argument("--model", metavar="DIR", help="base model (default: the built-in one)")
     lora.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is "
                       "steadier on a machine that other jobs share)")  # fmt: skip
@@ -67,11 +72,13 @@ def _lora_command(args: argparse.Namespace) -> str:
     from sdserve.shapes.lora_recipe import LoraTrainConfig
 
     defaults, parts = LoraTrainConfig(), ["sdserve", "train-lora", args.dir]
-    for name in ("steps", "rank", "seed", "lr", "batch_size", "samples", "pixel_weight"):
+    names = ("steps", "rank", "seed", "lr", "batch_size", "samples", "fg_share", "pixel_weight")
+    for name in names:
         if getattr(args, name) != getattr(defaults, name) or name in ("steps", "rank"):
             parts += [f"--{name.replace('_', '-')}", f"{getattr(args, name):g}"]
     parts += ["--no-text-encoder"] * args.no_text_encoder
     parts += ["--attention-only"] * args.attention_only
+    parts += ["--mid-convs"] * args.mid_convs
     parts += [f"--model {args.model}"] * bool(args.model)
     parts += [f"--threads {args.threads}"] * bool(args.threads)
     return " ".join(parts)
@@ -98,9 +105,10 @@ def run_train_lora(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = LoraTrainConfig(seed=args.seed, steps=args.steps, rank=args.rank, lr=args.lr,
                              batch_size=args.batch_size, samples=args.samples,
-                             pixel_weight=args.pixel_weight,
+                             fg_share=args.fg_share, pixel_weight=args.pixel_weight,
                              text_encoder=not args.no_text_encoder,
-                             convs=not args.attention_only)  # fmt: skip
+                             convs=not args.attention_only,
+                             mid_convs=args.mid_convs)  # fmt: skip
     bars = progress_bars({"latents": "latents of the cyan images", "lora": "training the LoRA"})
     try:
         report = train_lora(out, config, args.model, bars)

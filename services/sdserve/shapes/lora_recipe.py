@@ -35,6 +35,10 @@ class LoraTrainConfig:
     """Also adapt the text encoder's attention (q, k, v, out projections)."""
     convs: bool = True
     """Also adapt the U-Net's convolutions at the latents' full resolution (`UNET_CONVS`)."""
+    mid_convs: bool = False
+    """Also adapt the convolutions of the U-Net's middle up block (8x8 latents) and of its
+    upsampler, which makes the 16x16 latents (`UNET_MID_CONVS`; issue 28): a wider field for
+    the adapter's convolutions, aimed at the blotches of green and blue in cyan backgrounds."""
     ema_decay: float = 0.995
     """The adapter saved is an exponential moving average of the trained weights (as the base
     model's is, over fewer steps); 0: the last weights."""
@@ -79,8 +83,20 @@ and the VAE decodes cyan only from a narrow band of latents between blue's and g
 attention layers alone, cyan areas came out as blotches of blue and green."""
 
 
+UNET_MID_CONVS = (
+    "up_blocks.1.resnets.0.conv1",
+    "up_blocks.1.resnets.0.conv2",
+    "up_blocks.1.resnets.1.conv1",
+    "up_blocks.1.resnets.1.conv2",
+    "up_blocks.1.upsamplers.0.conv",
+)
+"""With `mid_convs`: the 3x3 convolutions of the U-Net's middle up block (8x8 latents) and of
+its upsampler (whose output is the last up block's 16x16 input)."""
+
+
 def unet_targets(config: LoraTrainConfig) -> tuple[str, ...]:
-    return UNET_TARGETS + (UNET_CONVS if config.convs else ())
+    return (UNET_TARGETS + (UNET_CONVS if config.convs else ())
+            + (UNET_MID_CONVS if config.mid_convs else ()))  # fmt: skip
 
 
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

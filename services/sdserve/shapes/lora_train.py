@@ -2,8 +2,9 @@
 
 `train_lora(out_dir, config)` fine-tunes low-rank adapters (PEFT's `LoraConfig`, alpha = rank)
 on the default model's U-Net attention projections (with `config.convs` also the convolutions
-of its attention-free 16x16 level, `lora_recipe.UNET_CONVS`) and, with `config.text_encoder`,
-on its text encoder's, the base weights frozen, on synthetic pairs whose captions have the new
+of its attention-free 16x16 level, `lora_recipe.UNET_CONVS`; with `config.mid_convs` also those
+of its 8x8 up block, `UNET_MID_CONVS`) and, with `config.text_encoder`, on its text encoder's,
+the base weights frozen, on synthetic pairs whose captions have the new
 color (e.g. `cyan`, `synthetic.EXTRA_COLORS`) as the shape's color or as the background, mixed
 with ordinary captions of the 8 colors so that those are not disturbed. The loss is the base
 model's (`train.train_denoiser`): DDPM's epsilon-prediction loss on the frozen VAE's latents
@@ -304,6 +305,9 @@ def _recipe(report: dict) -> str:
     if config["convs"]:
         parts += (", the 3x3 convolutions of its last up block (16x16 latents, where it has no "
                   "attention) and conv_out (LoCon)")  # fmt: skip
+    if config.get("mid_convs"):
+        parts += (", the 3x3 convolutions of its middle up block (8x8 latents) and its "
+                  "upsampler (LoCon)")  # fmt: skip
     if config["text_encoder"]:
         parts += " and the text encoder's (q_proj, k_proj, v_proj, out_proj)"
     ema = (f"the weights saved are an EMA ({config['ema_decay']:g}) of the trained ones"

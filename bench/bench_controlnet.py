@@ -35,8 +35,9 @@ requests are controlled:
 Both run in-process on one torch thread that does all of the torch work (text encoding, the
 steps, decoding), as a Denoiser replica's does; sdserve in its default dtype (`auto`: bfloat16
 on a CPU with bf16 matmuls, float32 otherwise), eager (every forward with a ControlNet row runs
-eagerly in serving too), on the torch threads serving's `torch_threads: auto` measures for its
-U-Net (`threads.measure_plan`: one thread or every core, for a small and for a full batch).
+eagerly in serving too), on the faster of the torch threads serving's `torch_threads: auto`
+measures for its U-Net (`threads.measure_plan`), every core and one thread, measured first as
+diffusers' setting is.
 sdserve's side submits jobs to the engine directly: serving's hops between stages would cost
 mixed and one_set alike. It prints, per model, images/s (median over rounds), the ratios
 mixed / diffusers and mixed / one_set, and the U-Net and ControlNet forwards and rows per image
@@ -67,7 +68,7 @@ from sdserve.pipeline.controlnet import Control, check_fits, load_controlnet, pr
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import Cancelled, DenoiseEngine, Failed, Finished
 from sdserve.pipeline.text import TextEncoder
-from sdserve.pipeline.threads import available_cores, measure_plan, set_threads
+from sdserve.pipeline.threads import ThreadPlan, available_cores, measure_plan, set_threads
 from sdserve.pipeline.vae import VaeDecoder
 from sdserve.testing.controlnets import random_controlnet
 from sdserve.testing.tiny import make_tiny_model
@@ -233,6 +234,30 @@ def tune_diffusers(model: Path, folder: Path, torch_thread, mix: Mix,
     return pipes[dtype], threads, {"seconds_per_request": timed, "chosen": list(timed)[best]}
 
 
+def tune_sdserve(ours: Sdserve, torch_thread, mix: Mix, args) -> dict:
+    """The faster of serving's measured thread plan, every core and one thread for sdserve's
+    mixed way (images/s of a short closed loop each, after a warm-up), as diffusers' side is
+    tuned; `ours` keeps the winner."""
+    cores = available_cores()
+    plans = {"serving's plan": ours.plan, f"{cores} threads": ThreadPlan.fixed(cores),
+             "1 thread": ThreadPlan.fixed(1)}  # fmt: skip
+    requests = min(args.requests, 16)
+    rates: dict[str, float] = {}
+    for _ in range(1 if args.quick else 2):  # the first repeat warms each one up
+        for label, plan in plans.items():
+            ours.engine.threads_for_rows = plan.threads_for
+            torch_thread.submit(set_threads, plan.small).result()
+            one = run_way(ours.send, (ours.unet_calls, ours.net_calls), mix, args.concurrency,
+                          requests)  # fmt: skip
+            rates[label] = one["images_per_s"]
+    best = max(rates, key=rates.get)
+    ours.plan = plans[best]
+    ours.engine.threads_for_rows = ours.plan.threads_for
+    print("sdserve mixed, images/s: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+          + f"; using {best}", flush=True)  # fmt: skip
+    return {"images_per_s": rates, "chosen": best}
+
+
 def run_way(send, calls: tuple[Calls, Calls], mix: Mix, concurrency: int, requests: int) -> dict:
     """One closed loop through `send`; images/s and the forwards and rows per image."""
     before = [c.read() for c in calls]
@@ -310,12 +335,13 @@ def bench_model(name: str, tmp: Path, torch_thread, mix: Mix, args) -> dict:
     theirs, threads, tuning = tune_diffusers(model, folder, torch_thread, mix, args)
     ours = torch_thread.submit(Sdserve, model, folder, torch_thread, args.steps).result()
     try:
+        our_tuning = tune_sdserve(ours, torch_thread, mix, args)
         runs = rounds(ours, theirs, threads, torch_thread, mix, args)
     finally:
         ours.engine.stop()
     table, ratios = summarize(runs, args.rounds)
     plan = ours.plan
-    sdserve = {"dtype": str(ours.denoiser.unet.dtype),
+    sdserve = {"dtype": str(ours.denoiser.unet.dtype), "tuning": our_tuning,
                "threads": {"small": plan.small, "large": plan.large,
                            "threshold_rows": plan.threshold_rows}}  # fmt: skip
     return {"sdserve": sdserve, "diffusers": tuning, "runs": runs, "table": table,

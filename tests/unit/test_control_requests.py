@@ -239,6 +239,7 @@ def test_the_net_cache_evicts_the_least_recent_free_net():
 
     import torch
 
+    from sdserve.pipeline.held_cache import hold_while_alive
     from sdserve.stages.controlnets import NetCache, nbytes
 
     nets = {name: torch.nn.Linear(16, 16) for name in "abcd"}
@@ -256,7 +257,7 @@ def test_the_net_cache_evicts_the_least_recent_free_net():
         pass
 
     job = Job()
-    cache.hold(job, ["a", "c"])
+    hold_while_alive(job, [nets["a"], nets["c"]])
     get("b")  # over the bound: both others are held
     assert cache.names() == ["a", "c", "b"]
     del job

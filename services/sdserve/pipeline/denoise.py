@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdserve.pipeline import lora, models
+from sdserve.pipeline import held_cache, lora, models
 from sdserve.pipeline.compiled import DEFAULT_BUCKETS, CompiledUNet, OnCompile
 from sdserve.pipeline.images import EncodedImage, strength_timesteps
 from sdserve.pipeline.lora_layers import LoraLayers
@@ -295,6 +295,7 @@ class Denoiser:
         job = DenoiseJob(request_id, make_samples, (1, *latent_shape), len(seeds), total,
                          **job_kwargs)  # fmt: skip
         lora.hold_while_alive(job, loras)  # the cache keeps its adapters while it lives
+        held_cache.hold_while_alive(job, [c.net for c in controls])  # and its ControlNets
         return job
 
     def _samples(self, cond: torch.Tensor, uncond: torch.Tensor | None, seeds: Sequence[int],

@@ -18,14 +18,13 @@ import json
 import logging
 import math
 import re
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from sdserve.pipeline import held_cache
+from sdserve.pipeline.held_cache import HeldCache, in_use
 from sdserve.pipeline.lora_adapter import PARTS, LoraAdapter, LoraFactors
 from sdserve.pipeline.lora_layers import LoraLayer, LoraLayers, RowPlan, base_layer, rows
 
@@ -223,99 +222,15 @@ def _alpha_rule(part: str, model, alphas: dict, config: dict) -> Callable[[str, 
     return lambda module, rank: by_module.get(module, rank)
 
 
-_in_use: weakref.WeakKeyDictionary[LoraAdapter, int] = weakref.WeakKeyDictionary()
-"""How many live requests use each loaded adapter (`hold_while_alive`); the cache evicts none
-of them."""
-_in_use_lock = threading.Lock()
-
-
 def hold_while_alive(owner: object, loras: Iterable[tuple[LoraAdapter, float]]) -> None:
-    """Marks a request's adapters in use for as long as `owner` (its `DenoiseJob`) exists.
-
-    A request holds its adapters from the moment it is prepared until it has left the engine,
-    however it leaves (finished, cancelled, expired, failed): the engine drops the job then, and
-    the release runs when the job object goes. An adapter evicted meanwhile would be loaded
-    again by the next request naming it, a second copy beside the one still in use."""
-    adapters = [adapter for adapter, _ in loras]
-    if not adapters:
-        return
-    with _in_use_lock:
-        for adapter in adapters:
-            _in_use[adapter] = _in_use.get(adapter, 0) + 1
-    weakref.finalize(owner, _release, adapters)
+    """Marks a request's adapters in use for as long as `owner` (its `DenoiseJob`) exists: the
+    cache evicts none of them (`held_cache.hold_while_alive`)."""
+    held_cache.hold_while_alive(owner, [adapter for adapter, _ in loras])
 
 
-def _release(adapters: list[LoraAdapter]) -> None:
-    with _in_use_lock:
-        for adapter in adapters:
-            count = _in_use.get(adapter, 0) - 1
-            if count > 0:
-                _in_use[adapter] = count
-            else:
-                _in_use.pop(adapter, None)
-
-
-def in_use(adapter: LoraAdapter) -> bool:
-    """Whether a live request holds the adapter (`hold_while_alive`)."""
-    with _in_use_lock:
-        return adapter in _in_use
-
-
-class LoraCache:
-    """Loaded adapters by name, least recently used first out, within `max_bytes`.
-
-    `get` loads on a miss and then evicts the least recently used adapters that no live request
-    uses (`hold_while_alive`) until the cache is within its bound again; adapters in use stay
-    even above it, until a later `get` finds them free. Thread-safe.
-    """
+class LoraCache(HeldCache[LoraAdapter]):
+    """Loaded adapters by name, least recently used first out, within `max_bytes`; an adapter
+    a live request holds (`hold_while_alive`) is never evicted (`held_cache.HeldCache`)."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self._lock = threading.RLock()
-
-    def get(self, name: str, loader: Callable[[], LoraAdapter]) -> LoraAdapter:
-        """The adapter `name`, loaded with `loader()` unless cached; now the most recent.
-
-        Raises:
-            ValueError: the loaded adapter alone is over `max_bytes` (it is not cached).
-        """
-        with self._lock:
-            adapter = self._adapters.get(name)
-            if adapter is not None:
-                self._adapters.move_to_end(name)
-                return adapter
-            adapter = loader()
-            if adapter.nbytes > self.max_bytes:
-                raise ValueError(f"LoRA {name!r} takes {adapter.nbytes} bytes, more than the "
-                                 f"cache's bound of {self.max_bytes}")  # fmt: skip
-            self._adapters[name] = adapter
-            self._evict(keep=name)
-            return adapter
-
-    def _evict(self, keep: str) -> None:
-        for name, adapter in list(self._adapters.items()):
-            if self.nbytes <= self.max_bytes:
-                return
-            if name != keep and not in_use(adapter):
-                del self._adapters[name]
-                logger.info("LoRA cache: evicted %s", name)
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes the cached adapters take."""
-        with self._lock:
-            return sum(a.nbytes for a in self._adapters.values())
-
-    def names(self) -> list[str]:
-        """Cached adapters, least recently used first."""
-        with self._lock:
-            return list(self._adapters)
-
-    def __contains__(self, name: str) -> bool:
-        with self._lock:
-            return name in self._adapters
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._adapters)
+        super().__init__(max_bytes, lambda adapter: adapter.nbytes, "LoRA")

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +24,7 @@ from sdserve.pipeline.controlnet import (
     load_controlnet,
     prepare_image,
 )
+from sdserve.pipeline.held_cache import HeldCache, hold_while_alive
 from sdserve.stages.messages import ControlInput, ControlNetFile
 
 if TYPE_CHECKING:
@@ -47,6 +45,7 @@ class ControlNets:
         self.cache = NetCache(max_bytes)
         self.unet = unet
         self._load = load
+        self._misfits: dict[tuple[str, str, int], str] = {}
 
     @classmethod
     def for_model(cls, config: SdserveConfig, model: ModelConfig,
@@ -66,8 +65,8 @@ class ControlNets:
 
     def resolve(self, controls: Iterable[ControlInput], width: int,
                 height: int) -> tuple[Control, ...]:  # fmt: skip
-        """The request's controls, their nets loaded (held by the caller: `hold`). Raises
-        InvalidArgument for a name with no folder or a net of another model family,
+        """The request's controls, their nets loaded (its job holds them: `Denoiser.make_job`).
+        Raises InvalidArgument for a name with no folder or a net of another model family,
         FailedPrecondition for a folder that does not load as a ControlNet."""
         if not controls:
             return ()
@@ -79,15 +78,14 @@ class ControlNets:
             if path is None:
                 raise InvalidArgument(f"controls[{i}].name", f"no ControlNet {c.name!r} in "
                                       f"{self.folder}")  # fmt: skip
-            net = self.cache.get(c.name, lambda p=path, n=c.name, k=i: self._read(p, n, k))
-            self.cache.hold(resolving, [c.name])
+            try:
+                net = self.cache.get(c.name, lambda p=path, n=c.name, k=i: self._read(p, n, k))
+            except ValueError as exc:  # alone over engine.controlnet_cache_mb
+                raise FailedPrecondition(str(exc)) from None
+            hold_while_alive(resolving, [net])
             image = prepare_image(from_pixels(c.pixels, width, height), width, height)
             out.append(Control(net, image, c.scale, c.start, c.end, c.guess_mode))
         return tuple(out)
-
-    def hold(self, owner: object, controls: Iterable[ControlInput]) -> None:
-        """Keeps the nets of `controls` loaded while `owner` (the request's job) lives."""
-        self.cache.hold(owner, [c.name for c in controls])
 
     def _read(self, path: Path, name: str, index: int) -> ControlNetModel:
         started = time.perf_counter()
@@ -111,70 +109,29 @@ class ControlNets:
                      for name, path in controlnet_folders(self.folder).items())  # fmt: skip
 
     def misfit(self, name: str, path: Path) -> str:
-        """Why the net in `path` cannot condition the U-Net, read from its config ("": it can)."""
+        """Why the net in `path` cannot condition the U-Net, read from its config ("": it can);
+        read again only when the config changes (health probes list the nets every second)."""
+        config_file = path / "config.json"
         try:
-            config = json.loads((path / "config.json").read_text())
-            check_fits(SimpleNamespace(config=config), self.unet, name)
-        except (ValueError, OSError) as exc:
+            key = (name, str(path), config_file.stat().st_mtime_ns)
+        except OSError as exc:
             return str(exc)
-        return ""
+        if key not in self._misfits:
+            try:
+                config = json.loads(config_file.read_text())
+                check_fits(SimpleNamespace(config=config), self.unet, name)
+                self._misfits[key] = ""
+            except (ValueError, OSError) as exc:
+                self._misfits[key] = str(exc)
+        return self._misfits[key]
 
 
-class NetCache:
-    """Loaded nets by name, least recently used first out, within `max_bytes`; a net that a
-    live request holds (`hold`) is never evicted. Thread-safe."""
+class NetCache(HeldCache["ControlNetModel"]):
+    """Loaded nets by name, least recently used first out, within `max_bytes`; a net a live
+    request holds (`held_cache.hold_while_alive`) is never evicted."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._nets: OrderedDict[str, tuple[object, int]] = OrderedDict()
-        self._held: dict[str, int] = {}
-        self._lock = threading.RLock()
-
-    def get(self, name: str, loader: Callable[[], ControlNetModel]) -> ControlNetModel:
-        """The net `name`, loaded with `loader()` unless cached; now the most recent."""
-        with self._lock:
-            if name in self._nets:
-                self._nets.move_to_end(name)
-                return self._nets[name][0]
-            net = loader()
-            self._nets[name] = (net, nbytes(net))
-            for other in list(self._nets):
-                if self.nbytes <= self.max_bytes:
-                    break
-                if other != name and not self._held.get(other):
-                    del self._nets[other]
-                    logger.info("ControlNet cache: evicted %s", other)
-            return net
-
-    def hold(self, owner: object, names: list[str]) -> None:
-        """Marks the nets held for as long as `owner` exists."""
-        if not names:
-            return
-        with self._lock:
-            for name in names:
-                self._held[name] = self._held.get(name, 0) + 1
-        weakref.finalize(owner, self._release, names)
-
-    def _release(self, names: list[str]) -> None:
-        with self._lock:
-            for name in names:
-                self._held[name] -= 1
-                if not self._held[name]:
-                    del self._held[name]
-
-    def held(self, name: str) -> bool:
-        with self._lock:
-            return bool(self._held.get(name))
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(n for _, n in self._nets.values())
-
-    def names(self) -> list[str]:
-        """Cached nets, least recently used first."""
-        with self._lock:
-            return list(self._nets)
+        super().__init__(max_bytes, nbytes, "ControlNet")
 
 
 def nbytes(net) -> int:

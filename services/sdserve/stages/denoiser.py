@@ -258,7 +258,6 @@ class DenoiserService:
             loras=loras,
             controls=controls,
         )
-        self.controlnets.hold(job, req.controls)  # kept loaded while the job lives
         self.engine.submit(job)
 
     def _record(self, event: eng.Event) -> None:

@@ -64,37 +64,33 @@ def register(sub, parents: Parents) -> None:
 
 
 def list_loras(args: argparse.Namespace) -> int:
-    from sdserve.client import ClientError
-
-    try:
-        with options.client(args) as client:
-            loras = client.loras(args.model)
-    except ClientError as exc:
-        return options.rpc_error(exc)
-    if not loras:
-        print("no LoRA adapters (put NAME.safetensors files or NAME/ folders in the model's "
-              "loras/ folder, or set its lora_dir)")  # fmt: skip
-    for lora in loras:
-        state = "loaded" if lora.loaded else "on disk"
-        print(f"{lora.name:<24} {lora.file_bytes / 2**20:8.1f} MB  {state}  ({lora.model})")
-    return 0
+    return _list_files(args, "loras", "no LoRA adapters (put NAME.safetensors files or NAME/ "
+                       "folders in the model's loras/ folder, or set its lora_dir)")  # fmt: skip
 
 
 def list_controlnets(args: argparse.Namespace) -> int:
+    return _list_files(args, "controlnets", "no ControlNets (put diffusers ControlNetModel "
+                       "folders in the model's controlnets/ folder, or set its "
+                       "controlnet_dir)")  # fmt: skip
+
+
+def _list_files(args: argparse.Namespace, method: str, none: str) -> int:
+    """Prints what `client.<method>(model)` lists (LoRA adapters or ControlNets): a line each
+    with its size, whether it is loaded, and why it cannot be used, if it cannot."""
     from sdserve.client import ClientError
 
     try:
         with options.client(args) as client:
-            nets = client.controlnets(args.model)
+            files = getattr(client, method)(args.model)
     except ClientError as exc:
         return options.rpc_error(exc)
-    if not nets:
-        print("no ControlNets (put diffusers ControlNetModel folders in the model's "
-              "controlnets/ folder, or set its controlnet_dir)")  # fmt: skip
-    for net in nets:
-        state = "loaded" if net.loaded else "on disk"
-        fits = f"  NOT USABLE: {net.misfit}" if net.misfit else ""
-        print(f"{net.name:<24} {net.file_bytes / 2**20:8.1f} MB  {state}  ({net.model}){fits}")
+    if not files:
+        print(none)
+    for f in files:
+        state = "loaded" if f.loaded else "on disk"
+        misfit = getattr(f, "misfit", "")
+        fits = f"  NOT USABLE: {misfit}" if misfit else ""
+        print(f"{f.name:<24} {f.file_bytes / 2**20:8.1f} MB  {state}  ({f.model}){fits}")
     return 0
 
 

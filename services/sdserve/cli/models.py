@@ -17,14 +17,18 @@ def register(sub, parents: Parents) -> None:
     )
     tiny.add_argument("dir", help="folder to create (must not exist, or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default %(default)s)")
+    archs = ("tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl", "tiny-sd3",
+             "tiny-flux")  # fmt: skip
     tiny.add_argument(
         "--arch",
         default="tiny",
-        choices=["tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl"],
+        choices=archs,
         help="layout: tiny (2 levels, default), tiny-sd15-layout (SD 1.5's 4 levels at a "
         "narrow width), tiny-inpaint (tiny with a 9-channel inpainting U-Net), tiny-sd2 (SD "
-        "2.x's shape, v-prediction) or tiny-sdxl (SDXL's shape: two text encoders, a "
-        "StableDiffusionXLPipeline folder)",
+        "2.x's shape, v-prediction), tiny-sdxl (SDXL's shape: two text encoders, a "
+        "StableDiffusionXLPipeline folder), tiny-sd3 (SD 3.5's MMDiT: two CLIP encoders and "
+        "T5, a StableDiffusion3Pipeline folder) or tiny-flux (FLUX.1-dev's shape: CLIP and "
+        "T5, a FluxPipeline folder)",
     )
     tiny.set_defaults(func=run)
 

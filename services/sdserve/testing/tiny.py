@@ -10,6 +10,10 @@ per step on a CPU. The same seed gives byte-identical weight files.
 `tiny-sd2` has SD 2.x's shape and SD 2.1's v-prediction scheduler config; `tiny-sdxl` is an
 SDXL folder (`tokenizer_2/`, `text_encoder_2/`, SDXL's Euler scheduler config) that
 `diffusers.StableDiffusionXLPipeline.from_pretrained(folder)` loads.
+
+`tiny-sd3` and `tiny-flux` are diffusion transformers in SD 3.5's and FLUX.1's layouts
+(`dit_models`), folders that `diffusers.StableDiffusion3Pipeline` and `diffusers.FluxPipeline`
+load.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from sdserve.pipeline.models import save_sd_folder, sd_pipeline, sdxl_pipeline
 from sdserve.testing.architectures import ARCHS, random_parts
 from sdserve.testing.controlnets import add_controlnets
+from sdserve.testing.dit_models import TINY_DIT_ARCHS, write_dit_folder
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +36,11 @@ TINY_VERSION = "tiny-v1"
 """Named in the model's README; bump when the architectures change."""
 
 TINY_ARCHS = ("tiny", "tiny-sd15-layout", "tiny-inpaint", "tiny-sd2", "tiny-sdxl",
-              "tiny-controlnet", "tiny-sdxl-controlnet")  # fmt: skip
+              "tiny-controlnet", "tiny-sdxl-controlnet", "tiny-sd3", "tiny-flux")  # fmt: skip
 """The presets small enough to write as a test model. `tiny-controlnet` is `tiny` (the same
 weights) with two random ControlNets in `controlnets/` (`testing.controlnets`), and
-`tiny-sdxl-controlnet` is `tiny-sdxl` with them."""
+`tiny-sdxl-controlnet` is `tiny-sdxl` with them. `tiny-sd3` and `tiny-flux` are diffusion
+transformers (`testing.dit_models`)."""
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
@@ -44,27 +51,44 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
     """
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
-    out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        base = arch.removesuffix("-controlnet")
-        parts, scheduler = random_parts(base, seed), ARCHS[base].scheduler
-        if "text_encoder_2" in parts:
-            pipe, family = sdxl_pipeline(parts, scheduler), "SDXL"
-        else:
-            pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                               parts["unet"], scheduler)  # fmt: skip
-            family = "Stable Diffusion 2.x" if base == "tiny-sd2" else "Stable Diffusion 1.x"
-        save_sd_folder(pipe, tmp, scheduler)
-        if arch != base:
-            add_controlnets(tmp, parts["unet"], seed)
+    write = write_dit_folder if arch in TINY_DIT_ARCHS else _write_unet_folder
+
+    def write_with_readme(tmp: Path) -> None:
+        family = write(tmp, seed, arch)
         (tmp / "README.md").write_text(
             f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
             f"Random weights in {family}'s architecture, made by "
             f"`sdserve make-tiny-model DIR --seed {seed} --arch {arch}`. It generates noise; it "
             "is for tests and benchmarks.\n"
         )
+
+    return _write_in_place(Path(out_dir).expanduser(), write_with_readme)
+
+
+def _write_unet_folder(out: Path, seed: int, arch: str) -> str:
+    """Writes U-Net preset `arch` (and its ControlNets, for a `-controlnet` one) into the empty
+    folder `out`; returns the model family, for the README."""
+    base = arch.removesuffix("-controlnet")
+    parts, scheduler = random_parts(base, seed), ARCHS[base].scheduler
+    if "text_encoder_2" in parts:
+        pipe, family = sdxl_pipeline(parts, scheduler), "SDXL"
+    else:
+        pipe = sd_pipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                           parts["unet"], scheduler)  # fmt: skip
+        family = "Stable Diffusion 2.x" if base == "tiny-sd2" else "Stable Diffusion 1.x"
+    save_sd_folder(pipe, out, scheduler)
+    if arch != base:
+        add_controlnets(out, parts["unet"], seed)
+    return family
+
+
+def _write_in_place(out: Path, write: Callable[[Path], None]) -> Path:
+    """Runs `write` on a temporary sibling of `out` (which must not exist, or be empty), then
+    renames it to `out`; on any failure the temporary folder is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             if any(out.iterdir()):
                 raise FileExistsError(f"{out} exists and is not empty")

@@ -3,8 +3,26 @@ pipeline runs on machines that have only torch, transformers and diffusers)."""
 
 from pathlib import Path
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
-"""Sampler names the API accepts (see sdserve.pipeline.schedulers)."""
+SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "flow_euler")
+"""Sampler names the API accepts (see sdserve.pipeline.schedulers). The U-Net families take the
+first six; the diffusion transformers (`DIT_FAMILIES`) only `flow_euler`, their folder's
+FlowMatchEulerDiscreteScheduler."""
+
+DIT_FAMILIES = ("sd3", "flux")
+"""Model families whose denoiser is a flow-matching transformer, not a U-Net."""
+
+DIT_DEFAULTS = {
+    "sd3": {"steps": 28, "guidance_scale": 7.0, "scheduler": "flow_euler"},
+    "flux": {"steps": 28, "guidance_scale": 3.5, "scheduler": "flow_euler"},
+}
+"""The pipelines' own defaults (StableDiffusion3Pipeline, FluxPipeline) for requests to such a
+model that set none: the same request to diffusers gives the same image."""
+
+DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+"""The pipelines' default T5 `max_sequence_length`."""
+
+MAX_SEQUENCE_LENGTH = 512
+"""The most T5 tokens either pipeline accepts."""
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "shapes" / "default_model"
 """The built-in default model: trained by `sdserve train-default-model` on synthetic shapes, and

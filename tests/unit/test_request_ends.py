@@ -213,6 +213,9 @@ class _Hanging(StageClient):
             await self._never("encode_text")
         return await self.inner.encode_text(req)
 
+    async def encode_t5(self, req):
+        return await self.inner.encode_t5(req)
+
     async def encode_image(self, req):
         return await self.inner.encode_image(req)
 

@@ -69,6 +69,12 @@ class GenerateFields:
     loras: tuple[tuple[str, float | None], ...] = ()
     """(name, scale) of each adapter asked for; scale None: unset (1)."""
     controls: tuple[ControlFields, ...] = ()
+    max_sequence_length: int | None = None
+    """Diffusion transformers: T5 tokens (None: the family's default)."""
+    true_cfg_scale: float | None = None
+    """FLUX: true classifier-free guidance scale (None: 1, none)."""
+    shift: float | None = None
+    """Diffusion transformers: the sigma shift (None: the model's own)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,12 @@ class GenerateParams:
     """LoRA adapters of that model, (name, scale) each."""
     controls: tuple[ControlParams, ...] = ()
     """ControlNets of that model conditioning it."""
+    max_sequence_length: int = 0
+    """Diffusion transformers: T5 tokens (0: a U-Net model's request)."""
+    true_cfg_scale: float = 1.0
+    """FLUX: true classifier-free guidance scale (1: none)."""
+    shift: float = 0.0
+    """Diffusion transformers: the sigma shift (0: the model's own)."""
 
     @property
     def seeds(self) -> list[int]:

@@ -202,6 +202,7 @@ class ModelStagesConfig(Strict):
     denoiser: StageConfig | None = None
     vae_decoder: StageConfig | None = None
     vae_encoder: StageConfig | None = None
+    text_encoder_t5: StageConfig | None = None
 
 
 class ModelConfig(Strict):

@@ -122,6 +122,11 @@ class StagesConfig(Strict):
     """The `VaeEncoder` deployment (image inputs: image decoding + VAE encoder); queue as the
     TextEncoder. Text-to-image requests never call it."""
 
+    text_encoder_t5: StageConfig | None = None
+    """SD3 and FLUX only: the `TextEncoderT5` deployment, T5 as a stage of its own (T5-XXL,
+    4.7 B parameters, is larger than SD 1.5 whole: place and scale it apart from the CLIP
+    encoders). None: T5 runs in the `TextEncoder` deployment. U-Net models ignore it."""
+
     job_worker: StageConfig = StageConfig()
     """The `JobWorker` deployment: each replica runs `jobs.concurrency` queued jobs at a time
     through the same stages as Generate."""

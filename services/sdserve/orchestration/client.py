@@ -38,6 +38,11 @@ class StageClient(abc.ABC):
         """The TextEncoder: the prompt's (and negative prompt's) embeddings."""
 
     @abc.abstractmethod
+    async def encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        """SD3 and FLUX: the T5 embeddings (`cond`, and `uncond` with `with_uncond`), from the
+        T5 stage (`stages.text_encoder_t5`) or, where it has none, from the TextEncoder."""
+
+    @abc.abstractmethod
     async def encode_image(self, req: EncodeImage) -> ImageEncoding:
         """The VaeEncoder: the init image's (and masked image's) VAE posterior, and the mask."""
 

@@ -88,6 +88,9 @@ class InProcessStageClient(StageClient):
     async def encode_text(self, req: EncodeText) -> TextEmbeddings:
         return await self.text_encoder.encode(req)
 
+    async def encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        return await self.text_encoder.encode_t5(req)
+
     async def encode_image(self, req: EncodeImage) -> ImageEncoding:
         return await self.vae_encoder.encode(req)
 

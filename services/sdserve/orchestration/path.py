@@ -30,9 +30,15 @@ from sdserve.api.types import (
 )
 from sdserve.api.validate import validate_fields_async
 from sdserve.config import DefaultsConfig, SdserveConfig
+from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
+from sdserve.orchestration.families import (
+    check_transformer_request,
+    check_unet_request,
+    with_uncond,
+)
 from sdserve.pipeline.control_images import control_pixels
 from sdserve.stages.messages import (
     ControlInput,
@@ -93,11 +99,15 @@ class StagePath:
         """Every served model, the default first."""
         infos = await asyncio.gather(*(self.denoiser_info(name) for name in self.clients))
         stages = await asyncio.gather(*(c.stage_infos() for c in self.clients.values()))
-        return [ServedModel.from_info(name, info, self._defaults(name).scheduler, runs)
+        return [ServedModel.from_info(name, info, self._defaults(name, info.family).scheduler,
+                                      runs)
                 for name, info, runs in zip(self.clients, infos, stages, strict=True)]  # fmt: skip
 
-    def _defaults(self, model: str) -> DefaultsConfig:
-        """The defaults of requests to `model`: the shared ones, with its own sampler."""
+    def _defaults(self, model: str, family: str = "") -> DefaultsConfig:
+        """The defaults of requests to `model`: the shared ones, with its own sampler; a
+        diffusion transformer's pipeline's own (`DIT_DEFAULTS`)."""
+        if family in DIT_DEFAULTS:
+            return self.config.defaults.model_copy(update=DIT_DEFAULTS[family])
         try:
             scheduler = self.config.model_named(model).scheduler
         except KeyError:  # a path built on clients the config does not name (tests)
@@ -160,10 +170,13 @@ class StagePath:
         params = await validate_fields_async(
             fields,
             limits=self.config.limits,
-            defaults=self._defaults(model),
+            defaults=self._defaults(model, info.family),
             native_size=info.native_size,
             model=model,
         )
+        if info.family in DIT_FAMILIES:
+            return check_transformer_request(params, fields, model, info)
+        check_unet_request(params, fields, model)
         if params.loras:
             await self._check_loras(model, params.loras)
         if params.controls:
@@ -209,9 +222,16 @@ class StagePath:
 
         # 1. Encode the prompt (and the negative prompt when guidance is on), and any image
         #    input at the same time; prepare the control images meanwhile (a worker thread).
+        #    A diffusion transformer's T5 encodes at the same time, in its own stage or not.
         _check(deadline, request_id, "before the text encoder")
-        (embeddings, text_s), (init, image_s), controls = await asyncio.gather(
-            _timed(within(self._encode_text(client, params, request_id), "text encoder")),
+        family = (await self.denoiser_info(params.model)).family
+        encode = EncodeText(request_id, params.prompt, params.negative_prompt,
+                            with_uncond(params, family), params.loras,
+                            params.max_sequence_length)  # fmt: skip
+        texts = asyncio.gather(client.encode_text(encode), client.encode_t5(encode)
+                               if params.max_sequence_length else _none())  # fmt: skip
+        ((embeddings, t5), text_s), (init, image_s), controls = await asyncio.gather(
+            _timed(within(texts, "text encoder")),
             _timed(within(self._encode_image(client, params, request_id), "VAE encoder")),
             asyncio.to_thread(_control_inputs, params) if params.controls else _nothing(),
         )
@@ -219,7 +239,7 @@ class StagePath:
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
         denoise = _denoise_request(
-            params, request_id, embeddings, init, controls,
+            params, request_id, embeddings, init, controls, t5,
             preview_every=preview_every if stream else 0,
             progress_interval_s=progress_interval_s,
             timeout_s=_check(deadline, request_id, "before the denoiser"),
@@ -256,20 +276,6 @@ class StagePath:
             request_id, timings.total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
         yield Result(request_id, params, tuple(pngs), timings)
-
-    @staticmethod
-    async def _encode_text(
-        client: StageClient, params: GenerateParams, request_id: str
-    ) -> TextEmbeddings:
-        """The prompt's embeddings (and the negative prompt's when guidance is on)."""
-        request = EncodeText(
-            request_id=request_id,
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            with_uncond=params.guided,
-            loras=params.loras,
-        )
-        return await client.encode_text(request)
 
     @staticmethod
     async def _encode_image(
@@ -347,6 +353,10 @@ async def _nothing() -> tuple:
     return ()
 
 
+async def _none() -> None:
+    return None
+
+
 async def _timed(awaitable):
     """(its result, seconds it took)."""
     started = time.perf_counter()
@@ -370,6 +380,7 @@ def _denoise_request(
     embeddings: TextEmbeddings,
     init: ImageEncoding | None,
     controls: tuple[ControlInput, ...],
+    t5: TextEmbeddings | None,
     *,
     preview_every: int,
     progress_interval_s: float,
@@ -391,6 +402,9 @@ def _denoise_request(
         cache_interval=params.cache_interval,
         loras=params.loras,
         controls=controls,
+        t5=t5,
+        true_cfg_scale=params.true_cfg_scale,
+        shift=params.shift,
         preview_every=preview_every,
         timeout_s=timeout_s,
         progress_interval_s=progress_interval_s,

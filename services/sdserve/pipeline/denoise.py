@@ -66,6 +66,8 @@ class DenoiseJob:
     """Attach latents to every M-th Step event (0: never)."""
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: str | None = None
+    output: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Turns the samples' latents into the request's (FLUX: unpacks them); None: as they are."""
     _samples: list[Sample] | None = field(default=None, repr=False)
 
     def admit(self) -> None:
@@ -87,6 +89,11 @@ class DenoiseJob:
     @property
     def done(self) -> bool:
         return self._samples is not None and all(s.done for s in self._samples)
+
+    def latents(self) -> torch.Tensor:
+        """Its images' latents now, (images, C, h, w): a fresh tensor."""
+        latents = torch.cat([s.latents for s in self.samples])
+        return self.output(latents) if self.output is not None else latents
 
 
 class Denoiser:
@@ -228,7 +235,7 @@ class Denoiser:
             unet_step(self.unet, job.samples, self.forward)
             if on_step is not None:
                 on_step(job.samples[0].index, job.total)
-        return torch.cat([s.latents for s in job.samples])
+        return job.latents()
 
     def make_job(
         self,

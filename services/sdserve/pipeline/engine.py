@@ -37,6 +37,7 @@ import torch
 from sdserve.errors import Unavailable
 from sdserve.pipeline import adapter_sets
 from sdserve.pipeline.denoise import DenoiseJob
+from sdserve.pipeline.sample import Sample
 from sdserve.pipeline.step import FullForward, unet_step
 from sdserve.pipeline.threads import set_threads
 from sdserve.stats import StepStats
@@ -112,6 +113,7 @@ class DenoiseEngine:
         lora_policy: str = "mixed",
         forward: FullForward | None = None,
         batch_invariant: bool = False,
+        step: Callable[[list[Sample]], None] | None = None,
     ):
         if strategy not in ("step", "request"):
             raise ValueError(f"unknown batching strategy {strategy!r}")
@@ -132,6 +134,9 @@ class DenoiseEngine:
         self.forward = forward
         """The U-Net's plain forward (a `compiled.CompiledUNet`), or None: eager."""
         self.batch_invariant = batch_invariant
+        self._step = step or (lambda samples: unet_step(self.unet, samples, self.forward))
+        """One forward over a bucket's samples: a U-Net's (`unet_step`) unless given (a
+        diffusion transformer's, `TransformerDenoiser.step`)."""
         """Each image's rows in a forward of their own: its pixels never depend on its
         neighbours in the batch (at the cost of batching)."""
         self._lock = threading.Lock()
@@ -294,7 +299,7 @@ class DenoiseEngine:
         started = time.perf_counter()
         try:
             for group in [[s] for s in samples] if self.batch_invariant else [samples]:
-                unet_step(self.unet, group, self.forward)
+                self._step(group)
         except Exception as exc:
             self._fail_forward(shape, jobs, exc)
             return None
@@ -347,11 +352,11 @@ class DenoiseEngine:
         for job in jobs:
             k = job.samples[0].index
             preview = job.preview_every and (k % job.preview_every == 0 or k == job.total)
-            latents = torch.cat([s.latents for s in job.samples]) if preview else None
+            latents = job.latents() if preview else None
             self._emit(job, Step(step=k, total=job.total, elapsed_s=elapsed - job.submitted_at,
                                  latents=latents))  # fmt: skip
         for job in finished:
-            self._emit(job, Finished(latents=torch.cat([s.latents for s in job.samples])))
+            self._emit(job, Finished(latents=job.latents()))
 
     def _emit(self, job: DenoiseJob, event: Event) -> None:
         """Hands a request its event. A callback that raises loses its own request, never

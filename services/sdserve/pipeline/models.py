@@ -11,7 +11,10 @@ The layout SD 1.x/2.x ship (and `sdserve make-tiny-model` writes):
     scheduler/      scheduler_config.json
 
 SDXL adds `tokenizer_2/` and `text_encoder_2/` (OpenCLIP bigG, a CLIPTextModelWithProjection).
-`model_family` tells the three apart from the config files alone.
+The diffusion transformers have `transformer/` instead of `unet/` and a T5 encoder: SD3 (CLIP-L,
+CLIP-G, `tokenizer_3/` + `text_encoder_3/` T5) and FLUX (CLIP-L, `tokenizer_2/` +
+`text_encoder_2/` T5), with a FlowMatchEulerDiscreteScheduler. `model_family` tells the five
+apart from the config files alone.
 
 Each stage loads only its own part. Nothing is fetched from a hub: every loader gets a local path
 and `local_files_only=True`. Weights load from safetensors only: a pickled file (`.bin`, `.pt`)
@@ -35,6 +38,7 @@ PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "text_encoder": (
         ("config.json", "model.safetensors"),
         ("config.json", "model.fp16.safetensors"),
+        ("config.json", "model.safetensors.index.json"),  # sharded (T5-XXL)
     ),
     "unet": (
         ("config.json", "diffusion_pytorch_model.safetensors"),
@@ -54,11 +58,28 @@ XL_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 """The parts an SDXL folder has besides `PARTS`."""
 
+DIT_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "transformer": (
+        ("config.json", "diffusion_pytorch_model.safetensors"),
+        ("config.json", "diffusion_pytorch_model.safetensors.index.json"),  # sharded
+    ),
+    "tokenizer_3": PARTS["tokenizer"],
+    "text_encoder_3": PARTS["text_encoder"],
+}
+"""The diffusion transformers' denoiser, and SD3's third text encoder (T5)."""
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 """Weights files that are Python pickles (torch.load): loading one can run any code."""
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-"""Model families (`model_family`): SD 1.x, SD 2.x (OpenCLIP, often v-prediction), SDXL."""
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+"""Model families (`model_family`): SD 1.x, SD 2.x (OpenCLIP, often v-prediction), SDXL, and
+the flow-matching diffusion transformers SD 3/3.5 and FLUX.1."""
+
+DIT_FAMILIES = ("sd3", "flux")
+"""The families whose denoiser is a transformer (`transformer/`), not a U-Net."""
+
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+"""`transformer/config.json`'s `_class_name` -> family."""
 
 
 def check_model_dir(path: str | Path, parts: tuple[str, ...], *, allow_pickle: bool = False
@@ -75,7 +96,7 @@ def check_model_dir(path: str | Path, parts: tuple[str, ...], *, allow_pickle: b
         raise ModelFolderError(f"model folder {root} does not exist or is not a folder")
     missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
     for part in parts:
-        alternatives = {**PARTS, **XL_PARTS}[part]
+        alternatives = {**PARTS, **XL_PARTS, **DIT_PARTS}[part]
         if any(all((root / part / f).is_file() for f in files) for files in alternatives):
             continue
         pickled = sorted(f for f in (root / part).glob("*") if f.suffix in PICKLE_SUFFIXES)
@@ -122,6 +143,20 @@ def load_tokenizer(root: Path, part: str = "tokenizer"):
     return CLIPTokenizer.from_pretrained(root / part, local_files_only=True)
 
 
+def load_t5(root: Path, part: str, device: torch.device, dtype: torch.dtype, *,
+            allow_pickle: bool = False):  # fmt: skip
+    """A T5 encoder and its tokenizer (SD3's `text_encoder_3/`, FLUX's `text_encoder_2/`):
+    (T5TokenizerFast, T5EncoderModel)."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    tokenizer = T5TokenizerFast.from_pretrained(root / part.replace("text_encoder", "tokenizer"),
+                                                local_files_only=True)  # fmt: skip
+    model = T5EncoderModel.from_pretrained(
+        root / part, dtype=dtype, local_files_only=True, use_safetensors=_safetensors(allow_pickle)
+    )
+    return tokenizer, model.to(device).eval().requires_grad_(False)
+
+
 def load_text_encoder(
     root: Path,
     device: torch.device,
@@ -129,12 +164,16 @@ def load_text_encoder(
     part: str = "text_encoder",
     *,
     allow_pickle: bool = False,
+    projection: bool | None = None,
 ):
     """`text_encoder/` as a CLIPTextModel; SDXL's `text_encoder_2/` as a
-    CLIPTextModelWithProjection (its pooled, projected output conditions the U-Net)."""
+    CLIPTextModelWithProjection (its pooled, projected output conditions the U-Net);
+    `projection` True or False decides it instead of the part's name (SD3's two CLIPs)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    model_cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+    if projection is None:
+        projection = part == "text_encoder_2"
+    model_cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     model = model_cls.from_pretrained(
         root / part,
         dtype=dtype,
@@ -214,9 +253,18 @@ def config_family(unet_config: dict[str, Any], text_config: dict[str, Any] | Non
 
 
 def model_family(root: str | Path) -> str:
-    """The family of the model folder at `root` ("sd1", "sd2" or "sdxl"), read from its config
-    files only (model_index.json, unet/ and text_encoder/ config.json)."""
+    """The family of the model folder at `root` ("sd1", "sd2", "sdxl", "sd3" or "flux"), read
+    from its config files only (model_index.json, unet/ or transformer/, and text_encoder/
+    config.json)."""
     root = Path(root)
+    transformer = _json(root / "transformer" / "config.json").get("_class_name", "")
+    if transformer:
+        if transformer not in TRANSFORMER_FAMILIES:
+            raise ModelFolderError(
+                f"{root}: transformer/ is a {transformer}; sdserve serves "
+                f"{', '.join(TRANSFORMER_FAMILIES)} transformers"
+            )
+        return TRANSFORMER_FAMILIES[transformer]
     if "XL" in read_index(root).get("_class_name", ""):
         return "sdxl"
     unet = _json(root / "unet" / "config.json")

@@ -3,7 +3,7 @@
 A sample holds everything that makes its image its own in a shared step batch: its scheduler
 instance, its seeded CPU generator, its latents (float32, whatever the U-Net's dtype), its
 timesteps, guidance, image conditioning, DeepCache state, SDXL conditioning, LoRA adapters and
-ControlNets.
+ControlNets, or a diffusion transformer's conditioning (`DitConditioning`, `pipeline.dit`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,23 @@ from sdserve.pipeline.text_time import TextTime
 if TYPE_CHECKING:
     from sdserve.pipeline.controlnet import Control
     from sdserve.pipeline.lora_adapter import LoraAdapter
+
+
+@dataclass(frozen=True)
+class DitConditioning:
+    """What a diffusion transformer's row takes besides its tokens (`pipeline.dit`).
+
+    Attributes:
+        pooled: the prompt's pooled embedding, shape (1, pooled_projection_dim).
+        uncond_pooled: the negative prompt's, same shape; None without guidance.
+        guidance: FLUX with `guidance_embeds`: the embedded guidance scale; None otherwise.
+        latent_size: (h, w) of the unpacked latents (FLUX packs them in 2x2 patches).
+    """
+
+    pooled: torch.Tensor
+    uncond_pooled: torch.Tensor | None
+    guidance: float | None
+    latent_size: tuple[int, int]
 
 
 @dataclass(eq=False)
@@ -71,6 +88,8 @@ class Sample:
     text_time: TextTime | None = None
     loras: tuple[tuple[LoraAdapter, float], ...] = ()
     controls: tuple[Control, ...] = ()
+    dit: DitConditioning | None = None
+    """A diffusion transformer's image (None: a U-Net's)."""
 
     @property
     def guided_now(self) -> bool:

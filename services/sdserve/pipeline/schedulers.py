@@ -14,6 +14,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -27,6 +28,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,  # Karras et al. 2022, Euler method
     "euler_ancestral": EulerAncestralDiscreteScheduler,  # Euler with fresh noise each step
     "dpmpp_2m": DPMSolverMultistepScheduler,  # DPM-Solver++(2M), 15-25 steps
+    "flow_euler": FlowMatchEulerDiscreteScheduler,  # flow matching (SD3, FLUX): pipeline.dit
 }
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 

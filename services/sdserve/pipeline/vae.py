@@ -50,11 +50,13 @@ class VaeDecoder:
 
     def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's input: `latents * latents_std / scaling_factor + latents_mean` when its
-        config has a mean and std, else `latents / scaling_factor`."""
+        config has a mean and std, else `latents / scaling_factor (+ shift_factor)`: SD3's and
+        FLUX's 16-channel VAEs shift as well as scale."""
         config = self.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is None or std is None:
-            return latents / config.scaling_factor
+            shift = getattr(config, "shift_factor", None)
+            return latents / config.scaling_factor + (shift if shift is not None else 0.0)
         channels = latents.shape[1]
         mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
         std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)

@@ -82,12 +82,13 @@ def encode_text_to_pb(req: EncodeText) -> stages_pb2.EncodeTextRequest:
     return stages_pb2.EncodeTextRequest(
         request_id=req.request_id, prompt=req.prompt, negative_prompt=req.negative_prompt,
         with_uncond=req.with_uncond, loras=_loras_to_pb(req.loras),
+        max_sequence_length=req.max_sequence_length,
     )  # fmt: skip
 
 
 def encode_text_from_pb(pb: stages_pb2.EncodeTextRequest) -> EncodeText:
     return EncodeText(pb.request_id, pb.prompt, pb.negative_prompt, pb.with_uncond,
-                      _loras_from_pb(pb.loras))  # fmt: skip
+                      _loras_from_pb(pb.loras), pb.max_sequence_length)  # fmt: skip
 
 
 def embeddings_to_pb(
@@ -102,7 +103,7 @@ def embeddings_to_pb(
 def embeddings_from_pb(pb: stages_pb2.EncodeTextResponse) -> TextEmbeddings:
     """From an `EncodeTextResponse`, or from a DenoiseRequest (the same four fields)."""
     return TextEmbeddings(
-        cond=tensor_from_pb(pb.cond),
+        cond=_optional(pb, "cond"),
         uncond=_optional(pb, "uncond"),
         cond_pooled=_optional(pb, "cond_pooled"),
         uncond_pooled=_optional(pb, "uncond_pooled"),
@@ -161,6 +162,9 @@ def denoise_to_pb(req: Denoise) -> stages_pb2.DenoiseRequest:
         controls=[stages_pb2.ControlInput(**asdict(c)) for c in req.controls],
     )
     embeddings_to_pb(req.embeddings, pb)
+    if req.t5 is not None:
+        _set_tensors(pb, t5_cond=req.t5.cond, t5_uncond=req.t5.uncond)
+        pb.true_cfg_scale, pb.shift = req.true_cfg_scale, req.shift
     if req.init is not None:
         pb.init.CopyFrom(encoded_to_pb(req.init))
         pb.strength = req.strength
@@ -188,6 +192,10 @@ def denoise_from_pb(pb: stages_pb2.DenoiseRequest) -> Denoise:
         cache_interval=max(1, pb.cache_interval),
         loras=_loras_from_pb(pb.loras),
         controls=tuple(map(_control_from_pb, pb.controls)),
+        t5=TextEmbeddings(_optional(pb, "t5_cond"), _optional(pb, "t5_uncond"))
+        if pb.HasField("t5_cond") else None,
+        true_cfg_scale=round(pb.true_cfg_scale, 6) or 1.0,
+        shift=round(pb.shift, 6),
     )
 
 

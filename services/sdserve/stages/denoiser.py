@@ -31,6 +31,7 @@ from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.compiled import resolve_mode, resolve_shapes
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
+from sdserve.pipeline.dit_denoise import TransformerDenoiser, denoiser_part
 from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.threads import ThreadPlan, set_threads
@@ -73,7 +74,7 @@ class DenoiserService:
 
     def __init__(
         self,
-        denoiser: Denoiser,
+        denoiser: Denoiser | TransformerDenoiser,
         engine: EngineConfig,
         stats: StatsLogger,
         torch_thread: TorchThread,
@@ -86,16 +87,20 @@ class DenoiserService:
         self.max_request_s = engine.max_request_s
         """How long a request without a deadline may wait for the engine's answer."""
         self.cache_levels = engine.deepcache_levels
-        if self.cache_levels >= len(denoiser.unet.down_blocks):
+        self.transformer = isinstance(denoiser, TransformerDenoiser)
+        """A diffusion transformer (SD3, FLUX): no adapters, ControlNets or DeepCache."""
+        unet = denoiser.transformer if self.transformer else denoiser.unet
+        if not self.transformer and self.cache_levels >= len(unet.down_blocks):
             raise ValueError(f"engine.deepcache_levels must be below the U-Net's "
-                             f"{len(denoiser.unet.down_blocks)} levels")  # fmt: skip
+                             f"{len(unet.down_blocks)} levels")  # fmt: skip
         self.adapters: Adapters | None = None
         """The model's LoRA adapters (their U-Net weights), loaded on first use."""
-        self.controlnets = ControlNets.none(denoiser.unet)
+        self.controlnets = ControlNets.none(unet)
         """The model's ControlNets, loaded on first use (`from_config` finds them)."""
         self.threads = threads
         self.engine = eng.DenoiseEngine(
-            denoiser.unet,
+            unet,
+            step=denoiser.step if self.transformer else None,
             max_batch_size=engine.max_batch_size,
             strategy=engine.batching,
             lora_policy=engine.lora_policy,
@@ -118,9 +123,12 @@ class DenoiserService:
         the torch thread (a new one unless given) and starts the engine there."""
         model = model or config.model_named()
         thread = torch_thread or TorchThread("denoiser")
-        denoiser = thread.call(load_stage, Denoiser, model, "denoiser", stats)
+        denoiser = thread.call(load_stage, denoiser_part, model, "denoiser", stats)
         rows = (2, 2 * config.engine.max_batch_size)  # one guided image; a full batch
         plan = thread.call(thread_plan, config, "denoiser", denoiser, model, *rows)
+        if isinstance(denoiser, TransformerDenoiser):
+            logger.info("the %s transformer of model %s runs eagerly", denoiser.family, model.name)
+            return cls(denoiser, config.engine, stats, thread, plan)
         plan = thread.call(compile_unet, denoiser, config.engine, stats, plan, model.name)
         service = cls(denoiser, config.engine, stats, thread, plan)
         service.adapters = Adapters.for_model(
@@ -154,7 +162,11 @@ class DenoiserService:
             native_width=width,
             native_height=height,
             vae_scale_factor=self.denoiser.vae_scale_factor,
-            unet_in_channels=self.denoiser.unet.config.in_channels,
+            unet_in_channels=(
+                self.denoiser.in_channels
+                if self.transformer
+                else self.denoiser.unet.config.in_channels
+            ),  # fmt: skip
             family=self.denoiser.family,
             prediction_type=self.denoiser.prediction_type,
             loras=self.adapters.listing() if self.adapters else (),
@@ -232,6 +244,8 @@ class DenoiserService:
 
     def _prepare(self, req: Denoise, job_id: str, on_event: Callable[[eng.Event], None]) -> None:
         """Torch thread: builds the request's samples as diffusers does and submits them."""
+        if self.transformer:
+            return self.engine.submit(self._transformer_job(req, job_id, on_event))
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
         controls = self.controlnets.resolve(req.controls, req.width, req.height)
         embeddings, init = req.embeddings, _encoded_image(req.init)
@@ -259,6 +273,25 @@ class DenoiserService:
             controls=controls,
         )
         self.engine.submit(job)
+
+    def _transformer_job(self, req: Denoise, job_id: str,
+                         on_event: Callable[[eng.Event], None]) -> DenoiseJob:  # fmt: skip
+        """A diffusion transformer's job: the CLIP and the T5 embeddings, as the family's
+        pipeline puts them together (`TransformerDenoiser.make_job`)."""
+        e, t5 = req.embeddings, req.t5
+        if t5 is None:
+            raise Internal(f"request {req.request_id}: a {self.denoiser.family} request "
+                           "reached the Denoiser without its T5 embeddings")  # fmt: skip
+        return self.denoiser.make_job(
+            job_id, unpack_optional(e.cond), unpack_optional(e.uncond), width=req.width,
+            height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
+            seeds=list(req.seeds), pooled=unpack(e.cond_pooled),
+            uncond_pooled=unpack_optional(e.uncond_pooled), t5_cond=unpack(t5.cond),
+            t5_uncond=unpack_optional(t5.uncond), true_cfg_scale=req.true_cfg_scale,
+            shift=req.shift, guidance_stop=req.guidance_stop, on_event=on_event,
+            deadline=time.monotonic() + req.timeout_s if req.timeout_s > 0 else None,
+            preview_every=req.preview_every,
+        )  # fmt: skip
 
     def _record(self, event: eng.Event) -> None:
         """Torch thread: the stats of a request's event. Never raises: a failure to record

@@ -43,12 +43,14 @@ class TextEmbeddings:
     """What the U-Net is conditioned on for one prompt and its negative prompt (the
     pipeline's `PromptEmbeddings`)."""
 
-    cond: Tensor
-    """The prompt's embeddings, shape (1, seq_len, hidden), the text encoder's dtype."""
+    cond: Tensor | None
+    """The prompt's embeddings, shape (1, seq_len, hidden), the text encoder's dtype (the T5
+    stage: (1, max_sequence_length, d_model)). None from FLUX's CLIP, which gives only the
+    pooled embedding."""
     uncond: Tensor | None = None
     """The negative prompt's, same shape; None without guidance."""
     cond_pooled: Tensor | None = None
-    """SDXL only: the prompt's pooled embedding, shape (1, projection_dim)."""
+    """SDXL, SD3 and FLUX: the prompt's pooled embedding, shape (1, projection_dim)."""
     uncond_pooled: Tensor | None = None
     """SDXL only: the negative prompt's; None without guidance."""
 
@@ -83,6 +85,8 @@ class EncodeText:
     """Whether to encode the negative prompt too (guidance_scale > 1)."""
     loras: LoraScales = ()
     """Adapters whose text-encoder weights apply to this request's encodes."""
+    max_sequence_length: int = 0
+    """T5 only: tokens the prompt is padded or cut to (0: the model's default)."""
 
 
 # --- VaeEncoder: EncodeImage -> ImageEncoding -------------------------------------------------
@@ -150,6 +154,12 @@ class Denoise:
     """Adapters applied to this request's rows of the U-Net forwards."""
     controls: tuple[ControlInput, ...] = ()
     """ControlNets conditioning this request's rows of the U-Net forwards."""
+    t5: TextEmbeddings | None = None
+    """Diffusion transformers: the T5 encoder's output (cond, and uncond with guidance)."""
+    true_cfg_scale: float = 1.0
+    """FLUX only: true classifier-free guidance (<= 1: none)."""
+    shift: float = 0.0
+    """Diffusion transformers only: the sigma shift (0: the model's own)."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +255,7 @@ class DenoiserInfo:
     unet_in_channels: int
     """4, or 9 for an inpainting model (which takes only requests with an image and a mask)."""
     family: str
-    """"sd1", "sd2" or "sdxl"."""
+    """"sd1", "sd2", "sdxl", or a diffusion transformer's: "sd3" or "flux"."""
     prediction_type: str
     loras: tuple[LoraFile, ...]
     """The model's adapter folder, read when this was made."""

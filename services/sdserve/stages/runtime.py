@@ -75,10 +75,16 @@ class OneCallStage:
         thread (a new one unless given) and measures its thread plan there."""
         model = model or config.model_named()
         thread = torch_thread or TorchThread(cls.stage.replace("_", "-"))
-        part = thread.call(load_stage, cls.part_cls, model, cls.stage, stats)
+        part = thread.call(load_stage, cls.part_cls, model, cls.stage, stats,
+                           cls.part_kwargs(config, model))  # fmt: skip
         stage = cls(part, thread, thread.call(thread_plan, config, cls.stage, part, model))
         stage.configure(config, model)
         return stage
+
+    @classmethod
+    def part_kwargs(cls, config: SdserveConfig, model: ModelConfig) -> dict:
+        """Keyword arguments of `part_cls` from the config (none, unless overridden)."""
+        return {}
 
     def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
         """Takes what else the stage needs from the config (nothing, unless overridden)."""
@@ -111,14 +117,16 @@ def stage_info(stage: str, part, threads: ThreadPlan | None,
     )
 
 
-def load_stage(stage_cls: type[T], model: ModelConfig, stage: str, stats: StatsLogger) -> T:
+def load_stage(stage_cls: Callable[..., T], model: ModelConfig, stage: str, stats: StatsLogger,
+               kwargs: dict | None = None) -> T:  # fmt: skip
     """Builds a pipeline stage (TextEncoder, Denoiser, VaeDecoder, VaeEncoder) of one served
     model; `stage` names its entry in `config.stages`. Call it on the stage's TorchThread.
 
     Records the load time, and on CUDA starts reporting the stage's GPU memory."""
     started = time.perf_counter()
     path = resolve_model_dir(model.path)
-    loaded = stage_cls(path, model.device, model.dtype, allow_pickle=model.allow_pickle)
+    loaded = stage_cls(path, model.device, model.dtype, allow_pickle=model.allow_pickle,
+                       **(kwargs or {}))  # fmt: skip
     seconds = time.perf_counter() - started
     stats.record(ModelLoaded(stage=stage, seconds=seconds))
     device = getattr(loaded, "device", None)

@@ -1,8 +1,15 @@
-"""The TextEncoder stage: EncodeText -> TextEmbeddings (CLIP embeddings)."""
+"""The TextEncoder stage: EncodeText -> TextEmbeddings (CLIP embeddings), and for SD3 and FLUX
+the T5 stage (`T5EncoderService`, or `TextEncoderService.encode_t5` where the TextEncoder runs
+T5 itself)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sdserve.config import ModelConfig, SdserveConfig
+from sdserve.constants import DIT_FAMILIES, resolve_model_dir
+from sdserve.pipeline import models
+from sdserve.pipeline.dit_text import ClipEncoders, T5Encoder
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.text import TextEncoder
 from sdserve.stages.loras import Adapters
@@ -11,15 +18,40 @@ from sdserve.stages.runtime import OneCallStage
 from sdserve.stages.tensors import returned
 
 
+def text_encoder_part(path: str | Path, device: str = "auto", dtype: str = "auto", *,
+                      allow_pickle: bool = False, with_t5: bool = True):  # fmt: skip
+    """The text-encoder part of the model at `path`: a `TextEncoder` (SD 1.x/2.x, SDXL), or
+    the `ClipEncoders` of a diffusion transformer (with its T5 unless `with_t5` is False)."""
+    if models.model_family(path) in DIT_FAMILIES:
+        return ClipEncoders(path, device, dtype, allow_pickle=allow_pickle, with_t5=with_t5)
+    return TextEncoder(path, device, dtype, allow_pickle=allow_pickle)
+
+
+def _embeddings(e) -> TextEmbeddings:
+    return TextEmbeddings(returned(e.cond), returned(e.uncond), returned(e.pooled),
+                          returned(e.uncond_pooled))  # fmt: skip
+
+
 class TextEncoderService(OneCallStage):
     """Tokenizes and encodes prompts on its torch thread (`tokenizer/`, `text_encoder/`, and
-    SDXL's `tokenizer_2/`, `text_encoder_2/`)."""
+    SDXL's and SD3's `tokenizer_2/`, `text_encoder_2/`; a diffusion transformer's T5 too unless
+    `stages.text_encoder_t5` runs it)."""
 
-    part_cls, stage = TextEncoder, "text_encoder"
+    part_cls, stage = staticmethod(text_encoder_part), "text_encoder"
     adapters: Adapters | None = None
     """The model's LoRA adapters (their text-encoder weights), once configured."""
 
+    @classmethod
+    def part_kwargs(cls, config: SdserveConfig, model: ModelConfig) -> dict:
+        """A diffusion transformer's T5 runs here unless it has a stage of its own."""
+        if models.model_family(resolve_model_dir(model.path)) not in DIT_FAMILIES:
+            return {}
+        return {"with_t5": config.stage("text_encoder_t5", model) is None}
+
     def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
+        if not isinstance(self.part, TextEncoder):
+            return  # no LoRA adapters on the diffusion transformers in this version
+
         def load(path, name):
             return load_lora(path, name, text_encoder=self.part.model,
                              text_encoder_2=self.part.model_2)  # fmt: skip
@@ -28,10 +60,32 @@ class TextEncoderService(OneCallStage):
 
     def _encode(self, req: EncodeText) -> TextEmbeddings:
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
-        e = self.part.encode(req.prompt, req.negative_prompt, req.with_uncond, loras)
-        return TextEmbeddings(returned(e.cond), returned(e.uncond), returned(e.pooled),
-                              returned(e.uncond_pooled))  # fmt: skip
+        return _embeddings(self.part.encode(req.prompt, req.negative_prompt, req.with_uncond,
+                                            loras))  # fmt: skip
 
     async def encode(self, req: EncodeText) -> TextEmbeddings:
         """The prompt's embeddings, and the negative prompt's when `with_uncond`."""
+        return await self._run(self._encode, req)
+
+    def _encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        return _embeddings(self.part.encode_t5(req.prompt, req.negative_prompt, req.with_uncond,
+                                               req.max_sequence_length))  # fmt: skip
+
+    async def encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        """A diffusion transformer's T5 embeddings (cond, and uncond when `with_uncond`), where
+        this stage runs T5."""
+        return await self._run(self._encode_t5, req)
+
+
+class T5EncoderService(OneCallStage):
+    """A diffusion transformer's T5 encoder as a stage of its own (`stages.text_encoder_t5`)."""
+
+    part_cls, stage = T5Encoder, "text_encoder_t5"
+
+    def _encode(self, req: EncodeText) -> TextEmbeddings:
+        return _embeddings(self.part.encode(req.prompt, req.negative_prompt, req.with_uncond,
+                                            req.max_sequence_length))  # fmt: skip
+
+    async def encode(self, req: EncodeText) -> TextEmbeddings:
+        """The prompt's T5 embeddings, and the negative prompt's when `with_uncond`."""
         return await self._run(self._encode, req)

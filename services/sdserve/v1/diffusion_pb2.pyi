@@ -426,7 +426,9 @@ class ModelInfo(_message.Message):
     name: _builtins.str
     """The name requests use (`GenerateRequest.model`)."""
     family: _builtins.str
-    """Model family: "sd1" (SD 1.x), "sd2" (SD 2.x) or "sdxl"."""
+    """Model family: "sd1" (SD 1.x), "sd2" (SD 2.x), "sdxl", or a diffusion transformer:
+    "sd3" (SD 3/3.5) or "flux" (FLUX.1).
+    """
     native_width: _builtins.int
     """The size it was trained at and that requests get when they set none, in pixels."""
     native_height: _builtins.int
@@ -682,6 +684,9 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
+    SHIFT_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text the image should show. Required, non-empty, at most `limits.max_prompt_chars`."""
     negative_prompt: _builtins.str
@@ -737,6 +742,20 @@ class GenerateRequest(_message.Message):
     """The model to run, by name (ListModels lists them). Empty: the server's default model, the
     first one it serves.
     """
+    max_sequence_length: _builtins.int
+    """Diffusion transformers (families "sd3" and "flux") only: T5 tokens the prompt is padded
+    or cut to, 1..512; unset: the pipeline's default (256 for SD3, 512 for FLUX). The
+    transformer attends to every position, so this changes the image.
+    """
+    true_cfg_scale: _builtins.float
+    """FLUX only: true classifier-free guidance scale (a second, negative-prompt forward at every
+    step, as FluxPipeline's `true_cfg_scale`); <= 1 or unset: none. A guidance-distilled FLUX
+    takes `guidance_scale` as an embedding instead.
+    """
+    shift: _builtins.float
+    """Diffusion transformers only: the flow-matching sigma shift (> 0); unset: the model's
+    (SD3: its scheduler config's `shift`; FLUX: exp(mu), mu from the image's size).
+    """
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
         """LoRA adapters of that model, each at its scale, at most `limits.max_loras_per_request`.
@@ -771,10 +790,13 @@ class GenerateRequest(_message.Message):
         model: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
         controls: _abc.Iterable[Global___Control] | None = ...,
+        max_sequence_length: _builtins.int | None = ...,
+        true_cfg_scale: _builtins.float | None = ...,
+        shift: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "num_images", b"num_images", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_num_images", b"_num_images", "_seed", b"_seed", "_shift", b"_shift", "_steps", b"_steps", "_strength", b"_strength", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "max_sequence_length", b"max_sequence_length", "num_images", b"num_images", "seed", b"seed", "shift", b"shift", "steps", b"steps", "strength", b"strength", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_num_images", b"_num_images", "_seed", b"_seed", "_steps", b"_steps", "_strength", b"_strength", "_width", b"_width", "cache_interval", b"cache_interval", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "loras", b"loras", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_guidance_stop", b"_guidance_stop", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_num_images", b"_num_images", "_seed", b"_seed", "_shift", b"_shift", "_steps", b"_steps", "_strength", b"_strength", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "cache_interval", b"cache_interval", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init_image", b"init_image", "loras", b"loras", "mask_image", b"mask_image", "max_sequence_length", b"max_sequence_length", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "preview_every", b"preview_every", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "shift", b"shift", "steps", b"steps", "strength", b"strength", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache_interval: _TypeAlias = _typing.Literal["cache_interval"]  # noqa: Y015
     _WhichOneofArgType__cache_interval: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval"]  # noqa: Y015
@@ -784,14 +806,20 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__guidance_stop: _TypeAlias = _typing.Literal["_guidance_stop", b"_guidance_stop"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
     _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
+    _WhichOneofReturnType__max_sequence_length: _TypeAlias = _typing.Literal["max_sequence_length"]  # noqa: Y015
+    _WhichOneofArgType__max_sequence_length: _TypeAlias = _typing.Literal["_max_sequence_length", b"_max_sequence_length"]  # noqa: Y015
     _WhichOneofReturnType__num_images: _TypeAlias = _typing.Literal["num_images"]  # noqa: Y015
     _WhichOneofArgType__num_images: _TypeAlias = _typing.Literal["_num_images", b"_num_images"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__shift: _TypeAlias = _typing.Literal["shift"]  # noqa: Y015
+    _WhichOneofArgType__shift: _TypeAlias = _typing.Literal["_shift", b"_shift"]  # noqa: Y015
     _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
     _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    _WhichOneofReturnType__true_cfg_scale: _TypeAlias = _typing.Literal["true_cfg_scale"]  # noqa: Y015
+    _WhichOneofArgType__true_cfg_scale: _TypeAlias = _typing.Literal["_true_cfg_scale", b"_true_cfg_scale"]  # noqa: Y015
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
@@ -803,13 +831,19 @@ class GenerateRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_sequence_length) -> _WhichOneofReturnType__max_sequence_length | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_images) -> _WhichOneofReturnType__num_images | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shift) -> _WhichOneofReturnType__shift | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__true_cfg_scale) -> _WhichOneofReturnType__true_cfg_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
@@ -1034,6 +1068,9 @@ class ResolvedParameters(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
+    SHIFT_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     """Image width in pixels."""
     height: _builtins.int
@@ -1052,6 +1089,12 @@ class ResolvedParameters(_message.Message):
     """The DeepCache interval used (1: off)."""
     model: _builtins.str
     """The model that ran it."""
+    max_sequence_length: _builtins.int
+    """Diffusion transformers only: the T5 sequence length used (0 for U-Net models)."""
+    true_cfg_scale: _builtins.float
+    """FLUX only: the true CFG scale used (1: none)."""
+    shift: _builtins.float
+    """Diffusion transformers only: the sigma shift used (0: the model's own, by its size)."""
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
         """The LoRA adapters it ran with, scales filled in."""
@@ -1074,10 +1117,13 @@ class ResolvedParameters(_message.Message):
         model: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
         controls: _abc.Iterable[Global___Control] | None = ...,
+        max_sequence_length: _builtins.int = ...,
+        true_cfg_scale: _builtins.float = ...,
+        shift: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "loras", b"loras", "model", b"model", "scheduler", b"scheduler", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "loras", b"loras", "max_sequence_length", b"max_sequence_length", "model", b"model", "scheduler", b"scheduler", "shift", b"shift", "steps", b"steps", "strength", b"strength", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

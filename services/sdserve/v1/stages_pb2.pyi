@@ -127,6 +127,7 @@ class EncodeTextRequest(_message.Message):
     NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
     WITH_UNCOND_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     prompt: _builtins.str
@@ -135,6 +136,8 @@ class EncodeTextRequest(_message.Message):
     """The negative prompt; "" stands for none, as in diffusers."""
     with_uncond: _builtins.bool
     """Whether to encode the negative prompt too (guidance_scale > 1)."""
+    max_sequence_length: _builtins.int
+    """T5 only: tokens the prompt is padded or cut to (0: the model's default)."""
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraScale]:
         """LoRA adapters whose text-encoder weights apply to this request's encodes."""
@@ -147,10 +150,11 @@ class EncodeTextRequest(_message.Message):
         negative_prompt: _builtins.str = ...,
         with_uncond: _builtins.bool = ...,
         loras: _abc.Iterable[Global___LoraScale] | None = ...,
+        max_sequence_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loras", b"loras", "negative_prompt", b"negative_prompt", "prompt", b"prompt", "request_id", b"request_id", "with_uncond", b"with_uncond"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loras", b"loras", "max_sequence_length", b"max_sequence_length", "negative_prompt", b"negative_prompt", "prompt", b"prompt", "request_id", b"request_id", "with_uncond", b"with_uncond"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,7 +198,9 @@ class EncodeTextResponse(_message.Message):
     UNCOND_POOLED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cond(self) -> Global___Tensor:
-        """Prompt embeddings, shape [1, max_length, hidden], the text encoder's dtype."""
+        """Prompt embeddings, shape [1, max_length, hidden], the text encoder's dtype. FLUX's CLIP
+        stage leaves it unset (FLUX takes only CLIP's pooled embedding; its tokens come from T5).
+        """
 
     @_builtins.property
     def uncond(self) -> Global___Tensor:
@@ -252,6 +258,10 @@ class DenoiseRequest(_message.Message):
     UNCOND_POOLED_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
+    T5_COND_FIELD_NUMBER: _builtins.int
+    T5_UNCOND_FIELD_NUMBER: _builtins.int
+    TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
+    SHIFT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -280,6 +290,10 @@ class DenoiseRequest(_message.Message):
     """Guidance runs until step int(len(timesteps) * guidance_stop); 0 or 1: every step."""
     cache_interval: _builtins.int
     """DeepCache interval (full U-Net every N steps); 0 or 1: off."""
+    true_cfg_scale: _builtins.float
+    """FLUX only: true classifier-free guidance scale (<= 1: none)."""
+    shift: _builtins.float
+    """Diffusion transformers only: the sigma shift (0: the model's own)."""
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings from the text encoder, shape [1, max_length, hidden]."""
@@ -314,6 +328,16 @@ class DenoiseRequest(_message.Message):
     def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlInput]:
         """ControlNets conditioning this request's rows of the U-Net forwards."""
 
+    @_builtins.property
+    def t5_cond(self) -> Global___Tensor:
+        """Diffusion transformers: the prompt's T5 embeddings, shape [1, max_sequence_length,
+        d_model] (EncodeT5's `cond`).
+        """
+
+    @_builtins.property
+    def t5_uncond(self) -> Global___Tensor:
+        """The negative prompt's T5 embeddings; unset without guidance."""
+
     def __init__(
         self,
         *,
@@ -337,10 +361,14 @@ class DenoiseRequest(_message.Message):
         uncond_pooled: Global___Tensor | None = ...,
         loras: _abc.Iterable[Global___LoraScale] | None = ...,
         controls: _abc.Iterable[Global___ControlInput] | None = ...,
+        t5_cond: Global___Tensor | None = ...,
+        t5_uncond: Global___Tensor | None = ...,
+        true_cfg_scale: _builtins.float = ...,
+        shift: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "init", b"init", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "init", b"init", "t5_cond", b"t5_cond", "t5_uncond", b"t5_uncond", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "steps", b"steps", "strength", b"strength", "timeout_s", b"timeout_s", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "shift", b"shift", "steps", b"steps", "strength", b"strength", "t5_cond", b"t5_cond", "t5_uncond", b"t5_uncond", "timeout_s", b"timeout_s", "true_cfg_scale", b"true_cfg_scale", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -670,7 +698,7 @@ class DenoiserInfo(_message.Message):
     with an init image and a mask).
     """
     family: _builtins.str
-    """Model family: "sd1", "sd2" or "sdxl"."""
+    """Model family: "sd1", "sd2", "sdxl", "sd3" or "flux"."""
     prediction_type: _builtins.str
     """What the U-Net predicts (the scheduler config's prediction_type): "epsilon",
     "v_prediction" or "sample".

@@ -40,6 +40,11 @@ class TextEncoderStageStub:
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
                 response_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
                 _registered_method=True)
+        self.EncodeT5 = channel.unary_unary(
+                '/sdserve.v1.TextEncoderStage/EncodeT5',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/sdserve.v1.TextEncoderStage/Info',
                 request_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
@@ -58,6 +63,14 @@ class TextEncoderStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeT5(self, request, context):
+        """Diffusion transformers whose T5 runs in this stage: the T5 embeddings of one prompt
+        (`cond`, `uncond`; no pooled ones).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Returns how this stage computes.
         """
@@ -70,6 +83,11 @@ def add_TextEncoderStageServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.SerializeToString,
+            ),
+            'EncodeT5': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodeT5,
                     request_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.FromString,
                     response_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.SerializeToString,
             ),
@@ -118,6 +136,33 @@ class TextEncoderStage:
             _registered_method=True)
 
     @staticmethod
+    def EncodeT5(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.TextEncoderStage/EncodeT5',
+            sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Info(request,
             target,
             options=(),
@@ -132,6 +177,129 @@ class TextEncoderStage:
             request,
             target,
             '/sdserve.v1.TextEncoderStage/Info',
+            sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class T5EncoderStageStub:
+    """T5 as a stage of its own (`stages.text_encoder_t5`): SD3's and FLUX's T5-XXL encoder,
+    larger than SD 1.5 whole, placed and scaled apart from the CLIP encoders.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Encode = channel.unary_unary(
+                '/sdserve.v1.T5EncoderStage/Encode',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/sdserve.v1.T5EncoderStage/Info',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+                _registered_method=True)
+
+
+class T5EncoderStageServicer:
+    """T5 as a stage of its own (`stages.text_encoder_t5`): SD3's and FLUX's T5-XXL encoder,
+    larger than SD 1.5 whole, placed and scaled apart from the CLIP encoders.
+    """
+
+    def Encode(self, request, context):
+        """Returns the T5 embeddings for one prompt (`cond`, `uncond`; no pooled ones).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """Returns how this stage computes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_T5EncoderStageServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sdserve.v1.T5EncoderStage', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sdserve.v1.T5EncoderStage', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class T5EncoderStage:
+    """T5 as a stage of its own (`stages.text_encoder_t5`): SD3's and FLUX's T5-XXL encoder,
+    larger than SD 1.5 whole, placed and scaled apart from the CLIP encoders.
+    """
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.T5EncoderStage/Encode',
+            sdserve_dot_v1_dot_stages__pb2.EncodeTextRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.EncodeTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.T5EncoderStage/Info',
             sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
             sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
             options,

@@ -42,6 +42,10 @@ class TextEncoderStageStub:
     def __new__(cls, channel: _aio.Channel) -> TextEncoderStageAsyncStub: ...
     Encode: _grpc.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]
     """Returns the CLIP embeddings for one prompt."""
+    EncodeT5: _grpc.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]
+    """Diffusion transformers whose T5 runs in this stage: the T5 embeddings of one prompt
+    (`cond`, `uncond`; no pooled ones).
+    """
     Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]
     """Returns how this stage computes."""
 
@@ -52,6 +56,10 @@ class TextEncoderStageAsyncStub(TextEncoderStageStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Encode: _aio.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]  # type: ignore[assignment]
     """Returns the CLIP embeddings for one prompt."""
+    EncodeT5: _aio.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]  # type: ignore[assignment]
+    """Diffusion transformers whose T5 runs in this stage: the T5 embeddings of one prompt
+    (`cond`, `uncond`; no pooled ones).
+    """
     Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]  # type: ignore[assignment]
     """Returns how this stage computes."""
 
@@ -67,6 +75,16 @@ class TextEncoderStageServicer(metaclass=_abc_1.ABCMeta):
         """Returns the CLIP embeddings for one prompt."""
 
     @_abc_1.abstractmethod
+    def EncodeT5(
+        self,
+        request: _stages_pb2.EncodeTextRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.EncodeTextResponse, _abc.Awaitable[_stages_pb2.EncodeTextResponse]]:
+        """Diffusion transformers whose T5 runs in this stage: the T5 embeddings of one prompt
+        (`cond`, `uncond`; no pooled ones).
+        """
+
+    @_abc_1.abstractmethod
     def Info(
         self,
         request: _stages_pb2.StageInfoRequest,
@@ -75,6 +93,55 @@ class TextEncoderStageServicer(metaclass=_abc_1.ABCMeta):
         """Returns how this stage computes."""
 
 def add_TextEncoderStageServicer_to_server(servicer: TextEncoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class T5EncoderStageStub:
+    """T5 as a stage of its own (`stages.text_encoder_t5`): SD3's and FLUX's T5-XXL encoder,
+    larger than SD 1.5 whole, placed and scaled apart from the CLIP encoders.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> T5EncoderStageAsyncStub: ...
+    Encode: _grpc.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]
+    """Returns the T5 embeddings for one prompt (`cond`, `uncond`; no pooled ones)."""
+    Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]
+    """Returns how this stage computes."""
+
+@_typing.type_check_only
+class T5EncoderStageAsyncStub(T5EncoderStageStub):
+    """T5 as a stage of its own (`stages.text_encoder_t5`): SD3's and FLUX's T5-XXL encoder,
+    larger than SD 1.5 whole, placed and scaled apart from the CLIP encoders.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Encode: _aio.UnaryUnaryMultiCallable[_stages_pb2.EncodeTextRequest, _stages_pb2.EncodeTextResponse]  # type: ignore[assignment]
+    """Returns the T5 embeddings for one prompt (`cond`, `uncond`; no pooled ones)."""
+    Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]  # type: ignore[assignment]
+    """Returns how this stage computes."""
+
+class T5EncoderStageServicer(metaclass=_abc_1.ABCMeta):
+    """T5 as a stage of its own (`stages.text_encoder_t5`): SD3's and FLUX's T5-XXL encoder,
+    larger than SD 1.5 whole, placed and scaled apart from the CLIP encoders.
+    """
+
+    @_abc_1.abstractmethod
+    def Encode(
+        self,
+        request: _stages_pb2.EncodeTextRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.EncodeTextResponse, _abc.Awaitable[_stages_pb2.EncodeTextResponse]]:
+        """Returns the T5 embeddings for one prompt (`cond`, `uncond`; no pooled ones)."""
+
+    @_abc_1.abstractmethod
+    def Info(
+        self,
+        request: _stages_pb2.StageInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.StageInfo, _abc.Awaitable[_stages_pb2.StageInfo]]:
+        """Returns how this stage computes."""
+
+def add_T5EncoderStageServicer_to_server(servicer: T5EncoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class DenoiserStageStub:
     """Runs the whole denoising loop for one request."""

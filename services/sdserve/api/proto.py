@@ -9,6 +9,8 @@ a `GenerateResponse`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from sdserve.api.served_models import ServedModel
 from sdserve.api.types import (
     ControlFields,
@@ -25,7 +27,8 @@ from sdserve.errors import InvalidArgument
 from sdserve.v1 import diffusion_pb2
 
 _OPTIONAL = ("width", "height", "steps", "guidance_scale", "seed", "num_images", "strength",
-             "guidance_stop", "cache_interval")  # fmt: skip
+             "guidance_stop", "cache_interval", "max_sequence_length", "true_cfg_scale",
+             "shift")  # fmt: skip
 """The request's `optional` fields: None in `GenerateFields` when unset."""
 
 
@@ -66,7 +69,8 @@ def controls_to_pb(controls: tuple[ControlParams, ...], *,
 
 
 def params_to_pb(params: GenerateParams) -> diffusion_pb2.GenerateRequest:
-    """The request that reproduces `params` exactly (every optional field set)."""
+    """The request that reproduces `params` exactly (every optional field set; a diffusion
+    transformer's where it differs from unset, `transformer_fields`)."""
     return diffusion_pb2.GenerateRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
@@ -85,7 +89,20 @@ def params_to_pb(params: GenerateParams) -> diffusion_pb2.GenerateRequest:
         model=params.model,
         loras=loras_to_pb(params.loras),
         controls=controls_to_pb(params.controls),
+        **transformer_fields(params),
     )
+
+
+_TRANSFORMER = {f.name: f.default for f in dataclasses.fields(GenerateParams)
+                if f.name in ("max_sequence_length", "true_cfg_scale", "shift")}  # fmt: skip
+"""The diffusion transformers' fields, and the value each has when unset (0, 1.0, 0.0)."""
+
+
+def transformer_fields(params: GenerateParams) -> dict:
+    """The diffusion transformers' fields that `params` sets: none of a U-Net model's request
+    (which would refuse them when the stored job is validated again)."""
+    return {name: getattr(params, name) for name, unset in _TRANSFORMER.items()
+            if getattr(params, name) != unset}  # fmt: skip
 
 
 def loras_to_pb(loras: tuple[tuple[str, float], ...]) -> list[diffusion_pb2.LoraWeight]:
@@ -106,6 +123,9 @@ def resolved_to_pb(params: GenerateParams) -> diffusion_pb2.ResolvedParameters:
         model=params.model,
         loras=loras_to_pb(params.loras),
         controls=controls_to_pb(params.controls, images=False),
+        max_sequence_length=params.max_sequence_length,
+        true_cfg_scale=params.true_cfg_scale,
+        shift=params.shift,
     )
 
 

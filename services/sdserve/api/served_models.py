@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
+
 
 @dataclass(frozen=True)
 class StageRun:
@@ -32,7 +34,7 @@ class ServedModel:
 
     name: str
     family: str
-    """"sd1", "sd2" or "sdxl"."""
+    """"sd1", "sd2" or "sdxl" (U-Nets), or a diffusion transformer's: "sd3" or "flux"."""
     native_size: tuple[int, int]
     """(width, height) in pixels."""
     prediction_type: str
@@ -43,19 +45,25 @@ class ServedModel:
 
     @property
     def image_inputs(self) -> bool:
-        """Whether it takes init_image (and mask_image): SDXL does not in this version."""
-        return self.family != "sdxl"
+        """Whether it takes init_image (and mask_image): SDXL and the diffusion transformers do
+        not in this version."""
+        return self.family not in ("sdxl", *DIT_FAMILIES)
 
     @classmethod
     def from_info(cls, name: str, info, default_scheduler: str, stages=()) -> ServedModel:
         """From its Denoiser's `DenoiserInfo` and its stages' `StageInfo`s
-        (`sdserve.stages.messages`)."""
+        (`sdserve.stages.messages`). A diffusion transformer's sampler is its pipeline's
+        (`DIT_DEFAULTS`), and its input channels are latents, never an inpainting U-Net's 9."""
+        family = info.family or "sd1"
+        transformer = family in DIT_FAMILIES
+        if transformer:
+            default_scheduler = DIT_DEFAULTS[family]["scheduler"]
         return cls(
             name=name,
-            family=info.family or "sd1",
+            family=family,
             native_size=(info.native_width, info.native_height),
             prediction_type=info.prediction_type or "epsilon",
             default_scheduler=default_scheduler,
-            inpainting=info.unet_in_channels == 9,
+            inpainting=not transformer and info.unet_in_channels == 9,
             stages=tuple(StageRun.from_info(stage) for stage in stages),
         )

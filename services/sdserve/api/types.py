@@ -141,6 +141,12 @@ class GenerateParams:
             fields.append(f"Guidance stop: {self.guidance_stop:g}")
         if self.cache_interval > 1:
             fields.append(f"DeepCache interval: {self.cache_interval}")
+        if self.max_sequence_length > 0:
+            fields.append(f"Max sequence length: {self.max_sequence_length}")
+        if self.true_cfg_scale != 1:
+            fields.append(f"True CFG scale: {self.true_cfg_scale:g}")
+        if self.shift > 0:
+            fields.append(f"Shift: {self.shift:g}")
         if model:
             fields.append(f"Model: {model}")
         if self.loras:

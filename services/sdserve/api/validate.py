@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sdserve.api.types import ControlFields, ControlParams, GenerateFields, GenerateParams
 from sdserve.config import SCHEDULER_NAMES, DefaultsConfig, LimitsConfig
+from sdserve.constants import MAX_SEQUENCE_LENGTH
 from sdserve.errors import InvalidArgument
 from sdserve.pipeline.control_images import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
 from sdserve.pipeline.lora_files import NAME as LORA_NAME
@@ -69,6 +70,7 @@ def validate_fields(
         image_fields = dict(init_image=images.init_image, mask_image=images.mask_image,
                             strength=strength)  # fmt: skip
     image_fields.update(check_cheaper_steps(fields, limits))
+    image_fields.update(check_transformer_fields(fields))
     if fields.loras:
         image_fields["loras"] = check_loras(fields, limits)
     if fields.controls:
@@ -154,6 +156,30 @@ def check_cheaper_steps(fields: GenerateFields, limits: LimitsConfig) -> dict:
                 "cache_interval", f"must be within 1..{limits.max_cache_interval}, got {n}"
             )
         out["cache_interval"] = n
+    return out
+
+
+def check_transformer_fields(fields: GenerateFields) -> dict:
+    """The diffusion transformers' fields, where set, within the bounds any model would take:
+    max_sequence_length 1..MAX_SEQUENCE_LENGTH, true_cfg_scale >= 0, shift > 0 (finite). Which
+    family takes which is `StagePath.validate`'s to check (`orchestration.families`)."""
+    out: dict = {}
+    if fields.max_sequence_length is not None:
+        n = fields.max_sequence_length
+        if not 1 <= n <= MAX_SEQUENCE_LENGTH:
+            raise InvalidArgument("max_sequence_length",
+                                  f"must be within 1..{MAX_SEQUENCE_LENGTH}, got {n}")  # fmt: skip
+        out["max_sequence_length"] = n
+    if fields.true_cfg_scale is not None:
+        scale = _as_sent(fields.true_cfg_scale, 1.0)
+        if not (math.isfinite(scale) and scale >= 0):
+            raise InvalidArgument("true_cfg_scale", f"must be finite and >= 0, got {scale:g}")
+        out["true_cfg_scale"] = scale
+    if fields.shift is not None:
+        shift = _as_sent(fields.shift, 0.0)
+        if not (math.isfinite(shift) and shift > 0):
+            raise InvalidArgument("shift", f"must be finite and > 0, got {shift:g}")
+        out["shift"] = shift
     return out
 
 

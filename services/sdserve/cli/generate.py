@@ -188,8 +188,19 @@ def run(args: argparse.Namespace) -> int:
     encoded = f"image {t.vae_encoder_s:.2f}s, " if p.strength else ""
     model = f"{p.model}: " if p.model else ""
     print(
-        f"{model}{steps} of {p.scheduler}, guidance {p.guidance_scale:g}: {elapsed:.2f}s "
+        f"{model}{steps} of {p.scheduler}, guidance {p.guidance_scale:g}{_transformer(p)}: "
+        f"{elapsed:.2f}s "
         f"(text {t.text_encoder_s:.2f}s, {encoded}denoise {t.denoiser_s:.2f}s, "
         f"vae {t.vae_decoder_s:.2f}s)"
     )
     return 0
+
+
+def _transformer(p) -> str:
+    """A diffusion transformer's settings, as the summary line shows them ("" for a U-Net)."""
+    parts = [f"T5 {p.max_sequence_length} tokens"] if p.max_sequence_length else []
+    if p.true_cfg_scale != 1:
+        parts.append(f"true CFG {p.true_cfg_scale:g}")
+    if p.shift:
+        parts.append(f"shift {p.shift:g}")
+    return "".join(f", {part}" for part in parts)

@@ -14,6 +14,7 @@ from sdserve.cli.options import (
     add_cheaper_step_options,
     add_control_options,
     add_image_options,
+    add_transformer_options,
     channel_credentials,
     require_extra,
 )
@@ -71,6 +72,7 @@ def register(sub, parents: Parents) -> None:
         "%(default)s: all)",
     )
     add_cheaper_step_options(load, lists=True)
+    add_transformer_options(load, lists=True)
     load.add_argument(
         "--image-every",
         type=int,
@@ -100,34 +102,15 @@ def register(sub, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     """`sdserve loadtest`: builds the mix from the options, drives the load, prints the summary
     (and writes the report and picture when asked)."""
-    from sdserve.cli.options import call_metadata, controls
-    from sdserve.client._calls import control_pb
-    from sdserve.loadtest import Mix, format_summary, run_loadtest
+    from sdserve.cli.options import call_metadata
+    from sdserve.loadtest import format_summary, run_loadtest
 
     require_extras(args)
-    mix = Mix(
-        prompts=tuple(args.prompt) if args.prompt else Mix().prompts,
-        steps=_split(args.steps, int),
-        schedulers=_split(args.scheduler, str) if args.scheduler else ("",),
-        widths=_split(args.width, int),
-        heights=_split(args.height, int),
-        guidances=_split(args.guidance, float),
-        init_image=args.init_image or b"",
-        mask_image=args.mask or b"",
-        strengths=_split(args.strength, float),
-        image_every=max(1, args.image_every),
-        guidance_stops=_split(args.guidance_stop, float),
-        cache_intervals=_split(args.cache_interval, int),
-        models=_split(args.model, str) if args.model else ("",),
-        loras=tuple(lora_set(spec) for spec in args.lora) if args.lora else ((),),
-        controls=tuple(control_pb(c) for c in controls(args) or ()),
-        control_every=max(1, args.control_every),
-    )
     requests, duration = args.requests, args.duration
     if requests is None and duration is None:
         requests = 50
     common = dict(
-        mix=mix,
+        mix=mix_of(args),
         concurrency=None if args.rate else args.concurrency,
         rate=args.rate,
         requests=requests,
@@ -162,6 +145,35 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"plot: {plot_report(report, args.plot)}")
     return 0 if summary["ok"] else 1
+
+
+def mix_of(args: argparse.Namespace):
+    """The `sdserve.loadtest.Mix` of the request options (each a comma-separated list)."""
+    from sdserve.cli.options import controls
+    from sdserve.client._calls import control_pb
+    from sdserve.loadtest import Mix
+
+    return Mix(
+        prompts=tuple(args.prompt) if args.prompt else Mix().prompts,
+        steps=_split(args.steps, int),
+        schedulers=_split(args.scheduler, str) if args.scheduler else ("",),
+        widths=_split(args.width, int),
+        heights=_split(args.height, int),
+        guidances=_split(args.guidance, float),
+        init_image=args.init_image or b"",
+        mask_image=args.mask or b"",
+        strengths=_split(args.strength, float),
+        image_every=max(1, args.image_every),
+        guidance_stops=_split(args.guidance_stop, float),
+        cache_intervals=_split(args.cache_interval, int),
+        max_sequence_lengths=_split(args.max_sequence_length, int),
+        true_cfg_scales=_split(args.true_cfg_scale, float),
+        shifts=_split(args.shift, float),
+        models=_split(args.model, str) if args.model else ("",),
+        loras=tuple(lora_set(spec) for spec in args.lora) if args.lora else ((),),
+        controls=tuple(control_pb(c) for c in controls(args) or ()),
+        control_every=max(1, args.control_every),
+    )
 
 
 EXTRA_MODULES = {"plot": "matplotlib", "http": "httpx"}

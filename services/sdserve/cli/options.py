@@ -72,12 +72,16 @@ def _request_parent() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of the first image (default: random)")
     parser.add_argument("--steps", type=int, help="denoising steps")
     parser.add_argument(
-        "--scheduler", metavar="NAME", help="ddpm, ddim, pndm, euler, euler_ancestral or dpmpp_2m"
-    )
+        "--scheduler", metavar="NAME", help="ddpm, ddim, pndm, euler, euler_ancestral or "
+        "dpmpp_2m; flow_euler, the only one of sd3 and flux models",
+    )  # fmt: skip
     parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
     parser.add_argument(
-        "--guidance", type=float, metavar="G", help="classifier-free guidance scale"
+        "--guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale (flux: the guidance its transformer embeds)",
     )
     parser.add_argument(
         "--num-images", type=int, metavar="K", help="images to generate (default 1)"
@@ -92,6 +96,7 @@ def _request_parent() -> argparse.ArgumentParser:
     add_image_options(parser)
     add_control_options(parser)
     add_cheaper_step_options(parser)
+    add_transformer_options(parser)
     return parser
 
 
@@ -153,22 +158,37 @@ def controls(args: argparse.Namespace) -> list | None:
                     guess_mode=args.control_guess_mode) for c in args.control]  # fmt: skip
 
 
+def add_number(parser, flag: str, kind: type, metavar: str, help: str, lists: bool) -> None:
+    """A number option: one value of `kind`, or with `lists` (the load tester's mix) the
+    comma-separated text of several, which the command splits."""
+    parser.add_argument(flag, type=str if lists else kind, help=help,
+                        metavar=f"{metavar}[,{metavar}...]" if lists else metavar)  # fmt: skip
+
+
 def add_cheaper_step_options(parser: argparse.ArgumentParser, lists: bool = False) -> None:
     """--guidance-stop and --cache-interval (guidance truncation, DeepCache)."""
-    parser.add_argument(
-        "--guidance-stop",
-        type=str if lists else float,
-        metavar="F[,F...]" if lists else "F",
-        help="run classifier-free guidance only for this fraction of the steps, 0 < F <= 1 "
-        "(default 1: all; 0.4 saves about 30%% of the U-Net rows)",
-    )
-    parser.add_argument(
-        "--cache-interval",
-        type=str if lists else int,
-        metavar="N[,N...]" if lists else "N",
-        help="DeepCache: the whole U-Net every N steps, only its shallow branch in between "
-        "(default 1: off)",
-    )
+    add_number(parser, "--guidance-stop", float, "F", "run classifier-free guidance only for "
+               "this fraction of the steps, 0 < F <= 1 (default 1: all; 0.4 saves about 30%% "
+               "of the U-Net rows)", lists)  # fmt: skip
+    add_number(parser, "--cache-interval", int, "N", "DeepCache: the whole U-Net every N "
+               "steps, only its shallow branch in between (default 1: off)", lists)  # fmt: skip
+
+
+def add_transformer_options(parser: argparse.ArgumentParser, lists: bool = False) -> None:
+    """--max-sequence-length, --true-cfg-scale and --shift (sd3 and flux models only)."""
+    group = parser.add_argument_group(
+        "diffusion transformers", "sd3 and flux models only (`sdserve models` shows the family); "
+        "a U-Net model refuses them",
+    )  # fmt: skip
+    add_number(group, "--max-sequence-length", int, "N", "T5 tokens the prompt is padded or "
+               "cut to, 1..512 (default: the pipeline's, 256 for sd3, 512 for flux); it "
+               "changes the image", lists)  # fmt: skip
+    add_number(group, "--true-cfg-scale", float, "S", "flux only: true classifier-free "
+               "guidance with the negative prompt, a second forward per step (default 1: "
+               "none; --guidance is flux's distilled guidance)", lists)  # fmt: skip
+    add_number(group, "--shift", float, "S", "the flow-matching sigma shift, S > 0 (default: "
+               "the model's; sd3: its scheduler config's, flux: from the image size)",
+               lists)  # fmt: skip
 
 
 def image_file(path: str) -> bytes:
@@ -187,12 +207,8 @@ def add_image_options(parser: argparse.ArgumentParser, strengths: bool = False) 
         metavar="IN.png",
         help="image-to-image: start from this PNG or JPEG (its size is the output's)",
     )
-    parser.add_argument(
-        "--strength",
-        type=str if strengths else float,
-        metavar="S[,S...]" if strengths else "S",
-        help="with --init-image: how much to repaint, 0 < S <= 1 (the server's default: 0.8)",
-    )
+    add_number(parser, "--strength", float, "S", "with --init-image: how much to repaint, "
+               "0 < S <= 1 (the server's default: 0.8)", strengths)  # fmt: skip
     parser.add_argument(
         "--mask",
         type=image_file,
@@ -221,6 +237,9 @@ def request_options(args: argparse.Namespace) -> dict:
         model=args.model,
         loras=args.lora,
         controls=controls(args),
+        max_sequence_length=args.max_sequence_length,
+        true_cfg_scale=args.true_cfg_scale,
+        shift=args.shift,
     )
 
 

@@ -32,7 +32,7 @@ from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
 OPTIONS = (
     "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler",
     "num_images", "init_image", "strength", "mask_image", "guidance_stop", "cache_interval",
-    "model", "loras", "controls",
+    "model", "loras", "controls", "max_sequence_length", "true_cfg_scale", "shift",
 )  # fmt: skip
 """GenerateRequest's optional fields: the `**options` of generate, stream and submit."""
 

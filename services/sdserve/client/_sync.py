@@ -27,8 +27,10 @@ class Client(_calls.ClientBase):
     Every method raises `ClientError` ("CODE: message") when the RPC fails. `**options` are
     GenerateRequest's optional fields by name (negative_prompt, width, height, steps,
     guidance_scale, seed, scheduler, num_images, init_image, strength, mask_image,
-    guidance_stop, cache_interval, model); unset or None ones take the server's defaults; an
-    unknown name raises TypeError. init_image and mask_image take bytes, a path or a PIL image.
+    guidance_stop, cache_interval, model, loras, controls, and for the diffusion transformers
+    max_sequence_length, true_cfg_scale (FLUX) and shift); unset or None ones take the server's
+    defaults; an unknown name raises TypeError. init_image and mask_image take bytes, a path or
+    a PIL image.
     """
 
     _grpc = grpc

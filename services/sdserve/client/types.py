@@ -134,6 +134,12 @@ class Parameters:
     """The LoRA adapters it ran with: (name, scale) each."""
     controls: tuple[Control, ...] = ()
     """The ControlNets it ran with, every field filled in (their images left out)."""
+    max_sequence_length: int = 0
+    """Diffusion transformers: the T5 tokens used (0 for a U-Net model)."""
+    true_cfg_scale: float = 1.0
+    """FLUX: the true CFG scale used (1: none)."""
+    shift: float = 0.0
+    """Diffusion transformers: the sigma shift used (0: the model's own, by the image's size)."""
 
     @classmethod
     def from_pb(cls, pb: diffusion_pb2.ResolvedParameters) -> Parameters:
@@ -310,11 +316,11 @@ class ModelInfo:
 
     name: str
     family: str
-    """"sd1", "sd2" or "sdxl"."""
+    """"sd1", "sd2" or "sdxl", or a diffusion transformer: "sd3" or "flux"."""
     native_width: int
     native_height: int
     prediction_type: str
-    """"epsilon" or "v_prediction"."""
+    """"epsilon" or "v_prediction" (U-Nets), "flow" (diffusion transformers)."""
     default_scheduler: str
     inpainting: bool
     """An inpainting model takes only requests with init_image and mask_image."""

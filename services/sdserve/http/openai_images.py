@@ -9,8 +9,10 @@ and ignored. sdserve's own fields ride along under their diffusers names (`negat
 `num_inference_steps`, `guidance_scale`, `seed`, `scheduler`) or their API names (`strength`,
 `init_image` and `mask_image` as base64 PNG/JPEG, `guidance_stop`, `cache_interval`, `loras`
 as a list of {"name", "scale"}, `controls` as a list of {"name", "image" (base64), "scale",
-"start", "end", "guess_mode", "preprocess", "canny_low", "canny_high"}). Anything
-else is refused, naming the field, rather than silently dropped.
+"start", "end", "guess_mode", "preprocess", "canny_low", "canny_high"}; for the diffusion
+transformers `max_sequence_length`, `true_cfg_scale` and `shift`, as FluxPipeline and
+StableDiffusion3Pipeline name them). Anything else is refused, naming the field, rather than
+silently dropped.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ NUMBERS = {  # body field -> (GenerateRequest field, type)
     "strength": ("strength", float),
     "guidance_stop": ("guidance_stop", float),
     "cache_interval": ("cache_interval", int),
+    "max_sequence_length": ("max_sequence_length", int),
+    "true_cfg_scale": ("true_cfg_scale", float),
+    "shift": ("shift", float),
 }
 TEXTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model",
          "scheduler": "scheduler"}  # fmt: skip
@@ -100,7 +105,10 @@ def parse_generation(body: Any, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTE
             value = _typed(body, name, kind)
             if kind is int and not 0 <= value < 2**64:
                 raise InvalidArgument(name, f"must be a non-negative integer, got {value}")
-            setattr(request, field, value)
+            try:
+                setattr(request, field, value)
+            except ValueError:  # over a uint32 field's range
+                raise InvalidArgument(name, f"is out of range, got {value}") from None
     for name, field in IMAGES.items():
         if body.get(name) is not None:
             setattr(request, field, _image(body, name, max_image_bytes))

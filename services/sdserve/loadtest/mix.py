@@ -24,6 +24,10 @@ class Mix:
     image_every: int = 1
     guidance_stops: tuple[float | None, ...] = (None,)
     cache_intervals: tuple[int | None, ...] = (None,)
+    max_sequence_lengths: tuple[int | None, ...] = (None,)
+    """Diffusion transformers (sd3, flux) only, as `true_cfg_scales` (flux) and `shifts`."""
+    true_cfg_scales: tuple[float | None, ...] = (None,)
+    shifts: tuple[float | None, ...] = (None,)
     models: tuple[str, ...] = ("",)
     """Served model names ("": the server's default)."""
     loras: tuple[tuple[tuple[str, float], ...], ...] = ((),)
@@ -62,6 +66,9 @@ class Mix:
             "guidance_scale": self.guidances,
             "guidance_stop": self.guidance_stops,
             "cache_interval": self.cache_intervals,
+            "max_sequence_length": self.max_sequence_lengths,
+            "true_cfg_scale": self.true_cfg_scales,
+            "shift": self.shifts,
         }
         for name, options in optional.items():
             value = pick(options)

@@ -47,7 +47,7 @@ from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import DenoiseEngine
 from sdserve.pipeline.models import SD15_SCHEDULER, load_scheduler_config, load_unet
 from sdserve.pipeline.threads import available_cores, measure_plan, set_threads
-from sdserve.stages.denoiser import compile_unet
+from sdserve.stages.compiling import compile_unet
 from sdserve.testing.architectures import random_parts
 
 MODELS = {"default": 64, "tiny-sd15-layout": 64, "sd15": 512, "tiny": 64}

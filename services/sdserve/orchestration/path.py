@@ -10,12 +10,10 @@ tensor: embeddings and latents pass from one stage to the next in stage messages
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
-from typing import TypeVar
+from collections.abc import AsyncIterator, Mapping
 
 from sdserve.api.served_models import ServedModel
 from sdserve.api.types import (
@@ -31,9 +29,10 @@ from sdserve.api.types import (
 from sdserve.api.validate import validate_fields_async
 from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
-from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
+from sdserve.errors import Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
+from sdserve.orchestration.deadlines import Within, check_deadline
 from sdserve.orchestration.families import (
     check_transformer_request,
     check_unet_request,
@@ -58,7 +57,6 @@ from sdserve.stages.messages import (
 from sdserve.stats import RequestServed
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DENOISER_GRACE_S = 0.5
 """How much longer than the deadline the Denoiser's call may take: the Denoiser is given the
@@ -213,7 +211,7 @@ class StagePath:
         request_id = request_id or uuid.uuid4().hex
         client = self.clients[params.model or self.default_model]
         left = deadline - time.time() if deadline is not None else self.config.engine.max_request_s
-        within = _Within(asyncio.get_running_loop().time() + left, request_id)
+        within = Within(asyncio.get_running_loop().time() + left, request_id)
         logger.info(
             "request %s: model %s, %dx%d, %d steps of %s, guidance %g, %d image(s), seed %d",
             request_id, params.model, params.width, params.height, params.steps,
@@ -223,13 +221,8 @@ class StagePath:
         # 1. Encode the prompt (and the negative prompt when guidance is on), and any image
         #    input at the same time; prepare the control images meanwhile (a worker thread).
         #    A diffusion transformer's T5 encodes at the same time, in its own stage or not.
-        _check(deadline, request_id, "before the text encoder")
-        family = (await self.denoiser_info(params.model)).family
-        encode = EncodeText(request_id, params.prompt, params.negative_prompt,
-                            with_uncond(params, family), params.loras,
-                            params.max_sequence_length)  # fmt: skip
-        texts = asyncio.gather(client.encode_text(encode), client.encode_t5(encode)
-                               if params.max_sequence_length else _none())  # fmt: skip
+        check_deadline(deadline, request_id, "before the text encoder")
+        texts = self._encode_texts(client, params, request_id)
         ((embeddings, t5), text_s), (init, image_s), controls = await asyncio.gather(
             _timed(within(texts, "text encoder")),
             _timed(within(self._encode_image(client, params, request_id), "VAE encoder")),
@@ -242,7 +235,7 @@ class StagePath:
             params, request_id, embeddings, init, controls, t5,
             preview_every=preview_every if stream else 0,
             progress_interval_s=progress_interval_s,
-            timeout_s=_check(deadline, request_id, "before the denoiser"),
+            timeout_s=check_deadline(deadline, request_id, "before the denoiser"),
         )  # fmt: skip
         if stream:
             latents = None
@@ -259,7 +252,7 @@ class StagePath:
         denoise_s = time.perf_counter() - t
 
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
-        _check(deadline, request_id, "before the VAE decoder")
+        check_deadline(deadline, request_id, "before the VAE decoder")
         t = time.perf_counter()
         texts = tuple(params.png_parameters(s, params.model) for s in params.seeds)
         pngs = await within(client.decode(Decode(request_id, latents, texts)), "VAE decoder")
@@ -276,6 +269,19 @@ class StagePath:
             request_id, timings.total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
         yield Result(request_id, params, tuple(pngs), timings)
+
+    async def _encode_texts(
+        self, client: StageClient, params: GenerateParams, request_id: str
+    ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """The prompt's embeddings (and the negative prompt's with guidance), and a diffusion
+        transformer's T5 embeddings (None for a U-Net model), both encoded at once."""
+        family = (await self.denoiser_info(params.model)).family
+        encode = EncodeText(request_id, params.prompt, params.negative_prompt,
+                            with_uncond(params, family), params.loras,
+                            params.max_sequence_length)  # fmt: skip
+        t5 = client.encode_t5(encode) if params.max_sequence_length else _none()
+        embeddings, t5 = await asyncio.gather(client.encode_text(encode), t5)
+        return embeddings, t5
 
     @staticmethod
     async def _encode_image(
@@ -303,42 +309,6 @@ class StagePath:
                 yield event
 
 
-class _Within:
-    """Bounds a request's stage calls by its deadline (`ends_at`, on the event loop's clock):
-    a call that has not answered by then is cancelled (the Serve client then cancels the
-    stage's request: `cancel_on_exit`), and the request ends with DeadlineExceeded."""
-
-    def __init__(self, ends_at: float, request_id: str):
-        self.ends_at = ends_at
-        self.request_id = request_id
-
-    async def __call__(self, awaitable: Awaitable[T], stage: str, grace_s: float = 0.0) -> T:
-        """`await awaitable`, or DeadlineExceeded `grace_s` after the deadline."""
-        timeout = asyncio.timeout_at(self.ends_at + grace_s)
-        try:
-            async with timeout:
-                return await awaitable
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the stage's own
-            raise DeadlineExceeded(f"request {self.request_id}: its deadline passed in the "
-                                   f"{stage}") from None  # fmt: skip
-
-    async def each(
-        self, events: AsyncGenerator[T, None], stage: str, grace_s: float = 0.0
-    ) -> AsyncIterator[T]:
-        """The events of a stream, each awaited within the deadline; the stream is closed
-        (its stage call cancelled) when this one is. The bound is around each wait, never
-        around a `yield`: a timeout must not fire while the consumer holds the event."""
-        async with contextlib.aclosing(events):
-            while True:
-                try:
-                    event = await self(anext(events), stage, grace_s)
-                except StopAsyncIteration:
-                    return
-                yield event
-
-
 def _control_inputs(params: GenerateParams) -> tuple[ControlInput, ...]:
     """The request's controls, their images preprocessed and resized to its size."""
     return tuple(
@@ -362,16 +332,6 @@ async def _timed(awaitable):
     started = time.perf_counter()
     result = await awaitable
     return result, time.perf_counter() - started
-
-
-def _check(deadline: float | None, request_id: str, where: str) -> float:
-    """Seconds left before `deadline` (0: none); raises DeadlineExceeded once it passed."""
-    if deadline is None:
-        return 0.0
-    left = deadline - time.time()
-    if left <= 0:
-        raise DeadlineExceeded(f"request {request_id}: its deadline passed {where}")
-    return left
 
 
 def _denoise_request(

@@ -29,13 +29,13 @@ from sdserve.config import EngineConfig, ModelConfig, SdserveConfig
 from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
-from sdserve.pipeline.compiled import resolve_mode, resolve_shapes
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
 from sdserve.pipeline.dit_denoise import TransformerDenoiser, denoiser_part
 from sdserve.pipeline.images import EncodedImage
 from sdserve.pipeline.lora import load_lora
-from sdserve.pipeline.threads import ThreadPlan, set_threads
+from sdserve.pipeline.threads import ThreadPlan
 from sdserve.pipeline.vae import preview_pixels, to_png
+from sdserve.stages.compiling import compile_unet
 from sdserve.stages.controlnets import ControlNets
 from sdserve.stages.loras import Adapters
 from sdserve.stages.messages import (
@@ -50,7 +50,7 @@ from sdserve.stages.messages import (
 )
 from sdserve.stages.runtime import TorchThread, load_stage, stage_info, thread_plan
 from sdserve.stages.tensors import returned, unpack, unpack_optional
-from sdserve.stats import RequestAdmitted, RequestEnded, UNetCompiled
+from sdserve.stats import RequestAdmitted, RequestEnded
 
 logger = logging.getLogger(__name__)
 
@@ -340,42 +340,6 @@ class DenoiserService:
                 return message
             return _WithPreview(message, preview_pixels(event.latents, req.width, req.height))
         return None
-
-
-def compile_unet(denoiser: Denoiser, engine: EngineConfig, stats: StatsLogger,
-                 plan: ThreadPlan | None, model: str) -> ThreadPlan | None:  # fmt: skip
-    """Compiles and warms the Denoiser's U-Net as `engine.compile` says (nothing when off), and
-    returns the thread plan to serve with: a compiled U-Net runs every forward on the full
-    batch's threads (inductor builds its CPU kernels for the thread count it compiles at).
-    Call it on the stage's torch thread, after the thread plan is measured."""
-    if plan is not None:
-        set_threads(plan.small)
-    mode = resolve_mode(engine.compile, denoiser.device, denoiser.forward_seconds(engine.compile))
-    if mode == "off":
-        logger.info("the U-Net of model %s runs eagerly (engine.compile: %s)", model,
-                    engine.compile)  # fmt: skip
-        return plan
-    if plan is not None:
-        plan = ThreadPlan.fixed(plan.large)
-    dynamic = resolve_shapes(engine.compile_shapes, denoiser.device) == "dynamic"
-    logger.info("compiling the U-Net of model %s (%s, %s) at %d size(s)", model, mode,
-                "one dynamic graph" if dynamic else f"buckets {list(engine.compile_buckets)}",
-                1 + len(engine.compile_sizes))  # fmt: skip
-
-    def compiled(bucket: int, shape: tuple[int, ...], seconds: float, warmup: bool) -> None:
-        stats.record(UNetCompiled(bucket=bucket, latent_shape=shape, seconds=seconds,
-                                  warmup=warmup))  # fmt: skip
-
-    seconds = denoiser.compile(
-        mode,
-        None if dynamic else engine.compile_buckets,
-        engine.compile_sizes,
-        compiled,
-        plan.threads_for if plan is not None else None,
-        max_rows=2 * engine.max_batch_size,
-    )
-    logger.info("compiled the U-Net of model %s in %.1fs", model, seconds)
-    return plan
 
 
 async def _before(ends_at: float, awaitable, request_id: str):

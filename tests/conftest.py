@@ -76,6 +76,22 @@ def tiny_sdxl_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory) -> Path:
+    """A tiny random-weight SD 3.5 (`--arch tiny-sd3`: two CLIPs, T5, an MMDiT)."""
+    from sdserve.testing.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3", arch="tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory) -> Path:
+    """A tiny random-weight FLUX.1 (`--arch tiny-flux`: CLIP-L, T5, a Flux transformer)."""
+    from sdserve.testing.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", arch="tiny-flux")
+
+
+@pytest.fixture(scope="session")
 def diffusers_pipe(tiny_model):
     """diffusers' own StableDiffusionPipeline on the tiny model: the peer oracle."""
     from diffusers import StableDiffusionPipeline

@@ -30,9 +30,10 @@ class Server:
     """The session server speaks TLS: `certs.ca` signed its certificate."""
 
 
-SERVED_MODELS = ("default", "shapes", "sdxl")
+SERVED_MODELS = ("default", "shapes", "sdxl", "sd3", "flux")
 """The shared server's models, the default first: the tiny model (called "default", so that
-one-model tests see a one-model server's names), the built-in default model and a tiny SDXL."""
+one-model tests see a one-model server's names), the built-in default model, a tiny SDXL, a
+tiny SD3 (its T5 a deployment of its own) and a tiny FLUX (T5 in its TextEncoder)."""
 
 
 @pytest.fixture(scope="session")
@@ -50,25 +51,29 @@ def trust_the_test_ca(certs):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tmp_path_factory,
-           redis_server, certs):  # fmt: skip
-    """sdserve on the tiny model (the default), the built-in model and a tiny SDXL, on free
-    ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the session's own
-    redis-server and two JobWorker replicas. Its gRPC front door speaks TLS."""
+def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_model,
+           tiny_flux_model, tmp_path_factory, redis_server, certs):  # fmt: skip
+    """sdserve on the tiny model (the default), the built-in model, a tiny SDXL, SD3 and FLUX,
+    on free ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the
+    session's own redis-server and two JobWorker replicas. Its gRPC front door speaks TLS."""
     from sdserve.serve import server as sdserve_server
 
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
     keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items())
                     + f"{FLOOD['key']} {FLOOD['tenant']}\n")  # fmt: skip
-    paths = (str(tiny_model), None, str(tiny_sdxl_model))
+    paths = (str(tiny_model), None, str(tiny_sdxl_model), str(tiny_sd3_model),
+             str(tiny_flux_model))  # fmt: skip
     loras = str(tiny_loras["grain"].parent)  # the default model's adapters
     # The default model's Denoiser reserves a CPU (the shared default); the others reserve
-    # none, so that all three fit on a 2-core machine (each model's own stage settings).
-    no_cpu = ModelStagesConfig(
-        denoiser=StageConfig(num_cpus=0, max_ongoing_requests=4096, torch_threads=1)
+    # none, so that all five fit on a 2-core machine (each model's own stage settings). The
+    # SD3 model's T5 runs in a TextEncoderT5 deployment of its own, also without a CPU.
+    denoiser = StageConfig(num_cpus=0, max_ongoing_requests=4096, torch_threads=1)
+    no_cpu = ModelStagesConfig(denoiser=denoiser)
+    t5_apart = ModelStagesConfig(
+        denoiser=denoiser, text_encoder_t5=StageConfig(num_cpus=0, torch_threads=1)
     )
     # One torch thread per stage, what `auto` measures on 2 cores anyway, without measuring it
-    # in each of the 13 replicas at start-up (tests/unit/test_threads.py measures it).
+    # in each of the 19 stage replicas at start-up (tests/unit/test_threads.py measures it).
     defaults = StagesConfig()
     stages = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
     one_thread = {stage: getattr(defaults, stage).model_copy(update={"torch_threads": 1})
@@ -78,6 +83,8 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tmp_path_f
     # compiled path is tests/unit/test_compiled.py's, and compiling would add minutes here.
     own = ({"lora_dir": loras, "controlnet_dir": str(tiny_controlnets), "dtype": "float32"},
            {"stages": no_cpu},
+           {"stages": no_cpu, "dtype": "float32"},
+           {"stages": t5_apart, "dtype": "float32"},
            {"stages": no_cpu, "dtype": "float32"})  # fmt: skip
     config = SdserveConfig(
         models=[
@@ -108,7 +115,9 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tmp_path_f
     try:
         sdserve_server.deploy(config)
         target = f"127.0.0.1:{config.server.grpc_port}"
-        sdserve_server.wait_serving(config, timeout_s=300)  # 13 deployments on 2 busy cores
+        # 19 stage deployments (SD3 and FLUX have no VaeEncoder), the ingress and 2 JobWorker
+        # replicas: 22 replicas on 2 busy cores
+        sdserve_server.wait_serving(config, timeout_s=420)
         yield Server(target=target, config=config, certs=certs)
     finally:
         import ray

@@ -56,5 +56,5 @@ def test_list_models_through_reflection_alone(channel):
         response_deserializer=reply_cls.FromString,
     )
     reply = json_format.MessageToDict(call(request_cls(), timeout=30))
-    assert [m["name"] for m in reply["models"]] == ["default", "shapes", "sdxl"]
-    assert [m["family"] for m in reply["models"]] == ["sd1", "sd1", "sdxl"]
+    assert [m["name"] for m in reply["models"]] == ["default", "shapes", "sdxl", "sd3", "flux"]
+    assert [m["family"] for m in reply["models"]] == ["sd1", "sd1", "sdxl", "sd3", "flux"]

@@ -107,6 +107,7 @@ def test_a_missing_or_wrong_key_is_401(base_url):
 
 
 def test_models_and_health(client, base_url):
-    assert [m.id for m in client.models.list()] == ["default", "shapes", "sdxl"]
+    served = ["default", "shapes", "sdxl", "sd3", "flux"]
+    assert [m.id for m in client.models.list()] == served
     health = httpx.get(f"{base_url}/healthz", timeout=30)
-    assert health.status_code == 200 and health.json()["models"] == ["default", "shapes", "sdxl"]
+    assert health.status_code == 200 and health.json()["models"] == served

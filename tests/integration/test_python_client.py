@@ -143,7 +143,7 @@ def test_cancel_and_async_wait(server, client):
 
 def test_models(client):
     models = client.models()
-    assert [m.name for m in models] == ["default", "shapes", "sdxl"]
+    assert [m.name for m in models] == ["default", "shapes", "sdxl", "sd3", "flux"]
     assert models[0].family == "sd1" and models[0].native_width == 64
     sdxl = models[2]
     assert sdxl.family == "sdxl" and not sdxl.image_inputs and not sdxl.inpainting

@@ -1,5 +1,6 @@
 """Several models in one server (issue 16): the session's server serves the tiny model (the
-default), the built-in model ("shapes") and a tiny SDXL, each with its own stage deployments.
+default), the built-in model ("shapes"), a tiny SDXL, SD3 and FLUX, each with its own stage
+deployments (tests/integration/test_dit_serving.py has the diffusion transformers' own tests).
 Requests pick one with `GenerateRequest.model`; `ListModels` and `sdserve models` list them."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from sdserve.v1 import diffusion_pb2
 
 pytestmark = pytest.mark.integration
 
-SERVED = ["default", "shapes", "sdxl"]
+SERVED = ["default", "shapes", "sdxl", "sd3", "flux"]
+UNETS = ("default", "shapes", "sdxl")
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -34,13 +36,17 @@ def test_list_models_says_what_each_model_is(stub, tiny_sdxl_model):
     assert [m.name for m in reply.models] == SERVED  # the default first
     models = {m.name: m for m in reply.models}
     assert {n: m.family for n, m in models.items()} == {
-        "default": "sd1", "shapes": "sd1", "sdxl": "sdxl"
+        "default": "sd1", "shapes": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"
     }  # fmt: skip
     unet = json.loads((tiny_sdxl_model / "unet" / "config.json").read_text())
     native = 8 * unet["sample_size"]
     assert (models["sdxl"].native_width, models["sdxl"].native_height) == (native, native)
-    assert all(m.prediction_type == "epsilon" for m in reply.models)
-    assert all(m.default_scheduler == "dpmpp_2m" for m in reply.models)
+    assert all(models[n].prediction_type == "epsilon" for n in UNETS)
+    assert all(models[n].default_scheduler == "dpmpp_2m" for n in UNETS)
+    for name in ("sd3", "flux"):
+        assert (models[name].prediction_type, models[name].default_scheduler) == (
+            "flow", "flow_euler"
+        )  # fmt: skip
     assert not models["sdxl"].image_inputs and models["shapes"].image_inputs
     assert not any(m.inpainting for m in reply.models)
 
@@ -52,10 +58,13 @@ def test_list_models_says_how_each_stage_computes(stub):
 
     auto = precision.dtype_name(precision.auto_dtype(torch.device("cpu")))
     reply = stub.ListModels(diffusion_pb2.ListModelsRequest(), timeout=30)
-    expected = {"default": "float32", "shapes": auto, "sdxl": "float32"}
+    expected = {"default": "float32", "shapes": auto, "sdxl": "float32", "sd3": "float32",
+                "flux": "float32"}  # fmt: skip
+    unet = ["text_encoder", "vae_encoder", "denoiser", "vae_decoder"]
+    stages = {"sd3": ["text_encoder", "text_encoder_t5", "denoiser", "vae_decoder"],
+              "flux": ["text_encoder", "denoiser", "vae_decoder"]}  # fmt: skip
     for model in reply.models:
-        assert [s.stage for s in model.stages] == ["text_encoder", "vae_encoder", "denoiser",
-                                                   "vae_decoder"]  # fmt: skip
+        assert [s.stage for s in model.stages] == stages.get(model.name, unet), model.name
         assert {(s.device, s.dtype, s.compile) for s in model.stages} == {
             ("cpu", expected[model.name], "off")
         }, model.name
@@ -66,7 +75,8 @@ def test_an_unknown_model_is_invalid_argument_listing_the_served_ones(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "model" in err.value.details() and "default, shapes, sdxl" in err.value.details()
+    assert "model" in err.value.details()
+    assert "default, shapes, sdxl, sd3, flux" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.SubmitJob(diffusion_pb2.SubmitJobRequest(request=request), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -102,3 +102,55 @@ def test_stage_options_reach_serve():
     assert options["ray_actor_options"]["resources"] == {"gpu_node": 1}
     assert options["ray_actor_options"]["num_gpus"] == 1
     assert options["graceful_shutdown_timeout_s"] == 90
+
+
+def test_flux_serve_config_runs_t5_as_its_own_deployment(tiny_flux_model):
+    """deploy/serve_config_flux.yaml is valid for Ray and sdserve; built on a tiny FLUX (the
+    graph only: no Ray is started), it binds a TextEncoderT5 on its own GPU share and no
+    VaeEncoder (FLUX takes no image inputs)."""
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    from sdserve.serve import _ray
+    from sdserve.serve.app import app_builder
+
+    raw = yaml.safe_load((DEPLOY / "serve_config_flux.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    assert app.import_path == "sdserve.serve.app:app_builder"
+    config = SdserveConfig.model_validate(app.args)
+    assert config.stages.text_encoder_t5 is not None and config.model.dtype == "bfloat16"
+
+    args = {**app.args, "model": {**app.args["model"], "path": str(tiny_flux_model)}}
+    deployments = _ray.app_deployments(app_builder(args))
+    assert set(deployments) == {"Pipeline", "JobWorker", "TextEncoder", "TextEncoderT5",
+                                "Denoiser", "VaeDecoder"}  # fmt: skip
+    t5 = deployments["TextEncoderT5"].ray_actor_options
+    assert t5["num_gpus"] == config.stages.text_encoder_t5.num_gpus > 0
+    assert not ray.is_initialized()
+
+
+def test_each_model_is_bound_the_deployments_of_its_family(tiny_sd3_model, tiny_flux_model):
+    """A U-Net model keeps its four deployments; SD3 and FLUX have no VaeEncoder, and a
+    TextEncoderT5 only where `text_encoder_t5` is set (here the SD3 model's own)."""
+    from sdserve.config import ModelConfig, ModelStagesConfig, StageConfig
+    from sdserve.serve import _ray
+    from sdserve.serve.app import build_app
+
+    t5 = ModelStagesConfig(text_encoder_t5=StageConfig(num_gpus=0.5))
+    config = SdserveConfig(models=[
+        ModelConfig(name="unet"),
+        ModelConfig(name="sd3", path=str(tiny_sd3_model), stages=t5),
+        ModelConfig(name="flux", path=str(tiny_flux_model)),
+    ])  # fmt: skip
+    deployments = _ray.app_deployments(build_app(config))
+    assert set(deployments) == {
+        "Pipeline", "JobWorker", "TextEncoder", "Denoiser", "VaeDecoder", "VaeEncoder",
+        "TextEncoder-sd3", "TextEncoderT5-sd3", "Denoiser-sd3", "VaeDecoder-sd3",
+        "TextEncoder-flux", "Denoiser-flux", "VaeDecoder-flux",
+    }  # fmt: skip
+    assert deployments["TextEncoderT5-sd3"].ray_actor_options["num_gpus"] == 0.5
+    handles = deployments["Pipeline"].init_args[0]  # {model: StageHandles}, Serve's handles
+    assert list(handles) == ["unet", "sd3", "flux"]
+    assert handles["unet"].vae_encoder is not None and handles["unet"].text_encoder_t5 is None
+    assert handles["sd3"].vae_encoder is None and handles["sd3"].text_encoder_t5 is not None
+    assert handles["flux"].vae_encoder is None and handles["flux"].text_encoder_t5 is None

@@ -83,3 +83,23 @@ def test_polled_calls_leave_the_access_log_and_request_calls_stay(caplog):
         serves.info("CALL Stats OK 1.1ms", extra={"serve_access_log": True})
     assert (caplog.records[-1].getMessage(), caplog.records[-1].levelname) == (
         "CALL Stats OK 1.1ms", "DEBUG")  # fmt: skip
+
+
+def test_drain_waits_up_to_the_longest_shutdown_time_of_any_models_stage(monkeypatch):
+    """`sdserve serve`'s drain on shutdown: the optional stages (text_encoder_t5, unset here
+    but for one model) neither break it nor are left out of its bound."""
+    from sdserve.config import SdserveConfig
+    from sdserve.serve import server
+
+    monkeypatch.setattr(_ray, "set_draining", lambda app, draining: None)
+    monkeypatch.setattr(_ray, "ongoing_requests", lambda app: 1)  # never quiet: runs to the bound
+    quick = {"graceful_shutdown_timeout_s": 0.0}
+    t5 = {"text_encoder_t5": {"graceful_shutdown_timeout_s": 0.3}}
+    config = SdserveConfig.model_validate({
+        "stages": dict.fromkeys(("ingress", "text_encoder", "denoiser", "vae_decoder",
+                                 "vae_encoder", "job_worker"), quick),
+        "models": [{"name": "a"}, {"name": "b", "stages": t5}],
+    })  # fmt: skip
+    started = time.monotonic()
+    server.drain(config, poll_s=0.05)
+    assert 0.3 <= time.monotonic() - started < 2.0

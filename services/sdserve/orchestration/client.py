@@ -65,7 +65,9 @@ class StageClient(abc.ABC):
     @abc.abstractmethod
     async def stage_infos(self) -> list[StageInfo]:
         """How each stage computes (device, dtype, compile mode), in request order:
-        text_encoder, vae_encoder, denoiser, vae_decoder."""
+        text_encoder, vae_encoder, denoiser, vae_decoder. Where the model has them apart, an
+        SD3 or FLUX model's T5 stage (text_encoder_t5) comes after text_encoder; a model
+        without a vae_encoder stage (SD3, FLUX served by Serve) lists none."""
 
     @abc.abstractmethod
     async def denoiser_stats(self) -> DenoiserStats:

@@ -1,7 +1,7 @@
 """Whether each served model can serve now: every one of its stages answers a bounded probe.
 
 What gRPC's Health/Check and Watch and the HTTP API's `/healthz` report. A probe asks each stage
-of a model for its `Info` (`StageClient.stage_infos`, the four stages at once) and counts the
+of a model for its `Info` (`StageClient.stage_infos`, all its stages at once) and counts the
 model healthy when all answer within `timeout_s`. A killed replica makes its stage's call fail
 or hang: either way the model is unhealthy within `timeout_s`, and healthy again when Serve has
 restored the replica. Answers are cached for `ttl_s` so that health checkers polling often (a

@@ -10,6 +10,7 @@ import logging
 import time
 
 from ray import serve
+from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 POLLED = frozenset({"Stats", "Info", "serving"})
@@ -152,3 +153,12 @@ def request_deadline(grpc_context) -> float | None:
     if not from_serve_proxy(grpc_context):
         return _deadline_of(grpc_context)
     return getattr(grpc_context, "sdserve_deadline", None)
+
+
+def app_deployments(app: Application, app_name: str = "sdserve") -> dict[str, Deployment]:
+    """Every deployment `app` binds, by name, as Serve builds them at deploy time (each bound
+    deployment nested in another's arguments replaced by its handle); needs no running Ray.
+    What tests and tools read an application graph with."""
+    from ray.serve._private.build_app import build_app
+
+    return {d.name: d for d in build_app(app, name=app_name).deployments}

@@ -3,25 +3,35 @@
     gRPC client -> Serve gRPC proxy -> Pipeline -> TextEncoder (+ VaeEncoder), Denoiser, VaeDecoder
                                           |  (jobs) -> Redis -> JobWorker -> the same three
 
+Per model: SD3 and FLUX take no image inputs, so they have no VaeEncoder; with
+`stages.text_encoder_t5` their T5 encoder is a deployment of its own (TextEncoderT5).
+
 `build_app(config)` is what `sdserve serve` runs. `app_builder` is the import path for Ray's own
 tools: `serve run deploy/serve_config.yaml` / `serve deploy` pass the config tree as `args`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray.serve import Application
 
-from sdserve.config import SdserveConfig
+from sdserve.config import ModelConfig, SdserveConfig
+from sdserve.constants import DIT_FAMILIES, resolve_model_dir
+from sdserve.pipeline.models import model_family
+from sdserve.serve.client import StageHandles
 from sdserve.serve.ingress import PipelineIngress
 from sdserve.serve.job_worker import JobWorkerDeployment
 from sdserve.serve.stages import (
     DenoiserDeployment,
     TextEncoderDeployment,
+    TextEncoderT5Deployment,
     VaeDecoderDeployment,
     VaeEncoderDeployment,
 )
+
+logger = logging.getLogger(__name__)
 
 GRPC_SERVICER_FUNCTIONS = [
     "sdserve.serve._ray.add_diffusion_service",
@@ -35,8 +45,10 @@ STAGE_DEPLOYMENTS = {
     "denoiser": DenoiserDeployment,
     "vae_decoder": VaeDecoderDeployment,
     "vae_encoder": VaeEncoderDeployment,
+    "text_encoder_t5": TextEncoderT5Deployment,
 }
-"""The deployment class of each stage (in `StageHandles` order)."""
+"""The deployment class of each stage, by its name in `config.stages` and `StageHandles`. A
+model has the first three; `model_stages` says which of the others."""
 
 
 def deployment_name(stage: str, model: str, default: bool) -> str:
@@ -46,18 +58,34 @@ def deployment_name(stage: str, model: str, default: bool) -> str:
     return base if default else f"{base}-{model}"
 
 
+def model_stages(config: SdserveConfig, model: ModelConfig) -> tuple[str, ...]:
+    """The stages `model` has deployments of (`STAGE_DEPLOYMENTS` keys): the VaeEncoder unless
+    its family takes no image inputs (SD3, FLUX), and for those the TextEncoderT5 when
+    `stages.text_encoder_t5` (the model's or the shared one) is set. Reads the family from the
+    folder's json files; a folder this machine cannot read is taken for a U-Net model."""
+    root = resolve_model_dir(model.path)
+    if not root.is_dir():
+        logger.warning("model %s: cannot read %s here; deploying it as a U-Net model",
+                       model.name, root)  # fmt: skip
+    if model_family(root) not in DIT_FAMILIES:
+        return "text_encoder", "denoiser", "vae_decoder", "vae_encoder"
+    t5 = ("text_encoder_t5",) if config.stage("text_encoder_t5", model) is not None else ()
+    return "text_encoder", "denoiser", "vae_decoder", *t5
+
+
 def build_app(config: SdserveConfig) -> Application:
-    """Binds each served model's four stage deployments (placement from the model's own
-    `stages`, else the shared `config.stages`), the job workers and the ingress."""
+    """Binds each served model's stage deployments (`model_stages`; placement from the
+    model's own `stages`, else the shared `config.stages`), the job workers and the ingress."""
     tree = config.model_dump()
     models = {}
     for i, model in enumerate(config.served_models):
-        bound = []
-        for stage, deployment in STAGE_DEPLOYMENTS.items():
+        bound = {}
+        for stage in model_stages(config, model):
             options = config.stage(stage, model).deployment_options()
             name = deployment_name(stage, model.name, default=i == 0)
-            bound.append(deployment.options(name=name, **options).bind(tree, model.name))
-        models[model.name] = tuple(bound)
+            deployment = STAGE_DEPLOYMENTS[stage].options(name=name, **options)
+            bound[stage] = deployment.bind(tree, model.name)
+        models[model.name] = StageHandles(**bound)
     stages = config.stages
     job_worker = None
     if stages.job_worker.num_replicas or stages.job_worker.autoscaling:

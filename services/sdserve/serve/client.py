@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from sdserve.errors import InvalidArgument
 from sdserve.orchestration.client import StageClient
 from sdserve.serve import _ray
 from sdserve.serve import stage_messages as sm
@@ -28,13 +29,21 @@ from sdserve.stages.messages import (
 from sdserve.v1 import stages_pb2
 
 
-class StageHandles(NamedTuple):
-    """The stage deployments' handles, bound together (what the ingress and job worker take)."""
+@dataclass(frozen=True)
+class StageHandles:
+    """One served model's stage deployments (what the ingress and the job worker take, one per
+    model): bound deployments while `sdserve.serve.app` builds the graph, their handles once
+    Serve has deployed them (it swaps each one nested in a replica's arguments for its handle).
+    """
 
     text_encoder: DeploymentHandle
     denoiser: DeploymentHandle
     vae_decoder: DeploymentHandle
-    vae_encoder: DeploymentHandle
+    vae_encoder: DeploymentHandle | None = None
+    """None for a family with no image inputs (SD3, FLUX): nothing calls it."""
+    text_encoder_t5: DeploymentHandle | None = None
+    """SD3 and FLUX with `stages.text_encoder_t5`: T5 as a deployment of its own. None: the
+    TextEncoder runs T5 (its `EncodeT5`), or the model has no T5."""
 
 
 @contextlib.contextmanager
@@ -52,21 +61,24 @@ def cancel_on_exit(response):
 
 
 class ServeStageClient(StageClient):
-    """Serializes the stage messages (`sdserve.serve.stage_messages`) and calls the
-    TextEncoder, VaeEncoder, Denoiser and VaeDecoder deployments, over Serve's gRPC transport
-    or Ray actor calls (`server.stage_transport`); parses their replies back."""
+    """Serializes the stage messages (`sdserve.serve.stage_messages`) and calls a model's
+    TextEncoder (and TextEncoderT5), VaeEncoder, Denoiser and VaeDecoder deployments, over
+    Serve's gRPC transport or Ray actor calls (`server.stage_transport`); parses their replies
+    back."""
 
-    def __init__(
-        self,
-        stages: StageHandles,
-        transport: str = "grpc",
-    ):
-        text_encoder, denoiser, vae_decoder, vae_encoder = stages
-        self._text = _ray.with_transport(text_encoder, transport)
-        self._vae_encoder = _ray.with_transport(vae_encoder, transport)
-        self._denoiser = _ray.with_transport(denoiser, transport)
+    def __init__(self, stages: StageHandles, transport: str = "grpc"):
+        def handle(deployment: DeploymentHandle | None) -> DeploymentHandle | None:
+            return None if deployment is None else _ray.with_transport(deployment, transport)
+
+        self._text = handle(stages.text_encoder)
+        self._t5 = handle(stages.text_encoder_t5)
+        self._vae_encoder = handle(stages.vae_encoder)
+        self._denoiser = handle(stages.denoiser)
         self._denoiser_stream = self._denoiser.options(stream=True)
-        self._vae = _ray.with_transport(vae_decoder, transport)
+        self._vae = handle(stages.vae_decoder)
+        # T5 in a deployment of its own, else in the TextEncoder (a U-Net model's TextEncoder
+        # refuses the call: the request path makes it only for SD3 and FLUX).
+        self._encode_t5 = self._t5.Encode if self._t5 is not None else self._text.EncodeT5
 
     @staticmethod
     async def _call(method, request, reply_type):
@@ -80,7 +92,15 @@ class ServeStageClient(StageClient):
                                  stages_pb2.EncodeTextResponse)  # fmt: skip
         return sm.embeddings_from_pb(reply)
 
+    async def encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        reply = await self._call(self._encode_t5, sm.encode_text_to_pb(req),
+                                 stages_pb2.EncodeTextResponse)  # fmt: skip
+        return sm.embeddings_from_pb(reply)
+
     async def encode_image(self, req: EncodeImage) -> ImageEncoding:
+        if self._vae_encoder is None:  # the request path refuses such requests before this
+            raise InvalidArgument("init_image", "this model's family takes no image inputs "
+                                  "(it has no VaeEncoder deployment)")  # fmt: skip
         reply = await self._call(self._vae_encoder.Encode, sm.encode_image_to_pb(req),
                                  stages_pb2.EncodeImageResponse)  # fmt: skip
         return sm.encoded_from_pb(reply)
@@ -107,16 +127,18 @@ class ServeStageClient(StageClient):
         return sm.denoiser_info_from_pb(stages_pb2.DenoiserInfo.FromString(raw))
 
     async def stage_infos(self) -> list[StageInfo]:
-        text, image, denoiser, vae = await asyncio.gather(
-            self._text.Info.remote(b""), self._vae_encoder.Info.remote(b""),
-            self._denoiser.Info.remote(b""), self._vae.Info.remote(b""),
-        )  # fmt: skip
-
-        def info(raw: bytes) -> StageInfo:
-            return sm.stage_info_from_pb(stages_pb2.StageInfo.FromString(raw))
-
-        denoiser_stage = stages_pb2.DenoiserInfo.FromString(denoiser).stage
-        return [info(text), info(image), sm.stage_info_from_pb(denoiser_stage), info(vae)]
+        """Every deployment of the model, in request order: text_encoder, text_encoder_t5
+        (where T5 has its own), vae_encoder (where the family takes images), denoiser,
+        vae_decoder. A U-Net model's are the four of `StageClient.stage_infos`."""
+        stages = [self._text, self._t5, self._vae_encoder, self._denoiser, self._vae]
+        stages = [stage for stage in stages if stage is not None]
+        raws = await asyncio.gather(*(stage.Info.remote(b"") for stage in stages))
+        return [
+            sm.stage_info_from_pb(stages_pb2.DenoiserInfo.FromString(raw).stage)
+            if stage is self._denoiser
+            else sm.stage_info_from_pb(stages_pb2.StageInfo.FromString(raw))
+            for stage, raw in zip(stages, raws, strict=True)
+        ]
 
     async def denoiser_stats(self) -> DenoiserStats:
         raw = await self._denoiser.Stats.remote(b"")
@@ -125,5 +147,4 @@ class ServeStageClient(StageClient):
 
 def stage_clients(models: dict[str, StageHandles], transport: str) -> dict[str, ServeStageClient]:
     """A stage client per served model: {name: client}, in the same order."""
-    return {name: ServeStageClient(StageHandles(*handles), transport)
-            for name, handles in models.items()}  # fmt: skip
+    return {name: ServeStageClient(handles, transport) for name, handles in models.items()}

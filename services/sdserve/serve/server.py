@@ -132,9 +132,9 @@ def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -
 
     app = config.server.app_name
     set_draining(app, True)
-    stages = config.stages
-    timeout_s = max(getattr(stages, name).graceful_shutdown_timeout_s
-                    for name in type(stages).model_fields)  # fmt: skip
+    stages = [config.stage(name, model) for model in config.served_models
+              for name in type(config.stages).model_fields]  # fmt: skip
+    timeout_s = max(stage.graceful_shutdown_timeout_s for stage in stages if stage is not None)
     deadline = time.monotonic() + timeout_s
     quiet = 0
     while time.monotonic() < deadline and quiet < quiet_polls:

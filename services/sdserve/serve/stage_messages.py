@@ -193,7 +193,8 @@ def denoise_from_pb(pb: stages_pb2.DenoiseRequest) -> Denoise:
         loras=_loras_from_pb(pb.loras),
         controls=tuple(map(_control_from_pb, pb.controls)),
         t5=TextEmbeddings(_optional(pb, "t5_cond"), _optional(pb, "t5_uncond"))
-        if pb.HasField("t5_cond") else None,
+        if pb.HasField("t5_cond")
+        else None,
         true_cfg_scale=round(pb.true_cfg_scale, 6) or 1.0,
         shift=round(pb.shift, 6),
     )

@@ -2,8 +2,9 @@
 domain form, `sdserve.serve.stage_messages`), call the stage service (`sdserve.stages`) and
 serialize its answer. Serve routes calls by method name.
 
-Each served model has its own four deployments (`sdserve.serve.app`); a replica is given the
-whole config tree and the name of its model.
+Each served model has its own deployments (`sdserve.serve.app`: TextEncoder, Denoiser,
+VaeDecoder; VaeEncoder where its family takes images; TextEncoderT5 where an SD3 or FLUX model
+runs T5 apart); a replica is given the whole config tree and the name of its model.
 """
 
 from __future__ import annotations
@@ -17,26 +18,56 @@ from sdserve.metrics import StatsLogger
 from sdserve.serve import stage_messages as sm
 from sdserve.serve.common import replica_setup
 from sdserve.stages.denoiser import DenoiserService
-from sdserve.stages.text_encoder import TextEncoderService
+from sdserve.stages.text_encoder import T5EncoderService, TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
 from sdserve.stages.vae_encoder import VaeEncoderService
 from sdserve.v1 import stages_pb2
 
 
-@serve.deployment(name="TextEncoder")
-class TextEncoderDeployment:
+class _OneCallDeployment:
+    """What the TextEncoder(s), VaeEncoder and VaeDecoder deployments share: the replica loads
+    its `service_cls` (a `sdserve.stages.runtime.OneCallStage`) and answers `Info`."""
+
+    service_cls: type
+
     def __init__(self, config: dict, model: str):
         tree, stats = replica_setup(config, model)
-        self.service = TextEncoderService.from_config(tree, stats, model=tree.model_named(model))
-
-    async def Encode(self, request: bytes) -> bytes:
-        """Serialized `EncodeTextRequest` -> serialized `EncodeTextResponse`."""
-        req = sm.encode_text_from_pb(stages_pb2.EncodeTextRequest.FromString(request))
-        return sm.embeddings_to_pb(await self.service.encode(req)).SerializeToString()
+        self.service = self.service_cls.from_config(tree, stats, model=tree.model_named(model))
 
     def Info(self, request: bytes = b"") -> bytes:
         """Serialized `StageInfo`: how this stage computes."""
         return sm.stage_info_to_pb(self.service.info()).SerializeToString()
+
+
+async def _encode_text(encode, request: bytes) -> bytes:
+    """Serialized `EncodeTextRequest` -> `encode` -> serialized `EncodeTextResponse`."""
+    req = sm.encode_text_from_pb(stages_pb2.EncodeTextRequest.FromString(request))
+    return sm.embeddings_to_pb(await encode(req)).SerializeToString()
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoderDeployment(_OneCallDeployment):
+    service_cls = TextEncoderService
+
+    async def Encode(self, request: bytes) -> bytes:
+        """Serialized `EncodeTextRequest` -> serialized `EncodeTextResponse`."""
+        return await _encode_text(self.service.encode, request)
+
+    async def EncodeT5(self, request: bytes) -> bytes:
+        """SD3 and FLUX, where this deployment runs T5: serialized `EncodeTextRequest` ->
+        serialized `EncodeTextResponse` of T5 embeddings."""
+        return await _encode_text(self.service.encode_t5, request)
+
+
+@serve.deployment(name="TextEncoderT5")
+class TextEncoderT5Deployment(_OneCallDeployment):
+    """SD3 and FLUX with `stages.text_encoder_t5`: their T5 encoder as a deployment of its own."""
+
+    service_cls = T5EncoderService
+
+    async def Encode(self, request: bytes) -> bytes:
+        """Serialized `EncodeTextRequest` -> serialized `EncodeTextResponse` (T5 embeddings)."""
+        return await _encode_text(self.service.encode, request)
 
 
 @serve.deployment(name="Denoiser")
@@ -70,35 +101,23 @@ class DenoiserDeployment:
 
 
 @serve.deployment(name="VaeDecoder")
-class VaeDecoderDeployment:
-    def __init__(self, config: dict, model: str):
-        tree, stats = replica_setup(config, model)
-        self.service = VaeDecoderService.from_config(tree, stats, model=tree.model_named(model))
+class VaeDecoderDeployment(_OneCallDeployment):
+    service_cls = VaeDecoderService
 
     async def Decode(self, request: bytes) -> bytes:
         """Serialized `DecodeRequest` -> serialized `DecodeResponse`."""
         req = sm.decode_from_pb(stages_pb2.DecodeRequest.FromString(request))
         return sm.pngs_to_pb(await self.service.decode(req)).SerializeToString()
 
-    def Info(self, request: bytes = b"") -> bytes:
-        """Serialized `StageInfo`: how this stage computes."""
-        return sm.stage_info_to_pb(self.service.info()).SerializeToString()
-
 
 @serve.deployment(name="VaeEncoder")
-class VaeEncoderDeployment:
-    def __init__(self, config: dict, model: str):
-        tree, stats = replica_setup(config, model)
-        self.service = VaeEncoderService.from_config(tree, stats, model=tree.model_named(model))
+class VaeEncoderDeployment(_OneCallDeployment):
+    service_cls = VaeEncoderService
 
     async def Encode(self, request: bytes) -> bytes:
         """Serialized `EncodeImageRequest` -> serialized `EncodeImageResponse`."""
         req = sm.encode_image_from_pb(stages_pb2.EncodeImageRequest.FromString(request))
         return sm.encoded_to_pb(await self.service.encode(req)).SerializeToString()
-
-    def Info(self, request: bytes = b"") -> bytes:
-        """Serialized `StageInfo`: how this stage computes."""
-        return sm.stage_info_to_pb(self.service.info()).SerializeToString()
 
 
 async def _refresh_every(stats: StatsLogger, seconds: float) -> None:

@@ -132,20 +132,26 @@ def test_a_step_batch_keeps_each_images_pixels(family, parts):
 
 @pytest.fixture(scope="module")
 def path(tiny_sd3_model, tiny_flux_model, tiny_model):
-    """The request path (in-process) over an SD3, a FLUX and a U-Net model."""
+    """The request path (in-process) over an SD3 (its T5 a stage of its own), a FLUX and a
+    U-Net model."""
     from sdserve.config import ModelConfig, SdserveConfig
     from sdserve.orchestration.in_process import InProcessStageClient
     from sdserve.orchestration.path import StagePath
 
     one = {"torch_threads": 1}
     config = SdserveConfig(
-        models=[ModelConfig(name="sd3", path=str(tiny_sd3_model), dtype="float32"),
+        # SD3's T5 as a stage of its own, FLUX's in its TextEncoder
+        models=[ModelConfig(name="sd3", path=str(tiny_sd3_model), dtype="float32",
+                            stages={"text_encoder_t5": one}),
                 ModelConfig(name="flux", path=str(tiny_flux_model), dtype="float32"),
                 ModelConfig(name="unet", path=str(tiny_model), dtype="float32")],
         engine={"compile": "off"},
         stages={s: one for s in ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")},
     )  # fmt: skip
     clients = InProcessStageClient.for_every_model(config)
+    assert clients["sd3"].text_encoder.part.t5 is None  # the T5 stage has it
+    assert clients["sd3"].text_encoder_t5 is not None and clients["flux"].text_encoder_t5 is None
+    assert clients["sd3"].vae_encoder is None and clients["unet"].vae_encoder is not None
     yield StagePath(clients, config)
     for client in clients.values():
         client.close()

@@ -15,7 +15,7 @@ class StageRun:
     """How one stage of a served model computes."""
 
     stage: str
-    """"text_encoder", "vae_encoder", "denoiser" or "vae_decoder"."""
+    """"text_encoder", "text_encoder_t5", "vae_encoder", "denoiser" or "vae_decoder"."""
     device: str
     dtype: str
     """The stage's weights and forwards: "float32", "float16" or "bfloat16"."""

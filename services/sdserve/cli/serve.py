@@ -11,8 +11,10 @@ def register(sub, parents: Parents) -> None:
     serve = sub.add_parser(
         "serve",
         help="start Ray and the sdserve application, serve until Ctrl-C",
-        description="Start (or join) a Ray cluster, deploy each model's TextEncoder, VaeEncoder, "
-        "Denoiser and VaeDecoder deployments, the JobWorkers and the Pipeline, and serve "
+        description="Start (or join) a Ray cluster, deploy each model's TextEncoder, VaeEncoder "
+        "(models that take image inputs), TextEncoderT5 (SD3/FLUX with "
+        "stages.text_encoder_t5), Denoiser and VaeDecoder deployments, the JobWorkers and the "
+        "Pipeline, and serve "
         "DiffusionService over gRPC and the OpenAI-compatible Images API over HTTP until "
         "SIGINT/SIGTERM.",
     )

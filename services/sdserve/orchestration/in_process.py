@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from sdserve.config import ModelConfig, SdserveConfig
+from sdserve.errors import InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stages.denoiser import DenoiserService
@@ -30,27 +31,32 @@ from sdserve.stages.messages import (
     StageInfo,
     TextEmbeddings,
 )
-from sdserve.stages.runtime import TorchThread
-from sdserve.stages.text_encoder import TextEncoderService
+from sdserve.stages.runtime import TorchThread, model_stages
+from sdserve.stages.text_encoder import T5EncoderService, TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
 from sdserve.stages.vae_encoder import VaeEncoderService
 
 
 class InProcessStageClient(StageClient):
     """Calls `TextEncoderService`, `VaeEncoderService`, `DenoiserService` and
-    `VaeDecoderService` directly."""
+    `VaeDecoderService` directly (and a diffusion transformer's `T5EncoderService` where T5 is
+    a stage of its own), the stages a model has as on Serve (`runtime.model_stages`)."""
 
     def __init__(
         self,
         text_encoder: TextEncoderService,
         denoiser: DenoiserService,
         vae_decoder: VaeDecoderService,
-        vae_encoder: VaeEncoderService,
+        vae_encoder: VaeEncoderService | None = None,
+        text_encoder_t5: T5EncoderService | None = None,
     ):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae_decoder = vae_decoder
         self.vae_encoder = vae_encoder
+        """None: the model takes no image inputs (SD3, FLUX)."""
+        self.text_encoder_t5 = text_encoder_t5
+        """None: T5 runs in the TextEncoder, or the model has none."""
 
     @classmethod
     def from_config(
@@ -64,12 +70,16 @@ class InProcessStageClient(StageClient):
         a new torch thread)."""
         stats = stats or StatsLogger()
         thread = thread or TorchThread("sdserve-torch")
+        model = model or config.model_named()
+        stages = model_stages(config, model)
+        optional = {"vae_encoder": VaeEncoderService, "text_encoder_t5": T5EncoderService}
         return cls(
             TextEncoderService.from_config(config, stats, thread, model),
             DenoiserService.from_config(config, stats, thread, model),
             VaeDecoderService.from_config(config, stats, thread, model),
-            VaeEncoderService.from_config(config, stats, thread, model),
-        )
+            **{stage: service.from_config(config, stats, thread, model)
+               for stage, service in optional.items() if stage in stages},
+        )  # fmt: skip
 
     @classmethod
     def for_every_model(
@@ -89,9 +99,13 @@ class InProcessStageClient(StageClient):
         return await self.text_encoder.encode(req)
 
     async def encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        if self.text_encoder_t5 is not None:
+            return await self.text_encoder_t5.encode(req)
         return await self.text_encoder.encode_t5(req)
 
     async def encode_image(self, req: EncodeImage) -> ImageEncoding:
+        if self.vae_encoder is None:
+            raise InvalidArgument("init_image", "this model takes no image inputs")
         return await self.vae_encoder.encode(req)
 
     async def denoise(self, req: Denoise) -> Denoised:
@@ -110,7 +124,8 @@ class InProcessStageClient(StageClient):
         return self.denoiser.info()
 
     async def stage_infos(self) -> list[StageInfo]:
-        return [self.text_encoder.info(), self.vae_encoder.info(), self.denoiser.info().stage,
+        stages = [self.text_encoder, self.text_encoder_t5, self.vae_encoder]
+        return [*(s.info() for s in stages if s is not None), self.denoiser.info().stage,
                 self.vae_decoder.info()]  # fmt: skip
 
     async def denoiser_stats(self) -> DenoiserStats:

@@ -279,7 +279,7 @@ class StagePath:
         encode = EncodeText(request_id, params.prompt, params.negative_prompt,
                             with_uncond(params, family), params.loras,
                             params.max_sequence_length)  # fmt: skip
-        t5 = client.encode_t5(encode) if params.max_sequence_length else _none()
+        t5 = client.encode_t5(encode) if family in DIT_FAMILIES else _none()
         embeddings, t5 = await asyncio.gather(client.encode_text(encode), t5)
         return embeddings, t5
 

@@ -12,14 +12,11 @@ tools: `serve run deploy/serve_config.yaml` / `serve deploy` pass the config tre
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ray.serve import Application
 
-from sdserve.config import ModelConfig, SdserveConfig
-from sdserve.constants import DIT_FAMILIES, resolve_model_dir
-from sdserve.pipeline.models import model_family
+from sdserve.config import SdserveConfig
 from sdserve.serve.client import StageHandles
 from sdserve.serve.ingress import PipelineIngress
 from sdserve.serve.job_worker import JobWorkerDeployment
@@ -30,8 +27,7 @@ from sdserve.serve.stages import (
     VaeDecoderDeployment,
     VaeEncoderDeployment,
 )
-
-logger = logging.getLogger(__name__)
+from sdserve.stages.runtime import model_stages
 
 GRPC_SERVICER_FUNCTIONS = [
     "sdserve.serve._ray.add_diffusion_service",
@@ -56,21 +52,6 @@ def deployment_name(stage: str, model: str, default: bool) -> str:
     names, dashboards and deploy files do not change), "Denoiser-NAME" for the others."""
     base = STAGE_DEPLOYMENTS[stage].func_or_class.__name__.removesuffix("Deployment")
     return base if default else f"{base}-{model}"
-
-
-def model_stages(config: SdserveConfig, model: ModelConfig) -> tuple[str, ...]:
-    """The stages `model` has deployments of (`STAGE_DEPLOYMENTS` keys): the VaeEncoder unless
-    its family takes no image inputs (SD3, FLUX), and for those the TextEncoderT5 when
-    `stages.text_encoder_t5` (the model's or the shared one) is set. Reads the family from the
-    folder's json files; a folder this machine cannot read is taken for a U-Net model."""
-    root = resolve_model_dir(model.path)
-    if not root.is_dir():
-        logger.warning("model %s: cannot read %s here; deploying it as a U-Net model",
-                       model.name, root)  # fmt: skip
-    if model_family(root) not in DIT_FAMILIES:
-        return "text_encoder", "denoiser", "vae_decoder", "vae_encoder"
-    t5 = ("text_encoder_t5",) if config.stage("text_encoder_t5", model) is not None else ()
-    return "text_encoder", "denoiser", "vae_decoder", *t5
 
 
 def build_app(config: SdserveConfig) -> Application:

@@ -245,7 +245,8 @@ class DenoiserService:
     def _prepare(self, req: Denoise, job_id: str, on_event: Callable[[eng.Event], None]) -> None:
         """Torch thread: builds the request's samples as diffusers does and submits them."""
         if self.transformer:
-            return self.engine.submit(self._transformer_job(req, job_id, on_event))
+            self.engine.submit(self._transformer_job(req, job_id, on_event))
+            return
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
         controls = self.controlnets.resolve(req.controls, req.width, req.height)
         embeddings, init = req.embeddings, _encoded_image(req.init)
@@ -323,7 +324,7 @@ class DenoiserService:
                 return Unavailable(f"request {req.request_id}: {event.error}")
             if eng.is_out_of_memory(event.error):
                 error = ResourceExhausted(
-                    f"request {req.request_id}: out of memory in its U-Net "
+                    f"request {req.request_id}: out of memory in its denoiser "
                     "forward; retry later, or with fewer or smaller images"
                 )
             else:

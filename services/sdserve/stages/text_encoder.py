@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.constants import DIT_FAMILIES, resolve_model_dir
+from sdserve.errors import FailedPrecondition
 from sdserve.pipeline import models
 from sdserve.pipeline.dit_text import ClipEncoders, T5Encoder
 from sdserve.pipeline.lora import load_lora
@@ -68,6 +69,10 @@ class TextEncoderService(OneCallStage):
         return await self._run(self._encode, req)
 
     def _encode_t5(self, req: EncodeText) -> TextEmbeddings:
+        if getattr(self.part, "t5", None) is None:
+            raise FailedPrecondition("this TextEncoder runs no T5 encoder: the model is not a "
+                                     "diffusion transformer, or stages.text_encoder_t5 runs "
+                                     "its T5")  # fmt: skip
         return _embeddings(self.part.encode_t5(req.prompt, req.negative_prompt, req.with_uncond,
                                                req.max_sequence_length))  # fmt: skip
 

@@ -434,7 +434,9 @@ class ModelInfo(_message.Message):
     native_height: _builtins.int
     """Native height in pixels."""
     prediction_type: _builtins.str
-    """What its U-Net predicts: "epsilon" or "v_prediction"."""
+    """What its denoiser predicts: "epsilon" or "v_prediction" (U-Nets), "flow" (the flow-matching
+    velocity of SD3 and FLUX).
+    """
     default_scheduler: _builtins.str
     """The sampler requests to it get when they name none."""
     inpainting: _builtins.bool
@@ -443,8 +445,9 @@ class ModelInfo(_message.Message):
     """Whether it takes image inputs (init_image, mask_image)."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStage]:
-        """How each of its stages computes, in request order: text_encoder, vae_encoder, denoiser,
-        vae_decoder.
+        """How each of its stages computes, in request order: text_encoder, text_encoder_t5 (SD3 and
+        FLUX with T5 on a deployment of its own), vae_encoder (models that take image inputs),
+        denoiser, vae_decoder.
         """
 
     def __init__(
@@ -479,7 +482,7 @@ class ModelStage(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     COMPILE_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
-    """"text_encoder", "vae_encoder", "denoiser" or "vae_decoder"."""
+    """"text_encoder", "text_encoder_t5", "vae_encoder", "denoiser" or "vae_decoder"."""
     device: _builtins.str
     """"cpu" or "cuda"."""
     dtype: _builtins.str

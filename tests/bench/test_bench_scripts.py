@@ -148,6 +148,29 @@ def test_controlnet_bench_runs(tmp_path):
     assert report["diffusers"]["chosen"] in report["diffusers"]["seconds_per_request"]
 
 
+def test_dit_bench_runs_without_ray_or_grpc(tmp_path):
+    # --quick builds tiny FLUX in memory, as the GPU path builds flux-dev; that path must not
+    # need Ray, Redis or gRPC (the GPU machine may have none of them)
+    out = tmp_path / "dit.json"
+    no_grpc = BLOCK_AND_RUN.replace('("ray", "redis")', '("ray", "redis", "grpc")')
+    assert no_grpc != BLOCK_AND_RUN
+    run = _run("-c", no_grpc, "bench/bench_dit.py", "--quick", "--out", str(out), timeout=180)
+    (modules,) = [line for line in run.stdout.splitlines() if line.startswith("MODULES")]
+    assert {"sdserve.pipeline.dit_denoise", "sdserve.pipeline.engine"} <= set(modules.split())
+    report = json.loads(out.read_text())
+    images = {side: [r["images"] for r in runs] for side, runs in report["runs"].items()}
+    assert images == {"sdserve": [4], "diffusers": [2]}  # one round
+    assert report["max_abs_diff_255"]["float32"] <= 2  # the same images (batched: rounding)
+    assert 0 < report["ratio"] < math.inf
+    for side in ("sdserve", "diffusers"):
+        tuning = report[side]["tuning"]
+        assert len(tuning["images_per_s"]) == 2 and tuning["chosen"] in tuning["images_per_s"]
+    steps = report["step"]["by_images"]  # one step at 1 and at 4 images (FLUX: a row each)
+    assert [s["rows"] for s in steps.values()] == [1, 4]
+    assert all(0 < s["forward_ms_per_row"] <= s["step_ms_per_row"] for s in steps.values())
+    assert 0 < report["step"]["ceiling"] < math.inf
+
+
 def test_gpu_lora_bench_runs_without_ray(tmp_path):
     out = tmp_path / "gpu_lora.json"
     run = _run("-c", BLOCK_AND_RUN, "bench/bench_gpu_lora.py", "--smoke", "--out", str(out),

@@ -11,11 +11,13 @@ cycles its prompt, its step count (4, 6, 8, 10, 12) and its guidance independent
 embedded guidance 2.5, 3.5, 5; SD3: classifier-free guidance 1 (no negative row), 4.5, 7), at
 64x64, T5 padded to the pipeline's default `max_sequence_length` (FLUX 512, SD3 256):
 
-  sdserve    the prompt's CLIP and T5 embeddings (`ClipEncoders`), the step-batching engine
-             (`DenoiseEngine` over `TransformerDenoiser`: one transformer forward per step over
-             every running request, each at its own sigma) and the VAE decoder, in-process on
-             one torch thread as a Denoiser replica's, without Ray (serving's hops between
-             stages are not what is measured);
+  sdserve    the prompt's CLIP and T5 embeddings (the TextEncoder stage's service over
+             `ClipEncoders`: the encodes waiting for the torch thread run as one batch), the
+             step-batching engine (`DenoiseEngine` over `TransformerDenoiser`: one transformer
+             forward per step over every running request, each at its own sigma) and the VAE
+             decoder (the decodes waiting run as one batch, as the VaeDecoder stage runs them),
+             in-process on one torch thread, without Ray (serving's hops between stages are
+             not what is measured, and its stages would run on cores of their own);
   diffusers  `FluxPipeline` / `StableDiffusion3Pipeline.from_pretrained(folder)`, one request
              at a time: the clients queue for it.
 
@@ -37,12 +39,12 @@ batch 1. That path imports pipeline-level modules only: no Ray, Redis or gRPC (t
 has none). `--quick` (seconds; the smoke test runs it) builds the tiny model in memory the same
 way.
 
-What bounds the gain on a CPU: tiny FLUX's forward at 512 T5 tokens is 148 MFLOP per row,
-three quarters of it attention over 528 tokens (16 image, 512 text), so a step is
-compute-bound; batching 16 rows makes it about 2x cheaper per row, not more. The text encoding
-(T5 over 512 tokens) and the VAE decode run once per request, unbatched, on both sides. At
-`--max-sequence-length 128` a row is 19 MFLOP, per-forward overhead dominates and batching
-makes a step about 6x cheaper per row.
+What bounds the gain on a CPU: at FLUX's default 512 T5 tokens on a 64x64 image (16 image
+tokens), tiny FLUX's forward is 148 MFLOP per row, three quarters of it attention over 528
+tokens, so a step is compute-bound: 16 rows cost about 2.0-2.2x less per row than one, and
+that is the most step batching can give. FLUX.1-dev at 1024x1024 has 8 image tokens per text
+token; `--size 256 --max-sequence-length 32` keeps that ratio on the tiny model (256 image
+tokens, 32 text), where a step over 16 rows costs 3.6x less per row than one.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ from sdserve.pipeline.models import model_family
 from sdserve.pipeline.precision import dtype_name
 from sdserve.pipeline.threads import available_cores, set_threads
 from sdserve.pipeline.vae import VaeDecoder
+from sdserve.stages.batching import CallBatcher
+from sdserve.stages.messages import EncodeText, TextEmbeddings
+from sdserve.stages.runtime import TorchThread
+from sdserve.stages.text_encoder import TextEncoderService
 from sdserve.stats import StepStats
 from sdserve.testing.dit_models import DIT_ARCHS, FLUX_PIPELINE, dit_parts, dit_pipeline
 
@@ -165,6 +171,27 @@ class Sdserve:
         self.engine = DenoiseEngine(transformer, step=denoiser.step, max_batch_size=16,
                                     on_stats=self._on_stats)  # fmt: skip
         self.engine.start(torch_thread)
+        self.text_stage = TextEncoderService(text, TorchThread("bench", torch_thread))
+        """The TextEncoder stage's service over `text`: it batches the encodes waiting."""
+        self.text_stage.max_batch = 16
+        self.decoder = CallBatcher(
+            self.text_stage.torch.submit,
+            self._decode_many,
+            key=lambda latents: tuple(latents.shape),
+            max_batch=16,
+        )
+        for name in ("encode_many", "encode_t5_many"):  # time the encodes (the profile)
+            setattr(text, name, self._timed(getattr(text, name)))
+
+    def _timed(self, encode: Callable) -> Callable:
+        def timed(*args):
+            started = time.perf_counter()
+            try:
+                return encode(*args)
+            finally:
+                self.profile.encode_s += time.perf_counter() - started
+
+        return timed
 
     def _sync(self) -> None:
         if self.denoiser.device.type == "cuda":
@@ -189,50 +216,63 @@ class Sdserve:
         """Whether the request has a negative prompt's row (SD3's CFG; FLUX embeds guidance)."""
         return self.denoiser.family == "sd3" and request.guidance > 1
 
-    def job(self, request: Request, on_event: Callable = lambda event: None):
-        """The request's job: its CLIP and T5 embeddings, on the calling (torch) thread."""
-        guided = self.guided(request)
-        emb = self.text.encode(request.prompt, "", with_uncond=guided)
-        t5 = self.text.encode_t5(request.prompt, "", with_uncond=guided,
-                                 max_sequence_length=self.length)  # fmt: skip
+    def _encode_text(self, request: Request) -> EncodeText:
+        return EncodeText(str(request.seed), request.prompt, "", self.guided(request),
+                          max_sequence_length=self.length)  # fmt: skip
+
+    def job(self, request: Request, clip, t5, on_event: Callable = lambda event: None):
+        """The request's job from its CLIP and T5 embeddings (`TextEmbeddings`)."""
         return self.denoiser.make_job(
-            str(request.seed), emb.cond, emb.uncond, width=self.size, height=self.size,
+            str(request.seed), clip.cond, clip.uncond, width=self.size, height=self.size,
             steps=request.steps, guidance_scale=request.guidance, seeds=[request.seed],
-            pooled=emb.pooled, uncond_pooled=emb.uncond_pooled, t5_cond=t5.cond,
+            pooled=clip.cond_pooled, uncond_pooled=clip.uncond_pooled, t5_cond=t5.cond,
             t5_uncond=t5.uncond, on_event=on_event,
         )  # fmt: skip
 
-    def _submit(self, request: Request, on_event) -> None:
+    def _decode_many(self, latents: list[torch.Tensor]) -> list[np.ndarray]:
+        """Torch thread: the latents waiting, decoded in one batch, as the VaeDecoder stage
+        decodes them (`VaeDecoderService`; no PNG encoding on either side here)."""
         started = time.perf_counter()
-        self.engine.submit(self.job(request, on_event))
-        self.profile.encode_s += time.perf_counter() - started
-
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        started = time.perf_counter()
-        pixels = self.vae.decode(latents)[0]
+        pixels = self.vae.decode(torch.cat(latents))
         self.profile.decode_s += time.perf_counter() - started
-        return pixels
+        return list(pixels)
 
     async def send(self, request: Request) -> np.ndarray:
-        """Encodes and submits the request, awaits its last event, decodes its latents."""
+        """Encodes the request (its CLIP and T5 encodes batched with the other requests waiting
+        for the torch thread, as the TextEncoder stage serves them), submits it to the engine,
+        awaits its last event, decodes its latents."""
         last: Future = Future()  # set on the torch thread
 
         def on_event(event) -> None:
             if isinstance(event, Finished | Failed | Cancelled):
                 last.set_result(event)
 
+        encode = self._encode_text(request)
+        clip, t5 = await asyncio.gather(self.text_stage.encode(encode),
+                                        self.text_stage.encode_t5(encode))  # fmt: skip
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.torch, self._submit, request, on_event)
+        job = await loop.run_in_executor(self.torch, self.job, request, clip, t5, on_event)
+        self.engine.submit(job)
         if not isinstance(event := await asyncio.wrap_future(last), Finished):
             raise RuntimeError(f"sdserve request {request.seed} ended with {event}")
-        return await loop.run_in_executor(self.torch, self._decode, event.latents)
+        return await self.decoder(event.latents)
+
+    def _encode_now(self, request: Request) -> tuple:
+        """(CLIP, T5) embeddings of one request, on the calling (torch) thread."""
+        e = self._encode_text(request)
+        clip = self.text.encode(e.prompt, e.negative_prompt, e.with_uncond)
+        t5 = self.text.encode_t5(e.prompt, e.negative_prompt, e.with_uncond, self.length)
+        return (TextEmbeddings(clip.cond, clip.uncond, clip.pooled, clip.uncond_pooled),
+                TextEmbeddings(t5.cond, t5.uncond))  # fmt: skip
 
     def step_ms(self, requests: list[Request], repeats: int = 3) -> dict:
         """One step over the first 1 and over all of `requests`' images (on the torch thread,
         the engine idle): milliseconds per batch row (an image and, guided, its negative
         prompt's row) of the whole step and of its forward, by images; and `ceiling`, the
         first's ms per row over the second's: the most step batching saves on this machine."""
-        jobs = [self.job(dataclasses.replace(r, steps=1000)) for r in requests]  # none ends
+        jobs = [
+            self.job(dataclasses.replace(r, steps=1000), *self._encode_now(r)) for r in requests
+        ]  # none ends; fmt: skip
         for job in jobs:
             job.admit()
         samples = [s for job in jobs for s in job.samples]
@@ -298,20 +338,14 @@ def from_parts(arch: str, device: str, dtype: torch.dtype, thread, size: int, le
 
 
 def clip_encoders_from_parts(parts: dict, family: str) -> ClipEncoders:
-    """A `ClipEncoders` (its T5 included) over loaded parts. `dit_text` loads from a folder
-    only, and a full-size model is never written as one, so this sets what its constructors
-    set: the family, the device and dtype, and the (tokenizer, encoder) pairs."""
+    """A `ClipEncoders` (its T5 included) over loaded parts (a full-size model is never written
+    as a folder)."""
     t5_part = T5_PART[family]
-    t5 = T5Encoder.__new__(T5Encoder)
-    t5.family, t5.model = family, parts[t5_part]
-    t5.tokenizer = parts[t5_part.replace("text_encoder", "tokenizer")]
-    t5.device, t5.dtype = t5.model.device, t5.model.dtype
-    text = ClipEncoders.__new__(ClipEncoders)
-    text.family, text.t5 = family, t5
+    t5 = T5Encoder.from_parts(parts[t5_part.replace("text_encoder", "tokenizer")],
+                              parts[t5_part], family)  # fmt: skip
     suffixes = ("", "_2") if family == "sd3" else ("",)
-    text.clips = [(parts[f"tokenizer{s}"], parts[f"text_encoder{s}"]) for s in suffixes]
-    text.device, text.dtype = t5.device, t5.dtype
-    return text
+    clips = [(parts[f"tokenizer{s}"], parts[f"text_encoder{s}"]) for s in suffixes]
+    return ClipEncoders.from_parts(clips, family, t5)
 
 
 async def closed_loop(send: Callable, preset: Preset, concurrency: int, requests: int,
@@ -505,9 +539,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="seconds: tiny-flux built in memory (the GPU path's code on the "
                         "CPU), one torch thread, 4 requests of 2-3 steps, 1 round")  # fmt: skip
+    parser.add_argument("--size", type=int, default=0,
+                        help="image side in pixels, a multiple of 16 (0: the preset's, 64 for "
+                        "tiny-*, 1024 at full size)")  # fmt: skip
     parser.add_argument("--out", help="JSON (default bench/results/dit-ARCH.json)")
     args = parser.parse_args()
     preset = PRESETS[args.arch]
+    if args.size:
+        preset = dataclasses.replace(preset, size=args.size)
     device = args.device or preset.device
     gpu = device == "cuda"
     if gpu and not torch.cuda.is_available():

@@ -3,9 +3,13 @@ pipeline runs on machines that have only torch, transformers and diffusers)."""
 
 from pathlib import Path
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "flow_euler")
-"""Sampler names the API accepts (see sdserve.pipeline.schedulers). The U-Net families take the
-first six; the diffusion transformers (`DIT_FAMILIES`) only `flow_euler`, their folder's
+UNET_SCHEDULER_NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
+"""The samplers of the U-Net families (SD 1.x/2.x, SDXL): what a config's default sampler
+names."""
+
+SCHEDULER_NAMES = (*UNET_SCHEDULER_NAMES, "flow_euler")
+"""Sampler names the API accepts (see sdserve.pipeline.schedulers): the U-Net families' and
+`flow_euler`, the diffusion transformers' (`DIT_FAMILIES`) only one, their folder's
 FlowMatchEulerDiscreteScheduler."""
 
 DIT_FAMILIES = ("sd3", "flux")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import diffusers_image, solo_latents
 
-from sdserve.config import SCHEDULER_NAMES
+from sdserve.constants import UNET_SCHEDULER_NAMES
 from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.text import TextEncoder
 from sdserve.pipeline.vae import VaeDecoder
@@ -26,7 +26,7 @@ def _generate(stages, **kwargs):
     return vae.decode(solo_latents(text, denoiser, **kwargs))
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("scheduler", UNET_SCHEDULER_NAMES)
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_matches_diffusers(stages, tiny_model, diffusers_pipe, scheduler, guidance):
     kwargs = dict(

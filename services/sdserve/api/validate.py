@@ -17,8 +17,8 @@ import secrets
 from dataclasses import dataclass
 
 from sdserve.api.types import ControlFields, ControlParams, GenerateFields, GenerateParams
-from sdserve.config import SCHEDULER_NAMES, DefaultsConfig, LimitsConfig
-from sdserve.constants import MAX_SEQUENCE_LENGTH
+from sdserve.config import DefaultsConfig, LimitsConfig
+from sdserve.constants import MAX_SEQUENCE_LENGTH, SCHEDULER_NAMES
 from sdserve.errors import InvalidArgument
 from sdserve.pipeline.control_images import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
 from sdserve.pipeline.lora_files import NAME as LORA_NAME

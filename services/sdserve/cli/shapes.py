@@ -141,7 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
 def parse_runs(text: str) -> list[tuple[str, int, float, int]]:
     """SAMPLER:STEPS[:gsF][:ciN],... (argparse type of --runs): gsF stops guidance after the
     fraction F of the steps, ciN turns DeepCache on at interval N."""
-    from sdserve.constants import SCHEDULER_NAMES
+    from sdserve.constants import UNET_SCHEDULER_NAMES as SCHEDULER_NAMES
 
     runs = []
     for item in text.split(","):

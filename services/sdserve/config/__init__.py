@@ -27,7 +27,7 @@ from sdserve.config.service import (  # the endpoints, jobs and metrics, re-expo
     ServerConfig,
 )
 from sdserve.config.tenants import TenantLimitConfig
-from sdserve.constants import SCHEDULER_NAMES
+from sdserve.constants import UNET_SCHEDULER_NAMES
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -93,7 +93,7 @@ class DefaultsConfig(Strict):
     guidance_scale: float = Field(7.5, ge=0)
     """Classifier-free guidance scale."""
 
-    scheduler: Literal[SCHEDULER_NAMES] = "dpmpp_2m"  # type: ignore[valid-type]
+    scheduler: Literal[UNET_SCHEDULER_NAMES] = "dpmpp_2m"  # type: ignore[valid-type]
     """Sampler."""
 
     strength: float = Field(0.8, gt=0, le=1)
@@ -154,10 +154,12 @@ class EngineConfig(Strict):
     recompile, counted)."""
 
     batch_invariant: bool = False
-    """Run each image's rows in a U-Net forward of their own, so that an image's pixels never
-    depend on what it is batched with, on any backend. Measured on this project's CPU, bfloat16
-    rows already came out at 0/255 batched or alone, eager and compiled
-    (docs/precision-and-compilation.md). Costs the step batch's speed-up."""
+    """Run each image's rows in a U-Net forward of their own, and decode each request's latents
+    alone, so that an image's pixels never depend on what it is batched with, on any backend.
+    Measured on this project's CPU, bfloat16 U-Net rows already came out at 0/255 batched or
+    alone, eager and compiled, while a batched VAE decode differs from a lone one by up to
+    2/255 on a few pixels (docs/precision-and-compilation.md). Costs the step batch's and the
+    decode batch's speed-ups."""
 
     deepcache_levels: int = Field(0, ge=0)
     """Depth of DeepCache's shallow branch (requests' `cache_interval`): 0 runs only the last
@@ -213,7 +215,7 @@ class ModelConfig(Strict):
     """A diffusers-format model folder. None: the built-in default model, which ships with
     sdserve (`sdserve/default_model/`)."""
 
-    scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    scheduler: Literal[UNET_SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
     """The sampler of requests to this model that name none. None: `defaults.scheduler`."""
 
     stages: ModelStagesConfig = Field(default_factory=ModelStagesConfig)

@@ -14,6 +14,7 @@ its own (`stages.text_encoder_t5`); the Denoiser puts the parts together
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,24 +58,39 @@ class T5Encoder:
         self.tokenizer, self.model = models.load_t5(root, part, self.device, self.dtype,
                                                     allow_pickle=allow_pickle)  # fmt: skip
 
+    @classmethod
+    def from_parts(cls, tokenizer, model, family: str) -> T5Encoder:
+        """Wraps a loaded T5 tokenizer and encoder (benchmarks build full-size ones in memory)."""
+        encoder = cls.__new__(cls)
+        encoder.family, encoder.tokenizer, encoder.model = family, tokenizer, model
+        encoder.device, encoder.dtype = model.device, model.dtype
+        return encoder
+
     @torch.inference_mode()
-    def _embed(self, text: str, length: int) -> torch.Tensor:
-        ids = self.tokenizer([text], padding="max_length", max_length=length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt").input_ids  # fmt: skip
+    def _embed(self, texts: Sequence[str], length: int) -> torch.Tensor:
+        """(len(texts), length, d_model): one forward over every text, each padded or cut to
+        `length` tokens (no attention mask, as the pipelines: each row is its own)."""
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=length,
+                             truncation=True, add_special_tokens=True,
+                             return_tensors="pt").input_ids  # fmt: skip
         return self.model(ids.to(self.device))[0].to(self.model.dtype)
 
     def encode(self, prompt: str, negative_prompt: str = "", with_uncond: bool = True,
                max_sequence_length: int = 0) -> PromptEmbeddings:  # fmt: skip
         """The prompt's T5 embeddings (and the negative prompt's when `with_uncond`), shape
         (1, max_sequence_length, d_model); 0: the family's default length."""
+        return self.encode_many([(prompt, negative_prompt, with_uncond)], max_sequence_length)[0]
+
+    def encode_many(self, requests: Sequence[tuple[str, str, bool]],
+                    max_sequence_length: int = 0) -> list[PromptEmbeddings]:  # fmt: skip
+        """`encode` of several requests, (prompt, negative prompt, with_uncond) each, in one
+        forward: the T5 stage batches the requests waiting for it."""
         length = sequence_length(self.family, max_sequence_length)
-        uncond = self._embed(negative_prompt, length) if with_uncond else None
-        return PromptEmbeddings(self._embed(prompt, length), uncond)
+        return _split(self._embed(_texts(requests), length), requests)
 
     def calibration_forward(self, rows: int = 1) -> None:
         """Encodes `rows` prompts (for timing: `sdserve.pipeline.threads`)."""
-        for _ in range(rows):
-            self._embed("a photograph of an astronaut riding a horse", 64)
+        self._embed(["a photograph of an astronaut riding a horse"] * rows, 64)
 
 
 class ClipEncoders:
@@ -101,14 +117,25 @@ class ClipEncoders:
         self.t5 = T5Encoder(root, device, dtype, allow_pickle=allow_pickle) if with_t5 else None
         """The T5 encoder when it runs in this stage (None: a stage of its own runs it)."""
 
+    @classmethod
+    def from_parts(cls, clips: Sequence[tuple], family: str,
+                   t5: T5Encoder | None = None) -> ClipEncoders:  # fmt: skip
+        """Wraps loaded (tokenizer, CLIP encoder) pairs, SD3's two or FLUX's one, and a T5."""
+        encoders = cls.__new__(cls)
+        encoders.family, encoders.clips, encoders.t5 = family, list(clips), t5
+        encoders.device, encoders.dtype = clips[0][1].device, clips[0][1].dtype
+        return encoders
+
     @torch.inference_mode()
-    def _embed(self, text: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(SD3: both CLIPs' penultimate hidden states side by side, (1, 77, hl + hg); FLUX:
-        None), (the pooled embeddings side by side, (1, pl + pg) or (1, hidden))."""
+    def _embed(self, texts: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(SD3: both CLIPs' penultimate hidden states side by side, (n, 77, hl + hg); FLUX:
+        None), (the pooled embeddings side by side, (n, pl + pg) or (n, hidden)), one forward
+        per encoder over every text."""
         hidden, pooled = [], []
         for tokenizer, model in self.clips:
-            ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            ids = tokenizer(list(texts), padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length,
+                            return_tensors="pt").input_ids  # fmt: skip
             out = model(ids.to(self.device), output_hidden_states=self.family == "sd3")
             if self.family == "sd3":
                 hidden.append(out.hidden_states[-2].to(self.clips[0][1].dtype))
@@ -122,20 +149,49 @@ class ClipEncoders:
         """The CLIP side of a prompt (and of the negative prompt when `with_uncond`): `cond`
         and `uncond` (SD3's CLIP tokens; None for FLUX), `pooled` and `uncond_pooled`. LoRA
         adapters are not supported on these families (the request path refuses them)."""
-        cond, pooled = self._embed(prompt)
-        if not with_uncond:
-            return PromptEmbeddings(cond, None, pooled)
-        uncond, uncond_pooled = self._embed(negative_prompt)
-        return PromptEmbeddings(cond, uncond, pooled, uncond_pooled)
+        return self.encode_many([(prompt, negative_prompt, with_uncond)])[0]
+
+    def encode_many(self, requests: Sequence[tuple[str, str, bool]]) -> list[PromptEmbeddings]:
+        """`encode` of several requests, (prompt, negative prompt, with_uncond) each, in one
+        forward per encoder: the TextEncoder batches the requests waiting for it."""
+        hidden, pooled = self._embed(_texts(requests))
+        tokens = _split(hidden, requests) if hidden is not None else None
+        out = []
+        for i, e in enumerate(_split(pooled, requests)):
+            t = tokens[i] if tokens is not None else PromptEmbeddings(None, None)
+            out.append(PromptEmbeddings(t.cond, t.uncond, e.cond, e.uncond))
+        return out
+
+    def encode_t5_many(self, requests: Sequence[tuple[str, str, bool]],
+                       max_sequence_length: int = 0) -> list[PromptEmbeddings]:  # fmt: skip
+        """The T5 side of several requests (`T5Encoder.encode_many`), when this stage runs T5."""
+        if self.t5 is None:
+            raise RuntimeError("this text encoder runs no T5 (stages.text_encoder_t5 does)")
+        return self.t5.encode_many(requests, max_sequence_length)
 
     def encode_t5(self, prompt: str, negative_prompt: str = "", with_uncond: bool = True,
                   max_sequence_length: int = 0) -> PromptEmbeddings:  # fmt: skip
         """The T5 side (`T5Encoder.encode`), when this stage runs T5."""
-        if self.t5 is None:
-            raise RuntimeError("this text encoder runs no T5 (stages.text_encoder_t5 does)")
-        return self.t5.encode(prompt, negative_prompt, with_uncond, max_sequence_length)
+        return self.encode_t5_many([(prompt, negative_prompt, with_uncond)],
+                                   max_sequence_length)[0]  # fmt: skip
 
     def calibration_forward(self, rows: int = 1) -> None:
         """Encodes `rows` prompts (for timing: `sdserve.pipeline.threads`)."""
-        for _ in range(rows):
-            self._embed("a photograph of an astronaut riding a horse")
+        self._embed(["a photograph of an astronaut riding a horse"] * rows)
+
+
+def _texts(requests: Sequence[tuple[str, str, bool]]) -> list[str]:
+    """The texts a batch of requests encodes: each prompt, then its negative prompt if asked."""
+    return [t for prompt, negative, uncond in requests
+            for t in ((prompt, negative) if uncond else (prompt,))]  # fmt: skip
+
+
+def _split(rows: torch.Tensor, requests: Sequence[tuple[str, str, bool]]) -> list[PromptEmbeddings]:
+    """`rows` (one per text of `_texts(requests)`) back into each request's (cond, uncond),
+    each (1, ...): a fresh tensor, not a view of the batch."""
+    out, i = [], 0
+    for _, _, uncond in requests:
+        cond = rows[i : i + 1].clone()
+        out.append(PromptEmbeddings(cond, rows[i + 1 : i + 2].clone() if uncond else None))
+        i += 2 if uncond else 1
+    return out

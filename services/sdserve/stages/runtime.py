@@ -16,6 +16,7 @@ from sdserve.metrics import StatsLogger
 from sdserve.pipeline.models import model_family
 from sdserve.pipeline.precision import dtype_name
 from sdserve.pipeline.threads import ThreadPlan, measure_plan, set_threads
+from sdserve.stages.batching import CallBatcher
 from sdserve.stages.messages import StageInfo
 from sdserve.stats import GpuMemory, ModelLoaded
 
@@ -33,8 +34,10 @@ class TorchThread:
     runs its U-Net steps as tasks on it too, so other work queued here runs between two steps.
     """
 
-    def __init__(self, name: str):
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, name: str, executor: ThreadPoolExecutor | None = None):
+        """A new thread named `name`, or `executor` (a one-worker pool: benchmarks share theirs
+        with the stages they build)."""
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def submit(self, fn: Callable[..., T], *args) -> Future[T]:
         """Queues fn(*args) on the torch thread."""
@@ -94,15 +97,28 @@ class OneCallStage:
         """How this stage computes (its device, dtype and threads)."""
         return stage_info(self.stage, self.part, self.threads)
 
-    async def _run(self, fn: Callable[..., T], *args) -> T:
-        """fn(*args) on the torch thread, with the plan's threads for small work."""
+    max_batch: int = 16
+    """The most calls one batched call takes (`batcher`; `engine.max_batch_size` once
+    configured)."""
 
-        def call() -> T:
+    def _with_threads(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """fn, run at the plan's threads for small work."""
+
+        def call(*args) -> T:
             if self.threads is not None:
                 set_threads(self.threads.small)
             return fn(*args)
 
-        return await self.torch.run(call)
+        return call
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on the torch thread, with the plan's threads for small work."""
+        return await self.torch.run(self._with_threads(fn), *args)
+
+    def batcher(self, run: Callable, key: Callable = lambda req: None) -> CallBatcher:
+        """Batches this stage's calls across requests on its torch thread (`CallBatcher`):
+        `run(requests)` returns one result per request."""
+        return CallBatcher(self.torch.submit, self._with_threads(run), key, self.max_batch)
 
 
 def stage_info(stage: str, part, threads: ThreadPlan | None,

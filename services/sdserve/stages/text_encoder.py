@@ -4,6 +4,7 @@ T5 itself)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from sdserve.config import ModelConfig, SdserveConfig
@@ -13,6 +14,7 @@ from sdserve.pipeline import models
 from sdserve.pipeline.dit_text import ClipEncoders, T5Encoder
 from sdserve.pipeline.lora import load_lora
 from sdserve.pipeline.text import TextEncoder
+from sdserve.stages.batching import CallBatcher
 from sdserve.stages.loras import Adapters
 from sdserve.stages.messages import EncodeText, TextEmbeddings
 from sdserve.stages.runtime import OneCallStage
@@ -50,6 +52,7 @@ class TextEncoderService(OneCallStage):
         return {"with_t5": config.stage("text_encoder_t5", model) is None}
 
     def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
+        self.max_batch = config.engine.max_batch_size
         if not isinstance(self.part, TextEncoder):
             return  # no LoRA adapters on the diffusion transformers in this version
 
@@ -64,22 +67,34 @@ class TextEncoderService(OneCallStage):
         return _embeddings(self.part.encode(req.prompt, req.negative_prompt, req.with_uncond,
                                             loras))  # fmt: skip
 
-    async def encode(self, req: EncodeText) -> TextEmbeddings:
-        """The prompt's embeddings, and the negative prompt's when `with_uncond`."""
-        return await self._run(self._encode, req)
+    @functools.cached_property
+    def _clip_calls(self) -> CallBatcher:
+        """A diffusion transformer's CLIP encodes, batched across requests."""
+        return self.batcher(
+            lambda reqs: [_embeddings(e) for e in self.part.encode_many(list(map(_texts, reqs)))]
+        )
 
-    def _encode_t5(self, req: EncodeText) -> TextEmbeddings:
-        if getattr(self.part, "t5", None) is None:
-            raise FailedPrecondition("this TextEncoder runs no T5 encoder: the model is not a "
-                                     "diffusion transformer, or stages.text_encoder_t5 runs "
-                                     "its T5")  # fmt: skip
-        return _embeddings(self.part.encode_t5(req.prompt, req.negative_prompt, req.with_uncond,
-                                               req.max_sequence_length))  # fmt: skip
+    @functools.cached_property
+    def _t5_calls(self) -> CallBatcher:
+        """T5 encodes, batched across requests of one T5 length."""
+        return self.batcher(lambda reqs: _t5_many(self.part.encode_t5_many, reqs),
+                            key=lambda req: req.max_sequence_length)  # fmt: skip
+
+    async def encode(self, req: EncodeText) -> TextEmbeddings:
+        """The prompt's embeddings, and the negative prompt's when `with_uncond` (a diffusion
+        transformer's batched with the other requests waiting)."""
+        if isinstance(self.part, ClipEncoders):
+            return await self._clip_calls(req)
+        return await self._run(self._encode, req)
 
     async def encode_t5(self, req: EncodeText) -> TextEmbeddings:
         """A diffusion transformer's T5 embeddings (cond, and uncond when `with_uncond`), where
         this stage runs T5."""
-        return await self._run(self._encode_t5, req)
+        if getattr(self.part, "t5", None) is None:
+            raise FailedPrecondition("this TextEncoder runs no T5 encoder: the model is not a "
+                                     "diffusion transformer, or stages.text_encoder_t5 runs "
+                                     "its T5")  # fmt: skip
+        return await self._t5_calls(req)
 
 
 class T5EncoderService(OneCallStage):
@@ -87,10 +102,26 @@ class T5EncoderService(OneCallStage):
 
     part_cls, stage = T5Encoder, "text_encoder_t5"
 
-    def _encode(self, req: EncodeText) -> TextEmbeddings:
-        return _embeddings(self.part.encode(req.prompt, req.negative_prompt, req.with_uncond,
-                                            req.max_sequence_length))  # fmt: skip
+    def configure(self, config: SdserveConfig, model: ModelConfig) -> None:
+        self.max_batch = config.engine.max_batch_size
+
+    @functools.cached_property
+    def _calls(self) -> CallBatcher:
+        """T5 encodes, batched across requests of one T5 length."""
+        return self.batcher(lambda reqs: _t5_many(self.part.encode_many, reqs),
+                            key=lambda req: req.max_sequence_length)  # fmt: skip
 
     async def encode(self, req: EncodeText) -> TextEmbeddings:
-        """The prompt's T5 embeddings, and the negative prompt's when `with_uncond`."""
-        return await self._run(self._encode, req)
+        """The prompt's T5 embeddings, and the negative prompt's when `with_uncond` (batched
+        with the other requests of its T5 length waiting)."""
+        return await self._calls(req)
+
+
+def _texts(req: EncodeText) -> tuple[str, str, bool]:
+    return req.prompt, req.negative_prompt, req.with_uncond
+
+
+def _t5_many(encode_many, reqs: list[EncodeText]) -> list[TextEmbeddings]:
+    """`encode_many` over requests of one T5 length (the batcher's key)."""
+    return [_embeddings(e) for e in encode_many(list(map(_texts, reqs)),
+                                                reqs[0].max_sequence_length)]  # fmt: skip

@@ -6,6 +6,7 @@ refuse, by name, through the request path (in-process, no Ray)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 
 import numpy as np
@@ -214,3 +215,20 @@ def test_sd3_refuses_true_cfg_and_unets_refuse_transformer_fields(path):
         with pytest.raises(InvalidArgument) as error:
             asyncio.run(path.validate(GenerateFields(prompt="x", model="unet", **fields)))
         assert error.value.field == next(iter(fields))
+
+
+def test_the_denoiser_stage_refuses_what_a_transformer_does_not_take(path):
+    """A stage message that bypasses the request path (another client of the Denoiser) is
+    still refused by name."""
+    from sdserve.stages.messages import Denoise, EncodeText
+
+    client = path.clients["flux"]
+    encode = EncodeText("r", "x", max_sequence_length=16)
+    clip, t5 = asyncio.run(client.encode_text(encode)), asyncio.run(client.encode_t5(encode))
+    request = Denoise("r", clip, 64, 64, 2, 3.5, "flow_euler", (1,), t5=t5)
+    assert asyncio.run(client.denoise(request)).latents.shape == (1, 16, 8, 8)
+    for bad, field in ((dict(loras=(("ink", 1.0),)), "loras"),
+                       (dict(cache_interval=3), "cache_interval")):  # fmt: skip
+        with pytest.raises(InvalidArgument) as error:
+            asyncio.run(client.denoise(dataclasses.replace(request, **bad)))
+        assert error.value.field == field

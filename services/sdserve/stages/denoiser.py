@@ -26,7 +26,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from sdserve.config import EngineConfig, ModelConfig, SdserveConfig
-from sdserve.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from sdserve.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline import engine as eng
 from sdserve.pipeline.denoise import DenoiseJob, Denoiser
@@ -280,6 +286,10 @@ class DenoiserService:
         """A diffusion transformer's job: the CLIP and the T5 embeddings, as the family's
         pipeline puts them together (`TransformerDenoiser.make_job`)."""
         e, t5 = req.embeddings, req.t5
+        taken = {"init": req.init is None, "loras": not req.loras, "controls": not req.controls,
+                 "cache_interval": req.cache_interval <= 1}  # fmt: skip
+        for name in (name for name, ok in taken.items() if not ok):  # the request path refuses
+            raise InvalidArgument(name, f"a {self.denoiser.family} model does not take it")
         if t5 is None:
             raise Internal(f"request {req.request_id}: a {self.denoiser.family} request "
                            "reached the Denoiser without its T5 embeddings")  # fmt: skip

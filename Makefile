@@ -44,7 +44,7 @@ test: install  ## lint, check the layers, then run every test (starts its own Ra
 
 chaos: install  ## the chaos test (3 minutes): SIGKILL stage replicas under load (SDSERVE_CHAOS_S=60 for a short one)
 	@bash deploy/install-tools.sh redis-server
-	$(BIN)/python -m pytest -m chaos tests/chaos -s -p no:xdist
+	$(BIN)/python -m pytest -m chaos tests/chaos -s
 
 lint: install  ## ruff check, format check and the import contracts (.importlinter)
 	$(BIN)/ruff check .

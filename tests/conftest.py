@@ -7,19 +7,6 @@ from pathlib import Path
 import pytest
 
 
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (`make test` runs two workers), the tests that share a server run in
-    one group on one worker: those of the integration session's shared app (`server`) and the
-    bench scripts that share `running_sdserve`. Every other test, those that start servers or
-    clusters of their own included, goes to whichever worker is free."""
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        if "server" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("shared-server"))
-        elif "running_sdserve" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("bench-server"))
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny random-weight model (seed 0), written once per session, with its two random

@@ -15,6 +15,9 @@ FlowMatchEulerDiscreteScheduler."""
 DIT_FAMILIES = ("sd3", "flux")
 """Model families whose denoiser is a flow-matching transformer, not a U-Net."""
 
+TEXT_ONLY_FAMILIES = ("sdxl", *DIT_FAMILIES)
+"""Model families that take no image inputs in this version: they have no VaeEncoder."""
+
 DIT_DEFAULTS = {
     "sd3": {"steps": 28, "guidance_scale": 7.0, "scheduler": "flow_euler"},
     "flux": {"steps": 28, "guidance_scale": 3.5, "scheduler": "flow_euler"},

@@ -73,7 +73,7 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
         denoiser=denoiser, text_encoder_t5=StageConfig(num_cpus=0, torch_threads=1)
     )
     # One torch thread per stage, what `auto` measures on 2 cores anyway, without measuring it
-    # in each of the 19 stage replicas at start-up (tests/unit/test_threads.py measures it).
+    # in each of the 18 stage replicas at start-up (tests/unit/test_threads.py measures it).
     defaults = StagesConfig()
     stages = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
     one_thread = {stage: getattr(defaults, stage).model_copy(update={"torch_threads": 1})
@@ -115,8 +115,8 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
     try:
         sdserve_server.deploy(config)
         target = f"127.0.0.1:{config.server.grpc_port}"
-        # 19 stage deployments (SD3 and FLUX have no VaeEncoder), the ingress and 2 JobWorker
-        # replicas: 22 replicas on 2 busy cores
+        # 18 stage deployments (SDXL, SD3 and FLUX have no VaeEncoder), the ingress and 2 JobWorker
+        # replicas: 21 replicas on 2 busy cores
         sdserve_server.wait_serving(config, timeout_s=420)
         yield Server(target=target, config=config, certs=certs)
     finally:

@@ -61,8 +61,11 @@ def test_list_models_says_how_each_stage_computes(stub):
     expected = {"default": "float32", "shapes": auto, "sdxl": "float32", "sd3": "float32",
                 "flux": "float32"}  # fmt: skip
     unet = ["text_encoder", "vae_encoder", "denoiser", "vae_decoder"]
-    stages = {"sd3": ["text_encoder", "text_encoder_t5", "denoiser", "vae_decoder"],
-              "flux": ["text_encoder", "denoiser", "vae_decoder"]}  # fmt: skip
+    stages = {
+        "sd3": ["text_encoder", "text_encoder_t5", "denoiser", "vae_decoder"],
+        "flux": ["text_encoder", "denoiser", "vae_decoder"],
+        "sdxl": ["text_encoder", "denoiser", "vae_decoder"],
+    }  # no image inputs; fmt: skip
     for model in reply.models:
         assert [s.stage for s in model.stages] == stages.get(model.name, unet), model.name
         assert {(s.device, s.dtype, s.compile) for s in model.stages} == {

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
+from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES, TEXT_ONLY_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class ServedModel:
     def image_inputs(self) -> bool:
         """Whether it takes init_image (and mask_image): SDXL and the diffusion transformers do
         not in this version."""
-        return self.family not in ("sdxl", *DIT_FAMILIES)
+        return self.family not in TEXT_ONLY_FAMILIES
 
     @classmethod
     def from_info(cls, name: str, info, default_scheduler: str, stages=()) -> ServedModel:

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from sdserve.config import ModelConfig, SdserveConfig
-from sdserve.constants import DIT_FAMILIES, resolve_model_dir
+from sdserve.constants import DIT_FAMILIES, TEXT_ONLY_FAMILIES, resolve_model_dir
 from sdserve.metrics import StatsLogger
 from sdserve.pipeline.models import model_family
 from sdserve.pipeline.precision import dtype_name
@@ -191,14 +191,16 @@ def _report_gpu_memory(stats: StatsLogger, stage: str, device, every_s: float = 
 
 def model_stages(config: SdserveConfig, model: ModelConfig) -> tuple[str, ...]:
     """The stages `model` has deployments of (`STAGE_DEPLOYMENTS` keys): the VaeEncoder unless
-    its family takes no image inputs (SD3, FLUX), and for those the TextEncoderT5 when
-    `stages.text_encoder_t5` (the model's or the shared one) is set. Reads the family from the
-    folder's json files; a folder this machine cannot read is taken for a U-Net model."""
+    its family takes no image inputs (SDXL, SD3, FLUX: `TEXT_ONLY_FAMILIES`), and for SD3 and
+    FLUX the TextEncoderT5 when `stages.text_encoder_t5` (the model's or the shared one) is
+    set. Reads the family from the folder's json files; a folder this machine cannot read is
+    taken for an SD 1.x model."""
     root = resolve_model_dir(model.path)
     if not root.is_dir():
-        logger.warning("model %s: cannot read %s here; deploying it as a U-Net model",
+        logger.warning("model %s: cannot read %s here; deploying it as an SD 1.x model",
                        model.name, root)  # fmt: skip
-    if model_family(root) not in DIT_FAMILIES:
+    family = model_family(root)
+    if family not in TEXT_ONLY_FAMILIES:
         return "text_encoder", "denoiser", "vae_decoder", "vae_encoder"
-    t5 = ("text_encoder_t5",) if config.stage("text_encoder_t5", model) is not None else ()
-    return "text_encoder", "denoiser", "vae_decoder", *t5
+    own_t5 = family in DIT_FAMILIES and config.stage("text_encoder_t5", model) is not None
+    return "text_encoder", "denoiser", "vae_decoder", *(("text_encoder_t5",) if own_t5 else ())

@@ -96,6 +96,17 @@ class DenoiseJob:
         return self.output(latents) if self.output is not None else latents
 
 
+def run_alone(job: DenoiseJob, step: Callable[[list[Sample]], None],
+              on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """Runs one job's whole loop with no engine (`step`: a denoiser's forward over its samples);
+    `on_step(steps done, steps in all)` after each. Returns its final latents."""
+    while not job.done:
+        step(job.samples)
+        if on_step is not None:
+            on_step(job.samples[0].index, job.total)
+    return job.latents()
+
+
 class Denoiser:
     """Loads `unet/` and `scheduler/` (and reads `vae/config.json` for the latent scale)."""
 
@@ -230,12 +241,11 @@ class Denoiser:
         Returns:
             Final latents, shape (len(seeds), latent_channels, height // f, width // f).
         """
-        job = self.make_job("solo", cond, uncond, **request)
-        while not job.done:
-            unet_step(self.unet, job.samples, self.forward)
-            if on_step is not None:
-                on_step(job.samples[0].index, job.total)
-        return job.latents()
+        return run_alone(self.make_job("solo", cond, uncond, **request), self.step, on_step)
+
+    def step(self, samples: Sequence[Sample]) -> None:
+        """One U-Net forward over `samples` (one bucket), compiled where it can be."""
+        unet_step(self.unet, samples, self.forward)
 
     def make_job(
         self,

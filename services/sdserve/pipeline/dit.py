@@ -29,7 +29,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdserve.pipeline.sample import DitConditioning, Sample
+from sdserve.pipeline.sample import DitConditioning, Sample, guidance_until
 
 
 def calculate_shift(image_seq_len: int, config: dict) -> float:
@@ -131,7 +131,7 @@ def make_dit_sample(*, family: str, cond: torch.Tensor, uncond: torch.Tensor | N
         generator=generator,
         latents=latents,
         timesteps=timesteps,
-        guidance_until=int(len(timesteps) * guidance_stop) if guidance_stop < 1 else None,
+        guidance_until=guidance_until(timesteps, guidance_stop),
         dit=conditioning,
     )
 

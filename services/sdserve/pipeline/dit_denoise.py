@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdserve.pipeline import dit, models
-from sdserve.pipeline.denoise import DenoiseJob, Denoiser
+from sdserve.pipeline.denoise import DenoiseJob, Denoiser, run_alone
 from sdserve.pipeline.precision import resolve_dtype
 from sdserve.pipeline.sample import DitConditioning, Sample
 
@@ -183,12 +183,7 @@ class TransformerDenoiser:
     def denoise(self, cond, uncond, *, on_step=None, **request) -> torch.Tensor:
         """Runs one request's whole loop alone (no engine): `make_job`'s arguments. Returns
         the final latents, (len(seeds), latent_channels, h, w) (FLUX's unpacked)."""
-        job = self.make_job("solo", cond, uncond, **request)
-        while not job.done:
-            self.step(job.samples)
-            if on_step is not None:
-                on_step(job.samples[0].index, job.total)
-        return job.latents()
+        return run_alone(self.make_job("solo", cond, uncond, **request), self.step, on_step)
 
     @torch.inference_mode()
     def calibration_forward(self, rows: int) -> None:

@@ -113,6 +113,12 @@ class Sample:
         return self.index >= len(self.timesteps)
 
 
+def guidance_until(timesteps: torch.Tensor, guidance_stop: float) -> int | None:
+    """The last step index that runs guidance: int(len(timesteps) * guidance_stop), as
+    diffusers' documented dynamic-CFG callback stops it; None (every step) at 1."""
+    return int(len(timesteps) * guidance_stop) if guidance_stop < 1 else None
+
+
 def make_sample(
     *,
     cond: torch.Tensor,
@@ -176,7 +182,7 @@ def make_sample(
         timesteps=timesteps,
         step_kwargs=step_kwargs,
         image=image,
-        guidance_until=int(len(timesteps) * guidance_stop) if guidance_stop < 1 else None,
+        guidance_until=guidance_until(timesteps, guidance_stop),
         cache_interval=cache_interval,
         cache_levels=cache_levels,
         text_time=text_time,

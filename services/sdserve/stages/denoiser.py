@@ -106,7 +106,7 @@ class DenoiserService:
         self.threads = threads
         self.engine = eng.DenoiseEngine(
             unet,
-            step=denoiser.step if self.transformer else None,
+            step=denoiser.step,
             max_batch_size=engine.max_batch_size,
             strategy=engine.batching,
             lora_policy=engine.lora_policy,

@@ -43,6 +43,7 @@ from sdserve.testing.architectures import (
     SDXL_TEXT_ENCODER_2,
     TINY_SDXL_TEXT_ENCODER_2,
     TINY_TEXT_ENCODER,
+    TINY_VAE,
     _text_encoder,
     byte_level_tokenizer,
 )
@@ -141,18 +142,15 @@ FLUX_DEV_TRANSFORMER = dict(
     axes_dims_rope=(16, 56, 56),
 )
 TINY_DIT_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
+    TINY_VAE,
     block_out_channels=(16, 16, 32, 32),
-    layers_per_block=1,
     latent_channels=16,
     norm_num_groups=8,
-    sample_size=64,
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+"""The tiny VAE with SD3's and FLUX's 16 latent channels and no quant convolutions (the
+scaling and shift come per family: `SD3_LATENTS`, `FLUX_LATENTS`)."""
 DIT_VAE = dict(TINY_DIT_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                norm_num_groups=32, sample_size=1024)  # fmt: skip
 SD3_LATENTS = dict(scaling_factor=1.5305, shift_factor=0.0609)

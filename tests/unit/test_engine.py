@@ -23,11 +23,15 @@ from sdserve.pipeline.text import TextEncoder
 from sdserve.pipeline.vae import VaeDecoder
 
 
+def load_parts(model) -> tuple[TextEncoder, Denoiser, VaeDecoder]:
+    f32 = "float32"  # compared with diffusers in float32
+    return (TextEncoder(model, dtype=f32), Denoiser(model, dtype=f32),
+            VaeDecoder(model, dtype=f32))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def parts(tiny_model):
-    f32 = "float32"  # compared with diffusers in float32
-    return (TextEncoder(tiny_model, dtype=f32), Denoiser(tiny_model, dtype=f32),
-            VaeDecoder(tiny_model, dtype=f32))  # fmt: skip
+    return load_parts(tiny_model)
 
 
 class Recorder:

@@ -68,6 +68,16 @@ class DenoiseJob:
     cancelled: str | None = None
     output: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Turns the samples' latents into the request's (FLUX: unpacks them); None: as they are."""
+    request_class: str = "interactive"
+    """interactive (a person waits) or bulk (a job): `scheduling` puts interactive first."""
+    priority: str = ""
+    """A bulk job's priority: high, normal or low ("": normal)."""
+    tenant: str = ""
+    """Whose request it is (an API key's tenant): tenants take turns within a class."""
+    paused_s: float = 0.0
+    """Seconds it sat out forwards while running (preempted for interactive requests)."""
+    paused_since: float | None = None
+    """time.monotonic() when it was paused; None while it takes part in forwards."""
     _samples: list[Sample] | None = field(default=None, repr=False)
 
     def admit(self) -> None:

@@ -3,7 +3,9 @@
 One engine runs per Denoiser replica, on the replica's torch thread. At every step boundary it
 
 1. drops cancelled requests and requests past their deadline (they are never decoded);
-2. admits waiting requests into the running batch, up to `max_batch_size` images per bucket;
+2. admits waiting requests into the running batch, up to `max_batch_size` images per bucket,
+   and pauses or resumes bulk requests around interactive ones (`scheduling`: request classes,
+   deadlines, tenants, preemption; `scheduling="fifo"`: first come, first served);
 3. runs ONE U-Net forward over one bucket of running images (`unet_step`): each image at its own
    timestep, with its own scheduler, generator, step count and guidance; images with guidance
    <= 1, or past their guidance stop, add no unconditional row; images on a DeepCache shallow
@@ -11,15 +13,11 @@ One engine runs per Denoiser replica, on the replica's torch thread. At every st
    share it (`lora_policy="one_set"` keeps each adapter set to forwards of its own, to compare);
 4. reports progress, and hands finished latents back.
 
-Images whose latents differ in shape cannot share a forward; they sit in separate buckets, which
-take turns (round robin), so a rare size is not starved by a common one.
-
-`strategy="request"` batches whole requests instead, as Ray Serve's `@serve.batch` or Triton's
-dynamic batcher do: a bucket admits new requests only when its previous batch has finished. It
-exists to measure what step-level batching buys (bench/).
-
-The engine emits plain events and `sdserve.stats.StepStats`; it knows nothing of Ray, gRPC or
-metrics.
+Latents of different shapes sit in separate buckets, which take turns, so a rare size is not
+starved by a common one. `strategy="request"` batches whole requests instead, as Ray Serve's
+`@serve.batch` does (a bucket admits only when its batch has finished), to measure what
+step-level batching buys (bench/). The engine emits plain events (`engine_events`) and
+`sdserve.stats.StepStats`; it knows nothing of Ray, gRPC or metrics.
 """
 
 from __future__ import annotations
@@ -30,66 +28,29 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
-from dataclasses import dataclass
 
 import torch
 
 from sdserve.errors import Unavailable
-from sdserve.pipeline import adapter_sets
+from sdserve.pipeline import adapter_sets, scheduling
 from sdserve.pipeline.denoise import DenoiseJob
+from sdserve.pipeline.engine_events import (  # noqa: F401 (re-exported: the engine's events)
+    DEADLINE_EXCEEDED,
+    Cancelled,
+    Event,
+    Failed,
+    Finished,
+    Paused,
+    Queued,
+    Started,
+    Step,
+)  # fmt: skip
 from sdserve.pipeline.sample import Sample
 from sdserve.pipeline.step import FullForward, unet_step
 from sdserve.pipeline.threads import set_threads
 from sdserve.stats import StepStats
 
 logger = logging.getLogger(__name__)
-
-
-# Events, in the order a request sees them: Queued, Started, Step x N, then Finished, or
-# Cancelled / Failed at any point.
-@dataclass(frozen=True)
-class Queued:
-    position: int
-    """Requests waiting ahead of this one (0: next to be admitted)."""
-
-
-@dataclass(frozen=True)
-class Started:
-    wait_s: float
-    """Seconds between submission and admission into the running batch."""
-
-
-@dataclass(frozen=True)
-class Step:
-    step: int
-    """Steps done (1..total)."""
-    total: int
-    elapsed_s: float
-    """Seconds since submission."""
-    latents: torch.Tensor | None = None
-    """Current latents (num_images, C, h, w), only on the request's preview steps."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    latents: torch.Tensor
-    """Final latents, shape (num_images, C, h, w)."""
-
-
-@dataclass(frozen=True)
-class Cancelled:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-Event = Queued | Started | Step | Finished | Cancelled | Failed
-
-DEADLINE_EXCEEDED = "deadline exceeded"
-"""The reason of a `Cancelled` request whose deadline passed."""
 
 
 class DenoiseEngine:
@@ -114,15 +75,22 @@ class DenoiseEngine:
         forward: FullForward | None = None,
         batch_invariant: bool = False,
         step: Callable[[list[Sample]], None] | None = None,
+        policy: str = "priority",
+        bulk_images_with_interactive: int = 0,
     ):
-        if strategy not in ("step", "request"):
-            raise ValueError(f"unknown batching strategy {strategy!r}")
-        if lora_policy not in adapter_sets.POLICIES:
-            raise ValueError(f"unknown LoRA policy {lora_policy!r}")
+        known = {"strategy": ("step", "request"), "policy": scheduling.POLICIES,
+                 "lora_policy": adapter_sets.POLICIES}  # fmt: skip
+        for what, value in zip(known, (strategy, policy, lora_policy), strict=True):
+            if value not in known[what]:
+                raise ValueError(f"unknown {what} {value!r}")
+        self.prioritized = policy == "priority" and strategy == "step"
+        """Request classes, deadlines, tenants and preemption (`sdserve.pipeline.scheduling`);
+        False: first come, first served."""
+        self.bulk_beside = bulk_images_with_interactive
+        self._order = scheduling.FairOrder()
         self.lora_policy = lora_policy
-        """mixed: rows of different LoRA adapters and ControlNets share a forward. one_set: a
-        forward takes the rows of one adapter set (its LoRAs and ControlNets), the sets taking
-        turns, for comparison (`adapter_sets`)."""
+        """mixed: rows of any LoRA adapters and ControlNets share a forward. one_set: a forward
+        takes one adapter set's rows, the sets in turn, to compare (`adapter_sets`)."""
         self._set_turn = 0
         self.unet = unet
         self.max_batch_size = max_batch_size
@@ -134,15 +102,15 @@ class DenoiseEngine:
         self.forward = forward
         """The U-Net's plain forward (a `compiled.CompiledUNet`), or None: eager."""
         self.batch_invariant = batch_invariant
+        """Each image's rows in a forward of their own: its pixels never depend on its
+        neighbours in the batch (at the cost of batching)."""
         self._step = step or (lambda samples: unet_step(self.unet, samples, self.forward))
         """One forward over a bucket's samples: a U-Net's (`unet_step`) unless given (a
         diffusion transformer's, `TransformerDenoiser.step`)."""
-        """Each image's rows in a forward of their own: its pixels never depend on its
-        neighbours in the batch (at the cost of batching)."""
         self._lock = threading.Lock()
         self._waiting: deque[DenoiseJob] = deque()
         self._running: dict[tuple[int, ...], list[DenoiseJob]] = {}
-        self._turns: deque[tuple[int, ...]] = deque()  # round robin over buckets
+        self._turns: deque[tuple[int, ...]] = deque()  # buckets in turn order
         self._executor: Executor | None = None
         self._scheduled: Future | None = None  # the next iteration, once submitted
         self._stopping = False
@@ -169,10 +137,17 @@ class DenoiseEngine:
                     job.cancelled = reason
             self._schedule()
 
-    def work_ahead(self) -> int:
-        """Image-steps left of every request waiting or running (one per image per step)."""
+    def work_ahead(self, request_class: str | None = None) -> int:
+        """Image-steps left of every request waiting or running (one per image per step), or
+        of those of one class."""
         with self._lock:
-            return sum(job.images * (job.total - job.steps_done) for job in self._jobs())
+            return sum(job.images * (job.total - job.steps_done) for job in self._jobs()
+                       if request_class in (None, job.request_class))  # fmt: skip
+
+    def paused(self) -> int:
+        """Running requests paused now."""
+        with self._lock:
+            return sum(job.paused_since is not None for job in self._jobs())
 
     def counts(self) -> tuple[int, int]:
         """(waiting requests, running requests)."""
@@ -210,6 +185,9 @@ class DenoiseEngine:
     # -- the engine thread --------------------------------------------------------------------
     def _jobs(self):
         yield from self._waiting
+        yield from self._jobs_running()
+
+    def _jobs_running(self):
         for jobs in self._running.values():
             yield from jobs
 
@@ -241,21 +219,31 @@ class DenoiseEngine:
         return dropped
 
     def _admit(self, now: float) -> list[DenoiseJob]:
-        """Moves waiting jobs into their buckets, FIFO within a bucket."""
+        """Moves waiting jobs into their buckets: in the policy's order (`scheduling`), or
+        FIFO; a job that does not fit holds back the jobs after it in its bucket."""
         admitted = []
         blocked: set[tuple[int, ...]] = set()
-        for job in list(self._waiting):
+        ordered = self._order.order(self._waiting) if self.prioritized else list(self._waiting)
+        interactive_running = any(map(scheduling.interactive, self._jobs_running()))
+        for job in ordered:
             shape = job.shape
             if shape in blocked:
-                continue  # keep arrival order within a bucket
+                continue  # keep the order within a bucket
             bucket = self._running.setdefault(shape, [])
             images = sum(j.images for j in bucket)
             if self.strategy == "request" and bucket and not any(j in admitted for j in bucket):
                 blocked.add(shape)  # whole-request batching: wait for the batch to finish
                 continue
-            if bucket and images + job.images > self.max_batch_size:
+            if self.prioritized:
+                fits = scheduling.fits(job, bucket, self.max_batch_size, self.bulk_beside,
+                                       interactive_running)  # fmt: skip
+                interactive_running |= fits and scheduling.interactive(job)
+            else:
+                fits = not bucket or images + job.images <= self.max_batch_size
+            if not fits:
                 blocked.add(shape)
                 continue
+            self._order.charge(job)
             bucket.append(job)
             if shape not in self._turns:
                 self._turns.append(shape)
@@ -272,16 +260,13 @@ class DenoiseEngine:
         with self._lock:
             dropped = self._drop_cancelled(now)
             admitted = self._admit(now)
-            if self._turns:
-                shape = self._turns[0]
-                self._turns.rotate(-1)
-                jobs = list(self._running[shape])
-            else:
-                jobs = []
+            shape, jobs, paused = self._next_forward(now)
             waiting = len(self._waiting)
             running = sum(len(j) for j in self._running.values())
         for job in dropped:
             self._emit(job, Cancelled(reason=job.cancelled or "cancelled"))
+        for job in paused:
+            self._emit(job, Paused())
         unprepared = [job for job in admitted if not self._start(job, now)]
         jobs = [job for job in jobs if job not in unprepared]
         if not jobs:
@@ -322,6 +307,22 @@ class DenoiseEngine:
                 logger.exception("recording the stats of a U-Net step failed")
         return stats
 
+    def _next_forward(self, now: float):
+        """(the bucket whose forward runs now, its jobs in it, jobs paused now). Hold the lock."""
+        if not self._turns:
+            return None, [], []
+        if not self.prioritized:
+            shape = self._turns[0]
+            self._turns.rotate(-1)
+            return shape, list(self._running[shape]), []
+        paused = scheduling.plan(self._running, self.max_batch_size, self.bulk_beside, now)
+        shape = scheduling.next_bucket(list(self._turns), self._running)
+        if shape is None:
+            return None, [], paused
+        self._turns.remove(shape)
+        self._turns.append(shape)  # its turn is taken: the others' come first
+        return shape, scheduling.active(self._running[shape]), paused
+
     def _start(self, job: DenoiseJob, now: float) -> bool:
         """Makes an admitted job's samples (its noise and per-row tensors: only now that it
         runs) and tells it; a job whose samples cannot be made fails alone. Whether it runs."""
@@ -356,7 +357,7 @@ class DenoiseEngine:
             self._emit(job, Step(step=k, total=job.total, elapsed_s=elapsed - job.submitted_at,
                                  latents=latents))  # fmt: skip
         for job in finished:
-            self._emit(job, Finished(latents=job.latents()))
+            self._emit(job, Finished(latents=job.latents(), paused_s=job.paused_s))
 
     def _emit(self, job: DenoiseJob, event: Event) -> None:
         """Hands a request its event. A callback that raises loses its own request, never

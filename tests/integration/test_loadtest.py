@@ -72,3 +72,30 @@ def test_http_mode_mixes_models_and_counts_http_errors_by_code(server, tmp_path)
     assert {k: v["ok"] for k, v in summary["by_kind"].items()} == {
         "default:text": 4, "sdxl:text": 2
     }  # fmt: skip
+
+
+def test_rate_sweep_reports_slo_attainment_and_goodput_per_rate(server, tmp_path):
+    """--slo-scale measures each shape alone first; --rate-sweep runs one open-loop load per
+    rate, prints a line each and a table, and --out holds one report per rate."""
+    plot = tmp_path / "sweep.png"
+    run, document = _loadtest(
+        server, "--slo-scale", "3", "--rate-sweep", "2:8:2", "--requests", "4", "--steps", "2,4",
+        "--width", "64", "--height", "64", "--plot", str(plot), tmp_path=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "64x64, 2 steps" in run.stdout and "64x64, 4 steps" in run.stdout
+    assert [e["steps"] for e in document["expected_s"]] == [2, 4]
+    assert all(e["solo_s"] > 0 for e in document["expected_s"])
+    for rate in ("2.00", "8.00"):
+        assert f"rate {rate}/s: 4 requests" in run.stdout
+    assert "SLO met" in run.stdout and "goodput/s" in run.stdout  # the table
+    reports = document["reports"]
+    assert [r["summary"]["rate"] for r in reports] == [2.0, 8.0]
+    for report in reports:
+        summary = report["summary"]
+        assert summary["mode"] == "open" and summary["requests"] == summary["ok"] == 4
+        assert 0 <= summary["slo_attainment"] <= 1
+        met = sum(r["latency_s"] <= r["slo_s"] for r in report["records"])
+        assert summary["slo_attainment"] == met / 4
+        assert summary["goodput_rps"] == pytest.approx(met / summary["wall_s"])
+    assert f"plot: {plot}" in run.stdout and plot.stat().st_size > 0

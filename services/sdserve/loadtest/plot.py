@@ -4,6 +4,9 @@
 2. throughput: images finished in each second of the run;
 3. the latency distribution of successful requests (CDF), with p50, p90 and p99 marked.
 
+and of a rate sweep (`sdserve loadtest --rate-sweep A:B:N --plot FILE.png`, `plot_sweep`): SLO
+attainment, goodput and p99 latency against the offered rate, one line per system.
+
 matplotlib draws it off-screen (the Agg backend); nothing needs a display.
 """
 
@@ -32,6 +35,12 @@ def plot_report(report: Report, path: str | Path, title: str = "") -> Path:
     _latency_over_time(over_time, report)
     _throughput(per_second, report)
     _cdf(cdf, report, summary)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,3 +90,44 @@ def _cdf(ax, report: Report, summary: dict) -> None:
            ylim=(0, 1.02))  # fmt: skip
     if latencies:
         ax.legend(fontsize=8, loc="lower right")
+
+
+def plot_sweep(
+    reports: list[Report] | dict[str, list[Report]], path: str | Path, title: str = ""
+) -> Path:
+    """Draws a rate sweep (one open-loop `Report` per offered rate, SLOs assigned:
+    `slo.rate_sweep`) into a PNG at `path` and returns the path: SLO attainment (%), goodput
+    (requests/s that met their SLO; the diagonal is every offered request met) and p99 latency
+    of the OK requests, each against the offered rate. A dict draws several systems on the same
+    axes, one line each: `plot_sweep({"sdserve": ours, "baseline": theirs}, path)`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    systems = reports if isinstance(reports, dict) else {"": reports}
+    fig, (attained, goodput, p99) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig.suptitle(title or "SLO attainment, goodput and p99 latency by offered load", fontsize=11)
+    highest = 0.0
+    for name, sweep in systems.items():
+        sweep = sorted(sweep, key=lambda r: r.rate or 0.0)
+        rates = [r.rate for r in sweep]
+        summaries = [r.summary() for r in sweep]
+        line = dict(marker="o", label=name or None)
+        attained.plot(rates, [100 * s.get("slo_attainment", math.nan) for s in summaries], **line)
+        goodput.plot(rates, [s.get("goodput_rps", math.nan) for s in summaries], **line)
+        p99.plot(rates, [s["p99_s"] for s in summaries], **line)
+        highest = max([highest, *rates])
+    goodput.plot([0, highest], [0, highest], color="gray", linestyle=":", linewidth=1,
+                 label="offered")  # fmt: skip
+    offered = "offered load (requests/s)"
+    attained.set(title="SLO attainment", xlabel=offered, ylabel="requests within SLO (%)")
+    goodput.set(title="goodput", xlabel=offered, ylabel="requests/s within SLO")
+    p99.set(title="p99 latency (OK)", xlabel=offered, ylabel="latency (s)")
+    attained.set_ylim(0, 102)
+    for ax in (attained, goodput, p99):
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        if ax is goodput or len(systems) > 1:
+            ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)

@@ -292,3 +292,66 @@ def kill_session(sid: int) -> None:
     from sdserve.testing.processes import kill_session
 
     kill_session(sid)
+
+
+def load_parts(model):
+    """The float32 text encoder, denoiser and VAE decoder of `model`, for engine tests."""
+    from sdserve.pipeline.denoise import Denoiser
+    from sdserve.pipeline.text import TextEncoder
+    from sdserve.pipeline.vae import VaeDecoder
+
+    f32 = "float32"  # compared with diffusers in float32
+    return (TextEncoder(model, dtype=f32), Denoiser(model, dtype=f32),
+            VaeDecoder(model, dtype=f32))  # fmt: skip
+
+
+class Recorder:
+    """Collects a Denoiser engine job's events."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    @property
+    def latents(self):
+        from sdserve.pipeline.engine import Finished
+
+        (done,) = [e for e in self.events if isinstance(e, Finished)]
+        return done.latents
+
+
+def engine_job(
+    parts,
+    request_id,
+    *,
+    prompt="a red circle",
+    seeds=(0,),
+    steps=6,
+    guidance=7.5,
+    scheduler="ddim",
+    width=64,
+    height=64,
+    **kwargs,
+):
+    """A job of `parts` (`load_parts`) for the engine, and the recorder of its events."""
+    text, denoiser, _ = parts
+    emb = text.encode(prompt, "", with_uncond=guidance > 1)
+    recorder = Recorder()
+    job = denoiser.make_job(
+        request_id,
+        emb.cond,
+        emb.uncond,
+        pooled=emb.pooled,
+        uncond_pooled=emb.uncond_pooled,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        seeds=list(seeds),
+        on_event=recorder,
+        **kwargs,
+    )
+    return job, recorder

@@ -62,8 +62,18 @@ SPECS = [
          "Time one request spent in a stage, seen by its caller (transport included).",
          ("stage",), tuple(LATENCY_BUCKETS)),
     Spec("sdserve_queue_wait_seconds", "histogram",
-         "Time a request waited in the Denoiser before its first denoising step.", (),
+         "Time a request waited in the Denoiser before its first denoising step, by class "
+         "(interactive: Generate, GenerateStream, HTTP; bulk: jobs).", ("class",),
          tuple(LATENCY_BUCKETS)),
+    Spec("sdserve_paused_seconds", "histogram",
+         "Time a finished request sat out U-Net steps, paused for interactive requests "
+         "(engine.scheduling: priority), by class.", ("class",), tuple(LATENCY_BUCKETS)),
+    Spec("sdserve_preemptions", "counter",
+         "Times the Denoiser paused a running request at a step boundary, by class.", ("class",)),
+    Spec("sdserve_slo_requests", "counter",
+         "Requests with a deadline that ended, by class and outcome: met (its images before "
+         "the deadline) or missed (DEADLINE_EXCEEDED, or later); met / all is SLO attainment.",
+         ("class", "outcome")),
     Spec("sdserve_images_generated", "counter", "Images generated (Generate and jobs)."),
     Spec("sdserve_denoiser_batch_size", "histogram",
          "Images in one U-Net forward of the Denoiser engine's running batch.", (),
@@ -146,6 +156,23 @@ def exported_names() -> set[str]:
     return {name for spec in SPECS for name in spec.exported_names}
 
 
+def _predicted(batches, images: int) -> float:
+    """Image-steps per second of a forward of `images` images, from a least-squares line of
+    seconds against images through `batches` ((time, images, seconds)); 0 with fewer than two
+    batch sizes or a line that does not rise."""
+    xs = [float(n) for _, n, _ in batches]
+    ys = [s for _, _, s in batches]
+    if images <= 0 or len(set(xs)) < 2:
+        return 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    slope /= sum((x - mx) ** 2 for x in xs)
+    if slope <= 0:
+        return 0.0
+    intercept = max(0.0, my - slope * mx)
+    return images / (intercept + slope * images)
+
+
 @dataclass
 class DenoiserCounters:
     """One Denoiser's counters since it started, for its Stats RPC (`DenoiserStats`)."""
@@ -171,6 +198,8 @@ class DenoiserCounters:
     """U-Net graphs compiled (torch.compile), warm-up included."""
     recompiles: int = 0
     """Of `compiles`, those after warm-up (while serving)."""
+    preemptions: int = 0
+    """Times a running request was paused at a step boundary (for interactive requests)."""
 
 
 BUSY_WINDOW_S = 10.0
@@ -199,10 +228,15 @@ class StatsLogger:
         self._steps: deque[tuple[float, float]] = deque()  # (ended at, seconds) in the window
         self._busy_s = 0.0  # the sum of `_steps`' seconds
         self._batches: deque[tuple[float, int, float]] = deque()  # (ended at, images, seconds)
+        self.full_batch = 0
+        """Images in a full forward (`engine.max_batch_size`; the Denoiser sets it): `capacity`
+        predicts the speed of one from the forwards of the last minute. 0: no prediction."""
         self._handlers: dict[type, Callable[[Any], None]] = {
             stats.StepStats: self._step,
             stats.RequestAdmitted: self._admitted,
             stats.RequestEnded: self._ended,
+            stats.RequestPaused: self._paused,
+            stats.DeadlineOutcome: self._deadline,
             stats.RequestServed: self._served,
             stats.RpcDone: self._rpc,
             stats.JobEvent: self._job,
@@ -234,9 +268,12 @@ class StatsLogger:
             return min(1.0, max(self._busy_s, 0.0) / BUSY_WINDOW_S)
 
     def capacity(self) -> float:
-        """Image-steps per second of the U-Net steps of the last minute whose batch was at
-        least half the largest one seen in it (0 before any): the rate a full engine runs
-        at, for load shedding (`sdserve.orchestration.admission`)."""
+        """Image-steps per second a full engine runs at, for load shedding
+        (`sdserve.orchestration.admission`); 0 before any step. The larger of: the speed of the
+        last minute's U-Net steps whose batch was at least half the largest in it, and the
+        speed of a full forward (`full_batch` images) that a line through those steps' times
+        against their images predicts. Measured alone, a minute of small batches (a quiet
+        server) read as a low capacity, and the first seconds of a burst were refused."""
         now = time.monotonic()
         with self._lock:
             while self._batches and self._batches[0][0] < now - CAPACITY_WINDOW_S:
@@ -246,7 +283,8 @@ class StatsLogger:
             return 0.0
         largest = max(images for _, images, _ in batches)
         full = [(images, s) for _, images, s in batches if 2 * images >= largest]
-        return sum(images for images, _ in full) / max(sum(s for _, s in full), 1e-9)
+        measured = sum(images for images, _ in full) / max(sum(s for _, s in full), 1e-9)
+        return max(measured, _predicted(batches, self.full_batch))
 
     def refresh(self) -> None:
         """Updates the gauges that change with time alone (`sdserve_unet_busy_ratio` falls
@@ -274,7 +312,15 @@ class StatsLogger:
         m.denoiser_running_requests.set(s.running)
 
     def _admitted(self, s: stats.RequestAdmitted) -> None:
-        self.metrics.queue_wait_seconds.observe(s.wait_s)
+        self.metrics.queue_wait_seconds.observe(s.wait_s, tags={"class": s.request_class})
+
+    def _paused(self, s: stats.RequestPaused) -> None:
+        self.denoiser.preemptions += 1
+        self.metrics.preemptions.inc(tags={"class": s.request_class})
+
+    def _deadline(self, s: stats.DeadlineOutcome) -> None:
+        outcome = "met" if s.met else "missed"
+        self.metrics.slo_requests.inc(tags={"class": s.request_class, "outcome": outcome})
 
     def _ended(self, s: stats.RequestEnded) -> None:
         c = self.denoiser
@@ -283,6 +329,8 @@ class StatsLogger:
             c.cancelled += s.outcome == "expired"
             reason = "deadline" if s.outcome == "expired" else "cancelled"
             self.metrics.denoiser_dropped.inc(tags={"reason": reason})
+        if s.outcome == "finished":
+            self.metrics.paused_seconds.observe(s.paused_s, tags={"class": s.request_class})
         self.metrics.denoiser_waiting_requests.set(s.waiting)  # so that an idle engine reads 0
         self.metrics.denoiser_running_requests.set(s.running)
 

@@ -42,6 +42,15 @@ class RequestAdmitted:
 
     wait_s: float
     """Seconds it waited for a slot."""
+    request_class: str = "interactive"
+    """interactive or bulk (`sdserve.pipeline.scheduling`)."""
+
+
+@dataclass(frozen=True)
+class RequestPaused:
+    """A running request of the Denoiser engine was paused (preempted) at a step boundary."""
+
+    request_class: str = "bulk"
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class RequestEnded:
     """Requests waiting in the engine afterwards."""
     running: int
     """Requests running in the engine afterwards."""
+    request_class: str = "interactive"
+    paused_s: float = 0.0
+    """Seconds it sat out forwards, paused for interactive requests (finished requests)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,14 @@ class RequestServed:
     """Seconds per stage ("text_encoder", "denoiser", "vae_decoder"), seen by the caller."""
     model: str = ""
     """The served model that made them."""
+
+
+@dataclass(frozen=True)
+class DeadlineOutcome:
+    """A request with a deadline ended: whether it met it (its SLO), by class."""
+
+    request_class: str
+    met: bool
 
 
 @dataclass(frozen=True)

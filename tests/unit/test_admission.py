@@ -21,7 +21,8 @@ def _params(steps=10, images=1):
 
 def _admission(work_ahead, capacity, **kw):
     admission = Admission(**kw)
-    admission.update(DenoiserStats(work_ahead=work_ahead, capacity=capacity))
+    admission.update(DenoiserStats(work_ahead=work_ahead, capacity=capacity,
+                                   interactive_work_ahead=work_ahead))  # fmt: skip
     return admission
 
 
@@ -65,3 +66,26 @@ def test_admitted_work_counts_until_it_ends_whatever_the_denoiser_holds():
         block.__exit__(None, None, None)
     assert admission.outstanding == 0
     admission.admit(_params())
+
+
+def test_bulk_work_that_pauses_for_interactive_requests_refuses_none_of_them():
+    """The Denoiser holds an hour of bulk work (jobs) and no interactive work: an interactive
+    request with a near deadline is admitted, since the bulk work pauses for it."""
+    admission = Admission(max_wait_s=5.0)
+    admission.update(DenoiserStats(work_ahead=360_000, interactive_work_ahead=0, capacity=100.0))
+    assert admission.admit(_params(), deadline=time.time() + 3.0) == 10
+
+
+def test_capacity_predicts_a_full_forward_from_a_quiet_minute():
+    """Steps of 1 and 2 images at 0.10 s and 0.12 s (a line of 0.08 s + 0.02 s per image) say
+    that a full forward of 16 images takes 0.40 s: 40 image-steps/s, where the steps seen
+    alone read 6 / 0.44 = 13.6."""
+    from sdserve.metrics import StatsLogger
+    from sdserve.stats import StepStats
+
+    stats = StatsLogger()
+    for images, seconds in [(1, 0.10), (2, 0.12), (1, 0.10), (2, 0.12)]:
+        stats.record(StepStats(("r",), images, images, (1, 4, 8, 8), 0, 1, seconds))
+    assert stats.capacity() == pytest.approx(6 / 0.44)
+    stats.full_batch = 16
+    assert stats.capacity() == pytest.approx(16 / (0.08 + 0.02 * 16))

@@ -41,7 +41,7 @@ def _png(color=(255, 0, 0), size=(16, 8)) -> bytes:
 
 
 TIMINGS = dict(text_encoder_s=0.1, vae_encoder_s=0.05, denoiser_s=0.5, vae_decoder_s=0.2,
-               total_s=0.9)  # fmt: skip
+               total_s=0.9, denoiser_queue_s=0.125, denoiser_paused_s=0.25)  # fmt: skip
 PARAMETERS = dict(width=16, height=8, steps=25, guidance_scale=7.5, scheduler="ddim",
                   strength=0.75, guidance_stop=0.4, cache_interval=3, model="shapes",
                   max_sequence_length=0, true_cfg_scale=1.0, shift=0.0)  # fmt: skip

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import solo_latents
+from helpers import engine_job as _job
+from helpers import load_parts, solo_latents
 
-from sdserve.pipeline.denoise import Denoiser
 from sdserve.pipeline.engine import (
     Cancelled,
     DenoiseEngine,
@@ -19,68 +19,11 @@ from sdserve.pipeline.engine import (
     Started,
     Step,
 )
-from sdserve.pipeline.text import TextEncoder
-from sdserve.pipeline.vae import VaeDecoder
-
-
-def load_parts(model) -> tuple[TextEncoder, Denoiser, VaeDecoder]:
-    f32 = "float32"  # compared with diffusers in float32
-    return (TextEncoder(model, dtype=f32), Denoiser(model, dtype=f32),
-            VaeDecoder(model, dtype=f32))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_model):
     return load_parts(tiny_model)
-
-
-class Recorder:
-    """Collects a job's events."""
-
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        self.events.append(event)
-
-    @property
-    def latents(self):
-        (done,) = [e for e in self.events if isinstance(e, Finished)]
-        return done.latents
-
-
-def _job(
-    parts,
-    request_id,
-    *,
-    prompt="a red circle",
-    seeds=(0,),
-    steps=6,
-    guidance=7.5,
-    scheduler="ddim",
-    width=64,
-    height=64,
-    **kwargs,
-):
-    text, denoiser, _ = parts
-    emb = text.encode(prompt, "", with_uncond=guidance > 1)
-    recorder = Recorder()
-    job = denoiser.make_job(
-        request_id,
-        emb.cond,
-        emb.uncond,
-        pooled=emb.pooled,
-        uncond_pooled=emb.uncond_pooled,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=guidance,
-        scheduler=scheduler,
-        seeds=list(seeds),
-        on_event=recorder,
-        **kwargs,
-    )
-    return job, recorder
 
 
 def _solo(parts, **kwargs):

@@ -77,10 +77,10 @@ def test_an_engine_whose_finished_callback_raises_fails_the_request(path):
 def test_a_request_whose_result_cannot_be_delivered_ends_with_internal(path, service, monkeypatch):
     message = service._message
 
-    def broken(event, req, progress):
+    def broken(event, req, progress, *rest):
         if isinstance(event, eng.Finished):
             raise RuntimeError("the result could not be copied")
-        return message(event, req, progress)
+        return message(event, req, progress, *rest)
 
     monkeypatch.setattr(service, "_message", broken)
     with pytest.raises(Internal):

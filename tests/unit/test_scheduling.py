@@ -7,7 +7,8 @@ import time
 
 import pytest
 import torch
-from test_engine import _job, load_parts
+from helpers import engine_job as _job
+from helpers import load_parts
 
 from sdserve.pipeline.engine import DenoiseEngine, Finished, Paused, Started
 from sdserve.pipeline.scheduling import BULK, FairOrder

@@ -199,6 +199,10 @@ class Timings:
     total_s: float
     vae_encoder_s: float = 0.0
     """Image inputs only (concurrent with the text encoder)."""
+    denoiser_queue_s: float = 0.0
+    """Of `denoiser_s`: waiting in the Denoiser's queue."""
+    denoiser_paused_s: float = 0.0
+    """Of `denoiser_s`: paused for interactive requests (jobs only)."""
 
 
 @dataclass(frozen=True)

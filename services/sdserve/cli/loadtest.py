@@ -38,38 +38,8 @@ def register(sub, parents: Parents) -> None:
         "(errors are misses) and the goodput (requests/s within SLO).",
         parents=[parents.server, parents.timeout(600.0, "per-request deadline"), parents.quiet],
     )
-    loop = load.add_mutually_exclusive_group()
-    loop.add_argument(
-        "--concurrency",
-        type=int,
-        default=1,
-        metavar="C",
-        help="closed loop with C clients (default %(default)s)",
-    )
-    loop.add_argument("--rate", type=float, metavar="R", help="open loop, R requests/s on average")
-    loop.add_argument(
-        "--rate-sweep",
-        type=_sweep_rates,
-        metavar="A:B:N",
-        help="open loop at N rates evenly from A to B requests/s (1:4:4 is 1, 2, 3 and 4), one "
-        "load each (bounded by --requests/--duration), with SLOs (--slo-scale, default 3): a "
-        "line per rate and a table at the end; --out writes every rate's report, --plot draws "
-        "attainment, goodput and p99 latency against the rate",
-    )
-    load.add_argument(
-        "--slo-scale",
-        type=_positive,
-        metavar="S",
-        help="first send each request shape alone (concurrency 1: one warm-up, then the median "
-        "of two) and print its latency; each request's SLO is that × S; report the SLO "
-        "attainment and goodput (3 is the field's usual choice)",
-    )
-    load.add_argument(
-        "--requests", type=int, metavar="N", help="stop after N requests (per rate with a sweep)"
-    )
-    load.add_argument(
-        "--duration", type=float, metavar="S", help="stop issuing after S seconds (per rate)"
-    )
+    _add_load_shape(load)
+    _add_bounds(load)
     load.add_argument(
         "--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a mix)"
     )
@@ -130,6 +100,45 @@ def register(sub, parents: Parents) -> None:
         "/v1/images/generations, b64_json) instead of gRPC at --server",
     )
     load.set_defaults(func=run)
+
+
+def _add_load_shape(load) -> None:
+    """The load's loop (closed, open or a sweep of rates) and its SLOs."""
+    loop = load.add_mutually_exclusive_group()
+    loop.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="C",
+        help="closed loop with C clients (default %(default)s)",
+    )
+    loop.add_argument("--rate", type=float, metavar="R", help="open loop, R requests/s on average")
+    loop.add_argument(
+        "--rate-sweep",
+        type=_sweep_rates,
+        metavar="A:B:N",
+        help="open loop at N rates evenly from A to B requests/s (1:4:4 is 1, 2, 3 and 4), one "
+        "load each (bounded by --requests/--duration), with SLOs (--slo-scale, default 3): a "
+        "line per rate and a table at the end; --out writes every rate's report, --plot draws "
+        "attainment, goodput and p99 latency against the rate",
+    )
+    load.add_argument(
+        "--slo-scale",
+        type=_positive,
+        metavar="S",
+        help="first send each request shape alone (concurrency 1: one warm-up, then the median "
+        "of two) and print its latency; each request's SLO is that × S; report the SLO "
+        "attainment and goodput (3 is the field's usual choice)",
+    )
+
+
+def _add_bounds(load) -> None:
+    load.add_argument(
+        "--requests", type=int, metavar="N", help="stop after N requests (per rate with a sweep)"
+    )
+    load.add_argument(
+        "--duration", type=float, metavar="S", help="stop issuing after S seconds (per rate)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

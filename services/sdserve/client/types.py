@@ -160,6 +160,10 @@ class Timings(_SameFields):
     denoiser_s: float
     vae_decoder_s: float
     total_s: float
+    denoiser_queue_s: float = 0.0
+    """Of `denoiser_s`: waiting in the Denoiser's queue."""
+    denoiser_paused_s: float = 0.0
+    """Of `denoiser_s`: paused for interactive requests (jobs only)."""
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,18 @@ class EngineConfig(Strict):
     max_batch_size: int = Field(16, ge=1)
     """Most images in one U-Net forward (classifier-free guidance doubles the rows)."""
 
+    scheduling: Literal["priority", "fifo"] = "priority"
+    """priority: interactive requests (Generate, GenerateStream, HTTP) before bulk ones (jobs,
+    by their priority), earliest deadline first within a class, tenants in turn, and bulk
+    requests paused at a step boundary while interactive ones run (sdserve/pipeline/
+    scheduling.py). fifo: first come, first served, every running request in every forward of
+    its size; for comparison (bench/bench_slo.py)."""
+
+    bulk_images_with_interactive: int = Field(0, ge=0)
+    """With `scheduling: priority`: bulk images that may share forwards with interactive
+    requests (the rest pause). 0 on a CPU, where every row lengthens a forward; on a GPU, where
+    a forward's time hardly grows up to some batch size, raise it to keep jobs moving."""
+
     max_request_s: float = Field(3600.0, gt=0)
     """Longest a request may take when its client set no deadline: every stage call and the
     wait for the Denoiser's answer end there with DEADLINE_EXCEEDED, so that no request waits

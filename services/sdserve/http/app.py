@@ -32,7 +32,7 @@ from sdserve.errors import InvalidArgument, NotFound, SdserveError, Unavailable
 from sdserve.http import openai_images as oai
 from sdserve.jobs.images import ImageStore
 from sdserve.metrics import StatsLogger
-from sdserve.orchestration.path import StagePath
+from sdserve.orchestration.path import StagePath, Who
 from sdserve.stats import RpcDone
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class HttpApi:
             events = self._stream(params, parsed.partial_images, request_id, tenant)
             return EventSourceResponse(events, ping=self.ping_s)
         with self.admitted(params, None, tenant):
-            result = await self._result(params, request_id)
+            result = await self._result(params, request_id, tenant)
         size = f"{params.width}x{params.height}"
         urls = None
         if parsed.response_format == "url":
@@ -162,8 +162,8 @@ class HttpApi:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _result(self, params: GenerateParams, request_id: str) -> Result:
-        async for event in self.path.run(params, request_id=request_id):
+    async def _result(self, params: GenerateParams, request_id: str, tenant: str) -> Result:
+        async for event in self.path.run(params, request_id=request_id, who=Who(tenant=tenant)):
             if isinstance(event, Result):
                 return event
         raise RuntimeError("the request path ended without a result")
@@ -188,7 +188,7 @@ class HttpApi:
         try:
             with self.admitted(params, None, tenant):
                 events = self.path.run(params, request_id=request_id, stream=True,
-                                       preview_every=every)  # fmt: skip
+                                       preview_every=every, who=Who(tenant=tenant))  # fmt: skip
                 async for event in events:
                     if isinstance(event, Progress):
                         total = event.total

@@ -10,13 +10,14 @@ as `GenerateResponse` bytes, which GetJob returns as they are. In between, the j
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from sdserve.api.proto import fields_from_pb, params_to_pb, result_to_pb
 from sdserve.api.types import GenerateParams, Progress, Result
 from sdserve.errors import Internal
+from sdserve.jobs.records import JobRecord
 from sdserve.jobs.worker import Report
-from sdserve.orchestration.path import StagePath
+from sdserve.orchestration.path import StagePath, Who
 from sdserve.v1 import diffusion_pb2
 
 
@@ -34,8 +35,12 @@ class JobRunner:
         bind_request_id: Callable[[str], None] | None = None,
         progress_interval_s: float = 0.25,
         timeout_s: float = 0.0,
+        record: Callable[[str], Awaitable[JobRecord]] | None = None,
     ):
         self.path = path
+        self.record = record
+        """Reads a job's record (its priority and tenant, which the Denoiser schedules it by:
+        jobs are bulk requests); None: a normal-priority job of no tenant."""
         self.bind_request_id = bind_request_id
         """Called with the job's request id ("job-<id>") before the stages are called; the Serve
         shell uses it so that every replica's log lines about the job carry that id."""
@@ -55,8 +60,12 @@ class JobRunner:
         request_pb = diffusion_pb2.GenerateRequest.FromString(request)
         params = await self.path.validate(fields_from_pb(request_pb))
         deadline = time.time() + self.timeout_s if self.timeout_s else None
+        who = Who("bulk")
+        if self.record is not None:
+            job = await self.record(job_id)
+            who = Who("bulk", job.priority, job.tenant)
         events = self.path.run(params, request_id=request_id, stream=True, deadline=deadline,
-                               progress_interval_s=self.progress_interval_s)  # fmt: skip
+                               progress_interval_s=self.progress_interval_s, who=who)  # fmt: skip
         async for event in events:
             if isinstance(event, Progress):
                 await report(event.step, event.total)

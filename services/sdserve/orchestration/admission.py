@@ -44,8 +44,11 @@ class Admission:
         return max(self.denoiser_work, self.outstanding)
 
     def update(self, stats: DenoiserStats) -> None:
-        """A fresh reading of the Denoiser's load."""
-        self.denoiser_work = float(stats.work_ahead)
+        """A fresh reading of the Denoiser's load. The requests admitted here are interactive
+        (jobs are queued in Redis instead), so the Denoiser's work ahead of them is its
+        interactive work: bulk work pauses for them (`engine.scheduling: priority`) and never
+        causes a refusal (with `fifo` it is all its work)."""
+        self.denoiser_work = float(stats.interactive_work_ahead)
         self.capacity = stats.capacity
 
     @contextlib.contextmanager

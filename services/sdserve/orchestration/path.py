@@ -29,10 +29,11 @@ from sdserve.api.types import (
 from sdserve.api.validate import validate_fields_async
 from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
-from sdserve.errors import Internal, InvalidArgument
+from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.orchestration.deadlines import Within, check_deadline
+from sdserve.orchestration.denoise_request import INTERACTIVE, Who, denoise_request
 from sdserve.orchestration.families import (
     check_transformer_request,
     check_unet_request,
@@ -54,9 +55,10 @@ from sdserve.stages.messages import (
     LoraFile,
     TextEmbeddings,
 )
-from sdserve.stats import RequestServed
+from sdserve.stats import DeadlineOutcome, RequestServed
 
 logger = logging.getLogger(__name__)
+
 
 DENOISER_GRACE_S = 0.5
 """How much longer than the deadline the Denoiser's call may take: the Denoiser is given the
@@ -198,15 +200,32 @@ class StagePath:
         preview_every: int = 0,
         progress_interval_s: float = 0.0,
         deadline: float | None = None,
+        who: Who = INTERACTIVE,
     ) -> AsyncIterator[GenerateEvent]:
         """Runs one request. With `stream` it yields Queued, a Progress per step (at most one
         every `progress_interval_s`, and always the last), a Preview every `preview_every`
         steps, then the Result; without, only the Result. Closing the iterator early cancels
-        the stage call in flight.
+        the stage call in flight. `who`: its class, priority and tenant, which the Denoiser
+        schedules by (`sdserve.pipeline.scheduling`).
 
         Every stage call is bounded by `deadline` (time.time(); None: `engine.max_request_s`
         from now): one that has not answered by then is cancelled, and the request ends with
-        DeadlineExceeded."""
+        DeadlineExceeded. A request with a deadline counts as met or missed, by class."""
+        events = self._run(params, request_id, stream, preview_every, progress_interval_s,
+                           deadline, who)  # fmt: skip
+        try:
+            async for event in events:
+                yield event
+        except DeadlineExceeded:
+            if deadline is not None:
+                self.stats.record(DeadlineOutcome(who.request_class, met=False))
+            raise
+        if deadline is not None:
+            self.stats.record(DeadlineOutcome(who.request_class, met=time.time() <= deadline))
+
+    async def _run(self, params: GenerateParams, request_id: str, stream: bool,
+                   preview_every: int, progress_interval_s: float, deadline: float | None,
+                   who: Who) -> AsyncIterator[GenerateEvent]:  # fmt: skip
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         client = self.clients[params.model or self.default_model]
@@ -231,25 +250,25 @@ class StagePath:
 
         # 2. Denoise: the request joins the Denoiser's running batch for all its steps.
         t = time.perf_counter()
-        denoise = _denoise_request(
+        denoise = denoise_request(
             params, request_id, embeddings, init, controls, t5,
             preview_every=preview_every if stream else 0,
             progress_interval_s=progress_interval_s,
-            timeout_s=check_deadline(deadline, request_id, "before the denoiser"),
+            timeout_s=check_deadline(deadline, request_id, "before the denoiser"), who=who,
         )  # fmt: skip
         if stream:
-            latents = None
+            denoised = None
             events = self._denoise_events(client, denoise, started)
             async for event in within.each(events, "denoiser", DENOISER_GRACE_S):
                 if isinstance(event, Denoised):
-                    latents = event.latents
+                    denoised = event
                 else:
                     yield event
-            if latents is None:
+            if denoised is None:
                 raise Internal("the Denoiser's stream ended without latents")
         else:
-            latents = (await within(client.denoise(denoise), "denoiser", DENOISER_GRACE_S)).latents
-        denoise_s = time.perf_counter() - t
+            denoised = await within(client.denoise(denoise), "denoiser", DENOISER_GRACE_S)
+        latents, denoise_s = denoised.latents, time.perf_counter() - t
 
         # 3. Decode the latents to PNGs, each carrying its generation parameters.
         check_deadline(deadline, request_id, "before the VAE decoder")
@@ -259,7 +278,9 @@ class StagePath:
         vae_s = time.perf_counter() - t
 
         timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
-                          vae_encoder_s=image_s if init is not None else 0.0)  # fmt: skip
+                          vae_encoder_s=image_s if init is not None else 0.0,
+                          denoiser_queue_s=denoised.queue_s,
+                          denoiser_paused_s=denoised.paused_s)  # fmt: skip
         seconds = {"text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}
         if init is not None:
             seconds["vae_encoder"] = image_s
@@ -332,40 +353,3 @@ async def _timed(awaitable):
     started = time.perf_counter()
     result = await awaitable
     return result, time.perf_counter() - started
-
-
-def _denoise_request(
-    params: GenerateParams,
-    request_id: str,
-    embeddings: TextEmbeddings,
-    init: ImageEncoding | None,
-    controls: tuple[ControlInput, ...],
-    t5: TextEmbeddings | None,
-    *,
-    preview_every: int,
-    progress_interval_s: float,
-    timeout_s: float,
-) -> Denoise:
-    """The Denoiser's request for `params`, given the text (and image) encodings."""
-    return Denoise(
-        request_id=request_id,
-        embeddings=embeddings,
-        width=params.width,
-        height=params.height,
-        steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        scheduler=params.scheduler,
-        seeds=tuple(params.seeds),
-        init=init,
-        strength=params.strength if init is not None else 1.0,
-        guidance_stop=params.guidance_stop,
-        cache_interval=params.cache_interval,
-        loras=params.loras,
-        controls=controls,
-        t5=t5,
-        true_cfg_scale=params.true_cfg_scale,
-        shift=params.shift,
-        preview_every=preview_every,
-        timeout_s=timeout_s,
-        progress_interval_s=progress_interval_s,
-    )

@@ -35,7 +35,7 @@ from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import job_request
 from sdserve.orchestration.admission import Admission
 from sdserve.orchestration.health import StageHealth
-from sdserve.orchestration.path import StagePath
+from sdserve.orchestration.path import StagePath, Who
 from sdserve.orchestration.tenant_limits import TenantLimits
 from sdserve.serve import _ray, front_door
 from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
@@ -180,8 +180,9 @@ class PipelineIngress:
         params = await self._path.validate(fields_from_pb(request))
         deadline = _ray.request_deadline(grpc_context)
         with self._admitted(params, deadline, tenant):
-            async for event in self._path.run(params, request_id=_ray.current_request_id(),
-                                              deadline=deadline):  # fmt: skip
+            events = self._path.run(params, request_id=_ray.current_request_id(),
+                                    deadline=deadline, who=Who(tenant=tenant))  # fmt: skip
+            async for event in events:
                 if isinstance(event, Result):
                     return result_to_pb(event)
         raise Internal("the pipeline ended without a result")
@@ -202,6 +203,7 @@ class PipelineIngress:
                 stream=True,
                 preview_every=request.preview_every,
                 deadline=deadline,
+                who=Who(tenant=tenant),
             ):
                 yield event_to_pb(event)
 

@@ -9,6 +9,7 @@ the stages.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 
@@ -35,9 +36,10 @@ class JobWorkerDeployment:
         # every replica's log lines carry it: one job can be followed across replicas. (Each
         # job runs in a task of the worker's own, so the id set there is the job's alone.)
         jobs = self.config.jobs
-        runner = JobRunner(StagePath(clients, self.config, self.stats), _ray.set_request_id,
-                           jobs.progress_interval_s, jobs.timeout_s)  # fmt: skip
         self._queue = JobQueue.from_config(self.config.jobs)
+        record = functools.partial(self._queue.get, with_result=False)
+        runner = JobRunner(StagePath(clients, self.config, self.stats), _ray.set_request_id,
+                           jobs.progress_interval_s, jobs.timeout_s, record)  # fmt: skip
         self._worker = Worker(self._queue, runner, concurrency=jobs.concurrency,
                               stats=self.stats, timeout_s=jobs.timeout_s)  # fmt: skip
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).

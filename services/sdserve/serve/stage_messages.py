@@ -160,6 +160,9 @@ def denoise_to_pb(req: Denoise) -> stages_pb2.DenoiseRequest:
         cache_interval=req.cache_interval,
         loras=_loras_to_pb(req.loras),
         controls=[stages_pb2.ControlInput(**asdict(c)) for c in req.controls],
+        request_class=req.request_class,
+        priority=req.priority,
+        tenant=req.tenant,
     )
     embeddings_to_pb(req.embeddings, pb)
     if req.t5 is not None:
@@ -197,6 +200,9 @@ def denoise_from_pb(pb: stages_pb2.DenoiseRequest) -> Denoise:
         else None,
         true_cfg_scale=round(pb.true_cfg_scale, 6) or 1.0,
         shift=round(pb.shift, 6),
+        request_class=pb.request_class or "interactive",
+        priority=pb.priority,
+        tenant=pb.tenant,
     )
 
 
@@ -206,11 +212,13 @@ def _control_from_pb(c: stages_pb2.ControlInput) -> ControlInput:
 
 
 def denoised_to_pb(denoised: Denoised) -> stages_pb2.DenoiseResponse:
-    return stages_pb2.DenoiseResponse(latents=tensor_to_pb(denoised.latents))
+    latents = tensor_to_pb(denoised.latents)
+    return stages_pb2.DenoiseResponse(latents=latents, queue_s=denoised.queue_s,
+                                      paused_s=denoised.paused_s)  # fmt: skip
 
 
 def denoised_from_pb(pb: stages_pb2.DenoiseResponse) -> Denoised:
-    return Denoised(tensor_from_pb(pb.latents))
+    return Denoised(tensor_from_pb(pb.latents), pb.queue_s, pb.paused_s)
 
 
 def denoise_event_to_pb(event: DenoiseEvent) -> stages_pb2.DenoiseEvent:

@@ -56,7 +56,7 @@ from sdserve.stages.messages import (
 )
 from sdserve.stages.runtime import TorchThread, load_stage, stage_info, thread_plan
 from sdserve.stages.tensors import returned, unpack, unpack_optional
-from sdserve.stats import RequestAdmitted, RequestEnded
+from sdserve.stats import RequestAdmitted, RequestEnded, RequestPaused
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,11 @@ class DenoiserService:
             threads_for_rows=threads.threads_for if threads is not None else None,
             forward=denoiser.forward,
             batch_invariant=engine.batch_invariant,
+            policy=engine.scheduling,
+            bulk_images_with_interactive=engine.bulk_images_with_interactive,
         )
         self.engine.start(torch_thread.executor)
+        stats.full_batch = engine.max_batch_size
 
     @classmethod
     def from_config(
@@ -204,6 +207,11 @@ class DenoiserService:
             shallow_rows=c.shallow_rows,
             compiles=c.compiles,
             recompiles=c.recompiles,
+            interactive_work_ahead=self.engine.work_ahead(
+                "interactive" if self.engine.prioritized else None  # fifo: it waits for all
+            ),
+            paused=self.engine.paused(),
+            preemptions=c.preemptions,
         )
 
     # -- bridging the engine (torch thread) and the caller (event loop) -------------------------
@@ -217,16 +225,17 @@ class DenoiserService:
         job_id = f"{req.request_id or 'anonymous'}/{uuid.uuid4().hex[:8]}"
         limit_s = req.timeout_s + ENGINE_GRACE_S if req.timeout_s > 0 else self.max_request_s
         ends_at = loop.time() + limit_s
-        last_step_sent = float("-inf")
+        last_step_sent, queue_s = float("-inf"), 0.0
 
         def on_event(event: eng.Event) -> None:  # torch thread
-            nonlocal last_step_sent
-            self._record(event)
+            nonlocal last_step_sent, queue_s
+            queue_s = event.wait_s if isinstance(event, eng.Started) else queue_s
+            self._record(event, req.request_class, queue_s)
             if isinstance(event, eng.Step) and event.step < event.total and event.latents is None:
                 if event.elapsed_s - last_step_sent < req.progress_interval_s:
                     return  # coalesced: the next step event reports it
                 last_step_sent = event.elapsed_s
-            item = self._message(event, req, progress)
+            item = self._message(event, req, progress, queue_s)
             if item is not None:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -250,9 +259,13 @@ class DenoiserService:
 
     def _prepare(self, req: Denoise, job_id: str, on_event: Callable[[eng.Event], None]) -> None:
         """Torch thread: builds the request's samples as diffusers does and submits them."""
-        if self.transformer:
-            self.engine.submit(self._transformer_job(req, job_id, on_event))
-            return
+        job = (self._transformer_job if self.transformer else self._unet_job)(req, job_id, on_event)
+        job.request_class, job.priority, job.tenant = req.request_class, req.priority, req.tenant
+        self.engine.submit(job)
+
+    def _unet_job(self, req: Denoise, job_id: str,
+                  on_event: Callable[[eng.Event], None]) -> DenoiseJob:  # fmt: skip
+        """A U-Net's job: its embeddings, image input, adapters and ControlNets."""
         loras = self.adapters.resolve(req.loras) if req.loras and self.adapters else ()
         controls = self.controlnets.resolve(req.controls, req.width, req.height)
         embeddings, init = req.embeddings, _encoded_image(req.init)
@@ -279,7 +292,7 @@ class DenoiserService:
             loras=loras,
             controls=controls,
         )
-        self.engine.submit(job)
+        return job
 
     def _transformer_job(self, req: Denoise, job_id: str,
                          on_event: Callable[[eng.Event], None]) -> DenoiseJob:  # fmt: skip
@@ -304,29 +317,33 @@ class DenoiserService:
             preview_every=req.preview_every,
         )  # fmt: skip
 
-    def _record(self, event: eng.Event) -> None:
+    def _record(self, event: eng.Event, request_class: str, queue_s: float) -> None:
         """Torch thread: the stats of a request's event. Never raises: a failure to record
         costs the request nothing."""
         try:
-            self._record_stats(event)
+            self._record_stats(event, request_class, queue_s)
         except Exception:
             logger.exception("recording the stats of a Denoiser event failed")
 
-    def _record_stats(self, event: eng.Event) -> None:
+    def _record_stats(self, event: eng.Event, request_class: str, queue_s: float) -> None:
         if isinstance(event, eng.Started):
-            self.stats.record(RequestAdmitted(wait_s=event.wait_s))
+            self.stats.record(RequestAdmitted(wait_s=event.wait_s, request_class=request_class))
+        if isinstance(event, eng.Paused):
+            self.stats.record(RequestPaused(request_class))
         outcome = {eng.Finished: "finished", eng.Cancelled: "cancelled", eng.Failed: "failed"}
         if type(event) in outcome:
             ended = outcome[type(event)]
             if isinstance(event, eng.Cancelled) and event.reason == eng.DEADLINE_EXCEEDED:
                 ended = "expired"
-            self.stats.record(RequestEnded(ended, *self.engine.counts()))
+            paused_s = event.paused_s if isinstance(event, eng.Finished) else 0.0
+            counts = self.engine.counts()
+            self.stats.record(RequestEnded(ended, *counts, request_class, paused_s))
 
     @staticmethod
-    def _message(event: eng.Event, req: Denoise, progress: bool):
+    def _message(event: eng.Event, req: Denoise, progress: bool, queue_s: float = 0.0):
         """Torch thread: the stage message (or error) an engine event becomes, or None."""
         if isinstance(event, eng.Finished):  # a fresh tensor (a cat of the samples' latents)
-            return Denoised(returned(event.latents))
+            return Denoised(returned(event.latents), queue_s, event.paused_s)
         if isinstance(event, eng.Cancelled):
             return DeadlineExceeded(f"request {req.request_id}: {event.reason}")
         if isinstance(event, eng.Failed):

@@ -160,6 +160,12 @@ class Denoise:
     """FLUX only: true classifier-free guidance (<= 1: none)."""
     shift: float = 0.0
     """Diffusion transformers only: the sigma shift (0: the model's own)."""
+    request_class: str = "interactive"
+    """interactive (Generate, GenerateStream, HTTP) or bulk (a job): `pipeline.scheduling`."""
+    priority: str = ""
+    """A bulk job's priority: high, normal or low ("": normal)."""
+    tenant: str = ""
+    """Whose request it is: tenants take turns within a class."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,10 @@ class Denoised:
 
     latents: Tensor
     """Shape (num_images, latent_channels, height / f, width / f), unscaled."""
+    queue_s: float = 0.0
+    """Seconds it waited in the Denoiser's queue before joining the running batch."""
+    paused_s: float = 0.0
+    """Seconds it sat out forwards, paused for interactive requests (bulk only)."""
 
 
 DenoiseEvent = DenoiseQueued | DenoiseStep | Denoised
@@ -294,3 +304,9 @@ class DenoiserStats:
     shallow_rows: int = 0
     compiles: int = 0
     recompiles: int = 0
+    interactive_work_ahead: int = 0
+    """Of `work_ahead`, the interactive requests': what a new interactive request waits for."""
+    paused: int = 0
+    """Running requests paused now."""
+    preemptions: int = 0
+    """Times a running request was paused, since the service started."""

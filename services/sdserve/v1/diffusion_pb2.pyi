@@ -1025,6 +1025,8 @@ class StageTimings(_message.Message):
     VAE_DECODER_S_FIELD_NUMBER: _builtins.int
     TOTAL_S_FIELD_NUMBER: _builtins.int
     VAE_ENCODER_S_FIELD_NUMBER: _builtins.int
+    DENOISER_QUEUE_S_FIELD_NUMBER: _builtins.int
+    DENOISER_PAUSED_S_FIELD_NUMBER: _builtins.int
     text_encoder_s: _builtins.float
     """Tokenization and CLIP text encoding (the TextEncoder deployment)."""
     denoiser_s: _builtins.float
@@ -1037,6 +1039,10 @@ class StageTimings(_message.Message):
     """Image inputs only: VAE encoding of the init image and mask (the VaeEncoder deployment),
     concurrent with the text encoder.
     """
+    denoiser_queue_s: _builtins.float
+    """Of denoiser_s: seconds it waited in the Denoiser's queue before joining the running batch."""
+    denoiser_paused_s: _builtins.float
+    """Of denoiser_s: seconds it sat out steps, paused for interactive requests (jobs only)."""
     def __init__(
         self,
         *,
@@ -1045,10 +1051,12 @@ class StageTimings(_message.Message):
         vae_decoder_s: _builtins.float = ...,
         total_s: _builtins.float = ...,
         vae_encoder_s: _builtins.float = ...,
+        denoiser_queue_s: _builtins.float = ...,
+        denoiser_paused_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoiser_s", b"denoiser_s", "text_encoder_s", b"text_encoder_s", "total_s", b"total_s", "vae_decoder_s", b"vae_decoder_s", "vae_encoder_s", b"vae_encoder_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoiser_paused_s", b"denoiser_paused_s", "denoiser_queue_s", b"denoiser_queue_s", "denoiser_s", b"denoiser_s", "text_encoder_s", b"text_encoder_s", "total_s", b"total_s", "vae_decoder_s", b"vae_decoder_s", "vae_encoder_s", b"vae_encoder_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -262,6 +262,9 @@ class DenoiseRequest(_message.Message):
     T5_UNCOND_FIELD_NUMBER: _builtins.int
     TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
     SHIFT_FIELD_NUMBER: _builtins.int
+    REQUEST_CLASS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id of the client request, for logs."""
     width: _builtins.int
@@ -294,6 +297,14 @@ class DenoiseRequest(_message.Message):
     """FLUX only: true classifier-free guidance scale (<= 1: none)."""
     shift: _builtins.float
     """Diffusion transformers only: the sigma shift (0: the model's own)."""
+    request_class: _builtins.str
+    """"interactive" (a person waits: Generate, GenerateStream, HTTP) or "bulk" (a job); the
+    Denoiser runs interactive requests first and pauses bulk ones for them. Empty: interactive.
+    """
+    priority: _builtins.str
+    """A bulk job's priority: "high", "normal" or "low" (empty: normal)."""
+    tenant: _builtins.str
+    """Whose request it is (its API key's tenant; empty without keys): tenants take turns."""
     @_builtins.property
     def cond(self) -> Global___Tensor:
         """Prompt embeddings from the text encoder, shape [1, max_length, hidden]."""
@@ -365,10 +376,13 @@ class DenoiseRequest(_message.Message):
         t5_uncond: Global___Tensor | None = ...,
         true_cfg_scale: _builtins.float = ...,
         shift: _builtins.float = ...,
+        request_class: _builtins.str = ...,
+        priority: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cond", b"cond", "cond_pooled", b"cond_pooled", "init", b"init", "t5_cond", b"t5_cond", "t5_uncond", b"t5_uncond", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "progress_interval_s", b"progress_interval_s", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "shift", b"shift", "steps", b"steps", "strength", b"strength", "t5_cond", b"t5_cond", "t5_uncond", b"t5_uncond", "timeout_s", b"timeout_s", "true_cfg_scale", b"true_cfg_scale", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "cond", b"cond", "cond_pooled", b"cond_pooled", "controls", b"controls", "guidance_scale", b"guidance_scale", "guidance_stop", b"guidance_stop", "height", b"height", "init", b"init", "loras", b"loras", "preview_every", b"preview_every", "priority", b"priority", "progress_interval_s", b"progress_interval_s", "request_class", b"request_class", "request_id", b"request_id", "scheduler", b"scheduler", "seeds", b"seeds", "shift", b"shift", "steps", b"steps", "strength", b"strength", "t5_cond", b"t5_cond", "t5_uncond", b"t5_uncond", "tenant", b"tenant", "timeout_s", b"timeout_s", "true_cfg_scale", b"true_cfg_scale", "uncond", b"uncond", "uncond_pooled", b"uncond_pooled", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +439,12 @@ class DenoiseResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LATENTS_FIELD_NUMBER: _builtins.int
+    QUEUE_S_FIELD_NUMBER: _builtins.int
+    PAUSED_S_FIELD_NUMBER: _builtins.int
+    queue_s: _builtins.float
+    """Seconds it waited in the Denoiser's queue before it joined the running batch."""
+    paused_s: _builtins.float
+    """Seconds it sat out forwards while running, paused for interactive requests (bulk only)."""
     @_builtins.property
     def latents(self) -> Global___Tensor:
         """Final latents, shape [num_images, latent_channels, height / f, width / f], unscaled
@@ -435,10 +455,12 @@ class DenoiseResponse(_message.Message):
         self,
         *,
         latents: Global___Tensor | None = ...,
+        queue_s: _builtins.float = ...,
+        paused_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latents", b"latents"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["latents", b"latents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latents", b"latents", "paused_s", b"paused_s", "queue_s", b"queue_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -585,6 +607,9 @@ class DenoiserStats(_message.Message):
     SHALLOW_ROWS_FIELD_NUMBER: _builtins.int
     COMPILES_FIELD_NUMBER: _builtins.int
     RECOMPILES_FIELD_NUMBER: _builtins.int
+    INTERACTIVE_WORK_AHEAD_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    PREEMPTIONS_FIELD_NUMBER: _builtins.int
     waiting: _builtins.int
     """Requests waiting for a batch slot now."""
     running: _builtins.int
@@ -625,6 +650,14 @@ class DenoiserStats(_message.Message):
     """U-Net graphs compiled (engine.compile), start-up's warm-up included."""
     recompiles: _builtins.int
     """Of compiles, those after warm-up (while serving)."""
+    interactive_work_ahead: _builtins.int
+    """Image-steps left of the interactive requests waiting or running now: the work ahead of a
+    new interactive request, which bulk requests pause for.
+    """
+    paused: _builtins.int
+    """Running requests paused now (bulk ones, for interactive requests)."""
+    preemptions: _builtins.int
+    """Times a running request was paused, since the service started."""
     def __init__(
         self,
         *,
@@ -646,10 +679,13 @@ class DenoiserStats(_message.Message):
         shallow_rows: _builtins.int = ...,
         compiles: _builtins.int = ...,
         recompiles: _builtins.int = ...,
+        interactive_work_ahead: _builtins.int = ...,
+        paused: _builtins.int = ...,
+        preemptions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "compiles", b"compiles", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "recompiles", b"recompiles", "running", b"running", "shallow_rows", b"shallow_rows", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_rows", b"unet_rows", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "capacity", b"capacity", "compiles", b"compiles", "expired", b"expired", "failed", b"failed", "finished", b"finished", "image_steps", b"image_steps", "interactive_work_ahead", b"interactive_work_ahead", "paused", b"paused", "preemptions", b"preemptions", "recompiles", b"recompiles", "running", b"running", "shallow_rows", b"shallow_rows", "shared_steps", b"shared_steps", "strategy", b"strategy", "unet_busy_ratio", b"unet_busy_ratio", "unet_rows", b"unet_rows", "unet_seconds", b"unet_seconds", "unet_steps", b"unet_steps", "waiting", b"waiting", "work_ahead", b"work_ahead"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

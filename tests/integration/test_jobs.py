@@ -269,10 +269,13 @@ def test_a_job_longer_than_the_lease_runs_once(stub, server):
     assert _events(server, job_id).count(("RUNNING", 0)) == 1
 
 
-def test_jobs_and_generate_share_the_denoisers_batch(stub, server):
-    """A Generate call made while a job runs joins the job in the same U-Net forwards: over the
-    call, the Denoiser runs about one forward per step of the call, not one per step of each."""
-    job_id = _submit(stub, steps=150, width=64, height=64).job_id
+def test_generate_pauses_a_running_job_which_resumes_to_the_same_image(stub, server):
+    """Interactive before bulk (`engine.scheduling: priority`): a Generate call made while a job
+    runs has the U-Net's forwards to itself; the job pauses at a step boundary and resumes when
+    the call is done, its images those of the same request run unpaused, its paused time in
+    its timings."""
+    fields = dict(QUICK, steps=80, width=64, height=64, seed=77)
+    job_id = _submit(stub, **fields).job_id
     _wait_running(stub, job_id, min_step=2)
     before = denoiser_stats(server.config.server.app_name)
     steps = 30
@@ -280,10 +283,14 @@ def test_jobs_and_generate_share_the_denoisers_batch(stub, server):
                                                    "height": 64}), timeout=60)  # fmt: skip
     after = denoiser_stats(server.config.server.app_name)
     assert _get(stub, job_id).state == diffusion_pb2.JOB_STATE_RUNNING, "the job ended too soon"
-    forwards = after.unet_steps - before.unet_steps
-    # Alone in turn, the two would take 2 * steps forwards; text and VAE time adds a few.
-    assert steps <= forwards <= steps + 10, forwards
-    # Each of the call's forwards also advanced the job (one bucket, room for both).
-    assert after.shared_steps - before.shared_steps >= steps
-    stub.CancelJob(diffusion_pb2.GetJobRequest(job_id=job_id), timeout=30)
-    assert _wait(stub, [job_id])[job_id].state == diffusion_pb2.JOB_STATE_CANCELLED
+    # The call's forwards held it alone: none shared with the job, which was paused for it.
+    assert after.shared_steps == before.shared_steps
+    assert after.preemptions - before.preemptions >= 1
+    assert steps <= after.unet_steps - before.unet_steps
+    job = _wait(stub, [job_id])[job_id]
+    assert job.state == diffusion_pb2.JOB_STATE_SUCCEEDED, job.error
+    timings = job.result.timings
+    assert 0 < timings.denoiser_paused_s < timings.denoiser_s
+    unpaused = stub.Generate(diffusion_pb2.GenerateRequest(**fields), timeout=60)
+    assert unpaused.timings.denoiser_paused_s == 0
+    assert [i.png for i in job.result.images] == [i.png for i in unpaused.images]

@@ -111,6 +111,35 @@ def test_serving_bench_runs(tmp_path):
     assert (tmp_path / "serving" / "sdserve-c16.png").is_file()
 
 
+def test_slo_bench_runs(tmp_path):
+    out = tmp_path / "slo.json"
+    _run("bench/bench_slo.py", "--smoke", "--out", str(out), timeout=600)
+    report = json.loads(out.read_text())
+    rows = report["sweep"]["rows"]  # --smoke: rates 1:3:2, 4 requests per rate and system
+    assert [row["rate"] for row in rows] == [1.0, 3.0]
+    for system in (row[name] for row in rows for name in ("sdserve", "baseline")):
+        assert (system["requests"], system["ok"], system["errors"]) == (4, 4, {}), system
+        assert 0 <= system["slo_attainment"] <= 1 and system["goodput_rps"] >= 0
+    assert len(report["sweep"]["slo_basis_s"]) == 18  # 3 step counts x 3 samplers x 2 sizes
+    assert (tmp_path / "slo_sweep.png").is_file()
+    backlog = report["backlog"]
+    for policy in ("priority", "fifo"):
+        assert backlog[policy]["idle"]["ok"] == backlog[policy]["loaded"]["ok"] == 4
+        assert backlog[policy]["jobs_per_s_unloaded"] > 0
+    # the setting reached the engine: bulk rows paused for interactive ones under priority only
+    assert backlog["priority"]["denoiser_during_loaded_run"]["preemptions"] > 0
+    assert "preemptions" not in backlog["fifo"]["denoiser_during_loaded_run"]
+    tenants = report["tenants"]
+    assert tenants["alone"]["requests"] == tenants["flooded"]["requests"] == 4
+    assert tenants["tenant_a_jobs_submitted"] > 0
+    (flood,) = report["flood"]["runs"]
+    assert flood["requests"] == 40 and flood["refused"] + flood["admitted"] == 40
+    assert set(flood["other_errors"]) <= {"DEADLINE_EXCEEDED"}, flood
+    assert set(report["must_show"]) and all(
+        m["met"] in (True, False, None) for m in report["must_show"].values()
+    )
+
+
 def test_cheap_steps_bench_runs(tmp_path):
     out = tmp_path / "cheap.json"
     _run("bench/bench_cheap_steps.py", "--smoke", "--out", str(out), timeout=300)

@@ -113,8 +113,9 @@ def test_prometheus_counts_images_stages_and_batches(prometheus, stub):
         'sum(sdserve_stage_latency_seconds_count{stage="vae_decoder"})',
         'sum(sdserve_requests_total{rpc="Generate", code="OK"})',
         "sum(sdserve_denoiser_batch_size_count)",
-        "sum(sdserve_queue_wait_seconds_count)",
+        'sum(sdserve_queue_wait_seconds_count{class="interactive"})',
         "sum(sdserve_denoising_steps_total)",
+        'sum(sdserve_slo_requests_total{class="interactive", outcome="met"})',
     ]
     before = prometheus.settled(exprs)
     for seed in range(n):
@@ -124,13 +125,14 @@ def test_prometheus_counts_images_stages_and_batches(prometheus, stub):
         time.sleep(0.5)
     after = prometheus.settled(exprs)
     deltas = [a - b for a, b in zip(after, before, strict=True)]
-    images, text, denoiser, vae, ok, batches, waits, steps = deltas
+    images, text, denoiser, vae, ok, batches, waits, steps, met = deltas
     assert images == n
     assert text == denoiser == vae == n
     assert ok == n
     assert batches >= REQUEST["steps"], "every denoising step adds a batch-size sample"
     assert waits == n
     assert steps == n * REQUEST["steps"]  # one per image per U-Net forward
+    assert met == n  # each had a deadline (the call's timeout) and met it
 
     # The job queue (polled from Redis by the ingress) is there too.
     assert prometheus.value("min(sdserve_redis_up)") == 1

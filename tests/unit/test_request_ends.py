@@ -272,3 +272,21 @@ def test_a_stage_replica_lost_mid_call_ends_the_request_unavailable():
     for exc in (ActorUnavailableError("Actor is unavailable.", None), ActorDiedError()):
         code, message = status_for(exc)
         assert code == grpc.StatusCode.UNAVAILABLE and type(exc).__name__ in message
+
+
+def test_requests_with_a_deadline_count_as_met_or_missed_by_class(path, monkeypatch):
+    from sdserve.orchestration.path import Who
+    from sdserve.stats import DeadlineOutcome
+
+    outcomes = []
+    record = path.stats.record
+    monkeypatch.setattr(path.stats, "record", lambda item: (outcomes.append(item), record(item)))
+    asyncio.run(_generate(path, deadline=time.time() + 30))
+    asyncio.run(_generate(path, deadline=time.time() + 30, who=Who("bulk")))
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(_generate(path, deadline=time.time() - 1))
+    asyncio.run(_generate(path))  # no deadline: not counted
+    assert [o for o in outcomes if isinstance(o, DeadlineOutcome)] == [
+        DeadlineOutcome("interactive", True), DeadlineOutcome("bulk", True),
+        DeadlineOutcome("interactive", False),
+    ]  # fmt: skip

@@ -215,13 +215,13 @@ class StagePath:
                            deadline, who)  # fmt: skip
         try:
             async for event in events:
+                if isinstance(event, Result) and deadline is not None:  # (callers stop here)
+                    self.stats.record(DeadlineOutcome(who.request_class, time.time() <= deadline))
                 yield event
         except DeadlineExceeded:
             if deadline is not None:
                 self.stats.record(DeadlineOutcome(who.request_class, met=False))
             raise
-        if deadline is not None:
-            self.stats.record(DeadlineOutcome(who.request_class, met=time.time() <= deadline))
 
     async def _run(self, params: GenerateParams, request_id: str, stream: bool,
                    preview_every: int, progress_interval_s: float, deadline: float | None,

@@ -3,7 +3,7 @@ one-deployment baseline, interactive latency over a job backlog, tenants, and a 
 
     .venv/bin/python bench/bench_slo.py                       # the full run (about 25 minutes)
     .venv/bin/python bench/bench_slo.py --smoke               # about 2 minutes: checks it
-    .venv/bin/python bench/bench_slo.py --only sweep --rates 0.3:2.1:5
+    .venv/bin/python bench/bench_slo.py --only sweep --rates 0.5:6:6
 
 It starts Redis, Ray, sdserve (the built-in model, its default configuration: `dtype: auto`,
 `engine.compile: auto` warmed for both sizes, `engine.scheduling: priority`; API keys of three
@@ -18,7 +18,8 @@ sweep     Poisson rates (`--rates A:B:N`) over a mix of 10/25/50 steps, 64x64 an
           system's, measured at concurrency 1) times `--slo-scale`. sdserve and the baseline
           take turns at each rate, on the same arrivals. Per rate: SLO attainment, goodput,
           p50/p95/p99; at the lowest rate where the baseline's attainment is below 90%,
-          sdserve's goodput over the baseline's (must be >= 2). Draws `--plot`.
+          sdserve's goodput over the baseline's (must be >= 2), and each system's SLO
+          capacity (the highest rate with 90% met, interpolated). Draws `--plot`.
 backlog   interactive Generate (25 DDIM steps) at `--interactive-rate` on an idle server, the
           jobs' throughput alone (50-step jobs kept queued), then the same interactive load
           over the backlog: interactive p99 loaded / idle (must be <= 1.5) and the jobs'
@@ -79,9 +80,9 @@ def arguments() -> argparse.Namespace:
         "default --out, else slo_sweep.png beside --out)",
     )
     add("--only", default=",".join(SCENARIOS), help="scenarios, comma-separated (%(default)s)")
-    add("--rates", help="sweep rates A:B:N, requests/s (default 0.3:2.1:5; smoke 1:3:2)")
+    add("--rates", help="sweep rates A:B:N, requests/s (default 0.5:4.5:5; smoke 1:3:2)")
     add("--slo-scale", type=float, default=3.0, help="SLO = solo time x this (%(default)s)")
-    add("--sweep-requests", type=int, help="requests per rate and system (default 24)")
+    add("--sweep-requests", type=int, help="requests per rate and system (default 30)")
     add("--repeats", type=int, help="solo requests per kind for the SLO basis (default 2)")
     add("--interactive-rate", type=float, help="backlog, tenants: requests/s (default 0.5)")
     add("--interactive-requests", type=int, help="backlog, tenants: per run (default 30)")
@@ -89,14 +90,15 @@ def arguments() -> argparse.Namespace:
     add("--max-jobs", type=int, help="most jobs one backlog submits (default 600)")
     add("--unloaded-s", type=float, help="seconds the jobs' throughput alone is measured (20)")
     add("--flood-runs", type=int, help="floods (default 3)")
+    add("--flood-steps", type=int, default=10, help="steps of the flood's requests (%(default)s)")
     add("--denoiser-threads", default="1", help="the Denoiser's torch_threads: 1 (default: "
         "what `auto` picks for this model on the idle machine; pinned, so that a busy start-up "
         "cannot give the two deployments different plans) or auto")  # fmt: skip
     args = p.parse_args()
     smoke = args.smoke
     defaults = dict(
-        rates="1:3:2" if smoke else "0.3:2.1:5",
-        sweep_requests=4 if smoke else 24,
+        rates="1:3:2" if smoke else "0.5:4.5:5",
+        sweep_requests=4 if smoke else 30,
         repeats=1 if smoke else 2,
         interactive_rate=2.0 if smoke else 0.5,
         interactive_requests=4 if smoke else 30,
@@ -157,9 +159,9 @@ def loads(args, size: int) -> Loads:
     )
     # tenant A's flood: a burst of 8 batches' worth of jobs, kept that deep
     tenants_load = dataclasses.replace(backlog_load, interactive=sweep, ahead=8 * args.job_slots)
-    ten_steps = dataclasses.replace(interactive, steps=(10,))
+    flood_mix = dataclasses.replace(interactive, steps=(args.flood_steps,))
     flood_load = FloodLoad(
-        ten_steps,
+        flood_mix,
         *((40, 20, 5.0) if smoke else (600, 300, 60.0)),
         runs=args.flood_runs,
         batch=EngineConfig().max_batch_size,
@@ -274,12 +276,13 @@ def main() -> int:
             "compile_sizes": [[size, size // 2]],
             **({"compile": "off"} if args.smoke else {}),
         }
+        load_at_start = _load()
         threads = int(args.denoiser_threads) if args.denoiser_threads.isdigit() else "auto"
         servers = start(Path(tmp), model, SAMPLERS, job_slots=args.job_slots, engine=engine,
                         denoiser_threads=threads)  # fmt: skip
         setup = {"model": "default", "size": size, "engine": engine, "job_slots": args.job_slots,
                  "denoiser_threads": threads, "cpus": os.cpu_count(), "cpu": _cpu_model(),
-                 "torch": torch.__version__, "smoke": args.smoke, "loadavg_at_start": _load(),
+                 "torch": torch.__version__, "smoke": args.smoke, "loadavg_at_start": load_at_start,
                  "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
         run = Run(args, servers, setup)
         try:

@@ -70,6 +70,12 @@ def _sweep(sweep: dict) -> None:
             f"90% ({c['baseline_attainment']:.1%}): goodput sdserve {c['sdserve_goodput_rps']:.2f}"
             f"/s, baseline {c['baseline_goodput_rps']:.2f}/s: {_f(c['goodput_ratio'])}x"
         )
+    if cap := sweep.get("slo_capacity"):
+        sd, base = cap["sdserve"], cap["baseline"]
+        at_least = ">= " if sd["lower_bound"] else ""
+        print(f"  SLO capacity (the highest rate with 90% of SLOs met, interpolated): sdserve "
+              f"{at_least}{sd['rate']:.2f}/s, baseline {base['rate']:.2f}/s: "
+              f"{at_least}{_f(cap['ratio'])}x")  # fmt: skip
 
 
 def _backlog(backlog: dict) -> None:

@@ -144,6 +144,34 @@ def crossing(rows: list[dict]) -> dict:
     return {"rate": None, "goodput_ratio": None}
 
 
+def slo_capacity(rows: list[dict], system: str) -> dict:
+    """The highest offered rate at which `system` still meets 90% of its SLOs: the last rate of
+    the sweep before its attainment first falls below, interpolated linearly to where it
+    crosses 90% (`lower_bound`: it never fell below, so its capacity is at least the highest
+    rate). The goodput ratio at the baseline's first rate below 90% cannot exceed 1 / that
+    attainment (just under 1.11 on a fine grid of rates); the capacities' ratio can."""
+    last = None
+    for row in rows:
+        rate, attained = row["rate"], row[system]["slo_attainment"]
+        if attained < ATTAINMENT_FLOOR:
+            if last is None:
+                return {"rate": 0.0, "lower_bound": False}
+            (r0, a0) = last
+            rate = r0 + (rate - r0) * (a0 - ATTAINMENT_FLOOR) / (a0 - attained)
+            return {"rate": rate, "lower_bound": False}
+        last = (rate, attained)
+    return {"rate": last[0] if last else 0.0, "lower_bound": True}
+
+
+def capacities(rows: list[dict]) -> dict:
+    """Each system's SLO capacity (`slo_capacity`) and sdserve's over the baseline's."""
+    out = {name: slo_capacity(rows, name) for name in SYSTEMS}
+    base = out["baseline"]["rate"]
+    out["ratio"] = out["sdserve"]["rate"] / base if base else None
+    out["ratio_is_lower_bound"] = out["sdserve"]["lower_bound"]
+    return out
+
+
 def run_sweep(servers: Servers, mix: Mix, rates: list[float], args, plot: Path):
     """The whole sweep scenario: solo times, the interleaved sweep, the table, the crossing
     and the picture; returns the JSON part and the SLO basis (kind -> seconds)."""
@@ -172,5 +200,6 @@ def run_sweep(servers: Servers, mix: Mix, rates: list[float], args, plot: Path):
         "slo_basis_s": {key_name(k): v for k, v in solo["basis"].items()},
         "rows": rows,
         "crossing": crossing(rows),
+        "slo_capacity": capacities(rows),
         "plot": str(plot),
     }, solo["basis"]

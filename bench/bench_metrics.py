@@ -115,7 +115,9 @@ def main() -> int:
         def config(app: str) -> SdserveConfig:
             return SdserveConfig.model_validate({
                 "model": {"path": str(model)},
-                "server": {**ports, "app_name": app},
+                # Serve's gRPC proxy routes by the `application` metadata; sdserve's own front
+                # door (the default) would bind one port per app and take calls for either.
+                "server": {**ports, "app_name": app, "front_door": "serve-proxy"},
                 "metrics": {"enabled": APPS[app], "export_port": free_port()},
                 "stages": {"job_worker": {"num_replicas": 0}},  # Generate only
                 "engine": {"compile": "off"},  # metrics' cost, not compilation

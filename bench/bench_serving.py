@@ -245,9 +245,11 @@ def deploy(model: Path, target_ports: dict, redis_url: str, smoke: bool) -> str:
 
     fp32 = {"name": "fp32", "path": str(model), "dtype": "float32",
             "stages": {"denoiser": {"num_cpus": 0, "max_ongoing_requests": 4096}}}  # fmt: skip
+    # Serve's gRPC proxy routes by the `application` metadata to the baselines; sdserve's own
+    # front door (the default) would answer every call itself, baselines' included.
     config = SdserveConfig.model_validate({
         "models": [{"name": "default", "path": str(model)}, fp32],
-        "server": target_ports, "jobs": {"redis_url": redis_url},
+        "server": {**target_ports, "front_door": "serve-proxy"}, "jobs": {"redis_url": redis_url},
         "metrics": {"export_port": free_port()},
         **({"engine": {"compile": "off"}} if smoke else {}),  # smoke: start in seconds
     })  # fmt: skip
@@ -260,7 +262,24 @@ def deploy(model: Path, target_ports: dict, redis_url: str, smoke: bool) -> str:
         serve.RunTarget(baseline.bind(str(model), **kwargs), name=app, route_prefix=f"/{app}")
         for app, kwargs in BASELINES.items()
     ])  # fmt: skip
+    check_routing(target)
     return target
+
+
+def check_routing(target: str) -> None:
+    """Each system answers its own calls: sdserve's replies carry a request id, the baselines'
+    none. (A bench whose calls all reached sdserve would time it under every name.)"""
+    import grpc
+
+    from sdserve.v1 import diffusion_pb2_grpc
+
+    request = diffusion_pb2.GenerateRequest(prompt=PROMPTS[0], steps=1, width=64, height=64)
+    with grpc.insecure_channel(target) as channel:
+        stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        for app in ("sdserve", *BASELINES):
+            reply = stub.Generate(request, metadata=(("application", app),), timeout=300)
+            if bool(reply.request_id) != (app == "sdserve"):
+                raise RuntimeError(f"a call for application {app!r} was not answered by it")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,8 +37,9 @@ class Receiver:
     """An HTTP server on 127.0.0.1 that records every POST and answers the next status of
     `statuses` (the last one from then on)."""
 
-    def __init__(self, statuses=(200,)):
+    def __init__(self, statuses=(200,), delay_s: float = 0.0):
         self.statuses = list(statuses)
+        self.delay_s = delay_s
         self.got: list[tuple[dict, bytes]] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
@@ -46,6 +47,9 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         self.got.append(({k.lower(): v for k, v in request.headers.items()}, await request.read()))
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        await asyncio.sleep(self.delay_s)
+        if status in (301, 302, 307, 308):
+            raise web.HTTPTemporaryRedirect("http://127.0.0.1:9/elsewhere")
         return web.Response(status=status, text="ok")
 
     @contextlib.asynccontextmanager
@@ -75,9 +79,9 @@ def _secret_for(ref: str) -> str:
     return {"main": SECRET}[ref]
 
 
-async def _send(outbox, now=None) -> dict[str, str]:
+async def _send(outbox, now=None, timeout_s=2.0) -> dict[str, str]:
     async with aiohttp.ClientSession() as session:
-        return await deliver_due(outbox, session, _secret_for, now, timeout_s=2.0)
+        return await deliver_due(outbox, session, _secret_for, now, timeout_s=timeout_s)
 
 
 def test_signatures_verify_with_svix_and_a_changed_body_does_not():
@@ -173,6 +177,24 @@ def test_a_new_outbox_on_the_same_redis_delivers_what_the_old_one_left_and_only_
         statuses = [a.status for a in await restarted.attempts("j1")]
         assert statuses == [None, 200, None]  # the late failure is logged, and decides nothing
         await restarted.close()
+
+    asyncio.run(main())
+
+
+def test_a_slow_receiver_times_out_and_a_redirect_is_not_followed(redis_server):
+    async def main():
+        outbox = _outbox(redis_server, _prefix())
+        async with Receiver(delay_s=0.3).running() as slow:
+            event_id = await outbox.enqueue("j1", slow.url, b"{}", "main", now=T0)
+            assert await _send(outbox, T0, timeout_s=0.1) == {event_id: "retry"}
+        async with Receiver([307]).running() as moved:
+            event_id = await outbox.enqueue("j2", moved.url, b"{}", "main", now=T0)
+            assert await _send(outbox, T0) == {event_id: "retry"}
+        (timed_out,) = await outbox.attempts("j1")
+        assert timed_out.status is None and "Timeout" in timed_out.error
+        (redirected,) = await outbox.attempts("j2")
+        assert redirected.status == 307 and len(moved.got) == 1
+        await outbox.close()
 
     asyncio.run(main())
 

@@ -30,6 +30,13 @@ def register(sub, parents: Parents) -> None:
         "T5, a StableDiffusion3Pipeline folder) or tiny-flux (FLUX.1-dev's shape: CLIP and "
         "T5, a FluxPipeline folder)",
     )
+    tiny.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="also write a tiny random safety checker (safety_checker/ and feature_extractor/) "
+        "that flags a red square on black and diagonal stripes, and passes a white image and a "
+        "grey ramp (sdserve.testing.safety_checkers)",
+    )
     tiny.set_defaults(func=run)
 
 
@@ -37,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from sdserve.testing.tiny import make_tiny_model
 
     started = time.perf_counter()
-    out = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
+    out = make_tiny_model(args.dir, seed=args.seed, arch=args.arch,
+                          safety_checker=args.safety_checker)  # fmt: skip
     print(f"wrote a tiny random-weight model to {out} in {time.perf_counter() - started:.1f}s")
     return 0

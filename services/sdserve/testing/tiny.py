@@ -14,6 +14,9 @@ SDXL folder (`tokenizer_2/`, `text_encoder_2/`, SDXL's Euler scheduler config) t
 `tiny-sd3` and `tiny-flux` are diffusion transformers in SD 3.5's and FLUX.1's layouts
 (`dit_models`), folders that `diffusers.StableDiffusion3Pipeline` and `diffusers.FluxPipeline`
 load.
+
+With `safety_checker=True` (`--safety-checker`) the folder also holds a tiny random safety
+checker (`safety_checkers`) that flags chosen images.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sdserve.pipeline.models import save_sd_folder, sd_pipeline, sdxl_pipeline
 from sdserve.testing.architectures import ARCHS, random_parts
 from sdserve.testing.controlnets import add_controlnets
 from sdserve.testing.dit_models import TINY_DIT_ARCHS, write_dit_folder
+from sdserve.testing.safety_checkers import add_safety_checker
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,10 @@ weights) with two random ControlNets in `controlnets/` (`testing.controlnets`), 
 transformers (`testing.dit_models`)."""
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
-    """Writes the tiny model to `out_dir` (which must not exist yet, or be empty).
+def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny", *,
+                    safety_checker: bool = False) -> Path:  # fmt: skip
+    """Writes the tiny model to `out_dir` (which must not exist yet, or be empty), with a tiny
+    random safety checker (`safety_checkers.add_safety_checker`) when `safety_checker`.
 
     The folder is built in a temporary sibling and renamed into place, so concurrent callers
     never see a half-written folder.
@@ -55,11 +61,15 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, arch: str = "tiny") -> P
 
     def write_with_readme(tmp: Path) -> None:
         family = write(tmp, seed, arch)
+        checker = ""
+        if safety_checker:
+            add_safety_checker(tmp, seed)
+            checker = " --safety-checker"
         (tmp / "README.md").write_text(
             f"# sdserve {TINY_VERSION} (seed {seed}, {arch})\n\n"
             f"Random weights in {family}'s architecture, made by "
-            f"`sdserve make-tiny-model DIR --seed {seed} --arch {arch}`. It generates noise; it "
-            "is for tests and benchmarks.\n"
+            f"`sdserve make-tiny-model DIR --seed {seed} --arch {arch}{checker}`. It generates "
+            "noise; it is for tests and benchmarks.\n"
         )
 
     return _write_in_place(Path(out_dir).expanduser(), write_with_readme)

@@ -67,6 +67,13 @@ class Unauthenticated(SdserveError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(SdserveError):
+    """The caller is known but may not do this (an admin call without the admin role, a
+    callback URL off the allow-list); the message names what is refused."""
+
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(SdserveError):
     """The server cannot do it as it stands (a broken adapter file)."""
 

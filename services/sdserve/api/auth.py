@@ -1,11 +1,12 @@
 """API keys and the tenants they belong to (`sdserve serve --api-key-file PATH`).
 
 The key file holds one key per line, optionally followed by a tenant name (keys without one
-belong to the tenant "default"); blank lines and lines starting with # are ignored:
+belong to the tenant "default") and a role (`admin`: the key may also manage the server);
+blank lines and lines starting with # are ignored:
 
-    # key                                  tenant
+    # key                                  tenant   role
     sk-3f1c2b0a9d8e7f6a5b4c3d2e1f0a9b8c    acme
-    sk-0a1b2c3d4e5f60718293a4b5c6d7e8f9    acme
+    sk-0a1b2c3d4e5f60718293a4b5c6d7e8f9    acme     admin
     sk-9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b    globex
 
 Every DiffusionService call then carries gRPC metadata `authorization: Bearer KEY`; a job is
@@ -20,9 +21,10 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdserve.errors import Unauthenticated
+from sdserve.errors import PermissionDenied, Unauthenticated
 
 DEFAULT_TENANT = "default"
+ADMIN_ROLE = "admin"
 
 
 @dataclass(frozen=True)
@@ -30,23 +32,30 @@ class ApiKeys:
     """The keys of a key file, each with its tenant."""
 
     keys: tuple[tuple[bytes, str], ...]
+    admin_keys: tuple[bytes, ...] = ()
+    """The keys with the admin role."""
 
     @classmethod
     def load(cls, path: str | Path) -> ApiKeys:
         """Reads a key file. Raises ValueError naming the line of a malformed entry."""
-        entries = []
+        entries, admins = [], []
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue
-            if len(fields) > 2:
+            if len(fields) > 3:
                 raise ValueError(
-                    f"{path}:{number}: expected KEY [TENANT], got {len(fields)} fields"
+                    f"{path}:{number}: expected KEY [TENANT [ROLE]], got {len(fields)} fields"
                 )
-            entries.append((fields[0].encode(), fields[1] if len(fields) == 2 else DEFAULT_TENANT))
+            if len(fields) == 3 and fields[2] != ADMIN_ROLE:
+                raise ValueError(f"{path}:{number}: unknown role {fields[2]!r} (the one role "
+                                 f"is {ADMIN_ROLE!r})")  # fmt: skip
+            entries.append((fields[0].encode(), fields[1] if len(fields) >= 2 else DEFAULT_TENANT))
+            if len(fields) == 3:
+                admins.append(fields[0].encode())
         if not entries:
             raise ValueError(f"{path}: no API keys in the file")
-        return cls(tuple(entries))
+        return cls(tuple(entries), tuple(admins))
 
     def tenant(self, metadata: dict[str, str]) -> str:
         """The tenant of the call's `authorization: Bearer KEY` metadata.
@@ -69,3 +78,20 @@ class ApiKeys:
         if not found:
             raise Unauthenticated("unknown API key")
         return found
+
+    def admin(self, metadata: dict[str, str]) -> str:
+        """The tenant of the call's key, which must have the admin role.
+
+        Raises:
+            Unauthenticated: no key, or an unknown one.
+            PermissionDenied: a known key without the admin role.
+        """
+        tenant = self.tenant(metadata)
+        offered = metadata.get("authorization", "").partition(" ")[2].strip().encode()
+        admin = False
+        for known in self.admin_keys:  # every admin key, so the time does not tell which
+            admin |= hmac.compare_digest(offered, known)
+        if not admin:
+            raise PermissionDenied(f"this call needs an API key with the {ADMIN_ROLE!r} role "
+                                   "in the server's key file")  # fmt: skip
+        return tenant

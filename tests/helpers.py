@@ -17,6 +17,9 @@ skip its start-up (tests/unit/test_compiled.py is about it)."""
 API_KEYS = {"tenant-a": "test-key-a-5b1e9c", "tenant-b": "test-key-b-77d0f2"}
 """The integration server's API keys (tests/integration/conftest.py writes its key file)."""
 
+WEBHOOK_SECRET = "whsec_c2RzZXJ2ZS10ZXN0LXdlYmhvb2stc2VjcmV0LTMy"
+"""The integration server's webhook signing secret (its allow-list: 127.0.0.1)."""
+
 FLOOD = {"tenant": "flood", "key": "test-key-flood-3c9d", "limits": {"rate_per_s": 1.0, "burst": 2}}
 """A third tenant of the integration server, limited as bench/bench_front_door.py expects."""
 

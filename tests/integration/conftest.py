@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from helpers import API_KEYS, FLOOD, free_port, with_metadata
+from helpers import API_KEYS, FLOOD, WEBHOOK_SECRET, free_port, with_metadata
 from tls_certs import Certs, write_certs
 
 from sdserve.config import (
@@ -19,6 +19,7 @@ from sdserve.config import (
     ServerConfig,
     StageConfig,
     StagesConfig,
+    WebhooksConfig,
 )
 
 
@@ -110,6 +111,14 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
         ),
         # Replicas push their metrics every second, so that the Prometheus test is quick.
         metrics=MetricsConfig(export_port=free_port(), report_interval_s=1.0),
+        # Webhooks to the tests' own receivers, retried quickly (test_webhooks.py).
+        webhooks=WebhooksConfig(
+            allow=("127.0.0.1",),
+            secret=WEBHOOK_SECRET,
+            backoff_s=0.2,
+            backoff_cap_s=0.5,
+            poll_s=0.1,
+        ),  # fmt: skip
     )
     sdserve_server.start_ray(config)
     try:

@@ -89,11 +89,13 @@ def test_events_from_pb():
 def test_job_submitted_and_model_info_from_pb():
     fields = dict(job_id="j", step=3, total_steps=10, attempts=2, error="worker died",
                   created_at=100.0, started_at=101.0, cancel_requested=True,
-                  worker="h:1:w")  # fmt: skip
+                  worker="h:1:w", callback_url="https://hooks.example.com/x")  # fmt: skip
+    attempt = pb.WebhookAttempt(at=102.0, status=503, error="HTTP 503")
     running = Job.from_pb(pb.Job(state=pb.JOB_STATE_RUNNING, priority=pb.JOB_PRIORITY_HIGH,
-                                 **fields))  # fmt: skip
+                                 webhook_attempts=[attempt], **fields))  # fmt: skip
     assert asdict(running) == {**fields, "state": "RUNNING", "priority": "high",
-                               "finished_at": 0.0, "result": None}  # fmt: skip
+                               "finished_at": 0.0, "result": None,
+                               "webhook_attempts": ((102.0, 503, "HTTP 503"),)}  # fmt: skip
     assert not running.ended
     done = Job.from_pb(pb.Job(job_id="j", state=pb.JOB_STATE_SUCCEEDED, result=_response(1)))
     assert done.ended and done.priority == "normal" and done.result.images[0].seed == 7

@@ -199,9 +199,10 @@ def job_priority_name(priority: int) -> str:
         raise InvalidArgument("priority", f"unknown value {priority}") from None
 
 
-def job_to_pb(record) -> diffusion_pb2.Job:
+def job_to_pb(record, webhook_attempts=()) -> diffusion_pb2.Job:
     """A job record (`sdserve.jobs.records.JobRecord`, which lives a layer above) as the public
-    `Job` message, with its images when `record.result` is set."""
+    `Job` message, with its images when `record.result` is set, and the attempts at delivering
+    its end (`sdserve.jobs.webhook_outbox.Attempt`s)."""
     job = diffusion_pb2.Job(
         job_id=record.job_id,
         state=diffusion_pb2.JobState.Value(f"JOB_STATE_{record.state.value}"),
@@ -215,6 +216,11 @@ def job_to_pb(record) -> diffusion_pb2.Job:
         finished_at=record.finished_at or 0.0,
         cancel_requested=record.cancel_requested,
         worker=record.worker,
+        callback_url=record.callback_url,
+        webhook_attempts=[
+            diffusion_pb2.WebhookAttempt(at=a.at, status=a.status or 0, error=a.error)
+            for a in webhook_attempts
+        ],  # fmt: skip
     )
     if record.result is not None:
         job.result.ParseFromString(record.result)

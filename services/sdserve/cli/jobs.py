@@ -25,6 +25,12 @@ def register(sub, parents: Parents) -> None:
         help="workers take higher priorities first (default %(default)s)",
     )
     submit.add_argument(
+        "--callback-url",
+        metavar="URL",
+        help="when the job ends, the server POSTs a signed JSON event (Standard Webhooks) to "
+        "URL, retrying until it is delivered; its host must be on the server's allow-list",
+    )
+    submit.add_argument(
         "--idempotency-key",
         metavar="KEY",
         help="submitting again with the same key returns the first job instead of a new one",
@@ -58,6 +64,7 @@ def run_submit(args: argparse.Namespace) -> int:
         with options.client(args) as client:
             submitted = client.submit(args.prompt, priority=args.priority,
                                       idempotency_key=args.idempotency_key,
+                                      callback_url=args.callback_url,
                                       **options.request_options(args))  # fmt: skip
     except ClientError as exc:
         return options.rpc_error(exc)
@@ -79,8 +86,15 @@ def describe(job) -> str:
         parts.append(f"submitted {time.time() - job.created_at:.1f}s ago")
     if job.cancel_requested and job.state == "RUNNING":
         parts.append("cancel requested")
-    line = ", ".join(parts)
-    return f"{line}\n  error: {job.error}" if job.error else line
+    lines = [", ".join(parts)]
+    if job.error:
+        lines.append(f"  error: {job.error}")
+    if job.callback_url:
+        lines.append(f"  webhook: {job.callback_url}")
+        for at, status, error in job.webhook_attempts:
+            when = time.strftime("%H:%M:%S", time.localtime(at))
+            lines.append(f"    {when} {status or 'no reply'}{f' ({error})' if error else ''}")
+    return "\n".join(lines)
 
 
 def _wait(client, args: argparse.Namespace):

@@ -20,6 +20,7 @@ def register(sub, parents: Parents) -> None:
     )
     add_model_options(serve)
     add_server_options(serve)
+    add_webhook_options(serve)
     serve.set_defaults(func=run)
 
 
@@ -121,6 +122,25 @@ def add_server_options(serve) -> None:
     )
 
 
+def add_webhook_options(serve) -> None:
+    """Webhooks for jobs: which hosts a callback URL may name, and the signing secret."""
+    hooks = serve.add_argument_group("webhooks for jobs (SubmitJob's callback_url)")
+    hooks.add_argument(
+        "--webhook-allow",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="a host callback URLs may name (repeat for several; without a port, any port); "
+        "with none, every callback URL is refused",
+    )
+    hooks.add_argument(
+        "--webhook-secret",
+        metavar="whsec_...",
+        help="the Standard Webhooks secret events are signed with (also SDSERVE_WEBHOOK_SECRET; "
+        "`python -c 'from sdserve.jobs.webhooks import new_secret; print(new_secret())'` makes "
+        "one)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from sdserve.config import load_config
     from sdserve.serve.server import serve_forever
@@ -147,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
             ("metrics", "export_port"): args.metrics_port,
             ("server", "api_key_file"): args.api_key_file,
             ("engine", "compile"): args.compile,
+            ("webhooks", "allow"): tuple(args.webhook_allow) if args.webhook_allow else None,
+            ("webhooks", "secret"): args.webhook_secret,
         },
     )
     config = with_dtype(with_lora_dirs(config, args.lora_dir or ()), args.dtype)

@@ -66,9 +66,11 @@ class AsyncClient(_calls.ClientBase):
         return self._stream(_calls.stream(prompt, preview_every, options))
 
     async def submit(self, prompt: str, *, priority: str = "normal",
-                     idempotency_key: str | None = None, **options: Any) -> Submitted:  # fmt: skip
+                     idempotency_key: str | None = None, callback_url: str | None = None,
+                     **options: Any) -> Submitted:  # fmt: skip
         """As `Client.submit`."""
-        return await self._unary(_calls.submit(prompt, priority, idempotency_key, options))
+        return await self._unary(_calls.submit(prompt, priority, idempotency_key, options,
+                                               callback_url))  # fmt: skip
 
     async def job(self, job_id: str) -> Job:
         """As `Client.job`."""

@@ -160,12 +160,14 @@ def stream(prompt: str, preview_every: int, options: Mapping[str, Any]) -> Rpc:
     return Rpc("GenerateStream", generate_request(prompt, options, preview_every), event_from_pb)
 
 
-def submit(prompt: str, priority: str, idempotency_key: str | None, options) -> Rpc:
+def submit(prompt: str, priority: str, idempotency_key: str | None, options,
+           callback_url: str | None = None) -> Rpc:  # fmt: skip
     if priority not in PRIORITIES:
         raise ValueError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
     request = diffusion_pb2.SubmitJobRequest(request=generate_request(prompt, options),
                                              idempotency_key=idempotency_key or "",
-                                             priority=PRIORITIES[priority])  # fmt: skip
+                                             priority=PRIORITIES[priority],
+                                             callback_url=callback_url or "")  # fmt: skip
     return Rpc("SubmitJob", request, Submitted.from_pb)
 
 

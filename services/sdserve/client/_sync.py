@@ -71,10 +71,12 @@ class Client(_calls.ClientBase):
         return self._stream(_calls.stream(prompt, preview_every, options))
 
     def submit(self, prompt: str, *, priority: str = "normal", idempotency_key: str | None = None,
-               **options: Any) -> Submitted:  # fmt: skip
+               callback_url: str | None = None, **options: Any) -> Submitted:  # fmt: skip
         """Queues an asynchronous job (SubmitJob). `priority`: "high", "normal" or "low".
-        Submitting again with the same `idempotency_key` returns the first job."""
-        return self._unary(_calls.submit(prompt, priority, idempotency_key, options))
+        Submitting again with the same `idempotency_key` returns the first job. `callback_url`:
+        where the server POSTs the job's end, signed (a host on its allow-list)."""
+        return self._unary(_calls.submit(prompt, priority, idempotency_key, options,
+                                         callback_url))  # fmt: skip
 
     def job(self, job_id: str) -> Job:
         """The job's state (GetJob), with its result once SUCCEEDED."""

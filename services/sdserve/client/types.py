@@ -260,6 +260,10 @@ class Job:
     finished_at: float
     worker: str
     """"host:pid:id" of the worker running it, or that ran its last attempt."""
+    callback_url: str = ""
+    """Where its end is delivered (a webhook); "" for none."""
+    webhook_attempts: tuple[tuple[float, int, str], ...] = ()
+    """Each attempt at delivering its end: (when, HTTP status or 0, error), oldest first."""
 
     @property
     def ended(self) -> bool:
@@ -281,6 +285,8 @@ class Job:
             started_at=pb.started_at,
             finished_at=pb.finished_at,
             worker=pb.worker,
+            callback_url=pb.callback_url,
+            webhook_attempts=tuple((a.at, a.status, a.error) for a in pb.webhook_attempts),
         )
 
 

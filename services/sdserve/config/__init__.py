@@ -25,6 +25,7 @@ from sdserve.config.service import (  # the endpoints, jobs and metrics, re-expo
     JobsConfig,
     MetricsConfig,
     ServerConfig,
+    WebhooksConfig,
 )
 from sdserve.config.tenants import TenantLimitConfig
 from sdserve.constants import UNET_SCHEDULER_NAMES
@@ -275,6 +276,7 @@ class SdserveConfig(Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     tenants: dict[str, TenantLimitConfig] = Field(default_factory=dict)
     """Rate and concurrency limits per tenant, by name; the entry `default` covers tenants not
     listed (sdserve/config/tenants.py). Empty: every tenant is unlimited."""
@@ -324,6 +326,7 @@ ENV_VARS = {
     "SDSERVE_REDIS_URL": ("jobs", "redis_url"),
     "SDSERVE_API_KEY_FILE": ("server", "api_key_file"),
     "SDSERVE_METRICS_PORT": ("metrics", "export_port"),
+    "SDSERVE_WEBHOOK_SECRET": ("webhooks", "secret"),
 }
 """Environment variables and the config field each one sets."""
 

@@ -162,3 +162,35 @@ class MetricsConfig(Strict):
 
     report_interval_s: float = Field(5.0, ge=1.0)
     """How often replicas push their metrics to the node's endpoint (local Ray only)."""
+
+
+class WebhooksConfig(Strict):
+    """Webhooks for jobs (`SubmitJobRequest.callback_url`): the job worker POSTs a signed JSON
+    event to the URL when the job ends (sdserve/jobs/webhooks.py, webhook_sender.py)."""
+
+    allow: tuple[str, ...] = ()
+    """HOST or HOST:PORT entries a callback URL may name (`sdserve serve --webhook-allow`);
+    a tenant's own entries (`tenants.NAME.webhook_allow`) add to them. Empty, with no tenant
+    entries: SubmitJob refuses every callback URL, so that nothing inside the cluster is asked
+    to call an arbitrary host."""
+
+    secret: str | None = None
+    """The Standard Webhooks signing secret, `whsec_<base64>` (`--webhook-secret`,
+    SDSERVE_WEBHOOK_SECRET); a tenant's `webhook_secret` replaces it for its jobs. None:
+    callback URLs are refused (FAILED_PRECONDITION) for tenants without a secret of their own."""
+
+    retry_for_s: float = Field(24 * 3600.0, gt=0)
+    """How long an undelivered event is retried after its first attempt; then it is kept as
+    undeliverable, for inspection (`sdserve job ID`)."""
+
+    backoff_s: float = Field(5.0, gt=0)
+    """The wait after the first failed attempt; it doubles after each one."""
+
+    backoff_cap_s: float = Field(3600.0, gt=0)
+    """The longest wait between two attempts."""
+
+    timeout_s: float = Field(10.0, gt=0)
+    """How long one attempt waits for the receiver's answer."""
+
+    poll_s: float = Field(1.0, gt=0)
+    """How often each JobWorker replica looks for ended jobs and due deliveries."""

@@ -41,6 +41,13 @@ class TenantLimitConfig(Strict):
     """Requests the tenant may send at once after a quiet spell (the bucket's size). None: one
     second's worth of `rate_per_s`, at least 1."""
 
+    webhook_allow: tuple[str, ...] = ()
+    """Hosts (HOST or HOST:PORT) this tenant's job callback URLs may name, besides
+    `webhooks.allow`."""
+
+    webhook_secret: str | None = None
+    """The secret this tenant's webhooks are signed with (`whsec_...`); None: `webhooks.secret`."""
+
     max_concurrent: int | None = Field(None, ge=1)
     """Requests of the tenant in flight at once (a Generate stream counts until it ends).
     None: no cap."""

@@ -16,6 +16,10 @@ deployments can share one Redis:
     {prefix}events:ID                a short stream of state changes and steps (WatchJob).
     {prefix}idem:TENANT:KEY          idempotency key -> job id; it expires with the job. Keys
                                      are per tenant, so one tenant cannot learn another's ids.
+    {prefix}webhooks:pending         a set of the job hashes (keys) of ended jobs with a
+                                     callback URL whose event is not in the webhook outbox yet:
+                                     the script that ends a job adds it, so no end is lost
+                                     between the job's end and its event (webhook_outbox.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ class Keys:
 
     def idempotency(self, key: str, tenant: str = "") -> str:
         return f"{self.prefix}idem:{tenant}:{key}"
+
+    @property
+    def webhook_pending(self) -> str:
+        return f"{self.prefix}webhooks:pending"
+
+    def job_id(self, job_key: str) -> str:
+        """The id in a job hash's key (`job`)."""
+        return job_key.removeprefix(f"{self.prefix}job:")
 
     def queue(self, priority: str) -> str:
         return f"{self.prefix}queue:{priority}"

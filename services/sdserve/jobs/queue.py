@@ -126,6 +126,7 @@ class JobQueue:
         priority: str = "normal",
         idempotency_key: str | None = None,
         tenant: str = "",
+        callback_url: str = "",
     ) -> tuple[str, bool]:
         """Enqueues a job for `tenant`. Returns (job id, created); created is False when
         `idempotency_key` named an existing job of that tenant, whose id is returned.
@@ -161,6 +162,8 @@ class JobQueue:
                         "1" if idempotency_key else "0",
                         idempotency_key or "",
                         tenant,
+                        callback_url,
+                        self.keys.webhook_pending,
                     ],  # fmt: skip
                 )
             )

@@ -60,6 +60,8 @@ class JobRecord:
     result: bytes | None = None
     tenant: str = ""
     """Who submitted it (an API key's tenant; "" when the server has no keys)."""
+    callback_url: str = ""
+    """Where its end is delivered (a webhook); "" for none."""
 
     @classmethod
     def from_hash(cls, job_id: str, h: dict[bytes, bytes], result: bytes | None) -> JobRecord:
@@ -86,6 +88,7 @@ class JobRecord:
             request=h.get(b"request", b""),
             result=result,
             tenant=text("tenant"),
+            callback_url=text("callback_url"),
         )
 
 

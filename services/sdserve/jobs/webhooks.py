@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from sdserve.errors import InvalidArgument
+from sdserve.errors import InvalidArgument, PermissionDenied
 from sdserve.jobs.records import JobState
 from sdserve.jobs.webhook_outbox import Attempt, Backoff, WebhookDelivery, WebhookOutbox
 
@@ -141,8 +141,8 @@ def _allowed_entry(entry: str) -> tuple[str, int | None]:
 def check_callback_url(url: str, allowed: Iterable[str]) -> None:
     """Refuses `url` unless it is an http(s) URL whose host (and port, where the entry names
     one) is on `allowed` (`HOST[:PORT]` entries; hosts compared exactly, in any case). An
-    empty list refuses every URL. Raises InvalidArgument("callback_url", ...) either way
-    (sdserve.errors has no PermissionDenied)."""
+    empty list refuses every URL. Raises InvalidArgument("callback_url", ...) for a malformed
+    URL, PermissionDenied naming callback_url for a host off the list."""
     if not url or any(c.isspace() or ord(c) < 32 for c in url):
         raise InvalidArgument("callback_url", "must be a URL without spaces")
     parts = urlsplit(url)
@@ -162,10 +162,10 @@ def check_callback_url(url: str, allowed: Iterable[str]) -> None:
         allowed_host, allowed_port = _allowed_entry(entry)
         if allowed_host == host and allowed_port in (None, port):
             return
-    raise InvalidArgument(
-        "callback_url",
-        f"{host}:{port} is not on the webhook allow-list (sdserve serve --webhook-allow "
-        "HOST[:PORT]); sdserve sends webhooks only to the hosts its operator allows",
+    raise PermissionDenied(
+        f"callback_url: {host}:{port} is not on the webhook allow-list (sdserve serve "
+        "--webhook-allow HOST[:PORT]); sdserve sends webhooks only to the hosts its operator "
+        "allows"
     )
 
 

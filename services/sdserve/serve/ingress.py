@@ -33,6 +33,7 @@ from sdserve.http.app import HttpApi
 from sdserve.jobs.images import ImageStore
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import job_request
+from sdserve.jobs.webhook_sender import WebhookPolicy, outbox_for
 from sdserve.orchestration.admission import Admission
 from sdserve.orchestration.health import StageHealth
 from sdserve.orchestration.path import StagePath, Who
@@ -71,6 +72,8 @@ class PipelineIngress:
         self._job_worker = job_worker
         # Connects on first use: without Redis, Generate serves and the job RPCs are UNAVAILABLE.
         self._jobs = JobQueue.from_config(self.config.jobs)
+        self._webhooks = WebhookPolicy(self.config)
+        self._outbox = None  # the webhook outbox, opened when a job with a callback is read
         images = ImageStore(self._jobs.redis, self._jobs.url, self._jobs.prefix,
                             self.config.http.image_ttl_s)  # fmt: skip
         self._http = HttpApi(self._path, keys=self._keys, images=images, stats=self.stats,
@@ -221,6 +224,8 @@ class PipelineIngress:
                 "idempotency_key", f"is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters"
             )
         priority = job_priority_name(request.priority)
+        if request.callback_url:
+            self._webhooks.check(request.callback_url, tenant)
         try:
             params = await self._path.validate(fields_from_pb(request.request))
         except InvalidArgument as exc:
@@ -231,6 +236,7 @@ class PipelineIngress:
             priority=priority,
             idempotency_key=request.idempotency_key or None,
             tenant=tenant,
+            callback_url=request.callback_url,
         )
         logger.info(
             "job %s %s (%s priority, %d steps)",
@@ -241,8 +247,13 @@ class PipelineIngress:
 
     @grpc_errors(diffusion_pb2.Job)
     async def GetJob(self, request: diffusion_pb2.GetJobRequest, grpc_context) -> diffusion_pb2.Job:
-        """DiffusionService.GetJob."""
-        return job_to_pb(await self._jobs.get(await self._own_job(request, grpc_context)))
+        """DiffusionService.GetJob, with the attempts at delivering its end to its callback."""
+        record = await self._jobs.get(await self._own_job(request, grpc_context))
+        if not record.callback_url:
+            return job_to_pb(record)
+        if self._outbox is None:
+            self._outbox = outbox_for(self.config)
+        return job_to_pb(record, await self._outbox.attempts(record.job_id))
 
     @grpc_errors(diffusion_pb2.Job)
     async def WatchJob(

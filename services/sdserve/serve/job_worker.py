@@ -17,6 +17,7 @@ from ray import serve
 
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import JobRunner
+from sdserve.jobs.webhook_sender import WebhookSender
 from sdserve.jobs.worker import Worker
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
@@ -45,6 +46,9 @@ class JobWorkerDeployment:
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._worker.run_forever())
+        # Ended jobs with a callback URL: their events, signed, retried (jobs/webhook_sender.py).
+        self._webhooks = WebhookSender(self._queue, self.config)
+        self._webhook_task = loop.create_task(self._webhooks.run())
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
 
     def _drain(self) -> None:
@@ -61,8 +65,9 @@ class JobWorkerDeployment:
 
     async def check_health(self) -> None:
         """Serve restarts the replica if its worker loop ever stops."""
-        if self._task.done():
-            raise RuntimeError(f"the job worker loop stopped: {self._task!r}")
+        for task in (self._task, self._webhook_task):
+            if task.done():
+                raise RuntimeError(f"a job worker loop stopped: {task!r}")
 
     async def __del__(self) -> None:
         """Serve is removing this replica (a scale-down, or shutdown): drain. Take no new jobs,
@@ -81,4 +86,7 @@ class JobWorkerDeployment:
                            self._worker.running)  # fmt: skip
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._webhook_task.cancel()  # what it had not sent, another replica sends (Redis)
+        await asyncio.gather(self._webhook_task, return_exceptions=True)
+        await self._webhooks.close()
         await self._queue.close()

@@ -516,12 +516,21 @@ class SubmitJobRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    CALLBACK_URL_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Optional. Submitting again with the same key (within `jobs.result_ttl_s`) returns the
     first job's id and queues nothing, so a client can retry SubmitJob safely.
     """
     priority: Global___JobPriority.ValueType
     """How soon it runs. Unset: NORMAL."""
+    callback_url: _builtins.str
+    """Optional. When the job ends (SUCCEEDED, FAILED or CANCELLED), the job worker POSTs a JSON
+    event to this http(s) URL, signed as Standard Webhooks are (webhook-id, webhook-timestamp,
+    webhook-signature: HMAC-SHA256 with the server's or the tenant's secret), retried with
+    exponential backoff until delivered or `webhooks.retry_for_s` has passed. Its host must be
+    on the server's allow-list (`sdserve serve --webhook-allow HOST[:PORT]`), else
+    PERMISSION_DENIED naming callback_url.
+    """
     @_builtins.property
     def request(self) -> Global___GenerateRequest:
         """What to generate; validated as in Generate. An unset seed is drawn now, so a job that runs
@@ -534,10 +543,11 @@ class SubmitJobRequest(_message.Message):
         request: Global___GenerateRequest | None = ...,
         idempotency_key: _builtins.str = ...,
         priority: Global___JobPriority.ValueType = ...,
+        callback_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "priority", b"priority", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_url", b"callback_url", "idempotency_key", b"idempotency_key", "priority", b"priority", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -610,6 +620,8 @@ class Job(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
+    CALLBACK_URL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ATTEMPTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Its id."""
     state: Global___JobState.ValueType
@@ -634,9 +646,15 @@ class Job(_message.Message):
     """CancelJob was called and the job has not stopped yet."""
     worker: _builtins.str
     """The worker running it, or that ran its last attempt: "host:pid:id"."""
+    callback_url: _builtins.str
+    """The URL its end is delivered to (SubmitJobRequest.callback_url); empty: none."""
     @_builtins.property
     def result(self) -> Global___GenerateResponse:
         """The images; set once SUCCEEDED (in WatchJob, in its last message only)."""
+
+    @_builtins.property
+    def webhook_attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]:
+        """Each attempt at delivering its end to `callback_url`, oldest first."""
 
     def __init__(
         self,
@@ -654,14 +672,46 @@ class Job(_message.Message):
         cancel_requested: _builtins.bool = ...,
         result: Global___GenerateResponse | None = ...,
         worker: _builtins.str = ...,
+        callback_url: _builtins.str = ...,
+        webhook_attempts: _abc.Iterable[Global___WebhookAttempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "priority", b"priority", "result", b"result", "started_at", b"started_at", "state", b"state", "step", b"step", "total_steps", b"total_steps", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "callback_url", b"callback_url", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "priority", b"priority", "result", b"result", "started_at", b"started_at", "state", b"state", "step", b"step", "total_steps", b"total_steps", "webhook_attempts", b"webhook_attempts", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class WebhookAttempt(_message.Message):
+    """One attempt at delivering a job's end to its callback URL."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    at: _builtins.float
+    """When it was made (seconds since the epoch)."""
+    status: _builtins.int
+    """The receiver's HTTP status; 0 when none came (refused, timed out)."""
+    error: _builtins.str
+    """What went wrong; empty for a 2xx."""
+    def __init__(
+        self,
+        *,
+        at: _builtins.float = ...,
+        status: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookAttempt: _TypeAlias = WebhookAttempt  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):

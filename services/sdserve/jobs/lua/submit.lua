@@ -6,6 +6,7 @@
 -- ARGV[5] total steps     ARGV[6] max queue length ARGV[7] ttl (s)
 -- ARGV[8] '1' when an idempotency key is given     ARGV[9] the idempotency key
 -- ARGV[10] the tenant that submits it ("" without API keys)
+-- ARGV[11] its callback URL ("": none)  ARGV[12] the webhooks' pending set (its end goes there)
 --
 -- Returns {job id, 1} for a new job, {existing job id, 0} for a known idempotency key, or
 -- the error 'QUEUE_FULL <jobs waiting or running>'.
@@ -20,6 +21,9 @@ local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'priority', ARGV[3], 'request', ARGV[2],
   'created_at', ARGV[4], 'attempts', 0, 'step', 0, 'total_steps', ARGV[5],
   'stream', KEYS[3], 'entry', entry, 'cancel_requested', 0, 'tenant', ARGV[10])
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'callback_url', ARGV[11], 'webhook_pending', ARGV[12])
+end
 if ARGV[8] == '1' then
   redis.call('SET', KEYS[4], ARGV[1])  -- expires with the job, once it has ended
   redis.call('HSET', KEYS[1], 'idempotency_key', ARGV[9], 'idem', KEYS[4])

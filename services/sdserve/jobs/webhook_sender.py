@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 
 import aiohttp
 
@@ -77,6 +78,7 @@ class WebhookSender:
 
     async def run(self) -> None:
         """Runs until cancelled; a failed sweep (Redis away) is logged and tried again."""
+        warned_at = float("-inf")
         async with aiohttp.ClientSession() as session:
             while True:
                 try:
@@ -85,9 +87,11 @@ class WebhookSender:
                                       timeout_s=self.webhooks.timeout_s)  # fmt: skip
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:
-                    logger.warning("webhook sweep failed (retried in %.1fs): %s",
-                                   self.webhooks.poll_s, exc)  # fmt: skip
+                except Exception as exc:  # once a minute at most: Redis may be away for long
+                    if time.monotonic() - warned_at > 60:
+                        warned_at = time.monotonic()
+                        logger.warning("webhook sweep failed (retried every %.1fs): %s",
+                                       self.webhooks.poll_s, exc)  # fmt: skip
                 await asyncio.sleep(self.webhooks.poll_s)
 
     def _secret(self, tenant: str) -> str:

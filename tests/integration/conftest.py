@@ -111,7 +111,7 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
         ),
         # Replicas push their metrics every second, so that the Prometheus test is quick.
         metrics=MetricsConfig(export_port=free_port(), report_interval_s=1.0),
-        # Webhooks to the tests' own receivers, retried quickly (test_webhooks.py).
+        # Webhooks to the tests' own receivers, retried quickly (test_job_webhooks.py).
         webhooks=WebhooksConfig(
             allow=("127.0.0.1",),
             secret=WEBHOOK_SECRET,

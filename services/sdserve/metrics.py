@@ -272,8 +272,8 @@ class StatsLogger:
         (`sdserve.orchestration.admission`); 0 before any step. The larger of: the speed of the
         last minute's U-Net steps whose batch was at least half the largest in it, and the
         speed of a full forward (`full_batch` images) that a line through those steps' times
-        against their images predicts. Measured alone, a minute of small batches (a quiet
-        server) read as a low capacity, and the first seconds of a burst were refused."""
+        against their images predicts. Without the prediction, a minute of small batches (a
+        quiet server) reads as a low capacity, and a burst's first seconds are over-refused."""
         now = time.monotonic()
         with self._lock:
             while self._batches and self._batches[0][0] < now - CAPACITY_WINDOW_S:

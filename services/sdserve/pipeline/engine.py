@@ -5,7 +5,7 @@ One engine runs per Denoiser replica, on the replica's torch thread. At every st
 1. drops cancelled requests and requests past their deadline (they are never decoded);
 2. admits waiting requests into the running batch, up to `max_batch_size` images per bucket,
    and pauses or resumes bulk requests around interactive ones (`scheduling`: request classes,
-   deadlines, tenants, preemption; `scheduling="fifo"`: first come, first served);
+   deadlines, tenants, preemption; `policy="fifo"`: first come, first served);
 3. runs ONE U-Net forward over one bucket of running images (`unet_step`): each image at its own
    timestep, with its own scheduler, generator, step count and guidance; images with guidance
    <= 1, or past their guidance stop, add no unconditional row; images on a DeepCache shallow

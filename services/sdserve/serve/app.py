@@ -3,6 +3,8 @@
     gRPC client -> Serve gRPC proxy -> Pipeline -> TextEncoder (+ VaeEncoder), Denoiser, VaeDecoder
                                           |  (jobs) -> Redis -> JobWorker -> the same three
 
+Each model's stage deployments are bound in `sdserve.serve.model_apps`, which also builds the
+applications of models added at runtime (one application per model, `sdserve.serve.admin`).
 Per model: SD3 and FLUX take no image inputs, so they have no VaeEncoder; with
 `stages.text_encoder_t5` their T5 encoder is a deployment of its own (TextEncoderT5).
 
@@ -17,17 +19,9 @@ from typing import Any
 from ray.serve import Application
 
 from sdserve.config import SdserveConfig
-from sdserve.serve.client import StageHandles
 from sdserve.serve.ingress import PipelineIngress
 from sdserve.serve.job_worker import JobWorkerDeployment
-from sdserve.serve.stages import (
-    DenoiserDeployment,
-    TextEncoderDeployment,
-    TextEncoderT5Deployment,
-    VaeDecoderDeployment,
-    VaeEncoderDeployment,
-)
-from sdserve.stages.runtime import model_stages
+from sdserve.serve.model_apps import bind_model_stages
 
 GRPC_SERVICER_FUNCTIONS = [
     "sdserve.serve._ray.add_diffusion_service",
@@ -36,37 +30,13 @@ GRPC_SERVICER_FUNCTIONS = [
 """What Serve's gRPC proxy must register (`grpc_options.grpc_servicer_functions`)."""
 
 
-STAGE_DEPLOYMENTS = {
-    "text_encoder": TextEncoderDeployment,
-    "denoiser": DenoiserDeployment,
-    "vae_decoder": VaeDecoderDeployment,
-    "vae_encoder": VaeEncoderDeployment,
-    "text_encoder_t5": TextEncoderT5Deployment,
-}
-"""The deployment class of each stage, by its name in `config.stages` and `StageHandles`. A
-model has the first three; `model_stages` says which of the others."""
-
-
-def deployment_name(stage: str, model: str, default: bool) -> str:
-    """A stage deployment's name: "Denoiser" for the default model (so a one-model server's
-    names, dashboards and deploy files do not change), "Denoiser-NAME" for the others."""
-    base = STAGE_DEPLOYMENTS[stage].func_or_class.__name__.removesuffix("Deployment")
-    return base if default else f"{base}-{model}"
-
-
 def build_app(config: SdserveConfig) -> Application:
-    """Binds each served model's stage deployments (`model_stages`; placement from the
-    model's own `stages`, else the shared `config.stages`), the job workers and the ingress."""
+    """Binds each served model's stage deployments, the job workers and the ingress."""
     tree = config.model_dump()
-    models = {}
-    for i, model in enumerate(config.served_models):
-        bound = {}
-        for stage in model_stages(config, model):
-            options = config.stage(stage, model).deployment_options()
-            name = deployment_name(stage, model.name, default=i == 0)
-            deployment = STAGE_DEPLOYMENTS[stage].options(name=name, **options)
-            bound[stage] = deployment.bind(tree, model.name)
-        models[model.name] = StageHandles(**bound)
+    models = {
+        model.name: bind_model_stages(config, model, default=i == 0)
+        for i, model in enumerate(config.served_models)
+    }
     stages = config.stages
     job_worker = None
     if stages.job_worker.num_replicas or stages.job_worker.autoscaling:

@@ -39,3 +39,23 @@ shipped with sdserve (see its README.md, the model card)."""
 def resolve_model_dir(path: str | None) -> Path:
     """`path` when given; otherwise the built-in default model."""
     return Path(path).expanduser() if path else DEFAULT_MODEL_DIR
+
+
+CHECKER_DIR, FEATURE_EXTRACTOR_DIR = "safety_checker", "feature_extractor"
+"""The two folders of a model folder (SD 1.x/2.x checkpoints ship them) that hold its safety
+checker: diffusers' `StableDiffusionSafetyChecker` and its `CLIPImageProcessor`."""
+
+
+def safety_folders(model_dir: Path, configured: str | None = None) -> tuple[Path, Path]:
+    """(the checker's folder, the feature extractor's folder) of a model.
+
+    `configured` (`ModelConfig.safety_checker_dir`; relative to the model folder) is a folder
+    laid out as a model folder (`safety_checker/` + `feature_extractor/`), or one holding both
+    at its root (`config.json`, the weights and `preprocessor_config.json`, as
+    CompVis/stable-diffusion-safety-checker ships it). None: the model folder's own."""
+    root = model_dir
+    if configured:
+        root = model_dir / Path(configured).expanduser()
+        if not (root / CHECKER_DIR).is_dir():
+            return root, root
+    return root / CHECKER_DIR, root / FEATURE_EXTRACTOR_DIR

@@ -117,6 +117,10 @@ SPECS = [
     Spec("sdserve_tenant_requests", "counter",
          "Requests per tenant and what its limits (`tenants` in the config) decided: outcome = "
          "admitted | rate_limited | concurrency_limited.", ("tenant", "outcome")),
+    Spec("sdserve_safety_images", "counter",
+         "Images a model's safety checker checked (`safety: flag | block`), by model and "
+         "outcome: passed | flagged (marked, pixels kept) | blocked (replaced by black).",
+         ("model", "outcome")),
 ]  # fmt: skip
 
 
@@ -245,6 +249,7 @@ class StatsLogger:
             stats.GpuMemory: self._gpu,
             stats.UNetCompiled: self._compiled,
             stats.TenantRequest: self._tenant,
+            stats.ImagesChecked: self._checked,
         }
 
     def record(self, item: Any) -> None:
@@ -371,6 +376,12 @@ class StatsLogger:
 
     def _tenant(self, s: stats.TenantRequest) -> None:
         self.metrics.tenant_requests.inc(tags={"tenant": s.tenant, "outcome": s.outcome})
+
+    def _checked(self, s: stats.ImagesChecked) -> None:
+        for outcome in ("passed", "flagged", "blocked"):
+            if getattr(s, outcome):
+                tags = {"model": s.model, "outcome": outcome}
+                self.metrics.safety_images.inc(getattr(s, outcome), tags=tags)
 
     def _gpu(self, s: stats.GpuMemory) -> None:
         for kind, value in (("allocated", s.allocated), ("reserved", s.reserved)):

@@ -154,3 +154,14 @@ class GpuMemory:
     stage: str
     allocated: int
     reserved: int
+
+
+@dataclass(frozen=True)
+class ImagesChecked:
+    """A model's safety checker checked a request's images: how many passed, were flagged
+    (and marked: `safety: flag`) and were blocked (replaced by black: `safety: block`)."""
+
+    model: str
+    passed: int
+    flagged: int
+    blocked: int

@@ -41,7 +41,8 @@ def _png(color=(255, 0, 0), size=(16, 8)) -> bytes:
 
 
 TIMINGS = dict(text_encoder_s=0.1, vae_encoder_s=0.05, denoiser_s=0.5, vae_decoder_s=0.2,
-               total_s=0.9, denoiser_queue_s=0.125, denoiser_paused_s=0.25)  # fmt: skip
+               total_s=0.9, denoiser_queue_s=0.125, denoiser_paused_s=0.25,
+               safety_checker_s=0.0625)  # fmt: skip
 PARAMETERS = dict(width=16, height=8, steps=25, guidance_scale=7.5, scheduler="ddim",
                   strength=0.75, guidance_stop=0.4, cache_interval=3, model="shapes",
                   max_sequence_length=0, true_cfg_scale=1.0, shift=0.0)  # fmt: skip
@@ -50,7 +51,10 @@ PARAMETERS = dict(width=16, height=8, steps=25, guidance_scale=7.5, scheduler="d
 
 def _response(n: int = 2) -> pb.GenerateResponse:
     return pb.GenerateResponse(
-        images=[pb.Image(png=_png(), seed=7 + i, width=16, height=8) for i in range(n)],
+        images=[
+            pb.Image(png=_png(), seed=7 + i, width=16, height=8, nsfw=i == 1, blocked=i == 1)
+            for i in range(n)
+        ],  # fmt: skip
         timings=pb.StageTimings(**TIMINGS),
         request_id="req-1",
         parameters=pb.ResolvedParameters(
@@ -63,6 +67,7 @@ def test_generate_result_from_pb(tmp_path):
     result = GenerateResult.from_pb(_response())
     assert result.request_id == "req-1"
     assert [(im.seed, im.width, im.height) for im in result.images] == [(7, 16, 8), (8, 16, 8)]
+    assert [(im.nsfw, im.blocked) for im in result.images] == [(False, False), (True, True)]
     assert asdict(result.parameters) == {**PARAMETERS, "loras": (("cyan", 0.8),), "controls": ()}
     assert asdict(result.timings) == TIMINGS
     image = result.images[0].image

@@ -132,8 +132,12 @@ def resolved_to_pb(params: GenerateParams) -> diffusion_pb2.ResolvedParameters:
 def result_to_pb(result: Result) -> diffusion_pb2.GenerateResponse:
     """Generate's reply (and a job's stored result)."""
     p = result.params
-    images = [diffusion_pb2.Image(png=png, seed=seed, width=p.width, height=p.height)
-              for png, seed in zip(result.pngs, p.seeds, strict=True)]  # fmt: skip
+    nsfw = result.nsfw or (False,) * len(result.pngs)
+    blocked = result.blocked or (False,) * len(result.pngs)
+    images = [diffusion_pb2.Image(png=png, seed=seed, width=p.width, height=p.height, nsfw=n,
+                                  blocked=b)
+              for png, seed, n, b in zip(result.pngs, p.seeds, nsfw, blocked,
+                                         strict=True)]  # fmt: skip
     return diffusion_pb2.GenerateResponse(
         images=images,
         timings=diffusion_pb2.StageTimings(**vars(result.timings)),

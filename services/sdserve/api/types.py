@@ -203,6 +203,8 @@ class Timings:
     """Of `denoiser_s`: waiting in the Denoiser's queue."""
     denoiser_paused_s: float = 0.0
     """Of `denoiser_s`: paused for interactive requests (jobs only)."""
+    safety_checker_s: float = 0.0
+    """The safety checker (0: the model has none)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,10 @@ class Result:
     params: GenerateParams
     pngs: tuple[bytes, ...]
     timings: Timings
+    nsfw: tuple[bool, ...] = ()
+    """Per image, whether the model's safety checker flagged it (empty: the model has none)."""
+    blocked: tuple[bool, ...] = ()
+    """Per image, whether it was replaced by a black one (`safety: block`)."""
 
 
 GenerateEvent = Queued | Progress | Preview | Result

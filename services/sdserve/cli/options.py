@@ -253,12 +253,15 @@ def output_paths(output: str | None, seeds: list[int]) -> list[Path]:
 
 
 def write_images(result, output: str | None) -> None:
-    """Writes a GenerateResult's images as PNG files and says where."""
+    """Writes a GenerateResult's images as PNG files and says where, and which ones the
+    model's safety checker flagged or blocked."""
     paths = output_paths(output, [image.seed for image in result.images])
     for image, path in zip(result.images, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-        print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+        verdict = ("; blocked by the safety checker (black)" if image.blocked
+                   else "; flagged by the safety checker" if image.nsfw else "")  # fmt: skip
+        print(f"wrote {path} ({image.width}x{image.height}, seed {image.seed}{verdict})")
 
 
 def client(args: argparse.Namespace, timeout: float | None = None):

@@ -71,6 +71,10 @@ class GeneratedImage(_SameFields):
     """Send it back (`seed=`) to get the same pixels."""
     width: int
     height: int
+    nsfw: bool = False
+    """The model's safety checker flagged it (always False for a model with `safety: off`)."""
+    blocked: bool = False
+    """It was flagged and replaced by a black image (`safety: block`)."""
 
     @property
     def image(self) -> Image.Image:
@@ -164,6 +168,8 @@ class Timings(_SameFields):
     """Of `denoiser_s`: waiting in the Denoiser's queue."""
     denoiser_paused_s: float = 0.0
     """Of `denoiser_s`: paused for interactive requests (jobs only)."""
+    safety_checker_s: float = 0.0
+    """The safety checker (0: the model has none)."""
 
 
 @dataclass(frozen=True)

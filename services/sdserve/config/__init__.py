@@ -20,6 +20,7 @@ from sdserve.config.deployments import (  # the deployments' part of the tree, r
     StagesConfig,
     Strict,
 )
+from sdserve.config.safety import check_safety_folders
 from sdserve.config.service import (  # the endpoints, jobs and metrics, re-exported here
     HttpConfig,
     JobsConfig,
@@ -28,7 +29,7 @@ from sdserve.config.service import (  # the endpoints, jobs and metrics, re-expo
     WebhooksConfig,
 )
 from sdserve.config.tenants import TenantLimitConfig
-from sdserve.constants import UNET_SCHEDULER_NAMES
+from sdserve.constants import UNET_SCHEDULER_NAMES, resolve_model_dir
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -218,6 +219,7 @@ class ModelStagesConfig(Strict):
     vae_decoder: StageConfig | None = None
     vae_encoder: StageConfig | None = None
     text_encoder_t5: StageConfig | None = None
+    safety_checker: StageConfig | None = None
 
 
 class ModelConfig(Strict):
@@ -257,6 +259,24 @@ class ModelConfig(Strict):
     stay float32). auto: float16 on CUDA; bfloat16 on a CPU with bf16 matmuls in hardware
     (AMX or avx512_bf16, as torch reports it), float32 on other CPUs (sdserve/pipeline/
     precision.py)."""
+
+    safety: Literal["off", "flag", "block"] = "off"
+    """The safety checker after the VAE decoder (diffusers' StableDiffusionSafetyChecker, in a
+    SafetyChecker deployment of its own; docs/models-and-adapters.md). off: none. flag: each
+    image is marked (`Image.nsfw`, the HTTP API's `nsfw_content_detected`, the PNG's `safety`
+    text), its pixels unchanged. block: each flagged image is also replaced by a black one, as
+    diffusers does (`Image.blocked`)."""
+
+    safety_checker_dir: str | None = None
+    """Where the checker's weights are: a folder with `safety_checker/` and
+    `feature_extractor/`, or one holding both at its root. A relative path is relative to the
+    model folder. None: the model folder's own `safety_checker/` and `feature_extractor/`."""
+
+    @model_validator(mode="after")
+    def _check_safety(self) -> ModelConfig:
+        if self.safety != "off":
+            check_safety_folders(resolve_model_dir(self.path), self.safety_checker_dir, self.name)
+        return self
 
 
 class SdserveConfig(Strict):

@@ -127,13 +127,25 @@ class StagesConfig(Strict):
     4.7 B parameters, is larger than SD 1.5 whole: place and scale it apart from the CLIP
     encoders). None: T5 runs in the `TextEncoder` deployment. U-Net models ignore it."""
 
+    safety_checker: StageConfig = StageConfig(max_ongoing_requests=4096)
+    """The `SafetyChecker` deployment of each model with `safety` on (flag or block): decodes
+    the VaeDecoder's PNGs and runs the checker, batched across requests; queue as the
+    TextEncoder. Models with `safety: off` have none."""
+
     job_worker: StageConfig = StageConfig()
     """The `JobWorker` deployment: each replica runs `jobs.concurrency` queued jobs at a time
     through the same stages as Generate."""
 
     @model_validator(mode="after")
     def _check(self) -> StagesConfig:
-        for name in ("ingress", "text_encoder", "denoiser", "vae_decoder", "vae_encoder"):
+        for name in (
+            "ingress",
+            "text_encoder",
+            "denoiser",
+            "vae_decoder",
+            "vae_encoder",
+            "safety_checker",
+        ):
             if getattr(self, name).num_replicas < 1:
                 raise ValueError(f"stages.{name}.num_replicas must be at least 1")
         return self

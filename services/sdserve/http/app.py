@@ -145,7 +145,8 @@ class HttpApi:
         extra = {"request_id": result.request_id, "seeds": params.seeds,
                  "model": params.model, "steps": params.steps}  # fmt: skip
         return JSONResponse(oai.images_response(list(result.pngs), params.prompt, urls=urls,
-                                                size=size, extra=extra))  # fmt: skip
+                                                size=size, extra=extra, nsfw=result.nsfw,
+                                                blocked=result.blocked))  # fmt: skip
 
     async def _body(self, request: Request) -> bytes:
         """The body, read no further than `max_body_bytes`: a client cannot make the ingress
@@ -197,7 +198,10 @@ class HttpApi:
                                                index=sent)  # fmt: skip
                         sent += 1
                     elif isinstance(event, Result):
-                        yield oai.stream_event("completed", event.pngs[0], size=size)
+                        safety = (oai.safety_fields(event.nsfw[0], event.blocked[0])
+                                  if event.nsfw else None)  # fmt: skip
+                        yield oai.stream_event("completed", event.pngs[0], size=size,
+                                               safety=safety)  # fmt: skip
         except Exception as exc:
             code, message = self.error_status(exc, request_id)
             logger.info("HTTP stream of request %s: %s %s", request_id, code, message)

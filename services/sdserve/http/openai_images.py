@@ -13,6 +13,9 @@ as a list of {"name", "scale"}, `controls` as a list of {"name", "image" (base64
 transformers `max_sequence_length`, `true_cfg_scale` and `shift`, as FluxPipeline and
 StableDiffusion3Pipeline name them). Anything else is refused, naming the field, rather than
 silently dropped.
+
+For a model with a safety checker, each image item (and a stream's completed event) says
+`nsfw_content_detected` and `blocked` (`safety_fields`).
 """
 
 from __future__ import annotations
@@ -244,23 +247,37 @@ def _control_body(control: diffusion_pb2.Control) -> dict:
 
 
 def images_response(pngs: list[bytes] | None, prompt: str, *, urls: list[str] | None = None,
-                    size: str = "", extra: dict | None = None) -> dict:  # fmt: skip
+                    size: str = "", extra: dict | None = None, nsfw: tuple[bool, ...] = (),
+                    blocked: tuple[bool, ...] = ()) -> dict:  # fmt: skip
     """`{created, data: [{b64_json | url, revised_prompt}], size, output_format}`, plus
-    sdserve's own `sdserve` object (request id, seeds, resolved parameters)."""
+    sdserve's own `sdserve` object (request id, seeds, resolved parameters). Where the model
+    has a safety checker (`nsfw` given), each item also says `nsfw_content_detected` and
+    `blocked` (`safety_fields`)."""
     if urls is not None:
         data = [{"url": url, "revised_prompt": prompt} for url in urls]
     else:
         data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": prompt}
                 for png in pngs or []]  # fmt: skip
+    for i, item in enumerate(data if nsfw else ()):
+        item.update(safety_fields(nsfw[i], blocked[i] if blocked else False))
     body = {"created": int(time.time()), "data": data, "size": size, "output_format": "png"}
     if extra:
         body["sdserve"] = extra
     return body
 
 
-def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None) -> ServerSentEvent:
+def safety_fields(nsfw: bool, blocked: bool) -> dict:
+    """What an image item (or a stream's completed event) says of a checked image:
+    `nsfw_content_detected` (diffusers' name: the model's safety checker flagged it) and
+    `blocked` (it was replaced by a black image, `safety: block`)."""
+    return {"nsfw_content_detected": nsfw, "blocked": blocked}
+
+
+def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None,
+                 safety: dict | None = None) -> ServerSentEvent:  # fmt: skip
     """One server-sent event as OpenAI sends them: `image_generation.partial_image` (with its
-    `partial_image_index`) or `image_generation.completed`, its JSON as the `data:` line."""
+    `partial_image_index`) or `image_generation.completed` (with `safety_fields` where the
+    model has a safety checker), its JSON as the `data:` line."""
     event = {
         "type": f"image_generation.{kind}",
         "b64_json": base64.b64encode(png).decode(),
@@ -272,6 +289,7 @@ def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None) 
     }
     if index is not None:
         event["partial_image_index"] = index
+    event.update(safety or {})
     return ServerSentEvent(json.dumps(event), event=event["type"])
 
 

@@ -6,6 +6,8 @@ import abc
 from collections.abc import AsyncIterator
 
 from sdserve.stages.messages import (
+    CheckedImages,
+    CheckImages,
     Decode,
     Denoise,
     Denoised,
@@ -58,6 +60,16 @@ class StageClient(abc.ABC):
     async def decode(self, req: Decode) -> tuple[bytes, ...]:
         """The VaeDecoder: one PNG per latent."""
 
+    @property
+    def has_safety_checker(self) -> bool:
+        """Whether the model has a SafetyChecker stage (its `safety` is flag or block)."""
+        return False
+
+    async def check_images(self, req: CheckImages) -> CheckedImages:
+        """The SafetyChecker: each image's verdict and the image to return (black where
+        blocked). Only for a model that `has_safety_checker`."""
+        raise NotImplementedError("this model has no safety checker stage")
+
     @abc.abstractmethod
     async def denoiser_info(self) -> DenoiserInfo:
         """Facts about the Denoiser's model (its native size); also a health check."""
@@ -67,7 +79,8 @@ class StageClient(abc.ABC):
         """How each stage computes (device, dtype, compile mode), in request order:
         text_encoder, vae_encoder, denoiser, vae_decoder. Where the model has them apart, an
         SD3 or FLUX model's T5 stage (text_encoder_t5) comes after text_encoder; a model
-        without a vae_encoder stage (SD3, FLUX served by Serve) lists none."""
+        without a vae_encoder stage (SD3, FLUX served by Serve) lists none; a model with a
+        safety checker lists it last (safety_checker)."""
 
     @abc.abstractmethod
     async def denoiser_stats(self) -> DenoiserStats:

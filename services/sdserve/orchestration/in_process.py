@@ -19,6 +19,8 @@ from sdserve.metrics import StatsLogger
 from sdserve.orchestration.client import StageClient
 from sdserve.stages.denoiser import DenoiserService
 from sdserve.stages.messages import (
+    CheckedImages,
+    CheckImages,
     Decode,
     Denoise,
     Denoised,
@@ -32,6 +34,7 @@ from sdserve.stages.messages import (
     TextEmbeddings,
 )
 from sdserve.stages.runtime import TorchThread, model_stages
+from sdserve.stages.safety import SafetyCheckerService
 from sdserve.stages.text_encoder import T5EncoderService, TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
 from sdserve.stages.vae_encoder import VaeEncoderService
@@ -40,7 +43,8 @@ from sdserve.stages.vae_encoder import VaeEncoderService
 class InProcessStageClient(StageClient):
     """Calls `TextEncoderService`, `VaeEncoderService`, `DenoiserService` and
     `VaeDecoderService` directly (and a diffusion transformer's `T5EncoderService` where T5 is
-    a stage of its own), the stages a model has as on Serve (`runtime.model_stages`)."""
+    a stage of its own, the `SafetyCheckerService` where the model's `safety` is on), the
+    stages a model has as on Serve (`runtime.model_stages`)."""
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class InProcessStageClient(StageClient):
         vae_decoder: VaeDecoderService,
         vae_encoder: VaeEncoderService | None = None,
         text_encoder_t5: T5EncoderService | None = None,
+        safety_checker: SafetyCheckerService | None = None,
     ):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
@@ -57,6 +62,8 @@ class InProcessStageClient(StageClient):
         """None: the model takes no image inputs (SD3, FLUX)."""
         self.text_encoder_t5 = text_encoder_t5
         """None: T5 runs in the TextEncoder, or the model has none."""
+        self.safety_checker = safety_checker
+        """None: the model's `safety` is off."""
 
     @classmethod
     def from_config(
@@ -72,7 +79,8 @@ class InProcessStageClient(StageClient):
         thread = thread or TorchThread("sdserve-torch")
         model = model or config.model_named()
         stages = model_stages(config, model)
-        optional = {"vae_encoder": VaeEncoderService, "text_encoder_t5": T5EncoderService}
+        optional = {"vae_encoder": VaeEncoderService, "text_encoder_t5": T5EncoderService,
+                    "safety_checker": SafetyCheckerService}  # fmt: skip
         return cls(
             TextEncoderService.from_config(config, stats, thread, model),
             DenoiserService.from_config(config, stats, thread, model),
@@ -120,13 +128,23 @@ class InProcessStageClient(StageClient):
     async def decode(self, req: Decode) -> tuple[bytes, ...]:
         return await self.vae_decoder.decode(req)
 
+    @property
+    def has_safety_checker(self) -> bool:
+        return self.safety_checker is not None
+
+    async def check_images(self, req: CheckImages) -> CheckedImages:
+        if self.safety_checker is None:
+            return await super().check_images(req)
+        return await self.safety_checker.check(req)
+
     async def denoiser_info(self) -> DenoiserInfo:
         return self.denoiser.info()
 
     async def stage_infos(self) -> list[StageInfo]:
         stages = [self.text_encoder, self.text_encoder_t5, self.vae_encoder]
+        safety = [self.safety_checker.info()] if self.safety_checker is not None else []
         return [*(s.info() for s in stages if s is not None), self.denoiser.info().stage,
-                self.vae_decoder.info()]  # fmt: skip
+                self.vae_decoder.info(), *safety]  # fmt: skip
 
     async def denoiser_stats(self) -> DenoiserStats:
         return self.denoiser.stats_message()

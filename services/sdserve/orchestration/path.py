@@ -1,5 +1,5 @@
 """The one request path: text encoder (and VAE encoder for image inputs) -> denoiser -> VAE
-decoder, over a `StageClient`.
+decoder (-> safety checker, where the model has one), over a `StageClient`.
 
 The gRPC ingress runs it for Generate/GenerateStream and the job runner for queued jobs, so
 jobs and synchronous requests share the Denoiser's running batch. It never computes on a
@@ -41,6 +41,8 @@ from sdserve.orchestration.families import (
 )
 from sdserve.pipeline.control_images import control_pixels
 from sdserve.stages.messages import (
+    CheckedImages,
+    CheckImages,
     ControlInput,
     ControlNetFile,
     Decode,
@@ -277,19 +279,24 @@ class StagePath:
         pngs = await within(client.decode(Decode(request_id, latents, texts)), "VAE decoder")
         vae_s = time.perf_counter() - t
 
+        # 4. The safety checker, where the model has one: marks (or blacks out) each image.
+        checked, safety_s = await _timed(within(_check(client, request_id, pngs), "safety checker"))
+
         timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
                           vae_encoder_s=image_s if init is not None else 0.0,
-                          denoiser_queue_s=denoised.queue_s,
-                          denoiser_paused_s=denoised.paused_s)  # fmt: skip
+                          denoiser_queue_s=denoised.queue_s, denoiser_paused_s=denoised.paused_s,
+                          safety_checker_s=safety_s if checked.nsfw else 0.0)  # fmt: skip
         seconds = {"text_encoder": text_s, "denoiser": denoise_s, "vae_decoder": vae_s}
         if init is not None:
             seconds["vae_encoder"] = image_s
+        if checked.nsfw:
+            seconds["safety_checker"] = safety_s
         self.stats.record(RequestServed(len(pngs), seconds, params.model))
         logger.info(
             "request %s done in %.3fs (text %.3fs, denoise %.3fs, vae %.3fs)",
             request_id, timings.total_s, text_s, denoise_s, vae_s,
         )  # fmt: skip
-        yield Result(request_id, params, tuple(pngs), timings)
+        yield Result(request_id, params, checked.pngs, timings, checked.nsfw, checked.blocked)
 
     async def _encode_texts(
         self, client: StageClient, params: GenerateParams, request_id: str
@@ -338,6 +345,14 @@ def _control_inputs(params: GenerateParams) -> tuple[ControlInput, ...]:
                      c.scale, c.start, c.end, c.guess_mode)
         for c in params.controls
     )  # fmt: skip
+
+
+async def _check(client: StageClient, request_id: str, pngs) -> CheckedImages:
+    """The SafetyChecker's verdicts on the images; for a model without one, the images as
+    they are, no verdicts."""
+    if not client.has_safety_checker:
+        return CheckedImages(tuple(pngs), (), ())
+    return await client.check_images(CheckImages(request_id, tuple(pngs)))
 
 
 async def _nothing() -> tuple:

@@ -31,15 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdserve.constants import CHECKER_DIR, FEATURE_EXTRACTOR_DIR
 from sdserve.errors import ModelFolderError
 from sdserve.pipeline import models
 from sdserve.pipeline.precision import resolve_dtype
 
 SAFETY_MODES = ("flag", "block")
 """What `SafetyChecker.apply` does with a flagged image: mark it, or replace it by black."""
-
-CHECKER_DIR, FEATURE_EXTRACTOR_DIR = "safety_checker", "feature_extractor"
-"""The two folders of a model folder that hold the checker."""
 
 CHECKER_WEIGHTS = ("model.safetensors", "model.fp16.safetensors")
 """The checker's safetensors weights files (the second is a float16 variant)."""
@@ -84,6 +82,11 @@ class SafetyChecker:
         checker.model, checker.feature_extractor = model, feature_extractor
         checker.device, checker.dtype = model.device, model.dtype
         return checker
+
+    @torch.no_grad()
+    def calibration_forward(self, rows: int = 1) -> None:
+        """Checks `rows` grey 64x64 images (for timing)."""
+        self.check(np.full((rows, 64, 64, 3), 128, np.uint8))
 
     @torch.no_grad()
     def check(self, images: Images) -> list[bool]:

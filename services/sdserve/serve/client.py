@@ -14,6 +14,8 @@ from sdserve.orchestration.client import StageClient
 from sdserve.serve import _ray
 from sdserve.serve import stage_messages as sm
 from sdserve.stages.messages import (
+    CheckedImages,
+    CheckImages,
     Decode,
     Denoise,
     Denoised,
@@ -44,6 +46,9 @@ class StageHandles:
     text_encoder_t5: DeploymentHandle | None = None
     """SD3 and FLUX with `stages.text_encoder_t5`: T5 as a deployment of its own. None: the
     TextEncoder runs T5 (its `EncodeT5`), or the model has no T5."""
+    safety_checker: DeploymentHandle | None = None
+    """A model with `safety: flag | block`: its SafetyChecker, after the VaeDecoder. None: the
+    model's images are not checked."""
 
 
 @contextlib.contextmanager
@@ -76,6 +81,7 @@ class ServeStageClient(StageClient):
         self._denoiser = handle(stages.denoiser)
         self._denoiser_stream = self._denoiser.options(stream=True)
         self._vae = handle(stages.vae_decoder)
+        self._safety = handle(stages.safety_checker)
         # T5 in a deployment of its own, else in the TextEncoder (a U-Net model's TextEncoder
         # refuses the call: the request path makes it only for SD3 and FLUX).
         self._encode_t5 = self._t5.Encode if self._t5 is not None else self._text.EncodeT5
@@ -122,6 +128,17 @@ class ServeStageClient(StageClient):
         reply = await self._call(self._vae.Decode, sm.decode_to_pb(req), stages_pb2.DecodeResponse)
         return sm.pngs_from_pb(reply)
 
+    @property
+    def has_safety_checker(self) -> bool:
+        return self._safety is not None
+
+    async def check_images(self, req: CheckImages) -> CheckedImages:
+        if self._safety is None:
+            return await super().check_images(req)
+        reply = await self._call(self._safety.Check, sm.check_images_to_pb(req),
+                                 stages_pb2.CheckImagesResponse)  # fmt: skip
+        return sm.checked_from_pb(reply)
+
     async def denoiser_info(self) -> DenoiserInfo:
         raw = await self._denoiser.Info.remote(b"")
         return sm.denoiser_info_from_pb(stages_pb2.DenoiserInfo.FromString(raw))
@@ -129,8 +146,10 @@ class ServeStageClient(StageClient):
     async def stage_infos(self) -> list[StageInfo]:
         """Every deployment of the model, in request order: text_encoder, text_encoder_t5
         (where T5 has its own), vae_encoder (where the family takes images), denoiser,
-        vae_decoder. A U-Net model's are the four of `StageClient.stage_infos`."""
-        stages = [self._text, self._t5, self._vae_encoder, self._denoiser, self._vae]
+        vae_decoder, safety_checker (where the model's `safety` is on). A U-Net model's are
+        the four of `StageClient.stage_infos`."""
+        stages = [self._text, self._t5, self._vae_encoder, self._denoiser, self._vae,
+                  self._safety]  # fmt: skip
         stages = [stage for stage in stages if stage is not None]
         raws = await asyncio.gather(*(stage.Info.remote(b"") for stage in stages))
         return [

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 
 from sdserve.stages.messages import (
+    CheckedImages,
+    CheckImages,
     ControlInput,
     ControlNetFile,
     Decode,
@@ -286,6 +288,23 @@ def pngs_to_pb(pngs: tuple[bytes, ...]) -> stages_pb2.DecodeResponse:
 
 def pngs_from_pb(pb: stages_pb2.DecodeResponse) -> tuple[bytes, ...]:
     return tuple(pb.png)
+
+
+def check_images_to_pb(req: CheckImages) -> stages_pb2.CheckImagesRequest:
+    return stages_pb2.CheckImagesRequest(request_id=req.request_id, png=req.pngs)
+
+
+def check_images_from_pb(pb: stages_pb2.CheckImagesRequest) -> CheckImages:
+    return CheckImages(pb.request_id, tuple(pb.png))
+
+
+def checked_to_pb(checked: CheckedImages) -> stages_pb2.CheckImagesResponse:
+    return stages_pb2.CheckImagesResponse(png=checked.pngs, nsfw=checked.nsfw,
+                                          blocked=checked.blocked)  # fmt: skip
+
+
+def checked_from_pb(pb: stages_pb2.CheckImagesResponse) -> CheckedImages:
+    return CheckedImages(tuple(pb.png), tuple(pb.nsfw), tuple(pb.blocked))
 
 
 def stage_info_to_pb(info: StageInfo) -> stages_pb2.StageInfo:

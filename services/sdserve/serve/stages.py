@@ -4,7 +4,8 @@ serialize its answer. Serve routes calls by method name.
 
 Each served model has its own deployments (`sdserve.serve.app`: TextEncoder, Denoiser,
 VaeDecoder; VaeEncoder where its family takes images; TextEncoderT5 where an SD3 or FLUX model
-runs T5 apart); a replica is given the whole config tree and the name of its model.
+runs T5 apart; SafetyChecker where its `safety` is on); a replica is given the whole config
+tree and the name of its model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sdserve.metrics import StatsLogger
 from sdserve.serve import stage_messages as sm
 from sdserve.serve.common import replica_setup
 from sdserve.stages.denoiser import DenoiserService
+from sdserve.stages.safety import SafetyCheckerService
 from sdserve.stages.text_encoder import T5EncoderService, TextEncoderService
 from sdserve.stages.vae_decoder import VaeDecoderService
 from sdserve.stages.vae_encoder import VaeEncoderService
@@ -118,6 +120,18 @@ class VaeEncoderDeployment(_OneCallDeployment):
         """Serialized `EncodeImageRequest` -> serialized `EncodeImageResponse`."""
         req = sm.encode_image_from_pb(stages_pb2.EncodeImageRequest.FromString(request))
         return sm.encoded_to_pb(await self.service.encode(req)).SerializeToString()
+
+
+@serve.deployment(name="SafetyChecker")
+class SafetyCheckerDeployment(_OneCallDeployment):
+    """A model with `safety: flag | block`: its safety checker, after the VaeDecoder."""
+
+    service_cls = SafetyCheckerService
+
+    async def Check(self, request: bytes) -> bytes:
+        """Serialized `CheckImagesRequest` -> serialized `CheckImagesResponse`."""
+        req = sm.check_images_from_pb(stages_pb2.CheckImagesRequest.FromString(request))
+        return sm.checked_to_pb(await self.service.check(req)).SerializeToString()
 
 
 async def _refresh_every(stats: StatsLogger, seconds: float) -> None:

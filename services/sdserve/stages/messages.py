@@ -217,6 +217,30 @@ class Decode:
     parameters: tuple[str, ...] = ()
 
 
+# --- SafetyChecker: CheckImages -> CheckedImages ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckImages:
+    """A request's decoded images, to check (the VaeDecoder's PNGs, as it made them)."""
+
+    request_id: str
+    pngs: tuple[bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CheckedImages:
+    """The checker's verdict on each image, and the images to return."""
+
+    pngs: tuple[bytes, ...] = field(repr=False)
+    """Each PNG with a `safety` text chunk (passed, flagged or blocked) beside its
+    `parameters`; a blocked one is black, its size, its `parameters` kept."""
+    nsfw: tuple[bool, ...]
+    """Whether the checker flagged each image (diffusers' `nsfw_content_detected`)."""
+    blocked: tuple[bool, ...]
+    """Whether each image was replaced by a black one (`safety: block` and flagged)."""
+
+
 # --- What the stages tell about themselves ----------------------------------------------------
 
 

@@ -193,14 +193,16 @@ def model_stages(config: SdserveConfig, model: ModelConfig) -> tuple[str, ...]:
     """The stages `model` has deployments of (`STAGE_DEPLOYMENTS` keys): the VaeEncoder unless
     its family takes no image inputs (SDXL, SD3, FLUX: `TEXT_ONLY_FAMILIES`), and for SD3 and
     FLUX the TextEncoderT5 when `stages.text_encoder_t5` (the model's or the shared one) is
-    set. Reads the family from the folder's json files; a folder this machine cannot read is
-    taken for an SD 1.x model."""
+    set, and the SafetyChecker when the model's `safety` is not off. Reads the family from the
+    folder's json files; a folder this machine cannot read is taken for an SD 1.x model."""
     root = resolve_model_dir(model.path)
     if not root.is_dir():
         logger.warning("model %s: cannot read %s here; deploying it as an SD 1.x model",
                        model.name, root)  # fmt: skip
     family = model_family(root)
+    safety = ("safety_checker",) if model.safety != "off" else ()
     if family not in TEXT_ONLY_FAMILIES:
-        return "text_encoder", "denoiser", "vae_decoder", "vae_encoder"
+        return "text_encoder", "denoiser", "vae_decoder", "vae_encoder", *safety
     own_t5 = family in DIT_FAMILIES and config.stage("text_encoder_t5", model) is not None
-    return "text_encoder", "denoiser", "vae_decoder", *(("text_encoder_t5",) if own_t5 else ())
+    t5 = ("text_encoder_t5",) if own_t5 else ()
+    return "text_encoder", "denoiser", "vae_decoder", *t5, *safety

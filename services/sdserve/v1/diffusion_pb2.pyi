@@ -1040,6 +1040,8 @@ class Image(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    NSFW_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     png: _builtins.bytes
     """The image, PNG-encoded RGB. Its `parameters` text chunk records how it was made."""
     seed: _builtins.int
@@ -1048,6 +1050,14 @@ class Image(_message.Message):
     """Width in pixels."""
     height: _builtins.int
     """Height in pixels."""
+    nsfw: _builtins.bool
+    """The model's safety checker flagged this image (diffusers' `nsfw_content_detected`). Always
+    false for a model whose config has `safety: off` (nothing checks its images).
+    """
+    blocked: _builtins.bool
+    """The image was flagged and replaced by a black one of its size (`safety: block`); its PNG
+    keeps the `parameters` text and says `safety: blocked`.
+    """
     def __init__(
         self,
         *,
@@ -1055,10 +1065,12 @@ class Image(_message.Message):
         seed: _builtins.int = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
+        nsfw: _builtins.bool = ...,
+        blocked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "png", b"png", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "height", b"height", "nsfw", b"nsfw", "png", b"png", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1077,6 +1089,7 @@ class StageTimings(_message.Message):
     VAE_ENCODER_S_FIELD_NUMBER: _builtins.int
     DENOISER_QUEUE_S_FIELD_NUMBER: _builtins.int
     DENOISER_PAUSED_S_FIELD_NUMBER: _builtins.int
+    SAFETY_CHECKER_S_FIELD_NUMBER: _builtins.int
     text_encoder_s: _builtins.float
     """Tokenization and CLIP text encoding (the TextEncoder deployment)."""
     denoiser_s: _builtins.float
@@ -1093,6 +1106,8 @@ class StageTimings(_message.Message):
     """Of denoiser_s: seconds it waited in the Denoiser's queue before joining the running batch."""
     denoiser_paused_s: _builtins.float
     """Of denoiser_s: seconds it sat out steps, paused for interactive requests (jobs only)."""
+    safety_checker_s: _builtins.float
+    """The safety checker (the SafetyChecker deployment; 0 for a model with `safety: off`)."""
     def __init__(
         self,
         *,
@@ -1103,10 +1118,11 @@ class StageTimings(_message.Message):
         vae_encoder_s: _builtins.float = ...,
         denoiser_queue_s: _builtins.float = ...,
         denoiser_paused_s: _builtins.float = ...,
+        safety_checker_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoiser_paused_s", b"denoiser_paused_s", "denoiser_queue_s", b"denoiser_queue_s", "denoiser_s", b"denoiser_s", "text_encoder_s", b"text_encoder_s", "total_s", b"total_s", "vae_decoder_s", b"vae_decoder_s", "vae_encoder_s", b"vae_encoder_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denoiser_paused_s", b"denoiser_paused_s", "denoiser_queue_s", b"denoiser_queue_s", "denoiser_s", b"denoiser_s", "safety_checker_s", b"safety_checker_s", "text_encoder_s", b"text_encoder_s", "total_s", b"total_s", "vae_decoder_s", b"vae_decoder_s", "vae_encoder_s", b"vae_encoder_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -967,3 +967,67 @@ class DecodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecodeResponse: _TypeAlias = DecodeResponse  # noqa: Y015
+
+@_typing.final
+class CheckImagesRequest(_message.Message):
+    """Input of SafetyCheckerStage.Check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The id of the client request, for logs."""
+    @_builtins.property
+    def png(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The VaeDecoder's PNGs, one per image."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        png: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["png", b"png", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckImagesRequest: _TypeAlias = CheckImagesRequest  # noqa: Y015
+
+@_typing.final
+class CheckImagesResponse(_message.Message):
+    """Output of SafetyCheckerStage.Check: one entry per image, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PNG_FIELD_NUMBER: _builtins.int
+    NSFW_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def png(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Each PNG with a `safety` text chunk (passed, flagged or blocked); a blocked one is black."""
+
+    @_builtins.property
+    def nsfw(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Whether the checker flagged the image (diffusers' `nsfw_content_detected`)."""
+
+    @_builtins.property
+    def blocked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Whether the image was replaced by a black one (`safety: block` and flagged)."""
+
+    def __init__(
+        self,
+        *,
+        png: _abc.Iterable[_builtins.bytes] | None = ...,
+        nsfw: _abc.Iterable[_builtins.bool] | None = ...,
+        blocked: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "nsfw", b"nsfw", "png", b"png"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckImagesResponse: _TypeAlias = CheckImagesResponse  # noqa: Y015

@@ -760,3 +760,126 @@ class VaeDecoderStage:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SafetyCheckerStageStub:
+    """Runs a model's safety checker (diffusers' StableDiffusionSafetyChecker) on decoded images;
+    a model has this stage only when its config sets `safety: flag` or `safety: block`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Check = channel.unary_unary(
+                '/sdserve.v1.SafetyCheckerStage/Check',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.CheckImagesRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.CheckImagesResponse.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/sdserve.v1.SafetyCheckerStage/Info',
+                request_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+                _registered_method=True)
+
+
+class SafetyCheckerStageServicer:
+    """Runs a model's safety checker (diffusers' StableDiffusionSafetyChecker) on decoded images;
+    a model has this stage only when its config sets `safety: flag` or `safety: block`.
+    """
+
+    def Check(self, request, context):
+        """Returns each image's verdict and the image to return (black where blocked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """Returns how this stage computes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SafetyCheckerStageServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.CheckImagesRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.CheckImagesResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_stages__pb2.StageInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sdserve.v1.SafetyCheckerStage', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sdserve.v1.SafetyCheckerStage', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SafetyCheckerStage:
+    """Runs a model's safety checker (diffusers' StableDiffusionSafetyChecker) on decoded images;
+    a model has this stage only when its config sets `safety: flag` or `safety: block`.
+    """
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.SafetyCheckerStage/Check',
+            sdserve_dot_v1_dot_stages__pb2.CheckImagesRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.CheckImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.SafetyCheckerStage/Info',
+            sdserve_dot_v1_dot_stages__pb2.StageInfoRequest.SerializeToString,
+            sdserve_dot_v1_dot_stages__pb2.StageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

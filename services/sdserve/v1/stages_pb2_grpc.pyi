@@ -301,3 +301,52 @@ class VaeDecoderStageServicer(metaclass=_abc_1.ABCMeta):
         """Returns how this stage computes."""
 
 def add_VaeDecoderStageServicer_to_server(servicer: VaeDecoderStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SafetyCheckerStageStub:
+    """Runs a model's safety checker (diffusers' StableDiffusionSafetyChecker) on decoded images;
+    a model has this stage only when its config sets `safety: flag` or `safety: block`.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SafetyCheckerStageAsyncStub: ...
+    Check: _grpc.UnaryUnaryMultiCallable[_stages_pb2.CheckImagesRequest, _stages_pb2.CheckImagesResponse]
+    """Returns each image's verdict and the image to return (black where blocked)."""
+    Info: _grpc.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]
+    """Returns how this stage computes."""
+
+@_typing.type_check_only
+class SafetyCheckerStageAsyncStub(SafetyCheckerStageStub):
+    """Runs a model's safety checker (diffusers' StableDiffusionSafetyChecker) on decoded images;
+    a model has this stage only when its config sets `safety: flag` or `safety: block`.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Check: _aio.UnaryUnaryMultiCallable[_stages_pb2.CheckImagesRequest, _stages_pb2.CheckImagesResponse]  # type: ignore[assignment]
+    """Returns each image's verdict and the image to return (black where blocked)."""
+    Info: _aio.UnaryUnaryMultiCallable[_stages_pb2.StageInfoRequest, _stages_pb2.StageInfo]  # type: ignore[assignment]
+    """Returns how this stage computes."""
+
+class SafetyCheckerStageServicer(metaclass=_abc_1.ABCMeta):
+    """Runs a model's safety checker (diffusers' StableDiffusionSafetyChecker) on decoded images;
+    a model has this stage only when its config sets `safety: flag` or `safety: block`.
+    """
+
+    @_abc_1.abstractmethod
+    def Check(
+        self,
+        request: _stages_pb2.CheckImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.CheckImagesResponse, _abc.Awaitable[_stages_pb2.CheckImagesResponse]]:
+        """Returns each image's verdict and the image to return (black where blocked)."""
+
+    @_abc_1.abstractmethod
+    def Info(
+        self,
+        request: _stages_pb2.StageInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stages_pb2.StageInfo, _abc.Awaitable[_stages_pb2.StageInfo]]:
+        """Returns how this stage computes."""
+
+def add_SafetyCheckerStageServicer_to_server(servicer: SafetyCheckerStageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -358,3 +358,51 @@ def engine_job(
         **kwargs,
     )
     return job, recorder
+
+
+SAFETY_REQUEST = {"prompt": "a safety test", "seed": 40, "steps": 4, "num_images": 2,
+                  "width": 64, "height": 64}  # fmt: skip
+"""What tests/integration/test_safety_serving.py asks of the shared server's "default" model
+(`safety: flag`) and its "sdxl" (`safety: block`): the session's checker flags each model's
+first image (seed 40) and passes its second (seed 41) (`tuned_safety_checker`)."""
+
+
+def tuned_safety_checker(folder: Path, models: dict[str, Path]) -> Path:
+    """Writes a tiny safety checker into `folder` (`safety_checker/` + `feature_extractor/`),
+    tuned on each model's own images of `SAFETY_REQUEST` (made in process, float32, as the
+    server makes them): it flags the first image of each and passes the second."""
+    import asyncio
+
+    from sdserve.api.types import GenerateFields, Result
+    from sdserve.config import SdserveConfig
+    from sdserve.orchestration.in_process import InProcessStageClient
+    from sdserve.orchestration.path import StagePath
+    from sdserve.pipeline.images import open_rgb
+    from sdserve.testing.safety_checkers import add_safety_checker, tune_safety_checker
+
+    one = {"torch_threads": 1}
+    config = SdserveConfig(
+        models=[{"name": name, "path": str(path), "dtype": "float32"}
+                for name, path in models.items()],
+        stages={s: one for s in ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")},
+        **EAGER,
+    )  # fmt: skip
+    clients = InProcessStageClient.for_every_model(config)
+    path = StagePath(clients, config)
+
+    async def images(model: str) -> tuple[bytes, ...]:
+        params = await path.validate(GenerateFields(**SAFETY_REQUEST, model=model))
+        async for event in path.run(params):
+            if isinstance(event, Result):
+                return event.pngs
+        raise AssertionError("no result")
+
+    try:
+        pngs = [asyncio.run(images(model)) for model in models]
+    finally:
+        for client in clients.values():
+            client.denoiser.close()
+        next(iter(clients.values())).denoiser.torch.close()
+    add_safety_checker(folder)
+    tune_safety_checker(folder, [open_rgb(p[0]) for p in pngs], [open_rgb(p[1]) for p in pngs])
+    return folder

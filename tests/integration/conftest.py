@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from helpers import API_KEYS, FLOOD, WEBHOOK_SECRET, free_port, with_metadata
+from helpers import (
+    API_KEYS,
+    FLOOD,
+    WEBHOOK_SECRET,
+    free_port,
+    tuned_safety_checker,
+    with_metadata,
+)
 from tls_certs import Certs, write_certs
 
 from sdserve.config import (
@@ -52,11 +59,22 @@ def trust_the_test_ca(certs):
 
 
 @pytest.fixture(scope="session")
+def safety_checker_dir(tiny_model, tiny_sdxl_model, tmp_path_factory):
+    """The tiny safety checker of the "default" and "sdxl" models, tuned on their own images
+    (`helpers.SAFETY_REQUEST`; about a second)."""
+    models = {"default": tiny_model, "sdxl": tiny_sdxl_model}
+    return tuned_safety_checker(tmp_path_factory.mktemp("safety"), models)
+
+
+@pytest.fixture(scope="session")
 def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_model,
-           tiny_flux_model, tmp_path_factory, redis_server, certs):  # fmt: skip
+           tiny_flux_model, tmp_path_factory, redis_server, certs,
+           safety_checker_dir):  # fmt: skip
     """sdserve on the tiny model (the default), the built-in model, a tiny SDXL, SD3 and FLUX,
     on free ports of 127.0.0.1 (Ray's GCS port is free too), with its job queue on the
-    session's own redis-server and two JobWorker replicas. Its gRPC front door speaks TLS."""
+    session's own redis-server and two JobWorker replicas. Its gRPC front door speaks TLS.
+    The default model's safety checker flags images, the SDXL's blocks them (each one more
+    replica; test_safety_serving.py)."""
     from sdserve.serve import server as sdserve_server
 
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
@@ -74,17 +92,20 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
         denoiser=denoiser, text_encoder_t5=StageConfig(num_cpus=0, torch_threads=1)
     )
     # One torch thread per stage, what `auto` measures on 2 cores anyway, without measuring it
-    # in each of the 18 stage replicas at start-up (tests/unit/test_threads.py measures it).
+    # in each of the 20 stage replicas at start-up (tests/unit/test_threads.py measures it).
     defaults = StagesConfig()
-    stages = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
+    stages = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder", "safety_checker")
     one_thread = {stage: getattr(defaults, stage).model_copy(update={"torch_threads": 1})
                   for stage in stages}  # fmt: skip
     # The tiny models compute in float32, as the diffusers their images are compared with; the
     # built-in model in this machine's default dtype (auto). Every U-Net runs eagerly: the
     # compiled path is tests/unit/test_compiled.py's, and compiling would add minutes here.
-    own = ({"lora_dir": loras, "controlnet_dir": str(tiny_controlnets), "dtype": "float32"},
+    checker = str(safety_checker_dir)
+    own = ({"lora_dir": loras, "controlnet_dir": str(tiny_controlnets), "dtype": "float32",
+            "safety": "flag", "safety_checker_dir": checker},
            {"stages": no_cpu},
-           {"stages": no_cpu, "dtype": "float32"},
+           {"stages": no_cpu, "dtype": "float32", "safety": "block",
+            "safety_checker_dir": checker},
            {"stages": t5_apart, "dtype": "float32"},
            {"stages": no_cpu, "dtype": "float32"})  # fmt: skip
     config = SdserveConfig(
@@ -124,8 +145,8 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
     try:
         sdserve_server.deploy(config)
         target = f"127.0.0.1:{config.server.grpc_port}"
-        # 18 stage deployments (SDXL, SD3 and FLUX have no VaeEncoder), the ingress and 2 JobWorker
-        # replicas: 21 replicas on 2 busy cores
+        # 20 stage deployments (SDXL, SD3 and FLUX have no VaeEncoder; the default model and
+        # SDXL a SafetyChecker), the ingress and 2 JobWorker replicas: 23 replicas on 2 cores
         sdserve_server.wait_serving(config, timeout_s=420)
         yield Server(target=target, config=config, certs=certs)
     finally:

@@ -62,9 +62,10 @@ def test_list_models_says_how_each_stage_computes(stub):
                 "flux": "float32"}  # fmt: skip
     unet = ["text_encoder", "vae_encoder", "denoiser", "vae_decoder"]
     stages = {
+        "default": [*unet, "safety_checker"],  # safety: flag (and block for SDXL)
         "sd3": ["text_encoder", "text_encoder_t5", "denoiser", "vae_decoder"],
         "flux": ["text_encoder", "denoiser", "vae_decoder"],
-        "sdxl": ["text_encoder", "denoiser", "vae_decoder"],
+        "sdxl": ["text_encoder", "denoiser", "vae_decoder", "safety_checker"],
     }  # no image inputs; fmt: skip
     for model in reply.models:
         assert [s.stage for s in model.stages] == stages.get(model.name, unet), model.name

@@ -191,6 +191,7 @@ def test_safety_needs_a_checker_naming_the_field(tmp_path, model):
     SdserveConfig(model={"path": str(bare), "safety": "off"})
     off = SdserveConfig(model={"path": str(bare)})
     assert model_stages(off, off.model)[-1] == "vae_encoder"
+    assert SdserveConfig(model={"safety": False}).model.safety == "off"  # YAML's bare `off`
 
 
 def test_the_counter_and_the_http_fields():

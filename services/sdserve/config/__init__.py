@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sdserve.config.deployments import (  # the deployments' part of the tree, re-exported here
     AutoscalingConfig,  # noqa: F401
@@ -271,6 +271,11 @@ class ModelConfig(Strict):
     """Where the checker's weights are: a folder with `safety_checker/` and
     `feature_extractor/`, or one holding both at its root. A relative path is relative to the
     model folder. None: the model folder's own `safety_checker/` and `feature_extractor/`."""
+
+    @field_validator("safety", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check_safety(self) -> ModelConfig:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdserve.api.types import GenerateParams
+from sdserve.api.types import GenerateParams, Preview
 from sdserve.config import SdserveConfig
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.in_process import InProcessStageClient
@@ -153,6 +153,7 @@ def test_the_request_path_blocks_as_the_pipeline_does(model, diffusers_out):
                                 height=64, scheduler="pndm", model="default")  # fmt: skip
         result = asyncio.run(_last(path.run(params)))
         infos = asyncio.run(client.stage_infos())
+        streamed = asyncio.run(_all(path.run(params, stream=True, preview_every=1)))
     finally:
         client.close()
     assert list(result.nsfw) == nsfw and list(result.blocked) == nsfw
@@ -161,6 +162,13 @@ def test_the_request_path_blocks_as_the_pipeline_does(model, diffusers_out):
     assert "Seed: " in _texts(result.pngs[0])["parameters"]
     assert result.timings.safety_checker_s > 0
     assert infos[-1].stage == "safety_checker"
+    # a stream sends no previews of a model that blocks: they show the image unchecked
+    assert not [e for e in streamed if isinstance(e, Preview)] and len(streamed) > STEPS
+    assert streamed[-1].pngs == result.pngs
+
+
+async def _all(events):
+    return [event async for event in events]
 
 
 async def _last(events):

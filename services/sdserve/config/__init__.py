@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from sdserve.config.deployments import (  # the deployments' part of the tree, re-exported here
     AutoscalingConfig,  # noqa: F401
@@ -20,7 +20,7 @@ from sdserve.config.deployments import (  # the deployments' part of the tree, r
     StagesConfig,
     Strict,
 )
-from sdserve.config.safety import check_safety_folders
+from sdserve.config.safety import SafetyMode, check_safety_folders
 from sdserve.config.service import (  # the endpoints, jobs and metrics, re-exported here
     HttpConfig,
     JobsConfig,
@@ -260,7 +260,7 @@ class ModelConfig(Strict):
     (AMX or avx512_bf16, as torch reports it), float32 on other CPUs (sdserve/pipeline/
     precision.py)."""
 
-    safety: Literal["off", "flag", "block"] = "off"
+    safety: SafetyMode = "off"
     """The safety checker after the VAE decoder (diffusers' StableDiffusionSafetyChecker, in a
     SafetyChecker deployment of its own; docs/models-and-adapters.md). off: none. flag: each
     image is marked (`Image.nsfw`, the HTTP API's `nsfw_content_detected`, the PNG's `safety`
@@ -271,11 +271,6 @@ class ModelConfig(Strict):
     """Where the checker's weights are: a folder with `safety_checker/` and
     `feature_extractor/`, or one holding both at its root. A relative path is relative to the
     model folder. None: the model folder's own `safety_checker/` and `feature_extractor/`."""
-
-    @field_validator("safety", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check_safety(self) -> ModelConfig:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator
 
 from sdserve.constants import CHECKER_DIR, FEATURE_EXTRACTOR_DIR, safety_folders
+
+
+def _yaml_off(value: Any) -> Any:
+    return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
+SafetyMode = Annotated[Literal["off", "flag", "block"], BeforeValidator(_yaml_off)]
+"""`ModelConfig.safety`: off, flag or block."""
 
 
 def check_safety_folders(model_dir: Path, configured: str | None, model: str) -> None:

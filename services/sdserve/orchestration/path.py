@@ -31,6 +31,7 @@ from sdserve.config import DefaultsConfig, SdserveConfig
 from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
+from sdserve.orchestration import safety
 from sdserve.orchestration.client import StageClient
 from sdserve.orchestration.deadlines import Within, check_deadline
 from sdserve.orchestration.denoise_request import INTERACTIVE, Who, denoise_request
@@ -41,8 +42,6 @@ from sdserve.orchestration.families import (
 )
 from sdserve.pipeline.control_images import control_pixels
 from sdserve.stages.messages import (
-    CheckedImages,
-    CheckImages,
     ControlInput,
     ControlNetFile,
     Decode,
@@ -254,7 +253,8 @@ class StagePath:
         t = time.perf_counter()
         denoise = denoise_request(
             params, request_id, embeddings, init, controls, t5,
-            preview_every=preview_every if stream else 0,
+            preview_every=safety.preview_every(self.config, params.model, preview_every)
+            if stream else 0,
             progress_interval_s=progress_interval_s,
             timeout_s=check_deadline(deadline, request_id, "before the denoiser"), who=who,
         )  # fmt: skip
@@ -280,7 +280,8 @@ class StagePath:
         vae_s = time.perf_counter() - t
 
         # 4. The safety checker, where the model has one: marks (or blacks out) each image.
-        checked, safety_s = await _timed(within(_check(client, request_id, pngs), "safety checker"))
+        checked, safety_s = await _timed(within(safety.check_images(client, request_id, pngs),
+                                                "safety checker"))  # fmt: skip
 
         timings = Timings(text_s, denoise_s, vae_s, total_s=time.perf_counter() - started,
                           vae_encoder_s=image_s if init is not None else 0.0,
@@ -345,14 +346,6 @@ def _control_inputs(params: GenerateParams) -> tuple[ControlInput, ...]:
                      c.scale, c.start, c.end, c.guess_mode)
         for c in params.controls
     )  # fmt: skip
-
-
-async def _check(client: StageClient, request_id: str, pngs) -> CheckedImages:
-    """The SafetyChecker's verdicts on the images; for a model without one, the images as
-    they are, no verdicts."""
-    if not client.has_safety_checker:
-        return CheckedImages(tuple(pngs), (), ())
-    return await client.check_images(CheckImages(request_id, tuple(pngs)))
 
 
 async def _nothing() -> tuple:

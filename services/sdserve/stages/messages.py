@@ -249,7 +249,8 @@ class StageInfo:
     """How a stage replica computes (what ListModels shows per stage)."""
 
     stage: str
-    """"text_encoder", "vae_encoder", "denoiser" or "vae_decoder"."""
+    """"text_encoder", "text_encoder_t5", "vae_encoder", "denoiser", "vae_decoder" or
+    "safety_checker"."""
     device: str
     dtype: str
     compile: str = "off"

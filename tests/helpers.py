@@ -23,6 +23,9 @@ WEBHOOK_SECRET = "whsec_c2RzZXJ2ZS10ZXN0LXdlYmhvb2stc2VjcmV0LTMy"
 FLOOD = {"tenant": "flood", "key": "test-key-flood-3c9d", "limits": {"rate_per_s": 1.0, "burst": 2}}
 """A third tenant of the integration server, limited as bench/bench_front_door.py expects."""
 
+ADMIN = {"tenant": "ops", "key": "test-key-admin-e41a"}
+"""The integration server's one key with the admin role (AdminService: test_admin_models.py)."""
+
 
 def sdserve_cli(*args: str, timeout: float = 120, api_key: str | None = API_KEYS["tenant-a"]):
     """Runs the installed `sdserve` command (the console script beside this interpreter), with

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from helpers import (
+    ADMIN,
     API_KEYS,
     FLOOD,
     WEBHOOK_SECRET,
@@ -79,7 +80,8 @@ def server(tiny_model, tiny_loras, tiny_controlnets, tiny_sdxl_model, tiny_sd3_m
 
     keys = tmp_path_factory.mktemp("auth") / "api-keys.txt"
     keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in API_KEYS.items())
-                    + f"{FLOOD['key']} {FLOOD['tenant']}\n")  # fmt: skip
+                    + f"{FLOOD['key']} {FLOOD['tenant']}\n"
+                    + f"{ADMIN['key']} {ADMIN['tenant']} admin\n")  # fmt: skip
     paths = (str(tiny_model), None, str(tiny_sdxl_model), str(tiny_sd3_model),
              str(tiny_flux_model))  # fmt: skip
     loras = str(tiny_loras["grain"].parent)  # the default model's adapters

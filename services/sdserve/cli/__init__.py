@@ -25,9 +25,9 @@ import argparse
 import logging
 import sys
 
-from sdserve.cli import generate, jobs, loadtest, models, options, serve, shapes
+from sdserve.cli import admin, generate, jobs, loadtest, models, options, serve, shapes
 
-MODULES = (serve, generate, jobs, loadtest, models, shapes)
+MODULES = (serve, generate, jobs, loadtest, models, shapes, admin)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ iterator), over grpc.aio. Both build their requests and convert their replies wi
 from sdserve.client._aio import AsyncClient
 from sdserve.client._calls import API_KEY_VARIABLE, OPTIONS, TLS_VARIABLES, channel_credentials
 from sdserve.client._sync import Client
+from sdserve.client.admin import AdminModel, ModelAdded, ModelRemoved
 from sdserve.client.types import (
     ClientError,
     Control,
@@ -57,4 +58,7 @@ __all__ = [
     "Queued",
     "Submitted",
     "Timings",
+    "AdminModel",
+    "ModelAdded",
+    "ModelRemoved",
 ]

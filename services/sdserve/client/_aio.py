@@ -9,8 +9,9 @@ from typing import Any
 
 import grpc.aio
 
-from sdserve.client import _calls
+from sdserve.client import _calls, admin
 from sdserve.client._calls import Rpc, rpc_errors
+from sdserve.client.admin import AdminModel, ModelAdded, ModelRemoved
 from sdserve.client.types import (
     ControlNetInfo,
     Event,
@@ -101,3 +102,15 @@ class AsyncClient(_calls.ClientBase):
     async def models(self) -> list[ModelInfo]:
         """As `Client.models`."""
         return await self._unary(_calls.models())
+
+    async def add_model(self, name: str, path: str, **settings: Any) -> ModelAdded:
+        """As `Client.add_model`."""
+        return await self._unary(admin.add_model(name, path, settings))
+
+    async def remove_model(self, name: str) -> ModelRemoved:
+        """As `Client.remove_model`."""
+        return await self._unary(admin.remove_model(name))
+
+    async def admin_models(self) -> list[AdminModel]:
+        """As `Client.admin_models`."""
+        return await self._unary(admin.admin_models())

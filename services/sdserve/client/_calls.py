@@ -27,7 +27,7 @@ from sdserve.client.types import (
     Submitted,
     event_from_pb,
 )
-from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+from sdserve.v1 import admin_pb2_grpc, diffusion_pb2, diffusion_pb2_grpc
 
 OPTIONS = (
     "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler",
@@ -150,6 +150,8 @@ class Rpc(NamedTuple):
     method: str
     request: Any
     convert: Callable[[Any], Any]
+    admin: bool = False
+    """An AdminService call (else DiffusionService)."""
 
 
 def generate(prompt: str, options: Mapping[str, Any]) -> Rpc:
@@ -244,10 +246,12 @@ class ClientBase:
                        else self._grpc.secure_channel(target, credentials))  # fmt: skip
         self._channel = channel
         self._stub = diffusion_pb2_grpc.DiffusionServiceStub(self._channel)
+        self._admin_stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def _start(self, rpc: Rpc, timeout: float | None = None):
         """Starts the call: its reply or reply stream (sync), an awaitable call (asyncio)."""
-        return getattr(self._stub, rpc.method)(
+        stub = self._admin_stub if rpc.admin else self._stub
+        return getattr(stub, rpc.method)(
             rpc.request,
             timeout=self.timeout if timeout is None else timeout,
             metadata=self._metadata,

@@ -8,8 +8,9 @@ from typing import Any
 
 import grpc
 
-from sdserve.client import _calls
+from sdserve.client import _calls, admin
 from sdserve.client._calls import Rpc, rpc_errors
+from sdserve.client.admin import AdminModel, ModelAdded, ModelRemoved
 from sdserve.client.types import (
     ControlNetInfo,
     Event,
@@ -110,3 +111,17 @@ class Client(_calls.ClientBase):
     def models(self) -> list[ModelInfo]:
         """The served models (ListModels), the default first."""
         return self._unary(_calls.models())
+
+    def add_model(self, name: str, path: str, **settings: Any) -> ModelAdded:
+        """Adds a model from a folder on the server (AdminService.AddModel; an admin key).
+        `settings`: more of its config-file fields (dtype, scheduler, stages, ...). Returns
+        once it serves; give the client a `timeout` of minutes."""
+        return self._unary(admin.add_model(name, path, settings))
+
+    def remove_model(self, name: str) -> ModelRemoved:
+        """Removes an added model once the requests it holds have ended (RemoveModel)."""
+        return self._unary(admin.remove_model(name))
+
+    def admin_models(self) -> list[AdminModel]:
+        """Every served model with its source and state (AdminService.ListModels)."""
+        return self._unary(admin.admin_models())

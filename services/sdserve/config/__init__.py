@@ -330,6 +330,17 @@ class SdserveConfig(Strict):
                 return model
         raise KeyError(name)
 
+    def with_model(self, model: ModelConfig) -> SdserveConfig:
+        """This config serving `model` too, last (a model added at runtime)."""
+        return self.model_copy(
+            update={"models": [*self.served_models, model], "model": ModelConfig()}
+        )
+
+    def without_model(self, name: str) -> SdserveConfig:
+        """This config without the served model `name` (one removed at runtime)."""
+        models = [m for m in self.served_models if m.name != name]
+        return self.model_copy(update={"models": models, "model": ModelConfig()})
+
     def stage(self, stage: str, model: ModelConfig | None = None) -> StageConfig:
         """The deployment settings of `model`'s stage (its own, else the shared ones)."""
         own = getattr(model.stages, stage, None) if model is not None else None

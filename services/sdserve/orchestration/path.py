@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 
 from sdserve.api.served_models import ServedModel
@@ -27,7 +28,7 @@ from sdserve.api.types import (
     Timings,
 )
 from sdserve.api.validate import validate_fields_async
-from sdserve.config import DefaultsConfig, SdserveConfig
+from sdserve.config import DefaultsConfig, ModelConfig, SdserveConfig
 from sdserve.constants import DIT_DEFAULTS, DIT_FAMILIES
 from sdserve.errors import DeadlineExceeded, Internal, InvalidArgument
 from sdserve.metrics import StatsLogger
@@ -87,6 +88,19 @@ class StagePath:
         self.config = config
         self.stats = stats or StatsLogger()
         self._info: dict[str, DenoiserInfo] = {}
+        self.inflight: Counter[str] = Counter()
+        """Requests running now, by model (what removing a model waits on)."""
+
+    def add_model(self, model: ModelConfig, client: StageClient) -> None:
+        """Serves `model` (added at runtime) from now on."""
+        self.clients[model.name] = client
+        self.config = self.config.with_model(model)
+
+    def remove_model(self, name: str) -> None:
+        """Takes no new request for `name` from now on; the running ones go on."""
+        self.clients.pop(name, None)
+        self._info.pop(name, None)
+        self.config = self.config.without_model(name)
 
     async def denoiser_info(self, model: str | None = None) -> DenoiserInfo:
         """A model's native size and the like (default: the default model's); asking it also
@@ -214,6 +228,8 @@ class StagePath:
         DeadlineExceeded. A request with a deadline counts as met or missed, by class."""
         events = self._run(params, request_id, stream, preview_every, progress_interval_s,
                            deadline, who)  # fmt: skip
+        model = params.model or self.default_model
+        self.inflight[model] += 1
         try:
             async for event in events:
                 if isinstance(event, Result) and deadline is not None:  # (callers stop here)
@@ -223,13 +239,15 @@ class StagePath:
             if deadline is not None:
                 self.stats.record(DeadlineOutcome(who.request_class, met=False))
             raise
+        finally:
+            self.inflight[model] -= 1
 
     async def _run(self, params: GenerateParams, request_id: str, stream: bool,
                    preview_every: int, progress_interval_s: float, deadline: float | None,
                    who: Who) -> AsyncIterator[GenerateEvent]:  # fmt: skip
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
-        client = self.clients[params.model or self.default_model]
+        client = self.clients[self._model(params.model)]  # (InvalidArgument once removed)
         left = deadline - time.time() if deadline is not None else self.config.engine.max_request_s
         within = Within(asyncio.get_running_loop().time() + left, request_id)
         logger.info(

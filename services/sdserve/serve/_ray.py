@@ -94,6 +94,65 @@ async def is_draining_async(app_name: str, timeout_s: float = 5.0) -> bool:
     return bool(value)
 
 
+def kv_get(key: str) -> bytes | None:
+    """A value of Ray's cluster KV store (what every replica on every node reads), or None."""
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(key)
+
+
+def kv_put(key: str, value: bytes, overwrite: bool = True) -> bool:
+    """Stores `value` at `key` (with `overwrite=False` only where the key has none: an atomic
+    claim). Returns whether the key had a value before."""
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_put(key, value, overwrite=overwrite)
+
+
+def kv_keys(prefix: str) -> list[str]:
+    """The KV store's keys that start with `prefix`."""
+    from ray.experimental import internal_kv
+
+    return [key.decode() for key in internal_kv._internal_kv_list(prefix)]
+
+
+def kv_del(key: str, by_prefix: bool = False) -> None:
+    """Deletes `key` (every key starting with it, `by_prefix`)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, del_by_prefix=by_prefix)
+
+
+def replica_name() -> str:
+    """This Serve replica's unique id ("" outside a replica)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a replica (tests, the driver)
+        return ""
+
+
+def deploy_app(app: Application, name: str) -> None:
+    """Starts deploying `app` as the application `name`, without an HTTP route, and returns at
+    once (`serve.run` would block until it runs, with no bound); `app_status` follows it. The
+    other applications are left as they are."""
+    serve._run(app, _blocking=False, name=name, route_prefix=None)
+
+
+def app_status(name: str) -> tuple[str, str]:
+    """(Serve's status of the application `name`, its message): "RUNNING", "DEPLOYING",
+    "DEPLOY_FAILED", ...; ("NOT_STARTED", "") when there is none."""
+    app = serve.status().applications.get(name)
+    if app is None:
+        return "NOT_STARTED", ""
+    return getattr(app.status, "value", str(app.status)), app.message
+
+
+def delete_app(name: str) -> None:
+    """Deletes the application `name` and waits until its replicas are gone (each finishes the
+    calls it holds within its graceful_shutdown_timeout_s)."""
+    serve.delete(name, _blocking=True)
+
+
 def ongoing_requests(app_name: str) -> int:
     """Requests running now in every live replica of the app, summed (from the driver)."""
     import ray

@@ -27,11 +27,12 @@ from grpc_reflection.v1alpha import reflection
 
 from sdserve.config import SdserveConfig, ServerConfig
 from sdserve.orchestration.health import StageHealth
-from sdserve.v1 import diffusion_pb2, diffusion_pb2_grpc
+from sdserve.v1 import admin_pb2, admin_pb2_grpc, diffusion_pb2, diffusion_pb2_grpc
 
 logger = logging.getLogger("ray.serve")
 
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -87,9 +88,10 @@ def credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-async def start(servicer, health: Health, config: SdserveConfig) -> grpc.aio.Server:
+async def start(servicer, health: Health, config: SdserveConfig, admin=None) -> grpc.aio.Server:
     """Starts the front door for `servicer` (the ingress: DiffusionService's methods) with
-    health and reflection. Raises RuntimeError when the port cannot be bound."""
+    health, reflection and `admin` (AdminService's servicer, `serve/admin.py`; None: none).
+    Raises RuntimeError when the port cannot be bound."""
     limit = config.limits.max_message_bytes
     server = grpc.aio.server(
         options=[
@@ -101,6 +103,9 @@ async def start(servicer, health: Health, config: SdserveConfig) -> grpc.aio.Ser
     diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+    if admin is not None:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        names += (ADMIN_SERVICE_NAME,)
     reflection.enable_server_reflection(names, server)
     address = f"{config.server.grpc_host or config.server.host}:{config.server.grpc_port}"
     tls = credentials(config.server)

@@ -28,6 +28,7 @@ from sdserve.api.proto import (
     served_model_to_pb,
 )
 from sdserve.api.types import Result
+from sdserve.config import ModelConfig
 from sdserve.errors import Internal, InvalidArgument, NotFound, Unavailable
 from sdserve.http.app import HttpApi
 from sdserve.jobs.images import ImageStore
@@ -39,9 +40,11 @@ from sdserve.orchestration.health import StageHealth
 from sdserve.orchestration.path import StagePath, Who
 from sdserve.orchestration.tenant_limits import TenantLimits
 from sdserve.serve import _ray, front_door
+from sdserve.serve.admin import AdminServicer
 from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
 from sdserve.serve.errors import grpc_errors, status_name
+from sdserve.serve.runtime_models import RuntimeModels
 from sdserve.stats import QueueDepth
 from sdserve.v1 import diffusion_pb2
 
@@ -81,24 +84,49 @@ class PipelineIngress:
                              error_status=status_name, healthy=self.serving)  # fmt: skip
         self._draining = False
         self._health = front_door.Health(StageHealth(clients), lambda: self._draining)
+        # Models added at runtime (AdminService): each replica follows the registry.
+        self._runtime = RuntimeModels(self.config, self._add_model, self._remove_model,
+                                      self._path.inflight.__getitem__)  # fmt: skip
         self._front_door = None
         if self.config.server.front_door == "sdserve":
-            self._front_door = await front_door.start(self, self._health, self.config)
+            admin = AdminServicer(self.config, self._keys, self.stats, self._runtime)
+            self._front_door = await front_door.start(self, self._health, self.config, admin)
         loop = asyncio.get_running_loop()
+        self._runtime_task = loop.create_task(self._runtime.run())
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
         self._poller = None
         if self.stats.metrics.enabled:
             self._poller = loop.create_task(self._poll_queue())
-        admission = self.config.admission
         self._admission: dict[str, Admission] = {}  # per model: each has its own Denoiser
-        self._load_watch = []
+        self._load_watch: dict[str, asyncio.Task] = {}
+        for name, client in clients.items():
+            self._watch_load(name, client)
+
+    def _watch_load(self, model: str, client: ServeStageClient) -> None:
+        """Load shedding for `model` (where `admission` is on): its Denoiser's load, polled."""
+        admission = self.config.admission
         if admission.enabled:
-            for name, client in clients.items():
-                self._admission[name] = Admission(
-                    admission.max_wait_s, admission.margin, admission.slack_s
-                )
-                watch = self._poll_load(name, client, admission.poll_s)
-                self._load_watch.append(loop.create_task(watch))
+            self._admission[model] = Admission(
+                admission.max_wait_s, admission.margin, admission.slack_s
+            )
+            watch = self._poll_load(model, client, admission.poll_s)
+            self._load_watch[model] = asyncio.get_running_loop().create_task(watch)
+
+    def _add_model(self, model: ModelConfig, handles: StageHandles) -> None:
+        """A model added at runtime: route requests to it from now on."""
+        client = ServeStageClient(handles, self.config.server.stage_transport)
+        self._path.add_model(model, client)
+        self._health.stages.clients[model.name] = client
+        self._watch_load(model.name, client)
+
+    def _remove_model(self, name: str) -> None:
+        """A model being removed: no new requests for it (the running ones go on)."""
+        self._path.remove_model(name)
+        self._health.stages.clients.pop(name, None)
+        self._admission.pop(name, None)
+        watch = self._load_watch.pop(name, None)
+        if watch is not None:
+            watch.cancel()
 
     async def _poll_load(self, model: str, client: ServeStageClient, every_s: float) -> None:
         """Keeps load shedding's view of a model's Denoiser current."""

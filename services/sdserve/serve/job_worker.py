@@ -15,14 +15,16 @@ import logging
 
 from ray import serve
 
+from sdserve.config import ModelConfig
 from sdserve.jobs.queue import JobQueue
 from sdserve.jobs.runner import JobRunner
 from sdserve.jobs.webhook_sender import WebhookSender
 from sdserve.jobs.worker import Worker
 from sdserve.orchestration.path import StagePath
 from sdserve.serve import _ray
-from sdserve.serve.client import StageHandles, stage_clients
+from sdserve.serve.client import ServeStageClient, StageHandles, stage_clients
 from sdserve.serve.common import replica_setup, watch_drain
+from sdserve.serve.runtime_models import RuntimeModels
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,8 +41,9 @@ class JobWorkerDeployment:
         jobs = self.config.jobs
         self._queue = JobQueue.from_config(self.config.jobs)
         record = functools.partial(self._queue.get, with_result=False)
-        runner = JobRunner(StagePath(clients, self.config, self.stats), _ray.set_request_id,
-                           jobs.progress_interval_s, jobs.timeout_s, record)  # fmt: skip
+        self._path = StagePath(clients, self.config, self.stats)
+        runner = JobRunner(self._path, _ray.set_request_id, jobs.progress_interval_s,
+                           jobs.timeout_s, record)  # fmt: skip
         self._worker = Worker(self._queue, runner, concurrency=jobs.concurrency,
                               stats=self.stats, timeout_s=jobs.timeout_s)  # fmt: skip
         # The replica's event loop runs the worker beside Serve's own calls (Stats, health).
@@ -50,6 +53,14 @@ class JobWorkerDeployment:
         self._webhooks = WebhookSender(self._queue, self.config)
         self._webhook_task = loop.create_task(self._webhooks.run())
         self._drain_watch = loop.create_task(watch_drain(self.config.server.app_name, self._drain))
+        # Models added at runtime (AdminService): jobs may name them too.
+        self._runtime = RuntimeModels(self.config, self._add_model, self._path.remove_model,
+                                      self._path.inflight.__getitem__)  # fmt: skip
+        self._runtime_task = loop.create_task(self._runtime.run())
+
+    def _add_model(self, model: ModelConfig, handles: StageHandles) -> None:
+        client = ServeStageClient(handles, self.config.server.stage_transport)
+        self._path.add_model(model, client)
 
     def _drain(self) -> None:
         """`sdserve serve` is shutting down (server.drain): take no new jobs; running ones

@@ -115,8 +115,23 @@ def deploy(config: SdserveConfig) -> None:
         ),
     )
     set_draining(config.server.app_name, False)  # a flag left by an earlier run of this app
+    forget_gone_models(config)
     # The HTTP API's paths start at the root (/v1/images/generations); gRPC ignores the prefix.
     serve.run(build_app(config), name=config.server.app_name, route_prefix="/")
+
+
+def forget_gone_models(config: SdserveConfig) -> None:
+    """Forgets the models added at runtime (`sdserve.serve.admin`) by an earlier run whose
+    applications are gone (Serve was shut down); those still running are served again."""
+    from sdserve.serve._ray import app_status
+    from sdserve.serve.model_apps import model_app_name
+    from sdserve.serve.model_registry import ModelRegistry
+
+    registry = ModelRegistry(config.server.app_name)
+    for entry in registry.entries():
+        if app_status(model_app_name(config.server.app_name, entry.name))[0] == "NOT_STARTED":
+            registry.drop(entry.name)
+            logger.info("model %s, added by an earlier run, is gone: forgotten", entry.name)
 
 
 def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -> None:

@@ -116,6 +116,21 @@ def test_the_stream_on_the_wire_is_named_events_with_json_data(http):
         assert json.loads(data)["type"] == name
 
 
+def test_stream_progress_sends_each_step_and_the_completed_event_its_seed(http):
+    body = {"prompt": "a dog", "size": "64x64", "stream": True, "partial_images": 1, "seed": 11,
+            "num_inference_steps": 4, "stream_progress": True}  # fmt: skip
+    events = [(name, json.loads(data)) for name, data in _sse(http.post(
+        "/v1/images/generations", json=body).text)]  # fmt: skip
+    steps = [(e["step"], e["total_steps"]) for name, e in events
+             if name == "image_generation.progress"]  # fmt: skip
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    name, completed = events[-1]
+    assert name == "image_generation.completed" and completed["seed"] == 11
+    assert completed["request_id"] == "req-test"
+    refused = http.post("/v1/images/generations", json={**body, "stream_progress": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_progress"
+
+
 class _SlowStart:
     """The request path, starting each run after 50 ms (time for keep-alive pings)."""
 
@@ -224,6 +239,8 @@ def test_models_health_and_url_without_a_store(http):
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     assert [(m["id"], m["family"]) for m in models["data"]] == [("default", "sd1")]
+    assert "ddim" in models["data"][0]["schedulers"]
+    assert "grain" in models["data"][0]["loras"]  # the tiny model's test adapters
     assert http.get("/healthz").json() == {"status": "ok", "models": ["default"]}
     body = {"prompt": "x", "response_format": "url", "num_inference_steps": 2}
     reply = http.post("/v1/images/generations", json=body)

@@ -4,6 +4,8 @@
     GET  /v1/images/{id}/{index}.png an image made with `response_format: url`, until it expires
     GET  /v1/models                  the served models, in OpenAI's list shape
     GET  /healthz                    200 while every stage of every model answers; else 503
+    /v1/jobs...                      jobs in the Redis queue (`sdserve.http.jobs_api`)
+    GET  /, /playground/NAME         the web playground (`sdserve.http.playground`)
 
 It takes Starlette requests and returns Starlette responses, and knows nothing of Ray: the
 Pipeline deployment (`sdserve.serve.ingress`) hands it the requests Serve's HTTP proxy routes
@@ -13,6 +15,7 @@ error JSON with the HTTP status of the gRPC code (400, 401, 404, 429, 503, ...).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,15 +31,21 @@ from starlette.responses import JSONResponse, Response
 from sdserve.api.auth import ApiKeys
 from sdserve.api.proto import fields_from_pb
 from sdserve.api.types import GenerateParams, Preview, Progress, Result
+from sdserve.constants import DIT_FAMILIES, UNET_SCHEDULER_NAMES
 from sdserve.errors import InvalidArgument, NotFound, SdserveError, Unavailable
 from sdserve.http import openai_images as oai
+from sdserve.http.jobs_api import JobsApi, jobs_route
+from sdserve.http.playground import is_playground, playground_file
 from sdserve.jobs.images import ImageStore
+from sdserve.jobs.queue import JobQueue
 from sdserve.metrics import StatsLogger
 from sdserve.orchestration.path import StagePath, Who
 from sdserve.stats import RpcDone
 
 logger = logging.getLogger(__name__)
 
+DIT_SCHEDULERS = ("flow_euler",)
+"""The diffusion transformers' one sampler (`sdserve.constants.SCHEDULER_NAMES`)."""
 IMAGE_PATH = re.compile(r"^/v1/images/([0-9a-f]{32})/(\d{1,3})\.png$")
 
 
@@ -75,6 +84,7 @@ class HttpApi:
         draining: Callable[[], bool] = lambda: False,
         healthy: Callable[[], Awaitable[bool]] | None = None,
         error_status: Callable[[BaseException, str], tuple[str, str]] = default_status,
+        jobs: JobQueue | None = None,
     ):
         self.path, self.keys, self.images = path, keys, images
         self.stats = stats or StatsLogger()
@@ -84,6 +94,7 @@ class HttpApi:
         config = path.config
         self.max_body_bytes = config.http.max_body_bytes
         self.max_image_bytes = config.limits.max_image_bytes
+        self.jobs = JobsApi(path, jobs, self.max_image_bytes) if jobs is not None else None
 
     async def handle(self, request: Request, request_id: str = "") -> Response:
         """Routes one request; every error becomes OpenAI's error JSON."""
@@ -101,6 +112,11 @@ class HttpApi:
                 return JSONResponse(await self._models())
             if route == "/healthz" and method == "GET":
                 return await self._health()
+            if method == "GET" and is_playground(route):
+                return playground_file(route)
+            if self.jobs is not None and self.jobs.matches(route):
+                route = jobs_route(route)  # (the metric's label: no job ids)
+                return await self._jobs(request, method, route=request.url.path)
             raise NotFound(f"no route {method} {route}")
         except Exception as exc:
             code, message = self.error_status(exc, request_id)
@@ -123,18 +139,32 @@ class HttpApi:
             return ""
         return self.keys.tenant({"authorization": request.headers.get("authorization", "")})
 
-    async def _generations(self, request: Request, request_id: str) -> Response:
-        tenant = self._tenant(request)
+    def _refuse_if_draining(self) -> None:
         if self.draining():
             raise Unavailable("sdserve is shutting down and takes no new work; retry shortly")
+
+    async def _json(self, request: Request):
+        """The body as JSON (None when empty). Raises InvalidArgument, BodyTooLarge."""
         try:
-            body = json.loads(await self._body(request) or b"null")
+            return json.loads(await self._body(request) or b"null")
         except ValueError:
             raise InvalidArgument("body", "is not valid JSON") from None
+
+    async def _jobs(self, request: Request, method: str, route: str) -> Response:
+        tenant = self._tenant(request)
+        if method == "POST" and route == "/v1/jobs":
+            self._refuse_if_draining()
+        body = await self._json(request) if method == "POST" else None
+        return await self.jobs.handle(method, route, body, tenant)
+
+    async def _generations(self, request: Request, request_id: str) -> Response:
+        tenant = self._tenant(request)
+        self._refuse_if_draining()
+        body = await self._json(request)
         parsed = oai.parse_generation(body, max_image_bytes=self.max_image_bytes)
         params = await self.path.validate(fields_from_pb(parsed.request))
         if parsed.stream:
-            events = self._stream(params, parsed.partial_images, request_id, tenant)
+            events = self._stream(params, parsed, request_id, tenant)
             return EventSourceResponse(events, ping=self.ping_s)
         with self.admitted(params, None, tenant):
             result = await self._result(params, request_id, tenant)
@@ -177,11 +207,14 @@ class HttpApi:
         base = str(request.base_url).rstrip("/")
         return [f"{base}/v1/images/{image_id}/{i}.png" for i in range(len(pngs))]
 
-    async def _stream(self, params: GenerateParams, partial: int, request_id: str, tenant: str
-                      ) -> AsyncIterator[ServerSentEvent]:  # fmt: skip
-        """Server-sent events: up to `partial` partial images (the Denoiser's cheap previews,
-        spread over the steps), then the completed image. An error after the stream started
-        is an `error` event."""
+    async def _stream(self, params: GenerateParams, parsed: oai.ImagesRequest, request_id: str,
+                      tenant: str) -> AsyncIterator[ServerSentEvent]:  # fmt: skip
+        """Server-sent events: up to `partial_images` partial images (the Denoiser's cheap
+        previews, spread over the steps), a progress event per step with `stream_progress`,
+        then the completed image (with its seed and request id). An error after the stream
+        started is an `error` event. A client that disconnects cancels the request: its steps
+        stop at the next step boundary."""
+        partial = parsed.partial_images
         size = f"{params.width}x{params.height}"
         runs = int(params.steps * params.strength) if params.init_image else params.steps
         every = max(1, runs // (partial + 1)) if partial else 0
@@ -193,6 +226,8 @@ class HttpApi:
                 async for event in events:
                     if isinstance(event, Progress):
                         total = event.total
+                        if parsed.stream_progress:
+                            yield oai.progress_event(event.step, event.total)
                     elif isinstance(event, Preview) and sent < partial and event.step < total:
                         yield oai.stream_event("partial_image", event.pngs[0], size=size,
                                                index=sent)  # fmt: skip
@@ -200,8 +235,9 @@ class HttpApi:
                     elif isinstance(event, Result):
                         safety = (oai.safety_fields(event.nsfw[0], event.blocked[0])
                                   if event.nsfw else None)  # fmt: skip
+                        extra = {"seed": params.seeds[0], "request_id": event.request_id}
                         yield oai.stream_event("completed", event.pngs[0], size=size,
-                                               safety=safety)  # fmt: skip
+                                               safety=safety, extra=extra)  # fmt: skip
         except Exception as exc:
             code, message = self.error_status(exc, request_id)
             logger.info("HTTP stream of request %s: %s %s", request_id, code, message)
@@ -214,10 +250,16 @@ class HttpApi:
         return Response(png, media_type="image/png")
 
     async def _models(self) -> dict:
+        """OpenAI's model list; each entry also has the model's fields (`ServedModel`), its
+        samplers and its LoRA adapters' names."""
         models = await self.path.models()
+        loras = await asyncio.gather(*(self.path.loras(m.name) for m in models))
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "sdserve",
-                 **{k: v for k, v in asdict(m).items() if k != "name"}}
-                for m in models]  # fmt: skip
+                 **{k: v for k, v in asdict(m).items() if k != "name"},
+                 "schedulers": list(DIT_SCHEDULERS if m.family in DIT_FAMILIES
+                                    else UNET_SCHEDULER_NAMES),
+                 "loras": [f.name for f in files]}
+                for m, (_, files) in zip(models, loras, strict=True)]  # fmt: skip
         return {"object": "list", "data": data}
 
     async def _health(self) -> Response:

@@ -54,7 +54,7 @@ TEXTS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "model": "mod
          "scheduler": "scheduler"}  # fmt: skip
 IMAGES = {"init_image": "init_image", "mask_image": "mask_image"}
 OWN = {"size", "response_format", "stream", "partial_images", "output_format", "user", "loras",
-       "controls"}  # fmt: skip
+       "controls", "stream_progress"}  # fmt: skip
 CONTROL_FIELDS = {"scale": float, "start": float, "end": float, "canny_low": float,
                   "canny_high": float, "preprocess": str, "guess_mode": bool}  # fmt: skip
 """A `controls` entry's fields besides its name and image (`Control` in diffusion.proto)."""
@@ -86,6 +86,8 @@ class ImagesRequest:
     stream: bool = False
     partial_images: int = 0
     user: str = ""
+    stream_progress: bool = False
+    """sdserve's own: a stream also sends an `image_generation.progress` event per step."""
 
 
 def parse_generation(body: Any, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -134,7 +136,10 @@ def parse_generation(body: Any, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTE
     if stream and request.HasField("num_images") and request.num_images != 1:
         raise InvalidArgument("n", "must be 1 when stream is true")
     user = _typed(body, "user", str) if body.get("user") is not None else ""
-    return ImagesRequest(request, response_format, stream, partial, user)
+    progress = body.get("stream_progress") or False
+    if not isinstance(progress, bool):
+        raise InvalidArgument("stream_progress", "must be true or false")
+    return ImagesRequest(request, response_format, stream, partial, user, progress)
 
 
 def _typed(body: dict, name: str, kind: type):
@@ -273,11 +278,19 @@ def safety_fields(nsfw: bool, blocked: bool) -> dict:
     return {"nsfw_content_detected": nsfw, "blocked": blocked}
 
 
+def progress_event(step: int, total: int) -> ServerSentEvent:
+    """sdserve's own `image_generation.progress` event (with `stream_progress`): a step done."""
+    event = {"type": "image_generation.progress", "step": step, "total_steps": total}
+    return ServerSentEvent(json.dumps(event), event=event["type"])
+
+
 def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None,
-                 safety: dict | None = None) -> ServerSentEvent:  # fmt: skip
+                 safety: dict | None = None, extra: dict | None = None
+                 ) -> ServerSentEvent:  # fmt: skip
     """One server-sent event as OpenAI sends them: `image_generation.partial_image` (with its
     `partial_image_index`) or `image_generation.completed` (with `safety_fields` where the
-    model has a safety checker), its JSON as the `data:` line."""
+    model has a safety checker, and `extra`: sdserve's `seed` and `request_id`), its JSON as
+    the `data:` line."""
     event = {
         "type": f"image_generation.{kind}",
         "b64_json": base64.b64encode(png).decode(),
@@ -290,6 +303,7 @@ def stream_event(kind: str, png: bytes, *, size: str, index: int | None = None,
     if index is not None:
         event["partial_image_index"] = index
     event.update(safety or {})
+    event.update(extra or {})
     return ServerSentEvent(json.dumps(event), event=event["type"])
 
 

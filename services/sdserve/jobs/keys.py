@@ -49,6 +49,10 @@ class Keys:
     def idempotency(self, key: str, tenant: str = "") -> str:
         return f"{self.prefix}idem:{tenant}:{key}"
 
+    def tenant_jobs(self, tenant: str) -> str:
+        """A sorted set of the tenant's job ids by submission time (`GET /v1/jobs`)."""
+        return f"{self.prefix}tenant-jobs:{tenant}"
+
     @property
     def webhook_pending(self) -> str:
         return f"{self.prefix}webhooks:pending"

@@ -149,6 +149,7 @@ class JobQueue:
                         self.keys.events(job_id),
                         stream,
                         self.keys.idempotency(idempotency_key or "", tenant),
+                        self.keys.tenant_jobs(tenant),
                         *self.streams,
                     ],
                     args=[
@@ -200,6 +201,19 @@ class JobQueue:
         if state is None:
             raise NotFound(f"job_id: no job {job_id!r} (unknown, or its result expired)")
         return await self.get(job_id)
+
+    async def tenant_jobs(self, tenant: str, limit: int = 100) -> list[JobRecord]:
+        """The tenant's newest `limit` jobs, newest first, without results (expired ones are
+        skipped, and dropped from its list)."""
+        index = self.keys.tenant_jobs(tenant)
+        ids = [i.decode() for i in await self._call(self.redis.zrevrange(index, 0, limit - 1))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            hashes = await self._call(pipe.execute())
+        if gone := [job_id for job_id, h in zip(ids, hashes, strict=True) if not h]:
+            await self._call(self.redis.zrem(index, *gone))
+        return [JobRecord.from_hash(i, h, None) for i, h in zip(ids, hashes, strict=True) if h]
 
     async def watch(self, job_id: str, *, poll_s: float = 1.0) -> AsyncIterator[JobRecord]:
         """Yields the job's record now, then after every change, until it has ended.

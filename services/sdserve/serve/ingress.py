@@ -81,7 +81,8 @@ class PipelineIngress:
                             self.config.http.image_ttl_s)  # fmt: skip
         self._http = HttpApi(self._path, keys=self._keys, images=images, stats=self.stats,
                              admitted=self._admitted, draining=lambda: self._draining,
-                             error_status=status_name, healthy=self.serving)  # fmt: skip
+                             error_status=status_name, healthy=self.serving,
+                             jobs=self._jobs)  # fmt: skip
         self._draining = False
         self._health = front_door.Health(StageHealth(clients), lambda: self._draining)
         # Models added at runtime (AdminService): each replica follows the registry.

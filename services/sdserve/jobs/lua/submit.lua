@@ -1,7 +1,8 @@
 -- SUBMIT: queues a job, unless its idempotency key names one already or the queue is full.
 --
 -- KEYS[1] job hash        KEYS[2] events stream   KEYS[3] the priority's queue stream
--- KEYS[4] idempotency key KEYS[5..] every priority's queue stream (to count what waits)
+-- KEYS[4] idempotency key KEYS[5] the tenant's jobs (a sorted set by submission time)
+-- KEYS[6..] every priority's queue stream (to count what waits)
 -- ARGV[1] job id          ARGV[2] request bytes   ARGV[3] priority      ARGV[4] now (s)
 -- ARGV[5] total steps     ARGV[6] max queue length ARGV[7] ttl (s)
 -- ARGV[8] '1' when an idempotency key is given     ARGV[9] the idempotency key
@@ -15,7 +16,7 @@ if ARGV[8] == '1' then
   if existing then return {existing, 0} end
 end
 local waiting = 0
-for i = 5, #KEYS do waiting = waiting + redis.call('XLEN', KEYS[i]) end
+for i = 6, #KEYS do waiting = waiting + redis.call('XLEN', KEYS[i]) end
 if waiting >= tonumber(ARGV[6]) then return redis.error_reply('QUEUE_FULL ' .. waiting) end
 local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'priority', ARGV[3], 'request', ARGV[2],
@@ -29,4 +30,7 @@ if ARGV[8] == '1' then
   redis.call('HSET', KEYS[1], 'idempotency_key', ARGV[9], 'idem', KEYS[4])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 64, '*', 'state', 'QUEUED', 'step', 0)
+-- The tenant's list keeps its newest 1000 jobs; entries whose job expired are skipped on read.
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -1001)
 return {ARGV[1], 1}

@@ -37,7 +37,7 @@ serve: install redis  ## run `sdserve serve` in the foreground (Ctrl-C stops it)
 	$(BIN)/sdserve serve --grpc-port $(GRPC_PORT) --redis-url '$(REDIS_URL)'
 
 test: install  ## lint, check the layers, then run every test (starts its own Ray, Redis and Prometheus on free ports)
-	@bash deploy/install-tools.sh redis-server prometheus
+	@bash deploy/install-tools.sh redis-server prometheus chromium chromium-driver
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest

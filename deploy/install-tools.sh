@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs the servers the test suite starts on free ports, from Debian's packages, when they
-# are missing: redis-server (the job queue) and prometheus (the metrics test).
-#   deploy/install-tools.sh [redis-server] [prometheus]     (default: both)
+# are missing: redis-server (the job queue) and prometheus (the metrics test); and the browser
+# the playground's tests drive: chromium and chromium-driver (its command: chromedriver).
+#   deploy/install-tools.sh [PACKAGE...]     (default: redis-server prometheus)
 set -euo pipefail
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=(redis-server prometheus)
 missing=()
 for tool in "${want[@]}"; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
+  command="$tool"
+  [ "$tool" = chromium-driver ] && command=chromedriver  # the package's one command
+  command -v "$command" >/dev/null || missing+=("$tool")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "==> installing Debian's ${missing[*]}"

@@ -145,3 +145,10 @@ def test_the_cli_refuses_a_malformed_add_before_calling(argv, capsys):
 
     assert main(["admin", "models", *argv]) == 2
     assert capsys.readouterr().err
+
+
+def test_the_stage_names_are_the_deployments_names():
+    from sdserve.serve.app import STAGE_DEPLOYMENTS
+    from sdserve.serve.model_apps import STAGE_NAMES
+
+    assert {stage: d.name for stage, d in STAGE_DEPLOYMENTS.items()} == STAGE_NAMES

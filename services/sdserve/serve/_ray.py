@@ -138,6 +138,22 @@ def deploy_app(app: Application, name: str) -> None:
     serve._run(app, _blocking=False, name=name, route_prefix=None)
 
 
+async def run_task(function: str, *args):
+    """Runs the function at the import path "module:name" in a Ray task (a worker process of
+    its own, no CPU reserved) and returns its result: for work that imports what the caller
+    must not (building an application imports the stages' torch; the ingress must not)."""
+    import ray
+
+    return await ray.remote(num_cpus=0, max_retries=0)(_call).remote(function, *args)
+
+
+def _call(function: str, *args):
+    import importlib
+
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
 def app_status(name: str) -> tuple[str, str]:
     """(Serve's status of the application `name`, its message): "RUNNING", "DEPLOYING",
     "DEPLOY_FAILED", ...; ("NOT_STARTED", "") when there is none."""

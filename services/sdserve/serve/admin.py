@@ -32,10 +32,9 @@ from sdserve.errors import (
     Unavailable,
 )
 from sdserve.metrics import StatsLogger
-from sdserve.pipeline.models import model_family
 from sdserve.serve import _ray
 from sdserve.serve.errors import grpc_errors
-from sdserve.serve.model_apps import build_model_app, model_app_name
+from sdserve.serve.model_apps import model_app_name
 from sdserve.serve.model_registry import DEPLOYING, REMOVING, SERVING, Entry
 from sdserve.serve.runtime_models import RuntimeModels
 from sdserve.v1 import admin_pb2, admin_pb2_grpc
@@ -161,13 +160,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if not (root / "model_index.json").is_file():
             raise InvalidArgument("path", f"{str(root)!r} is not a diffusers model folder "
                                   "(it has no model_index.json)")  # fmt: skip
-        model_family(root)
 
     async def _deploy(self, model: ModelConfig, app: str) -> None:
         """Deploys the model's application and waits until Serve runs it.
         Raises FailedPrecondition (it failed to deploy) or Unavailable (timed out)."""
-        built = build_model_app(self.config.with_model(model), model)
-        await asyncio.to_thread(_ray.deploy_app, built, app)
+        tree, fields = self.config.model_dump(mode="json"), model.model_dump(mode="json")
+        await _ray.run_task("sdserve.serve.app:deploy_model_app", tree, fields)
         deadline = time.monotonic() + ADD_TIMEOUT_S
         while time.monotonic() < deadline:
             status, message = await asyncio.to_thread(_ray.app_status, app)

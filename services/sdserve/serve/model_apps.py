@@ -1,78 +1,35 @@
-"""Each model's stage deployments, bound: for the main application (`sdserve.serve.app`) and
-for the applications of models added at runtime (`sdserve.serve.admin`), one per model.
+"""Names and handles of each model's stage deployments, without importing them.
 
-An added model is an application of its own, so that deploying or deleting it leaves every
-other application's replicas as they are (Serve redeploys an application as a whole). Its
-stage deployments are named as a non-default model's ("Denoiser-NAME", ...) under a small
-ingress, `ModelApp`, that Serve needs an application to have; the Pipeline and JobWorker
-replicas call the stages through handles they take by name (`model_stage_handles`).
+The Pipeline and JobWorker replicas use this to call the stages of a model added at runtime
+(`sdserve.serve.admin`): an application of its own, `APP.NAME`, whose stage deployments are
+named as a non-default model's ("Denoiser-NAME", ...). They take handles by name, from the
+deployments Serve runs in that application, so they never import the deployment classes
+(which import torch, transformers and diffusers: the ingress starts without them). The
+classes and the binding live in `sdserve.serve.app`.
 """
 
 from __future__ import annotations
 
 from ray import serve
-from ray.serve import Application
 
-from sdserve.config import ModelConfig, SdserveConfig
 from sdserve.serve.client import StageHandles
-from sdserve.serve.stages import (
-    DenoiserDeployment,
-    SafetyCheckerDeployment,
-    TextEncoderDeployment,
-    TextEncoderT5Deployment,
-    VaeDecoderDeployment,
-    VaeEncoderDeployment,
-)
-from sdserve.stages.runtime import model_stages
 
-STAGE_DEPLOYMENTS = {
-    "text_encoder": TextEncoderDeployment,
-    "denoiser": DenoiserDeployment,
-    "vae_decoder": VaeDecoderDeployment,
-    "vae_encoder": VaeEncoderDeployment,
-    "text_encoder_t5": TextEncoderT5Deployment,
-    "safety_checker": SafetyCheckerDeployment,
+STAGE_NAMES = {
+    "text_encoder": "TextEncoder",
+    "denoiser": "Denoiser",
+    "vae_decoder": "VaeDecoder",
+    "vae_encoder": "VaeEncoder",
+    "text_encoder_t5": "TextEncoderT5",
+    "safety_checker": "SafetyChecker",
 }
-"""The deployment class of each stage, by its name in `config.stages` and `StageHandles`. A
-model has the first three; `model_stages` says which of the others."""
+"""Each stage's deployment name, by its name in `config.stages` and `StageHandles`
+(`sdserve.serve.app.STAGE_DEPLOYMENTS` holds the classes; a test keeps the two alike)."""
 
 
 def deployment_name(stage: str, model: str, default: bool) -> str:
     """A stage deployment's name: "Denoiser" for the default model (so a one-model server's
     names, dashboards and deploy files do not change), "Denoiser-NAME" for the others."""
-    base = STAGE_DEPLOYMENTS[stage].func_or_class.__name__.removesuffix("Deployment")
-    return base if default else f"{base}-{model}"
-
-
-def bind_model_stages(config: SdserveConfig, model: ModelConfig, default: bool) -> StageHandles:
-    """`model`'s stage deployments (`model_stages`), bound with the whole config tree; placement
-    from the model's own `stages`, else the shared `config.stages`."""
-    tree = config.model_dump()
-    bound = {}
-    for stage in model_stages(config, model):
-        options = config.stage(stage, model).deployment_options()
-        name = deployment_name(stage, model.name, default)
-        bound[stage] = STAGE_DEPLOYMENTS[stage].options(name=name, **options).bind(tree, model.name)
-    return StageHandles(**bound)
-
-
-def build_model_app(config: SdserveConfig, model: ModelConfig) -> Application:
-    """The application of a model added at runtime: its stage deployments under `ModelApp`.
-    `config` must serve `model` (its stages read their settings from the tree by name)."""
-    stages = bind_model_stages(config, model, default=False)
-    return ModelAppDeployment.options(name=f"Model-{model.name}").bind(stages)
-
-
-@serve.deployment(name="ModelApp", num_replicas=1, ray_actor_options={"num_cpus": 0})
-class ModelAppDeployment:
-    """The ingress of an added model's application: holds its stage deployments (so that Serve
-    deploys them with it) and answers nothing else."""
-
-    def __init__(self, stages: StageHandles):
-        self.stages = stages
-
-    def Ping(self, request: bytes = b"") -> bytes:
-        return b"ok"
+    return STAGE_NAMES[stage] if default else f"{STAGE_NAMES[stage]}-{model}"
 
 
 def model_app_name(app_name: str, model: str) -> str:
@@ -80,11 +37,18 @@ def model_app_name(app_name: str, model: str) -> str:
     return f"{app_name}.{model}"
 
 
-def model_stage_handles(config: SdserveConfig, model: ModelConfig) -> StageHandles:
-    """Handles to the stage deployments of an added model's application, taken by name."""
-    app = model_app_name(config.server.app_name, model.name)
+def model_stage_handles(app_name: str, model: str) -> StageHandles:
+    """Handles to the stage deployments of the added model `model` (its application must be
+    running), taken by name from what Serve runs there."""
+    app = model_app_name(app_name, model)
+    status = serve.status().applications.get(app)
+    running = set(status.deployments) if status is not None else set()
     handles = {
-        stage: serve.get_deployment_handle(deployment_name(stage, model.name, False), app)
-        for stage in model_stages(config, model)
+        stage: serve.get_deployment_handle(deployment_name(stage, model, False), app)
+        for stage in STAGE_NAMES
+        if deployment_name(stage, model, False) in running
     }
+    missing = {"text_encoder", "denoiser", "vae_decoder"} - set(handles)
+    if missing:
+        raise LookupError(f"application {app} runs no {', '.join(sorted(missing))}")
     return StageHandles(**handles)

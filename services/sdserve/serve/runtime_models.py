@@ -69,8 +69,8 @@ class RuntimeModels:
         entries = {e.name: e for e in await asyncio.to_thread(self.registry.entries)}
         for name, entry in entries.items():
             if entry.state == SERVING and name not in self.served:
-                config = self.config.with_model(entry.config)
-                handles = await asyncio.to_thread(model_stage_handles, config, entry.config)
+                app = self.config.server.app_name
+                handles = await asyncio.to_thread(model_stage_handles, app, name)
                 self._on_add(entry.config, handles)
                 self.served[name] = entry.config
                 logger.info("model %s added: routing requests to it", name)

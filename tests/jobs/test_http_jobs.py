@@ -123,3 +123,12 @@ def test_job_routes_are_labelled_without_ids():
     assert jobs_route(f"/v1/jobs/{job}") == "/v1/jobs/{id}"
     assert jobs_route(f"/v1/jobs/{job}/cancel") == "/v1/jobs/{id}/cancel"
     assert jobs_route(f"/v1/jobs/{job}/images/3.png") == "/v1/jobs/{id}/images/{i}.png"
+
+
+def test_the_playground_is_served_without_a_key(jobs_http):
+    http, _ = jobs_http
+    page = http.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/playground/" in page.text  # it loads its assets from there
+    for bad in ("/playground/../app.py", "/playground/x.py", "/playground/missing.js"):
+        assert http.get(bad).status_code == 404, bad

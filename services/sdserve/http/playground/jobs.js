@@ -55,6 +55,7 @@ export class JobsPanel {
       return;
     }
     jobs.forEach((job, i) => this.render(job, i));
+    this.list.dataset.loaded = "1"; // (tests wait for the first listing)
     if (jobs.some((job) => UNFINISHED.has(job.state))) {
       this.timer = setTimeout(() => this.refresh(), POLL_MS);
     }

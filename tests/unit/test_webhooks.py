@@ -149,6 +149,28 @@ def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt(redis_s
     asyncio.run(main())
 
 
+def test_a_tenant_without_a_secret_fails_only_its_own_event(redis_server):
+    from sdserve.jobs.webhook_sender import WebhookSender
+
+    sender = WebhookSender.__new__(WebhookSender)  # only its secret lookup
+    sender.policy = type("Policy", (), {"secret": staticmethod(
+        lambda tenant: SECRET if tenant == "main" else None)})()  # fmt: skip
+
+    async def main():
+        outbox = _outbox(redis_server, _prefix())
+        async with Receiver().running() as receiver:
+            good = await outbox.enqueue("j1", receiver.url, job_event("j1", "SUCCEEDED"), "main")
+            bad = await outbox.enqueue("j2", receiver.url, job_event("j2", "SUCCEEDED"), "other")
+            async with aiohttp.ClientSession() as session:
+                outcomes = await deliver_due(outbox, session, sender._secret, timeout_s=2.0)
+        assert outcomes == {good: "delivered", bad: "retry"}
+        (attempt,) = await outbox.attempts("j2")
+        assert "no webhook secret for tenant 'other'" in attempt.error
+        await outbox.close()
+
+    asyncio.run(main())
+
+
 def test_a_new_outbox_on_the_same_redis_delivers_what_the_old_one_left_and_only_once(
     redis_server,
 ):

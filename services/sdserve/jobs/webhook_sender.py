@@ -95,9 +95,12 @@ class WebhookSender:
                 await asyncio.sleep(self.webhooks.poll_s)
 
     def _secret(self, tenant: str) -> str:
+        """The tenant's signing secret. KeyError without one: `deliver_due` records that
+        event's attempt as failed and sends the others (one tenant's missing secret must not
+        stop every tenant's deliveries)."""
         secret = self.policy.secret(tenant)
         if secret is None:
-            raise FailedPrecondition(f"no webhook secret for tenant {tenant!r}")
+            raise KeyError(f"no webhook secret for tenant {tenant!r}")
         return secret
 
     async def collect(self) -> int:

@@ -15,10 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import chromium, data_url_bytes, wait_for
+from browser import (
+    by_id,
+    card_png,
+    cards,
+    chromium,
+    data_url_bytes,
+    error_beside,
+    fill,
+    generate,
+    job_rows,
+    known_jobs,
+    open_page,
+    paint,
+    wait_for,
+)
 from helpers import API_KEYS, denoiser_stats
 from PIL import Image
-from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
@@ -57,102 +70,57 @@ def driver():
     browser.quit()
 
 
-def _id(driver, element_id: str):
-    return driver.find_element(By.ID, element_id)
-
-
-def _open(driver, base_url: str, key: str | None = KEY) -> None:
-    """Loads the page with `key` already entered in this tab (None: no key), and waits for
-    its models."""
-    driver.get(base_url)
-    driver.execute_script("sessionStorage.clear()")
-    if key is not None:
-        driver.execute_script("sessionStorage.setItem('sdserve.apiKey', arguments[0])", key)
-    driver.get(base_url)
-    if key is not None:
-        wait_for(lambda: _id(driver, "model").get_attribute("value"), what="the models")
-
-
-def _fill(driver, **fields) -> None:
-    """Types each value into the input of that id (underscores for dashes); model and
-    scheduler are chosen from their lists."""
-    for name, value in fields.items():
-        element = _id(driver, name.replace("_", "-"))
-        if element.tag_name == "select":
-            Select(element).select_by_value(str(value))
-        else:
-            element.clear()
-            element.send_keys(str(value))
-
-
-def _cards(driver, where: str = "#gallery") -> list:
-    return driver.find_elements(By.CSS_SELECTOR, f"{where} > .card")
-
-
-def _png(driver, card) -> bytes:
-    return data_url_bytes(card.find_element(By.TAG_NAME, "img").get_attribute("src"))
-
-
 def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def _generate(driver, timeout_s: float = 60) -> bytes:
-    """Clicks Generate and returns the PNG of the new gallery card."""
-    before = len(_cards(driver))
-    _id(driver, "generate").click()
-    wait_for(lambda: len(_cards(driver)) > before, timeout_s, what="the final image")
-    wait_for(lambda: not _id(driver, "generate").get_attribute("disabled"), 10)
-    return _png(driver, _cards(driver)[0])
-
-
 def test_a_wrong_key_shows_the_error_then_the_right_one_opens_the_page(driver, base_url):
-    _open(driver, base_url, key=None)
-    dialog = wait_for(lambda: (d := _id(driver, "key-dialog")).is_displayed() and d,
+    open_page(driver, base_url, key=None)
+    dialog = wait_for(lambda: (d := by_id(driver, "key-dialog")).is_displayed() and d,
                       what="the key dialog")  # fmt: skip
-    _id(driver, "api-key").send_keys("not-a-key")
-    _id(driver, "api-key-save").click()
-    error = wait_for(lambda: _id(driver, "api-key-error").text, what="the key's error")
+    by_id(driver, "api-key").send_keys("not-a-key")
+    by_id(driver, "api-key-save").click()
+    error = wait_for(lambda: by_id(driver, "api-key-error").text, what="the key's error")
     assert error == "unknown API key" and dialog.is_displayed()
-    _fill(driver, api_key=KEY)
-    _id(driver, "api-key-save").click()
-    wait_for(lambda: _id(driver, "model").get_attribute("value"), what="the models")
+    fill(driver, api_key=KEY)
+    by_id(driver, "api-key-save").click()
+    wait_for(lambda: by_id(driver, "model").get_attribute("value"), what="the models")
     assert not dialog.is_displayed()
     assert driver.execute_script("return sessionStorage.getItem('sdserve.apiKey')") == KEY
-    served = [o.get_attribute("value") for o in Select(_id(driver, "model")).options]
+    served = [o.get_attribute("value") for o in Select(by_id(driver, "model")).options]
     assert {"default", "shapes", "sdxl", "sd3", "flux"} <= set(served)
 
 
 def test_a_generation_streams_partials_and_ends_with_the_grpc_apis_image(driver, base_url,
                                                                           stub):  # fmt: skip
-    _open(driver, base_url)
-    _fill(driver, model="shapes", prompt=PROMPT, steps=24, scheduler="ddim", guidance=7.5,
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", prompt=PROMPT, steps=24, scheduler="ddim", guidance=7.5,
           seed=5, width=64, height=64)  # fmt: skip
     driver.execute_script(RECORD)
-    png = _generate(driver)
+    png = generate(driver)
     seen = driver.execute_script("return window.seen")
     assert seen[-1] == "final" and seen.count("final") == 1
     assert seen.count("partial") >= 2, seen  # rendered before the final one
-    assert "step 24 / 24" in _id(driver, "progress-text").text
-    assert _id(driver, "seed-used").text == "seed used: 5"
+    assert "step 24 / 24" in by_id(driver, "progress-text").text
+    assert by_id(driver, "seed-used").text == "seed used: 5"
     reply = stub.Generate(diffusion_pb2.GenerateRequest(
         prompt=PROMPT, model="shapes", steps=24, scheduler="ddim", guidance_scale=7.5, seed=5,
         width=64, height=64), timeout=60)  # fmt: skip
     assert np.array_equal(_pixels(png), _pixels(reply.images[0].png))
     image = Image.open(io.BytesIO(png))
     assert (foreground_color(image), background_color(image)) == ("red", "blue")
-    params = _cards(driver)[0].find_element(By.CSS_SELECTOR, ".params").text
+    params = cards(driver)[0].find_element(By.CSS_SELECTOR, ".params").text
     assert params.startswith(PROMPT) and "Seed: 5" in params and "Model: shapes" in params
 
 
 def test_use_these_settings_fills_the_form_from_the_png(driver, base_url):
-    _open(driver, base_url)
-    _fill(driver, model="shapes", prompt="a green square on a white background", steps=3,
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", prompt="a green square on a white background", steps=3,
           scheduler="euler", seed=77, guidance=4)  # fmt: skip
-    _generate(driver)
-    _fill(driver, model="default", prompt="something else", steps=9, seed=1)
-    _cards(driver)[0].find_element(By.CSS_SELECTOR, ".use-settings").click()
-    values = {k: _id(driver, k).get_attribute("value")
+    generate(driver)
+    fill(driver, model="default", prompt="something else", steps=9, seed=1)
+    cards(driver)[0].find_element(By.CSS_SELECTOR, ".use-settings").click()
+    values = {k: by_id(driver, k).get_attribute("value")
               for k in ("model", "prompt", "steps", "scheduler", "seed", "guidance")}  # fmt: skip
     assert values == {
         "model": "shapes",
@@ -164,29 +132,58 @@ def test_use_these_settings_fills_the_form_from_the_png(driver, base_url):
     }
 
 
+def test_a_lora_and_the_cheaper_step_knobs_reach_the_image(driver, base_url, stub):
+    """The built-in model's `cyan` adapter at scale 0.8, guidance stop and DeepCache from the
+    form: the PNG says so, and its pixels are the gRPC API's for the same fields."""
+    prompt = "a yellow square on a cyan background"  # docs/models-and-adapters.md's
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", prompt=prompt, steps=8, scheduler="ddim", seed=2,
+          guidance_stop=0.5, cache_interval=2)  # fmt: skip
+    by_id(driver, "lora-cyan").click()
+    fill(driver, lora_cyan_scale=0.8)
+    png = generate(driver)
+    params = Image.open(io.BytesIO(png)).text["parameters"]
+    for field in ("LoRA: cyan:0.8", "Guidance stop: 0.5", "DeepCache interval: 2"):
+        assert field in params, params
+    reply = stub.Generate(diffusion_pb2.GenerateRequest(
+        prompt=prompt, model="shapes", steps=8, scheduler="ddim", seed=2, width=64, height=64,
+        guidance_scale=7.5, guidance_stop=0.5, cache_interval=2,
+        loras=[diffusion_pb2.LoraWeight(name="cyan", scale=0.8)]), timeout=60)  # fmt: skip
+    assert np.array_equal(_pixels(png), _pixels(reply.images[0].png))
+
+
 def test_random_seed_shows_the_seed_used(driver, base_url):
-    _open(driver, base_url)
-    _fill(driver, model="shapes", steps=2, seed="")
-    png = _generate(driver)
-    used = _id(driver, "seed-used").text.removeprefix("seed used: ")
-    assert used.isdigit()
-    assert f"Seed: {used}," in Image.open(io.BytesIO(png)).text["parameters"]
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", steps=2, seed="")
+    png = generate(driver)
+    used = by_id(driver, "seed-used").text.removeprefix("seed used: ")
+    assert used.isdigit() and _seed(png) == int(used)
 
 
-def test_an_error_is_shown_beside_the_field_it_names(driver, base_url):
-    _open(driver, base_url)
-    _fill(driver, model="shapes", steps=100000)
-    _id(driver, "generate").click()
-    error = wait_for(
-        lambda: (
-            _id(driver, "generate-form")
-            .find_element(By.CSS_SELECTOR, '.error[data-param="num_inference_steps"]')
-            .text
-        ),
-        what="the error",
-    )
-    assert "steps" in error or "150" in error, error
-    assert _id(driver, "form-error").text == ""
+def test_several_images_get_consecutive_seeds(driver, base_url):
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", steps=3, seed=40, n=3)
+    by_id(driver, "generate").click()
+    wait_for(lambda: len(cards(driver)) == 3, 60, what="3 images")
+    assert sorted(_seed(card_png(driver, card)) for card in cards(driver)) == [40, 41, 42]
+    used = by_id(driver, "seed-used").text.removeprefix("seed used: ").split(", ")
+    assert sorted(map(int, used)) == [40, 41, 42]
+    assert "step 9 / 9" in by_id(driver, "progress-text").text
+
+
+def test_errors_are_shown_beside_the_field_they_name(driver, base_url):
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", steps=100000)  # the server's error names the body field
+    by_id(driver, "generate").click()
+    assert error_beside(driver, "num_inference_steps").startswith("steps: must be within 1..")
+    fill(driver, steps=4, width=60)
+    by_id(driver, "generate").click()
+    assert error_beside(driver, "size") == "width: must be a multiple of 8, got 60"
+    fill(driver, width=64, seed="abc")  # the page's own checks, shown the same way
+    by_id(driver, "generate").click()
+    assert error_beside(driver, "seed") == "seed: must be a whole number (empty: random)"
+    assert by_id(driver, "form-error").text == ""
+    assert by_id(driver, "generate").is_enabled()
 
 
 def test_cancel_stops_the_requests_steps_within_a_step(driver, base_url, server):
@@ -194,14 +191,14 @@ def test_cancel_stops_the_requests_steps_within_a_step(driver, base_url, server)
     once it runs. The Denoiser counts one cancellation, finishes nothing, and runs at most
     the step that was in flight when the click returned."""
     app = server.config.server.app_name
-    _open(driver, base_url)
-    _fill(driver, model="default", prompt="a long one", steps=150, seed=1, width=512,
+    open_page(driver, base_url, KEY)
+    fill(driver, model="default", prompt="a long one", steps=150, seed=1, width=512,
           height=512)  # fmt: skip
     before = denoiser_stats(app)
-    _id(driver, "generate").click()
+    by_id(driver, "generate").click()
     wait_for(lambda: denoiser_stats(app).unet_steps >= before.unet_steps + 3, 60, 0.02,
              "the request's third step")  # fmt: skip
-    _id(driver, "cancel").click()
+    by_id(driver, "cancel").click()
     at_click = denoiser_stats(app)
 
     def dropped():
@@ -216,7 +213,7 @@ def test_cancel_stops_the_requests_steps_within_a_step(driver, base_url, server)
     assert freed.cancelled - before.cancelled == 1
     assert freed.finished == before.finished  # never finished, so never decoded
     assert late <= 1, f"{late} U-Net steps ran after the click"
-    assert "cancelled" in _id(driver, "progress-text").text
+    assert "cancelled" in by_id(driver, "progress-text").text
 
 
 def _strip(original: Image.Image) -> tuple[slice, slice]:
@@ -238,22 +235,6 @@ def _strip(original: Image.Image) -> tuple[slice, slice]:
     return band[side]
 
 
-def _paint(driver, canvas, rows: slice, cols: slice, image_size: int) -> None:
-    """Strokes over image pixels rows x cols with the mouse, every 4 pixels (brush 8)."""
-    # in the middle of the window: clear of the form's sticky Generate bar
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-    scale = canvas.size["width"] / image_size
-    half = canvas.size["width"] / 2
-
-    def at(pixel: float) -> int:
-        return round(pixel * scale - half)  # an offset from the canvas's centre
-
-    for row in range(rows.start + 2, rows.stop - 1, 4):
-        ActionChains(driver).move_to_element_with_offset(canvas, at(cols.start + 2), at(row)) \
-            .click_and_hold().move_to_element_with_offset(canvas, at(cols.stop - 2), at(row)) \
-            .release().perform()  # fmt: skip
-
-
 def test_inpainting_repaints_the_painted_area_and_keeps_the_rest(driver, base_url, stub,
                                                                  tmp_path):  # fmt: skip
     request = diffusion_pb2.GenerateRequest(prompt=PROMPT, model="shapes", seed=0, steps=25,
@@ -263,18 +244,18 @@ def test_inpainting_repaints_the_painted_area_and_keeps_the_rest(driver, base_ur
     init.write_bytes(reply.images[0].png)
     original = Image.open(init)
     rows, cols = _strip(original)
-    _open(driver, base_url)
-    _fill(driver, model="shapes", prompt="a red circle on a yellow background", steps=25,
+    open_page(driver, base_url, KEY)
+    fill(driver, model="shapes", prompt="a red circle on a yellow background", steps=25,
           scheduler="ddim", seed=0, strength=1)  # fmt: skip
-    _id(driver, "init-image").send_keys(str(init))
-    canvas = wait_for(lambda: (c := _id(driver, "mask-canvas")).is_displayed() and c)
-    _paint(driver, canvas, rows, cols, original.size[0])
+    by_id(driver, "init-image").send_keys(str(init))
+    canvas = wait_for(lambda: (c := by_id(driver, "mask-canvas")).is_displayed() and c)
+    paint(driver, canvas, rows, cols, original.size[0])
     painted = driver.execute_script(
         "const c = document.getElementById('mask-canvas');"
         "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
         ".filter((v, i) => i % 4 == 3 && v > 0)).length")  # fmt: skip
     assert painted >= 0.8 * (rows.stop - rows.start) * (cols.stop - cols.start)
-    after = _pixels(_generate(driver))
+    after = _pixels(generate(driver))
     before = _pixels(init.read_bytes())
     inside = np.zeros(before.shape[:2], bool)
     inside[rows, cols] = True
@@ -297,52 +278,47 @@ def _away(mask: np.ndarray, margin: int) -> np.ndarray:
     return ~grown
 
 
-def _known_jobs(driver) -> set[str]:
-    """The ids of the jobs the page listed first (earlier tests' jobs of the same tenant)."""
-    wait_for(lambda: _id(driver, "jobs").get_attribute("data-loaded"), what="the jobs list")
-    return {r.get_attribute("data-job-id") for r in _new_rows(driver, set())}
-
-
-def _new_rows(driver, known: set[str]) -> list:
-    return [r for r in driver.find_elements(By.CSS_SELECTOR, "#jobs .job")
-            if r.get_attribute("data-job-id") not in known]  # fmt: skip
-
-
 def test_a_bulk_job_of_eight_seeds_shows_progress_and_eight_results(driver, base_url):
-    _open(driver, base_url)
-    known = _known_jobs(driver)
-    _fill(driver, model="shapes", prompt="a green square on a white background", steps=40,
+    open_page(driver, base_url, KEY)
+    known = known_jobs(driver)
+    fill(driver, model="shapes", prompt="a green square on a white background", steps=40,
           scheduler="ddim", width=64, height=64, bulk_seed_from=0, bulk_seed_to=7)  # fmt: skip
-    _id(driver, "bulk-submit").click()
-    wait_for(lambda: len(_new_rows(driver, known)) == 8, 30, what="8 job rows")
+    by_id(driver, "bulk-submit").click()
+    wait_for(lambda: len(job_rows(driver, known)) == 8, 30, what="8 job rows")
     partway, deadline = set(), time.monotonic() + 120
     while time.monotonic() < deadline:
-        rows = _new_rows(driver, known)
+        rows = job_rows(driver, known)
         states = [r.get_attribute("data-state") for r in rows]
         partway |= {r.find_element(By.CSS_SELECTOR, ".job-steps").text for r in rows
                     if r.get_attribute("data-state") == "RUNNING"}  # fmt: skip
         if all(s == "SUCCEEDED" for s in states) and all(
-            r.find_elements(By.CSS_SELECTOR, ".job-images .card") for r in rows
+            r.find_elements(By.CSS_SELECTOR, ".job-images img") for r in rows
         ):
             break
         time.sleep(0.05)
     assert states == ["SUCCEEDED"] * 8, states
     assert any(s and not s.startswith(("0/", "40/")) for s in partway), partway
-    seeds = sorted(int(Image.open(io.BytesIO(_png(driver, card))).text["parameters"]
-                       .split("Seed: ")[1].split(",")[0])
-                   for card in driver.find_elements(By.CSS_SELECTOR, "#jobs .job-images .card")
-                   if card.find_element(By.XPATH, "../..").get_attribute("data-job-id")
-                   not in known)  # fmt: skip
+    thumbnails = [img for row in job_rows(driver, known)
+                  for img in row.find_elements(By.CSS_SELECTOR, ".job-images img")]  # fmt: skip
+    assert len(thumbnails) == 8
+    seeds = sorted(_seed(data_url_bytes(img.get_attribute("src"))) for img in thumbnails)
     assert seeds == list(range(8))
+    thumbnails[0].click()  # into the gallery, with its parameters
+    params = wait_for(lambda: cards(driver), what="the job's image in the gallery")[0].text
+    assert "a green square on a white background" in params and "Steps: 40" in params
+
+
+def _seed(png: bytes) -> int:
+    return int(Image.open(io.BytesIO(png)).text["parameters"].split("Seed: ")[1].split(",")[0])
 
 
 def test_a_cancelled_job_shows_cancelled(driver, base_url):
-    _open(driver, base_url)
-    known = _known_jobs(driver)
-    _fill(driver, model="default", prompt="a job to cancel", steps=150, width=512, height=512,
+    open_page(driver, base_url, KEY)
+    known = known_jobs(driver)
+    fill(driver, model="default", prompt="a job to cancel", steps=150, width=512, height=512,
           bulk_prompts="a job to cancel", bulk_seed_from="", bulk_seed_to="")  # fmt: skip
-    _id(driver, "bulk-submit").click()
-    (row,) = wait_for(lambda: _new_rows(driver, known), 30, what="the job's row")
+    by_id(driver, "bulk-submit").click()
+    (row,) = wait_for(lambda: job_rows(driver, known), 30, what="the job's row")
     row.find_element(By.CSS_SELECTOR, ".job-cancel").click()
     wait_for(lambda: row.get_attribute("data-state") == "CANCELLED", 30, what="CANCELLED")
     assert row.find_element(By.CSS_SELECTOR, ".job-state").text == "CANCELLED"
@@ -350,16 +326,20 @@ def test_a_cancelled_job_shows_cancelled(driver, base_url):
 
 
 def test_a_screenshot_mid_generation(driver, base_url, tmp_path):
-    """The README's picture: partial images streaming, the progress bar partway, the gallery
-    of the earlier tests' images. SDSERVE_PLAYGROUND_SCREENSHOT names where to keep it."""
-    _open(driver, base_url)
-    _fill(driver, model="shapes", prompt="a yellow triangle on a purple background",
-          steps=150, scheduler="ddim", seed=3, width=64, height=64)  # fmt: skip
-    _id(driver, "generate").click()
-    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#partials img")) >= 2, 60,
-             what="two partial images")  # fmt: skip
+    """The README's picture: two images in the gallery, then a long generation with its
+    partial images streaming and the progress bar partway. SDSERVE_PLAYGROUND_SCREENSHOT names
+    where to keep it."""
+    open_page(driver, base_url, KEY)
+    for seed, prompt in enumerate(("a green square on a white background",
+                                   "a large white circle on a red background")):  # fmt: skip
+        fill(driver, model="shapes", prompt=prompt, steps=25, scheduler="ddim", seed=seed)
+        generate(driver)
+    fill(driver, prompt="a yellow triangle on a purple background", steps=150, seed=3)
+    by_id(driver, "generate").click()
+    wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#partials img")) >= 3, 60,
+             what="three partial images")  # fmt: skip
     out = Path(os.environ.get("SDSERVE_PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
     assert driver.save_screenshot(str(out))
-    assert _id(driver, "cancel").is_enabled()  # still generating after the shot
-    _id(driver, "cancel").click()
+    assert by_id(driver, "cancel").is_enabled()  # still generating after the shot
+    by_id(driver, "cancel").click()
     assert Image.open(out).size[0] >= 1000

@@ -14,11 +14,13 @@ import { base64ToBytes, bytesToDataUrl, parseParameters, pngText } from "./png.j
 const $ = (id) => document.getElementById(id);
 const FALLBACK_SCHEDULERS = ["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmpp_2m"];
 const PARTIAL_IMAGES = 3; // the most the API streams (OpenAI's limit)
+const MAX_IMAGES = 8; // images (streams) one click starts
 
 let models = new Map(); // model id -> its /v1/models entry
 let running = null; // the AbortController of the generation in flight
 let editor; // the MaskEditor of the init image
 let jobs; // the JobsPanel
+let progress = []; // the generation's images: {step, total} each
 
 // --- 1. Start-up ----------------------------------------------------------------------------
 
@@ -27,7 +29,8 @@ async function main() {
     image: $("init-canvas"), mask: $("mask-canvas"), brush: $("brush-size"), erase: $("brush-erase"),
   });
   jobs = new JobsPanel({
-    list: $("jobs"), request: readForm, onImage: addToGallery, onError: (e) => showError(e, $("jobs-error")),
+    list: $("jobs"), request: readForm, onImage: (bytes) => addToGallery(bytes),
+    onError: (e) => showError(e, $("jobs-error")),
   });
   wireEvents();
   await withKey(loadModels);
@@ -72,7 +75,10 @@ function showModel(model) {
   const loras = model.loras || [];
   $("loras").replaceChildren(...loras.map(loraRow));
   if (!loras.length) $("loras").innerHTML = '<span class="muted">this model has none</span>';
-  $("image-input").disabled = model.image_inputs === false;
+  // image inputs need the model's VaeEncoder stage (SDXL, SD3 and FLUX have none here)
+  const stages = (model.stages || []).map((s) => s.stage);
+  const noEncoder = stages.length > 0 && !stages.includes("vae_encoder");
+  $("image-input").disabled = model.image_inputs === false || noEncoder;
 }
 
 function loraRow(name) {
@@ -100,14 +106,15 @@ function readForm() {
   };
   if ($("negative-prompt").value) body.negative_prompt = $("negative-prompt").value;
   const seed = $("seed").value.trim();
-  if (seed) body.seed = /^\d+$/.test(seed) ? Number(seed) : seed; // the server names a bad one
+  if (seed && !/^\d+$/.test(seed)) throw formError("seed", "must be a whole number (empty: random)");
+  if (seed) body.seed = Number(seed);
   const loras = [...document.querySelectorAll("#loras .lora")]
     .filter((row) => row.querySelector(".lora-on").checked)
     .map((row) => ({ name: row.dataset.lora, scale: Number(row.querySelector(".lora-scale").value) }));
   if (loras.length) body.loras = loras;
   if (Number($("guidance-stop").value) < 1) body.guidance_stop = Number($("guidance-stop").value);
   if (Number($("cache-interval").value) > 1) body.cache_interval = Number($("cache-interval").value);
-  if (editor.source) {
+  if (editor.source && !$("image-input").disabled) {
     // the output takes the image's size; a painted mask makes it inpainting
     body.init_image = editor.imagePng();
     body.strength = Number($("strength").value);
@@ -126,9 +133,15 @@ function readForm() {
  */
 async function generate() {
   clearErrors();
-  const body = readForm();
-  const n = Math.max(1, Number($("n").value) || 1);
-  const progress = Array.from({ length: n }, () => ({ step: 0, total: body.num_inference_steps }));
+  let body, n;
+  try {
+    body = readForm();
+    n = Number($("n").value);
+    if (!(n >= 1 && n <= MAX_IMAGES)) throw formError("n", `must be within 1..${MAX_IMAGES}`);
+  } catch (error) {
+    return showError(error);
+  }
+  progress = Array.from({ length: n }, () => ({ step: 0, total: body.num_inference_steps }));
   running = new AbortController();
   setRunning(true);
   $("partials").replaceChildren();
@@ -140,26 +153,24 @@ async function generate() {
     return stream("/v1/images/generations", request,
       (type, data) => onStreamEvent(type, data, progress[i], seeds), running.signal);
   };
-  showProgress(progress, "starting");
+  showProgress("starting");
   try {
     await withKey(() => Promise.all(progress.map((_, i) => one(i))));
-    showProgress(progress, "done");
+    showProgress("done");
   } catch (error) {
-    if (error.name === "AbortError") showProgress(progress, "cancelled");
-    else {
-      showProgress(progress, "failed");
-      showError(error);
-    }
+    showProgress(error.name === "AbortError" ? "cancelled" : "failed");
+    showError(error);
   } finally {
     running = null;
     setRunning(false);
   }
 }
 
-function onStreamEvent(type, data, progress, seeds) {
+/** One server-sent event of image `mine` (its {step, total}); `seeds` collects the seeds used. */
+function onStreamEvent(type, data, mine, seeds) {
   if (type === "image_generation.progress") {
-    progress.step = data.step;
-    progress.total = data.total_steps;
+    mine.step = data.step;
+    mine.total = data.total_steps;
   } else if (type === "image_generation.partial_image") {
     const img = new Image();
     img.src = `data:image/png;base64,${data.b64_json}`;
@@ -167,28 +178,25 @@ function onStreamEvent(type, data, progress, seeds) {
     img.dataset.index = data.partial_image_index;
     $("partials").append(img);
   } else if (type === "image_generation.completed") {
-    progress.step = progress.total;
+    mine.step = mine.total;
     const bytes = base64ToBytes(data.b64_json);
     const seed = data.seed ?? parseParameters(pngText(bytes).parameters || "").fields.Seed;
     seeds.push(seed);
     $("seed-used").textContent = `seed used: ${seeds.join(", ")}`;
-    addToGallery(bytes, $("gallery"));
+    addToGallery(bytes);
   } else {
     return;
   }
-  showProgress(null);
+  showProgress();
 }
 
-let lastProgress = [];
-/** The progress bar: steps done over all the images' steps, and the count as text. */
-function showProgress(progress, word) {
-  if (progress) lastProgress = progress;
-  const step = lastProgress.reduce((sum, p) => sum + p.step, 0);
-  const total = lastProgress.reduce((sum, p) => sum + p.total, 0) || 1;
+/** The progress bar: the steps done over all the images' steps, and the count as text. */
+function showProgress(word = "") {
+  const step = progress.reduce((sum, p) => sum + p.step, 0);
+  const total = progress.reduce((sum, p) => sum + p.total, 0) || 1;
   $("progress").max = total;
   $("progress").value = step;
-  const text = `step ${step} / ${total}`;
-  $("progress-text").textContent = word ? `${text} · ${word}` : text;
+  $("progress-text").textContent = `step ${step} / ${total}` + (word && ` · ${word}`);
 }
 
 /** Cancel: closing the connection stops the request's steps on the server. */
@@ -205,7 +213,7 @@ function setRunning(on) {
 // --- 4. The gallery -------------------------------------------------------------------------
 
 /** A card: the image, its parameters (from the PNG), "use these settings", "use as image". */
-function addToGallery(bytes, where = $("gallery")) {
+function addToGallery(bytes) {
   const text = pngText(bytes);
   const card = document.createElement("figure");
   card.className = "card";
@@ -217,7 +225,7 @@ function addToGallery(bytes, where = $("gallery")) {
   if (text.safety && text.safety !== "passed") card.dataset.safety = text.safety;
   card.querySelector(".use-settings").addEventListener("click", () => useSettings(text.parameters || ""));
   card.querySelector(".use-as-init").addEventListener("click", () => loadInitFile(new Blob([bytes], { type: "image/png" })));
-  where.prepend(card);
+  $("gallery").prepend(card);
 }
 
 /** Fills the form from an image's parameters text. */
@@ -281,6 +289,11 @@ function showError(error, fallback = $("form-error")) {
   const where = (error.param && document.querySelector(`.error[data-param="${error.param}"]`)) || fallback;
   where.textContent = error.message;
   where.classList.add("shown");
+}
+
+/** An error found before calling the server, shown as the server's would be. */
+function formError(param, message) {
+  return new ApiError(400, { message: `${param}: ${message}`, param });
 }
 
 function clearErrors() {

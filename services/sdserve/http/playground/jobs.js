@@ -3,6 +3,7 @@
 // its state, a progress bar, a cancel button and, once it succeeded, its images.
 
 import { call, fetchBytes } from "./api.js";
+import { bytesToDataUrl, pngText } from "./png.js";
 
 const UNFINISHED = new Set(["QUEUED", "RUNNING"]);
 const POLL_MS = 1000;
@@ -10,8 +11,8 @@ const MAX_BULK = 100; // jobs one click may submit
 
 export class JobsPanel {
   /**
-   * list: the #jobs element; request(): the generation fields of the form (no prompt/seed
-   * needed); onImage(bytes, where): shows a finished job's image (in its row, `where`).
+   * list: the #jobs element; request(): the generation fields of the form; onImage(bytes):
+   * puts a finished job's image in the gallery (a click on its thumbnail); onError(error).
    */
   constructor({ list, request, onImage, onError }) {
     this.list = list;
@@ -105,10 +106,17 @@ export class JobsPanel {
     return row;
   }
 
+  /** The job's images as thumbnails (their parameters as the tooltip); a click puts one in
+   * the gallery, where "use these settings" works on it. */
   async loadImages(job, where) {
     for (const image of job.images || []) {
       try {
-        this.onImage(await fetchBytes(image.url), where);
+        const bytes = await fetchBytes(image.url);
+        const img = new Image();
+        img.src = bytesToDataUrl(bytes);
+        img.title = pngText(bytes).parameters || "";
+        img.addEventListener("click", () => this.onImage(bytes));
+        where.append(img);
       } catch (error) {
         this.onError(error);
       }

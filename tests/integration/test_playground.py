@@ -89,6 +89,10 @@ def test_a_wrong_key_shows_the_error_then_the_right_one_opens_the_page(driver, b
     assert driver.execute_script("return sessionStorage.getItem('sdserve.apiKey')") == KEY
     served = [o.get_attribute("value") for o in Select(by_id(driver, "model")).options]
     assert {"default", "shapes", "sdxl", "sd3", "flux"} <= set(served)
+    # every asset came from the server itself: nothing from the network (no CDN, no fonts)
+    loaded = driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)")  # fmt: skip
+    assert loaded and all(url.startswith((base_url, "data:")) for url in loaded), loaded
 
 
 def test_a_generation_streams_partials_and_ends_with_the_grpc_apis_image(driver, base_url,
@@ -150,6 +154,20 @@ def test_a_lora_and_the_cheaper_step_knobs_reach_the_image(driver, base_url, stu
         guidance_scale=7.5, guidance_stop=0.5, cache_interval=2,
         loras=[diffusion_pb2.LoraWeight(name="cyan", scale=0.8)]), timeout=60)  # fmt: skip
     assert np.array_equal(_pixels(png), _pixels(reply.images[0].png))
+
+
+def test_an_image_the_safety_checker_flags_is_marked(driver, base_url):
+    """helpers.SAFETY_REQUEST on the "default" model (safety: flag): the checker flags seed 40
+    and passes seed 41; the page marks the first card only."""
+    open_page(driver, base_url, KEY)
+    fill(driver, model="default", prompt="a safety test", steps=4, scheduler="dpmpp_2m",
+         guidance=7.5, seed=40, n=2, width=64, height=64)  # fmt: skip
+    by_id(driver, "generate").click()
+    wait_for(lambda: len(cards(driver)) == 2, 60, what="2 images")
+    marks = {_seed(card_png(driver, c)): c.get_attribute("data-safety") for c in cards(driver)}
+    assert marks == {40: "flagged", 41: None}
+    flagged = next(c for c in cards(driver) if c.get_attribute("data-safety"))
+    assert "flagged by the safety checker" in flagged.text
 
 
 def test_random_seed_shows_the_seed_used(driver, base_url):

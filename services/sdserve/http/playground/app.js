@@ -222,9 +222,15 @@ function addToGallery(bytes) {
     <button type="button" class="use-as-init">use as image</button></figcaption>`;
   card.querySelector("img").src = bytesToDataUrl(bytes);
   card.querySelector(".params").textContent = text.parameters || "(no parameters)";
-  if (text.safety && text.safety !== "passed") card.dataset.safety = text.safety;
+  if (text.safety && text.safety !== "passed") {
+    // the model's safety checker (PNG text "safety": flagged, or blocked: a black image)
+    card.dataset.safety = text.safety;
+    card.querySelector("figcaption").insertAdjacentHTML(
+      "afterbegin", `<div class="safety">${text.safety} by the safety checker</div>`);
+  }
+  const png = new Blob([bytes], { type: "image/png" });
   card.querySelector(".use-settings").addEventListener("click", () => useSettings(text.parameters || ""));
-  card.querySelector(".use-as-init").addEventListener("click", () => loadInitFile(new Blob([bytes], { type: "image/png" })));
+  card.querySelector(".use-as-init").addEventListener("click", () => loadInitFile(png));
   $("gallery").prepend(card);
 }
 

@@ -84,7 +84,8 @@ export class JobsPanel {
     const bar = row.querySelector("progress");
     bar.max = job.total_steps || 1;
     bar.value = job.state === "SUCCEEDED" ? bar.max : job.step || 0;
-    row.querySelector(".job-steps").textContent = job.total_steps ? `${job.step || 0}/${job.total_steps}` : "";
+    const steps = job.total_steps ? `${job.step || 0}/${job.total_steps}` : "";
+    row.querySelector(".job-steps").textContent = steps;
     row.querySelector(".job-error").textContent = job.error || "";
     row.querySelector(".job-cancel").hidden = !UNFINISHED.has(job.state);
     if (job.state === "SUCCEEDED" && !row.dataset.loaded) {

@@ -148,7 +148,8 @@ def drain(config: SdserveConfig, *, quiet_polls: int = 3, poll_s: float = 0.5) -
     app = config.server.app_name
     set_draining(app, True)
     stages = [config.stage(name, model) for model in config.served_models
-              for name in type(config.stages).model_fields]  # fmt: skip
+              for name in type(config.stages).model_fields
+              if name != "safety_checker" or model.safety != "off"]  # fmt: skip
     timeout_s = max(stage.graceful_shutdown_timeout_s for stage in stages if stage is not None)
     deadline = time.monotonic() + timeout_s
     quiet = 0

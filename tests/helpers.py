@@ -61,13 +61,14 @@ def with_metadata(channel, *pairs: tuple[str, str]):
     return grpc.intercept_channel(channel, Add())
 
 
-def denoiser_stats(app_name: str):
-    """The Denoiser replica's engine counters (stages_pb2.DenoiserStats), from the driver."""
+def denoiser_stats(app_name: str, deployment: str = "Denoiser"):
+    """A Denoiser replica's engine counters (stages_pb2.DenoiserStats), from the driver (the
+    default model's; "Denoiser-NAME" for another model's)."""
     from ray import serve
 
     from sdserve.v1 import stages_pb2
 
-    handle = serve.get_deployment_handle("Denoiser", app_name=app_name)
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
     return stages_pb2.DenoiserStats.FromString(handle.Stats.remote(b"").result(timeout_s=30))
 
 

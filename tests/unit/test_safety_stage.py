@@ -47,8 +47,16 @@ def _generate(pipe):
     """diffusers' images of seeds SEED..SEED+N-1 (a generator each, as sdserve seeds them):
     (uint8 (N, 64, 64, 3), nsfw_content_detected)."""
     generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(N)]
-    out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-               num_images_per_prompt=N, output_type="np", generator=generators)  # fmt: skip
+    # On one thread, as the stages run (`_config`): a float32 sum's order depends on the thread
+    # count, and an earlier test of the session may have left torch on two (one pixel of 49152
+    # was off by one in the whole suite).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                   num_images_per_prompt=N, output_type="np", generator=generators)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return (out.images * 255).round().astype(np.uint8), out.nsfw_content_detected
 
 
